@@ -1,0 +1,60 @@
+"""Serve the test suite's MockUpstream until SIGTERM/SIGINT.
+
+The benchmark runs this in its own process so the fake provider does not compete with the load generator
+for one event loop. It prints ``listening on http://HOST:PORT`` once bound, the same line the plane prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+# Run as a script, so the repository root (home of the tests package) is not importable by default.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.mock_upstream import MockUpstream
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--name", default="mock")
+    parser.add_argument("--reply", default="Hello from mock")
+    parser.add_argument("--models", default="gpt-4o-mini", help="comma-separated model ids")
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    mock = MockUpstream(name=args.name, reply=args.reply, models=args.models.split(","))
+    mock.record = False
+    await mock.start(args.host, args.port)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    print(f"mock upstream listening on http://{args.host}:{mock.port}", flush=True)
+    try:
+        await stopping.wait()
+    finally:
+        await mock.stop()
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop when installed: the upstream should be the cheapest hop in the measurement."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
+if __name__ == "__main__":
+    run(serve(parse_args()))

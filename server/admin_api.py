@@ -1,0 +1,178 @@
+"""The admin HTTP API under /admin/v1/. Every call needs an admin key; mutations run in a worker thread,
+commit, and then rebuild the snapshot so the change is live for the next request without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from server.auth import authenticate_admin
+from server.errors import InvalidRequestError
+from server.openai_api import read_body
+from server.plane import PLANE, Plane
+from server.storage.store import parse_models
+
+T = TypeVar("T")
+
+
+def _plane(request: web.Request) -> Plane:
+    plane = request.app[PLANE]
+    authenticate_admin(request.headers, plane.snapshots.current)
+    return plane
+
+
+async def _body(request: web.Request, plane: Plane) -> dict[str, Any]:
+    return await read_body(request, plane.config.max_body_bytes)
+
+
+async def _read(fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.to_thread(fn, *args)
+
+
+async def _mutate(plane: Plane, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async with plane.admin_lock:
+        result = await asyncio.to_thread(fn, *args, **kwargs)
+        await plane.snapshots.reload()
+    return result
+
+
+def _listing(data: list[dict[str, Any]]) -> web.Response:
+    return web.json_response({"object": "list", "data": data})
+
+
+def _str(body: dict[str, Any], name: str, *, required: bool = True) -> str:
+    value = body.get(name)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise InvalidRequestError(f"'{name}' must be a non-empty string", param=name)
+    return value
+
+
+def _str_list(body: dict[str, Any], name: str) -> list[str]:
+    value = body.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidRequestError(f"'{name}' must be an array of strings", param=name)
+    return value
+
+
+def _optional_price(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise InvalidRequestError(f"'{name}' must be a non-negative number", param=name)
+    return float(value)
+
+
+def _datetime(body: dict[str, Any], name: str) -> datetime | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        parsed = None
+    if parsed is None:
+        raise InvalidRequestError(f"'{name}' must be an ISO 8601 date-time", param=name)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+async def create_org(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    body = await _body(request, plane)
+    org = await _mutate(plane, plane.store.create_org, _str(body, "name"))
+    return web.json_response(org, status=201)
+
+
+async def list_orgs(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    return _listing(await _read(plane.store.list_orgs))
+
+
+async def create_key(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    body = await _body(request, plane)
+    key = await _mutate(
+        plane,
+        plane.store.create_key,
+        _str(body, "org"),
+        _str(body, "name", required=False),
+        _str_list(body, "models"),
+        _datetime(body, "expires_at"),
+    )
+    return web.json_response(key, status=201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    return _listing(await _read(plane.store.list_keys, request.query.get("org")))
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    return web.json_response(await _mutate(plane, plane.store.revoke_key, request.match_info["id"]))
+
+
+async def add_provider(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    body = await _body(request, plane)
+    raw_models = body.get("models")
+    if not isinstance(raw_models, list):
+        raise InvalidRequestError("'models' must be an array", param="models")
+    models = parse_models(raw_models, _optional_price(body, "price_in"), _optional_price(body, "price_out"))
+    provider = await _mutate(
+        plane,
+        plane.store.add_provider,
+        _str(body, "org"),
+        _str(body, "name"),
+        _str(body, "base_url"),
+        _str_list(body, "api_keys"),
+        models,
+    )
+    return web.json_response(provider, status=201)
+
+
+async def list_providers(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    return _listing(await _read(plane.store.list_providers, request.query.get("org")))
+
+
+async def remove_provider(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    removed = await _mutate(plane, plane.store.remove_provider, request.match_info["ref"], request.query.get("org"))
+    return web.json_response(removed)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """What keys of an org can call, read from the live snapshot, with the targets in routing order."""
+    plane = _plane(request)
+    snapshot = plane.snapshots.current
+    org_ref = request.query.get("org")
+    org_ids = [i for i, name in snapshot.org_names.items() if org_ref in (None, i, name)]
+    if org_ref and not org_ids:
+        orgs = await _read(plane.store.list_orgs)
+        raise InvalidRequestError(f"no org {org_ref!r} (known: {', '.join(o['name'] for o in orgs)})", param="org")
+    data = [
+        {
+            "model": model,
+            "org": snapshot.org_names[org_id],
+            "targets": [
+                {
+                    "id": t.id,
+                    "kind": t.kind,
+                    "upstream_model": t.upstream_model,
+                    "price_in": t.price_in,
+                    "price_out": t.price_out,
+                }
+                for t in snapshot.targets_for(org_id, model)
+            ],
+        }
+        for org_id in org_ids
+        for model in snapshot.models_by_org.get(org_id, ())
+    ]
+    return _listing(data)

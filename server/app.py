@@ -1,0 +1,53 @@
+"""The aiohttp application: every route in one place, and the plane's lifetime tied to the app's."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from server import admin_api, openai_api, ops
+from server.middleware import add_request_id, make_middleware
+from server.plane import PLANE, Plane
+
+
+def _routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
+    app.router.add_post("/v1/completions", openai_api.completions)
+    app.router.add_post("/v1/embeddings", openai_api.embeddings)
+    app.router.add_get("/v1/models", openai_api.list_models)
+    app.router.add_get("/v1/models/{model:.+}", openai_api.retrieve_model)
+
+    app.router.add_get("/healthz", ops.healthz)
+    app.router.add_get("/readyz", ops.readyz)
+    app.router.add_get("/metrics", ops.metrics)
+
+    app.router.add_get("/admin/v1/orgs", admin_api.list_orgs)
+    app.router.add_post("/admin/v1/orgs", admin_api.create_org)
+    app.router.add_get("/admin/v1/keys", admin_api.list_keys)
+    app.router.add_post("/admin/v1/keys", admin_api.create_key)
+    app.router.add_post("/admin/v1/keys/{id}/revoke", admin_api.revoke_key)
+    app.router.add_get("/admin/v1/providers", admin_api.list_providers)
+    app.router.add_post("/admin/v1/providers", admin_api.add_provider)
+    app.router.add_delete("/admin/v1/providers/{ref}", admin_api.remove_provider)
+    app.router.add_get("/admin/v1/models", admin_api.list_models)
+
+
+async def _plane_lifetime(app: web.Application) -> AsyncIterator[None]:
+    plane = app[PLANE]
+    await plane.startup()
+    yield
+    await plane.cleanup()
+
+
+def create_app(plane: Plane) -> web.Application:
+    app = web.Application(
+        middlewares=[make_middleware(plane.metrics)],
+        # aiohttp enforces this while reading; the handlers also refuse a too-large Content-Length up front.
+        client_max_size=plane.config.max_body_bytes,
+    )
+    app[PLANE] = plane
+    app.cleanup_ctx.append(_plane_lifetime)
+    app.on_response_prepare.append(add_request_id)
+    _routes(app)
+    return app

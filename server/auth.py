@@ -1,0 +1,50 @@
+"""Bearer-key authentication against the snapshot (a hash and a dict lookup; no storage)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from server.credentials import hash_key
+from server.errors import AuthenticationError, ModelNotFoundError, PermissionDeniedError
+from server.snapshot import KeyEntry, Snapshot
+
+
+def bearer_token(headers: Mapping[str, str]) -> str:
+    header = headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise AuthenticationError(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+            code="missing_api_key",
+        )
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError("The Authorization header must be 'Bearer YOUR_KEY'.")
+    return token.strip()
+
+
+def authenticate(headers: Mapping[str, str], snapshot: Snapshot) -> KeyEntry:
+    token = bearer_token(headers)
+    key = snapshot.keys.get(hash_key(token))
+    if key is None:
+        # One message for unknown, revoked and mistyped keys: the difference is nobody else's business.
+        raise AuthenticationError(f"Incorrect API key provided: {token[:6]}****.")
+    if key.expires_at is not None and key.expires_at <= datetime.now(UTC):
+        raise AuthenticationError("This API key has expired.", code="expired_api_key")
+    return key
+
+
+def authenticate_admin(headers: Mapping[str, str], snapshot: Snapshot) -> str:
+    """Return the admin key's id."""
+    admin_id = snapshot.admin_keys.get(hash_key(bearer_token(headers)))
+    if admin_id is None:
+        raise AuthenticationError("Incorrect admin key provided.")
+    return admin_id
+
+
+def authorize_model(key: KeyEntry, snapshot: Snapshot, model: str) -> None:
+    """404 for a model the org does not serve, 403 for one it serves but this key may not use."""
+    if (key.org_id, model) not in snapshot.routes:
+        raise ModelNotFoundError(f"The model '{model}' does not exist or you do not have access to it.", param="model")
+    if key.models is not None and model not in key.models:
+        raise PermissionDeniedError(f"This API key is not allowed to use the model '{model}'.", param="model")

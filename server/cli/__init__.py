@@ -1,0 +1,61 @@
+"""`hatchway`: run the plane (`serve`) and administer it (`admin ...`). Thin: parse, then call the code."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from server import __version__
+from server.cli.admin import admin
+from server.config import Config, ConfigError
+
+# A distinct exit code when the plane cannot start (bad config, port in use), as uvicorn does.
+STARTUP_FAILURE = 3
+
+
+@click.group()
+@click.version_option(__version__, prog_name="hatchway")
+def cli() -> None:
+    """Hatchway: an OpenAI-compatible gateway over providers and your own machines."""
+
+
+@cli.command()
+@click.option("--host", default=None, help="Address to bind (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="HTTP port (default 8080; 0 picks a free one).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="State directory.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="TOML file: [server] settings plus declared orgs and providers.",
+)
+@click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(
+    host: str | None, port: int | None, data_dir: Path | None, config_file: Path | None, log_level: str | None
+) -> None:
+    """Run the control plane."""
+    from server.serve import run
+
+    try:
+        config = Config.load(
+            overrides={"host": host, "port": port, "data_dir": data_dir, "log_level": log_level},
+            config_file=config_file,
+        )
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(config)
+    except (ConfigError, OSError) as exc:
+        click.echo(f"Error: cannot start: {exc}", err=True)
+        raise SystemExit(STARTUP_FAILURE) from exc
+
+
+cli.add_command(admin)
+
+
+def main() -> None:
+    cli()

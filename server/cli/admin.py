@@ -1,0 +1,246 @@
+"""`hatchway admin ...`: the admin API from a terminal. Tables for people, `--json` for scripts."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import click
+
+from server.cli.client import AdminAPIError, AdminClient
+
+
+class Context:
+    def __init__(self, url: str, admin_key: str, as_json: bool) -> None:
+        self.url = url
+        self.admin_key = admin_key
+        self.as_json = as_json
+
+    def call(self, fn: Callable[[AdminClient], Any]) -> Any:
+        if not self.admin_key:
+            raise click.ClickException("no admin key: set HATCHWAY_ADMIN_KEY or pass --admin-key")
+        client = AdminClient(self.url, self.admin_key)
+        try:
+            return fn(client)
+        except AdminAPIError as exc:
+            raise click.ClickException(str(exc)) from exc
+        finally:
+            client.close()
+
+    def show(self, doc: Any, columns: Sequence[str], *, secret: str | None = None) -> None:
+        if self.as_json:
+            click.echo(json.dumps(doc, indent=2))
+            return
+        rows = doc["data"] if isinstance(doc, dict) and "data" in doc else [doc]
+        click.echo(render_table(rows, columns))
+        if secret and isinstance(doc, dict) and doc.get(secret):
+            click.echo(f"\n{secret} (shown once, store it now): {doc[secret]}")
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(_cell(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return " ".join(f"{k}={_cell(v)}" for k, v in value.items())
+    return str(value)
+
+
+def render_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+_DURATION = re.compile(r"^(\d+)([mhdw])$")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_expiry(value: str) -> str:
+    """`30d`, `12h`, `90m`, `2w`, or an ISO 8601 date/date-time (UTC when it has no offset)."""
+    match = _DURATION.match(value.strip())
+    if match:
+        delta = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        return (datetime.now(UTC) + delta).isoformat()
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise click.BadParameter("use a duration like 30d / 12h / 90m or an ISO date like 2027-01-31") from exc
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).isoformat()
+
+
+@click.group()
+@click.option(
+    "--url",
+    envvar="HATCHWAY_URL",
+    default="http://127.0.0.1:8080",
+    show_default=True,
+    help="The plane's URL (HATCHWAY_URL).",
+)
+@click.option("--admin-key", envvar="HATCHWAY_ADMIN_KEY", default="", help="Admin key (HATCHWAY_ADMIN_KEY).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def admin(ctx: click.Context, url: str, admin_key: str, as_json: bool) -> None:
+    """Administer a running plane over its admin API."""
+    ctx.obj = Context(url, admin_key, as_json)
+
+
+# -- orgs ------------------------------------------------------------------------------------------
+
+ORG_COLUMNS = ("id", "name", "created_at")
+
+
+@admin.group()
+def org() -> None:
+    """Organisations: they own keys, providers and (later) nodes."""
+
+
+@org.command("create")
+@click.argument("name")
+@pass_context
+def org_create(ctx: Context, name: str) -> None:
+    ctx.show(ctx.call(lambda c: c.post("/orgs", {"name": name})), ORG_COLUMNS)
+
+
+@org.command("list")
+@pass_context
+def org_list(ctx: Context) -> None:
+    ctx.show(ctx.call(lambda c: c.get("/orgs")), ORG_COLUMNS)
+
+
+# -- API keys --------------------------------------------------------------------------------------
+
+KEY_COLUMNS = ("id", "org", "name", "prefix", "models", "expires_at", "revoked_at")
+
+
+@admin.group()
+def key() -> None:
+    """API keys for developers (shown once, stored as hashes)."""
+
+
+@key.command("create")
+@click.option("--org", "org_ref", required=True, help="Org name or id.")
+@click.option("--name", default="", help="A label for people.")
+@click.option("--models", default="", help="Comma-separated allow-list (default: every model of the org).")
+@click.option("--expires", default=None, help="30d, 12h, 90m, or an ISO date.")
+@pass_context
+def key_create(ctx: Context, org_ref: str, name: str, models: str, expires: str | None) -> None:
+    body: dict[str, Any] = {"org": org_ref, "name": name, "models": [m for m in models.split(",") if m]}
+    if expires:
+        body["expires_at"] = parse_expiry(expires)
+    ctx.show(ctx.call(lambda c: c.post("/keys", body)), KEY_COLUMNS, secret="key")
+
+
+@key.command("list")
+@click.option("--org", "org_ref", default=None, help="Only this org's keys.")
+@pass_context
+def key_list(ctx: Context, org_ref: str | None) -> None:
+    ctx.show(ctx.call(lambda c: c.get("/keys", org=org_ref)), KEY_COLUMNS)
+
+
+@key.command("revoke")
+@click.argument("key_id")
+@pass_context
+def key_revoke(ctx: Context, key_id: str) -> None:
+    ctx.show(ctx.call(lambda c: c.post(f"/keys/{key_id}/revoke", {})), KEY_COLUMNS)
+
+
+# -- providers -------------------------------------------------------------------------------------
+
+PROVIDER_COLUMNS = ("id", "org", "name", "base_url", "api_keys", "models")
+
+
+def _provider_rows(doc: Any) -> Any:
+    """Flatten nested keys and models into readable cells for the table view."""
+
+    def flat(p: dict[str, Any]) -> dict[str, Any]:
+        models = [f"{m['alias']}={m['upstream']}" if m["alias"] != m["upstream"] else m["alias"] for m in p["models"]]
+        return {**p, "api_keys": [k["hint"] for k in p["api_keys"]], "models": models}
+
+    if "data" in doc:
+        return {**doc, "data": [flat(p) for p in doc["data"]]}
+    return flat(doc)
+
+
+@admin.group()
+def provider() -> None:
+    """Upstream OpenAI-compatible providers (their keys are encrypted at rest)."""
+
+
+@provider.command("add")
+@click.argument("name")
+@click.option("--org", "org_ref", required=True, help="Org name or id.")
+@click.option("--base-url", required=True, help="The provider's OpenAI base URL, e.g. https://api.openai.com/v1.")
+@click.option("--api-key", "api_keys", multiple=True, help="Upstream API key (repeat for several).")
+@click.option("--model", "models", multiple=True, required=True, help="ALIAS[=UPSTREAM_NAME] (repeatable).")
+@click.option("--price-in", type=float, default=None, help="USD per 1M prompt tokens.")
+@click.option("--price-out", type=float, default=None, help="USD per 1M completion tokens.")
+@pass_context
+def provider_add(
+    ctx: Context,
+    name: str,
+    org_ref: str,
+    base_url: str,
+    api_keys: tuple[str, ...],
+    models: tuple[str, ...],
+    price_in: float | None,
+    price_out: float | None,
+) -> None:
+    body = {
+        "org": org_ref,
+        "name": name,
+        "base_url": base_url,
+        "api_keys": list(api_keys),
+        "models": list(models),
+        "price_in": price_in,
+        "price_out": price_out,
+    }
+    doc = ctx.call(lambda c: c.post("/providers", body))
+    ctx.show(doc if ctx.as_json else _provider_rows(doc), PROVIDER_COLUMNS)
+
+
+@provider.command("list")
+@click.option("--org", "org_ref", default=None, help="Only this org's providers.")
+@pass_context
+def provider_list(ctx: Context, org_ref: str | None) -> None:
+    doc = ctx.call(lambda c: c.get("/providers", org=org_ref))
+    ctx.show(doc if ctx.as_json else _provider_rows(doc), PROVIDER_COLUMNS)
+
+
+@provider.command("remove")
+@click.argument("name")
+@click.option("--org", "org_ref", default=None, help="Org, when the name exists in several.")
+@pass_context
+def provider_remove(ctx: Context, name: str, org_ref: str | None) -> None:
+    doc = ctx.call(lambda c: c.delete(f"/providers/{name}", org=org_ref))
+    ctx.show(doc if ctx.as_json else _provider_rows(doc), PROVIDER_COLUMNS)
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+@admin.command("models")
+@click.option("--org", "org_ref", default=None, help="Only what keys of this org can call.")
+@pass_context
+def models(ctx: Context, org_ref: str | None) -> None:
+    """Models each org's keys can call, and the targets that serve them in routing order."""
+    doc = ctx.call(lambda c: c.get("/models", org=org_ref))
+    if not ctx.as_json:
+        doc = {
+            "data": [
+                {**m, "targets": [f"{t['kind']}:{t['id']}({t['upstream_model']})" for t in m["targets"]]}
+                for m in doc["data"]
+            ]
+        }
+    ctx.show(doc, ("org", "model", "targets"))

@@ -1,0 +1,128 @@
+"""The plane's one typed configuration.
+
+Each setting is looked up in this order: a CLI flag, the environment (`HATCHWAY_<NAME>`), the `[server]` table
+of the TOML file given with `--config`, then the default below. `SETTINGS` is the table the README documents
+(a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    type: type
+    default: Any
+    help: str
+
+    @property
+    def env(self) -> str:
+        return f"HATCHWAY_{self.name.upper()}"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", str, "127.0.0.1", "Address the HTTP API binds to."),
+    Setting("port", int, 8080, "Port of the HTTP API (0 picks a free one and logs it)."),
+    Setting("data_dir", Path, Path(".hatchway"), "Where the SQLite database and the generated secret live."),
+    Setting("database_url", str, "", "SQLAlchemy URL of the database; empty means SQLite in the data dir."),
+    Setting("admin_key", str, "", "Admin key to accept; empty means one is generated on first start."),
+    Setting("secret_key", str, "", "Secret that encrypts provider keys at rest; empty: data_dir/secret.key."),
+    Setting("max_body_bytes", int, 8 * 1024 * 1024, "Largest request body accepted (413 above)."),
+    Setting("shutdown_grace_s", float, 30.0, "How long in-flight requests may finish after SIGTERM."),
+    Setting("upstream_connect_timeout_s", float, 10.0, "Connect timeout towards a provider."),
+    Setting("upstream_header_timeout_s", float, 120.0, "Time a provider has to send response headers."),
+    Setting("stream_idle_timeout_s", float, 120.0, "Longest silence allowed between two stream chunks."),
+    Setting("usage_flush_interval_s", float, 0.2, "How often the usage writer flushes rows to the database."),
+    Setting("usage_queue_size", int, 10_000, "Bound of the usage queue; rows beyond it are counted and dropped."),
+    Setting("log_level", str, "info", "Logging level: debug, info, warning, error."),
+)
+
+
+class ConfigError(ValueError):
+    """A setting has a value of the wrong shape; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path(".hatchway")
+    database_url: str = ""
+    admin_key: str = ""
+    secret_key: str = ""
+    max_body_bytes: int = 8 * 1024 * 1024
+    shutdown_grace_s: float = 30.0
+    upstream_connect_timeout_s: float = 10.0
+    upstream_header_timeout_s: float = 120.0
+    stream_idle_timeout_s: float = 120.0
+    usage_flush_interval_s: float = 0.2
+    usage_queue_size: int = 10_000
+    log_level: str = "info"
+    # The declarative part of the TOML file (orgs, providers, models), applied at start-up.
+    declared: Mapping[str, Any] = field(default_factory=dict)
+    config_file: Path | None = None
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        config_file: Path | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Config:
+        environ = os.environ if environ is None else environ
+        file_doc: dict[str, Any] = {}
+        if config_file is not None:
+            try:
+                file_doc = tomllib.loads(config_file.read_text())
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+        file_settings = file_doc.get("server", {})
+        if not isinstance(file_settings, dict):
+            raise ConfigError(f"{config_file}: [server] must be a table")
+        unknown = set(file_settings) - {s.name for s in SETTINGS}
+        if unknown:
+            raise ConfigError(f"{config_file}: unknown [server] settings: {', '.join(sorted(unknown))}")
+
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            if overrides and overrides.get(setting.name) is not None:
+                raw, origin = overrides[setting.name], f"--{setting.name.replace('_', '-')}"
+            elif setting.env in environ:
+                raw, origin = environ[setting.env], setting.env
+            elif setting.name in file_settings:
+                raw, origin = file_settings[setting.name], f"[server].{setting.name} in {config_file}"
+            else:
+                continue
+            values[setting.name] = _cast(setting, raw, origin)
+        declared = {k: v for k, v in file_doc.items() if k != "server"}
+        return cls(**values, declared=declared, config_file=config_file)
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'hatchway.db'}"
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def _cast(setting: Setting, raw: Any, origin: str) -> Any:
+    try:
+        if setting.type is Path:
+            return Path(str(raw)).expanduser()
+        if setting.type is bool and isinstance(raw, str):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        value = setting.type(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{origin}: expected {setting.type.__name__}, got {raw!r}") from exc
+    if setting.type in (int, float) and value < 0:
+        raise ConfigError(f"{origin}: must not be negative, got {raw!r}")
+    return value

@@ -1,0 +1,72 @@
+"""The outer layer of every request: request id, metrics, and rendering every error as the OpenAI envelope."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from server.errors import BodyTooLargeError, HatchwayError, InternalError, InvalidRequestError, NotFoundError
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID = web.RequestKey("request_id", str)
+# A client's request id is echoed only when it is short and printable, so it cannot inject into logs or headers.
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def render(exc: HatchwayError) -> web.Response:
+    return web.Response(status=exc.status, body=exc.body(), content_type="application/json", headers=exc.headers)
+
+
+def _from_http_exception(exc: web.HTTPException) -> HatchwayError:
+    if exc.status == 404:
+        return NotFoundError("Unknown route. See /v1/models for what this plane serves.")
+    if exc.status == 413:
+        return BodyTooLargeError("Request body is too large.")
+    error = InvalidRequestError(exc.reason or "Bad request")
+    error.status = exc.status
+    if exc.status == 405:
+        error.code = "method_not_allowed"
+        error.headers = {"Allow": exc.headers.get("Allow", "")}
+    return error
+
+
+def make_middleware(metrics: Metrics) -> Middleware:
+    @web.middleware
+    async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+        client_id = request.headers.get("X-Request-Id", "")
+        request[REQUEST_ID] = client_id if _SAFE_REQUEST_ID.match(client_id) else uuid.uuid4().hex
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        started = time.perf_counter()
+        metrics.in_flight.inc()
+        response: web.StreamResponse
+        try:
+            response = await handler(request)
+        except HatchwayError as exc:
+            response = render(exc)
+        except web.HTTPException as exc:
+            response = render(_from_http_exception(exc))
+        except Exception:
+            log.exception("request %s: unhandled error", request[REQUEST_ID])
+            response = render(InternalError("The plane failed to handle this request; it has been logged."))
+        finally:
+            metrics.in_flight.dec()
+        metrics.requests.labels(route, str(response.status)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    return envelope
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response, streams and errors included, carries the request id."""
+    request_id = request.get(REQUEST_ID)
+    if request_id:
+        response.headers["X-Request-Id"] = request_id

@@ -1,0 +1,70 @@
+"""The plane: every long-lived part of the control plane, with one owner that opens and closes them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+from sqlalchemy import Engine
+
+from server.config import Config
+from server.credentials import Vault
+from server.declarative import apply_declared
+from server.metrics import Metrics
+from server.relay import Relay
+from server.snapshot import SnapshotHolder
+from server.storage.db import make_engine, migrate
+from server.storage.store import Store
+from server.targets.provider import UpstreamPool
+from server.usage import UsageWriter
+
+log = logging.getLogger(__name__)
+
+
+class Plane:
+    """Parameters: `config`, and optionally an `engine` (tests pass one to watch its statements)."""
+
+    def __init__(self, config: Config, engine: Engine | None = None) -> None:
+        self.config = config
+        if not config.database_url:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.engine = engine or make_engine(config.sqlalchemy_url)
+        self.store = Store(self.engine, Vault.from_settings(config.secret_key, config.data_dir))
+        self.metrics = Metrics()
+        self.pool = UpstreamPool(
+            connect_timeout_s=config.upstream_connect_timeout_s,
+            header_timeout_s=config.upstream_header_timeout_s,
+            stream_idle_timeout_s=config.stream_idle_timeout_s,
+        )
+        self.snapshots = SnapshotHolder(self.store, self.pool)
+        self.usage = UsageWriter(
+            self.engine,
+            self.metrics,
+            queue_size=config.usage_queue_size,
+            flush_interval_s=config.usage_flush_interval_s,
+        )
+        self.relay = Relay(self.metrics, self.usage)
+        # Admin mutations are serialised so each snapshot rebuild sees every earlier commit.
+        self.admin_lock = asyncio.Lock()
+        # Set on the first start when no admin key existed: shown once, never stored in clear.
+        self.generated_admin_key: str | None = None
+
+    def prepare_storage(self) -> None:
+        migrate(self.engine)
+        self.generated_admin_key = self.store.ensure_admin_key(self.config.admin_key)
+        apply_declared(self.store, self.config.declared, self.config.config_file)
+
+    async def startup(self) -> None:
+        await asyncio.to_thread(self.prepare_storage)
+        await self.snapshots.reload()
+        self.usage.start()
+
+    async def cleanup(self) -> None:
+        await self.usage.stop()
+        await self.pool.close()
+        self.engine.dispose()
+        log.info("plane stopped: %r", self.usage)
+
+
+PLANE = web.AppKey("plane", Plane)

@@ -1,0 +1,72 @@
+"""Running the plane: start, wait for a signal, and shut down in named steps.
+
+Shutdown: stop accepting connections, let in-flight requests finish within `shutdown_grace_s`, cancel what
+is left, then flush the usage queue and close storage (aiohttp's runner does the first three in that order,
+the plane's cleanup the last).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from server.app import create_app
+from server.config import Config
+from server.plane import Plane
+
+log = logging.getLogger("hatchway")
+
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Server:
+    def __init__(self, config: Config, plane: Plane | None = None) -> None:
+        self.config = config
+        self.plane = plane or Plane(config)
+        self.runner = web.AppRunner(create_app(self.plane), shutdown_timeout=config.shutdown_grace_s, access_log=None)
+        self.port = 0
+        self.should_exit = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    async def startup(self) -> None:
+        await self.runner.setup()  # runs the plane's startup: migrations, admin key, snapshot
+        if self.plane.generated_admin_key:
+            # Printed once, on stdout, for the operator; only its hash is stored.
+            print(f"Admin key (shown once, store it now): {self.plane.generated_admin_key}", flush=True)
+        site = web.TCPSite(self.runner, self.config.host, self.config.port)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+        # Printed whatever the log level: operators and scripts (tests, bench) read the bound port from it.
+        print(f"Hatchway listening on {self.url}", flush=True)
+
+    async def shutdown(self) -> None:
+        log.info("shutting down: draining in-flight requests for up to %.0fs", self.config.shutdown_grace_s)
+        await self.runner.cleanup()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in HANDLED_SIGNALS:
+            # Windows has no add_signal_handler: KeyboardInterrupt ends the loop there instead.
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, self.should_exit.set)
+        await self.startup()
+        try:
+            await self.should_exit.wait()
+        finally:
+            await self.shutdown()
+
+
+def run(config: Config) -> None:
+    if sys.platform != "win32":
+        import uvloop
+
+        uvloop.install()
+    asyncio.run(Server(config).run())

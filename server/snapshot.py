@@ -1,0 +1,118 @@
+"""The in-memory snapshot the request path reads instead of the database.
+
+Everything a request needs (keys, orgs, the model -> targets table, prices) is built once from the database
+and swapped in whole after each admin change commits, so serving a request never touches storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from server.storage.store import SnapshotRows, Store
+from server.targets.base import Target
+from server.targets.provider import ProviderTarget, UpstreamPool
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    id: str
+    org_id: str
+    name: str
+    # None allows every model of the org.
+    models: frozenset[str] | None
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    version: int = 0
+    keys: dict[str, KeyEntry] = field(default_factory=dict)
+    admin_keys: dict[str, str] = field(default_factory=dict)
+    org_names: dict[str, str] = field(default_factory=dict)
+    # (org id, model name) -> targets in their default order.
+    routes: dict[tuple[str, str], tuple[Target, ...]] = field(default_factory=dict)
+    models_by_org: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    created: int = 0
+
+    def targets_for(self, org_id: str, model: str) -> tuple[Target, ...]:
+        return self.routes.get((org_id, model), ())
+
+    def models_for(self, key: KeyEntry) -> tuple[str, ...]:
+        models = self.models_by_org.get(key.org_id, ())
+        if key.models is None:
+            return models
+        return tuple(m for m in models if m in key.models)
+
+
+def build_snapshot(rows: SnapshotRows, store: Store, pool: UpstreamPool, version: int) -> Snapshot:
+    org_names = {o.id: o.name for o in rows.orgs}
+    keys = {
+        k.key_hash: KeyEntry(
+            id=k.id,
+            org_id=k.org_id,
+            name=k.name,
+            models=frozenset(k.models.split(",")) if k.models else None,
+            expires_at=k.expires_at,
+        )
+        for k in rows.api_keys
+    }
+    secrets_by_provider: dict[str, list[str]] = defaultdict(list)
+    for pk in rows.provider_keys:
+        secrets_by_provider[pk.provider_id].append(store.vault.decrypt(pk.ciphertext))
+    models_by_provider = defaultdict(list)
+    for pm in rows.provider_models:
+        models_by_provider[pm.provider_id].append(pm)
+
+    routes: dict[tuple[str, str], list[Target]] = defaultdict(list)
+    for provider in rows.providers:  # already in the order they were added
+        for pm in models_by_provider[provider.id]:
+            routes[(provider.org_id, pm.alias)].append(
+                ProviderTarget(
+                    pool=pool,
+                    provider_id=provider.id,
+                    name=provider.name,
+                    base_url=provider.base_url,
+                    api_keys=tuple(secrets_by_provider[provider.id]),
+                    upstream_model=pm.upstream_model,
+                    price_in=pm.price_in,
+                    price_out=pm.price_out,
+                )
+            )
+    models_by_org: dict[str, set[str]] = defaultdict(set)
+    for org_id, alias in routes:
+        models_by_org[org_id].add(alias)
+    return Snapshot(
+        version=version,
+        keys=keys,
+        admin_keys={k.key_hash: k.id for k in rows.admin_keys},
+        org_names=org_names,
+        routes={route: tuple(targets) for route, targets in routes.items()},
+        models_by_org={org: tuple(sorted(models)) for org, models in models_by_org.items()},
+        created=int(datetime.now().timestamp()),
+    )
+
+
+class SnapshotHolder:
+    """Owns the current snapshot; `reload` rebuilds it off the event loop and swaps it in atomically."""
+
+    def __init__(self, store: Store, pool: UpstreamPool) -> None:
+        self.store = store
+        self.pool = pool
+        self.current = Snapshot()
+        self.loaded = False
+        self._versions = itertools.count(1)
+        self._lock = asyncio.Lock()
+
+    async def reload(self) -> Snapshot:
+        async with self._lock:
+            version = next(self._versions)
+            self.current = await asyncio.to_thread(self._build, version)
+            self.loaded = True
+            return self.current
+
+    def _build(self, version: int) -> Snapshot:
+        return build_snapshot(self.store.load_all(), self.store, self.pool, version)

@@ -1,0 +1,50 @@
+"""Server-sent events: splitting an upstream byte stream into data payloads, and framing our own."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+
+import orjson
+
+DONE = b"[DONE]"
+
+
+async def iter_data(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """Yield the data payload of each event. Comments, `event:`/`id:` fields and empty events are skipped;
+    a multi-line `data:` is joined with newlines as the SSE spec says."""
+    buffer = b""
+    async for chunk in chunks:
+        buffer += chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        while True:
+            end = buffer.find(b"\n\n")
+            if end < 0:
+                break
+            event, buffer = buffer[:end], buffer[end + 2 :]
+            data = _event_data(event)
+            if data is not None:
+                yield data
+    if buffer.strip():
+        data = _event_data(buffer)
+        if data is not None:
+            yield data
+
+
+def _event_data(event: bytes) -> bytes | None:
+    lines = [line for line in event.split(b"\n") if line.startswith(b"data:")]
+    if not lines:
+        return None
+    parts = [line[6:] if line.startswith(b"data: ") else line[5:] for line in lines]
+    return b"\n".join(parts)
+
+
+def frame(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+DONE_FRAME = frame(DONE)
+
+
+def error_frame(envelope: dict[str, object]) -> bytes:
+    return frame(orjson.dumps(envelope))

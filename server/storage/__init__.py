@@ -1,0 +1,1 @@
+"""Persistent state: SQLModel tables, the engine, migrations, and the admin operations over them."""

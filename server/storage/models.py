@@ -1,0 +1,103 @@
+"""The tables. Secrets never appear here in clear: API keys as SHA-256 hashes, provider keys Fernet-encrypted."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+class Org(SQLModel, table=True):
+    id: str = Field(primary_key=True, default_factory=lambda: new_id("org"))
+    name: str = Field(unique=True, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class AdminKey(SQLModel, table=True):
+    __tablename__ = "admin_key"
+
+    id: str = Field(primary_key=True, default_factory=lambda: new_id("adm"))
+    name: str
+    key_hash: str = Field(unique=True, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_key"
+
+    id: str = Field(primary_key=True, default_factory=lambda: new_id("key"))
+    org_id: str = Field(foreign_key="org.id", index=True)
+    name: str = ""
+    # The first characters of the key, shown in listings so people can tell their keys apart.
+    prefix: str
+    key_hash: str = Field(unique=True, index=True)
+    # Comma-separated allow-list of model names; empty allows every model of the org.
+    models: str = ""
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Provider(SQLModel, table=True):
+    id: str = Field(primary_key=True, default_factory=lambda: new_id("prv"))
+    org_id: str = Field(foreign_key="org.id", index=True)
+    name: str = Field(index=True)
+    base_url: str
+    # Monotonic order in which providers were added: the default routing order.
+    position: int = Field(default=0, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ProviderKey(SQLModel, table=True):
+    __tablename__ = "provider_key"
+
+    id: str = Field(primary_key=True, default_factory=lambda: new_id("pk"))
+    provider_id: str = Field(foreign_key="provider.id", index=True, ondelete="CASCADE")
+    ciphertext: str
+    # Last four characters, enough to tell keys apart in listings and logs.
+    hint: str
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ProviderModel(SQLModel, table=True):
+    __tablename__ = "provider_model"
+
+    id: str = Field(primary_key=True, default_factory=lambda: new_id("pm"))
+    provider_id: str = Field(foreign_key="provider.id", index=True, ondelete="CASCADE")
+    alias: str = Field(index=True)
+    upstream_model: str
+    # USD per one million tokens; None means unpriced (reported as such, never as free).
+    price_in: float | None = None
+    price_out: float | None = None
+
+
+class UsageRecord(SQLModel, table=True):
+    __tablename__ = "usage_record"
+
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: str = Field(index=True)
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    org_id: str = Field(index=True)
+    key_id: str = Field(index=True)
+    endpoint: str
+    model: str
+    target: str = ""
+    stream: bool = False
+    status: int
+    attempts: int = 1
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = None
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    error_code: str | None = None

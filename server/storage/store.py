@@ -1,0 +1,321 @@
+"""Admin operations over the tables. Synchronous by design: the HTTP layer runs them in a worker thread,
+never on the request path of the OpenAI API (which reads only the in-memory snapshot)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import Engine, func
+from sqlmodel import Session, col, select
+
+from server.credentials import (
+    ADMIN_KEY_PREFIX,
+    API_KEY_PREFIX,
+    DISPLAY_PREFIX_LEN,
+    Vault,
+    generate_key,
+    hash_key,
+)
+from server.errors import ConflictError, InvalidRequestError, NotFoundError
+from server.storage.models import AdminKey, ApiKey, Org, Provider, ProviderKey, ProviderModel, utcnow
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model a provider serves: the name clients use, the provider's own name for it, and its price."""
+
+    alias: str
+    upstream: str
+    price_in: float | None = None
+    price_out: float | None = None
+
+    @classmethod
+    def parse(cls, raw: Any, price_in: float | None = None, price_out: float | None = None) -> ModelSpec:
+        """Accept `"alias"`, `"alias=upstream"` or `{"alias", "upstream", "price_in", "price_out"}`."""
+        if isinstance(raw, str):
+            alias, _, upstream = raw.partition("=")
+            spec = cls(alias.strip(), upstream.strip() or alias.strip(), price_in, price_out)
+        elif isinstance(raw, dict) and isinstance(raw.get("alias"), str):
+            spec = cls(
+                raw["alias"].strip(),
+                str(raw.get("upstream") or raw["alias"]).strip(),
+                _price(raw.get("price_in", price_in), "price_in"),
+                _price(raw.get("price_out", price_out), "price_out"),
+            )
+        else:
+            raise InvalidRequestError(f"invalid model {raw!r}: expected 'alias[=upstream]'", param="models")
+        if not spec.alias or not spec.upstream:
+            raise InvalidRequestError(f"invalid model {raw!r}: empty name", param="models")
+        return spec
+
+
+def _price(value: Any, param: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise InvalidRequestError(f"{param} must be a non-negative number (USD per 1M tokens)", param=param)
+    return float(value)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+class Store:
+    def __init__(self, engine: Engine, vault: Vault) -> None:
+        self.engine = engine
+        self.vault = vault
+
+    # -- admin keys -------------------------------------------------------------------------------
+
+    def ensure_admin_key(self, configured: str) -> str | None:
+        """Make sure an admin key exists. Returns a newly generated key (to print once), else None."""
+        with Session(self.engine) as session:
+            if configured:
+                digest = hash_key(configured)
+                if session.exec(select(AdminKey).where(AdminKey.key_hash == digest)).first() is None:
+                    session.add(AdminKey(name="configured", key_hash=digest))
+                    session.commit()
+                return None
+            if session.exec(select(AdminKey).where(col(AdminKey.revoked_at).is_(None))).first():
+                return None
+            key = generate_key(ADMIN_KEY_PREFIX)
+            session.add(AdminKey(name="initial", key_hash=hash_key(key)))
+            session.commit()
+            return key
+
+    # -- orgs -------------------------------------------------------------------------------------
+
+    def create_org(self, name: str) -> dict[str, Any]:
+        name = name.strip()
+        if not name:
+            raise InvalidRequestError("org name must not be empty", param="name")
+        with Session(self.engine) as session:
+            if session.exec(select(Org).where(Org.name == name)).first():
+                raise ConflictError(f"org {name!r} already exists", param="name")
+            org = Org(name=name)
+            session.add(org)
+            session.commit()
+            return self._org_dict(org)
+
+    def list_orgs(self) -> list[dict[str, Any]]:
+        with Session(self.engine) as session:
+            return [self._org_dict(o) for o in session.exec(select(Org).order_by(col(Org.created_at)))]
+
+    def ensure_org(self, name: str) -> None:
+        with Session(self.engine) as session:
+            if session.exec(select(Org).where(Org.name == name)).first() is None:
+                session.add(Org(name=name))
+                session.commit()
+
+    @staticmethod
+    def _org_dict(org: Org) -> dict[str, Any]:
+        return {"id": org.id, "object": "org", "name": org.name, "created_at": _iso(org.created_at)}
+
+    @staticmethod
+    def _find_org(session: Session, ref: str) -> Org:
+        org = session.get(Org, ref) or session.exec(select(Org).where(Org.name == ref)).first()
+        if org is None:
+            raise NotFoundError(f"no org {ref!r}", param="org")
+        return org
+
+    # -- API keys ---------------------------------------------------------------------------------
+
+    def create_key(
+        self, org_ref: str, name: str = "", models: Sequence[str] = (), expires_at: datetime | None = None
+    ) -> dict[str, Any]:
+        if expires_at is not None and expires_at <= utcnow():
+            raise InvalidRequestError("expires_at is in the past", param="expires_at")
+        key = generate_key(API_KEY_PREFIX)
+        with Session(self.engine) as session:
+            org = self._find_org(session, org_ref)
+            row = ApiKey(
+                org_id=org.id,
+                name=name,
+                prefix=key[:DISPLAY_PREFIX_LEN],
+                key_hash=hash_key(key),
+                models=",".join(m.strip() for m in models if m.strip()),
+                expires_at=expires_at,
+            )
+            session.add(row)
+            session.commit()
+            return self._key_dict(row, org) | {"key": key}
+
+    def list_keys(self, org_ref: str | None = None) -> list[dict[str, Any]]:
+        with Session(self.engine) as session:
+            query = select(ApiKey, Org).join(Org).order_by(col(ApiKey.created_at))
+            if org_ref:
+                query = query.where(ApiKey.org_id == self._find_org(session, org_ref).id)
+            return [self._key_dict(k, o) for k, o in session.exec(query)]
+
+    def revoke_key(self, key_id: str) -> dict[str, Any]:
+        with Session(self.engine) as session:
+            row = session.get(ApiKey, key_id)
+            if row is None:
+                raise NotFoundError(f"no API key {key_id!r}", param="id")
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+                session.add(row)
+                session.commit()
+            org = session.get(Org, row.org_id)
+            assert org is not None
+            return self._key_dict(row, org)
+
+    @staticmethod
+    def _key_dict(row: ApiKey, org: Org) -> dict[str, Any]:
+        return {
+            "id": row.id,
+            "object": "api_key",
+            "org": org.name,
+            "org_id": org.id,
+            "name": row.name,
+            "prefix": row.prefix,
+            "models": row.models.split(",") if row.models else [],
+            "expires_at": _iso(row.expires_at),
+            "revoked_at": _iso(row.revoked_at),
+            "created_at": _iso(row.created_at),
+        }
+
+    # -- providers --------------------------------------------------------------------------------
+
+    def add_provider(
+        self,
+        org_ref: str,
+        name: str,
+        base_url: str,
+        api_keys: Sequence[str],
+        models: Sequence[ModelSpec],
+        *,
+        replace: bool = False,
+    ) -> dict[str, Any]:
+        """Add a provider; with `replace`, an existing one of that name is updated in place (keeps its order)."""
+        name = name.strip()
+        if not name:
+            raise InvalidRequestError("provider name must not be empty", param="name")
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise InvalidRequestError(f"base_url must be an http(s) URL, got {base_url!r}", param="base_url")
+        if not models:
+            raise InvalidRequestError("a provider needs at least one model", param="models")
+        aliases = [m.alias for m in models]
+        if len(set(aliases)) != len(aliases):
+            raise InvalidRequestError("a model alias is listed twice", param="models")
+        with Session(self.engine) as session:
+            org = self._find_org(session, org_ref)
+            existing = session.exec(select(Provider).where(Provider.org_id == org.id, Provider.name == name)).first()
+            if existing is not None and not replace:
+                raise ConflictError(f"provider {name!r} already exists in org {org.name!r}", param="name")
+            if existing is None:
+                last = session.exec(select(func.max(Provider.position))).one()
+                provider = Provider(org_id=org.id, name=name, base_url=base_url, position=(last or 0) + 1)
+            else:
+                provider = existing
+                provider.base_url = base_url
+                self._delete_children(session, provider.id)
+            session.add(provider)
+            session.flush()
+            for key in api_keys:
+                session.add(ProviderKey(provider_id=provider.id, ciphertext=self.vault.encrypt(key), hint=key[-4:]))
+            for spec in models:
+                session.add(
+                    ProviderModel(
+                        provider_id=provider.id,
+                        alias=spec.alias,
+                        upstream_model=spec.upstream,
+                        price_in=spec.price_in,
+                        price_out=spec.price_out,
+                    )
+                )
+            session.commit()
+            return self._provider_dict(session, provider, org)
+
+    def list_providers(self, org_ref: str | None = None) -> list[dict[str, Any]]:
+        with Session(self.engine) as session:
+            query = select(Provider, Org).join(Org).order_by(col(Provider.position))
+            if org_ref:
+                query = query.where(Provider.org_id == self._find_org(session, org_ref).id)
+            return [self._provider_dict(session, p, o) for p, o in session.exec(query)]
+
+    def remove_provider(self, ref: str, org_ref: str | None = None) -> dict[str, Any]:
+        with Session(self.engine) as session:
+            query = select(Provider, Org).join(Org).where((Provider.id == ref) | (Provider.name == ref))
+            if org_ref:
+                query = query.where(Provider.org_id == self._find_org(session, org_ref).id)
+            found = session.exec(query).all()
+            if not found:
+                raise NotFoundError(f"no provider {ref!r}", param="name")
+            if len(found) > 1:
+                raise InvalidRequestError(f"provider name {ref!r} exists in several orgs: pass --org", param="org")
+            provider, org = found[0]
+            result = self._provider_dict(session, provider, org)
+            self._delete_children(session, provider.id)
+            session.delete(provider)
+            session.commit()
+            return result
+
+    @staticmethod
+    def _delete_children(session: Session, provider_id: str) -> None:
+        for table in (ProviderKey, ProviderModel):
+            for row in session.exec(select(table).where(table.provider_id == provider_id)):
+                session.delete(row)
+        session.flush()
+
+    @staticmethod
+    def _provider_dict(session: Session, provider: Provider, org: Org) -> dict[str, Any]:
+        keys = session.exec(select(ProviderKey).where(ProviderKey.provider_id == provider.id)).all()
+        models = session.exec(select(ProviderModel).where(ProviderModel.provider_id == provider.id)).all()
+        return {
+            "id": provider.id,
+            "object": "provider",
+            "org": org.name,
+            "org_id": org.id,
+            "name": provider.name,
+            "base_url": provider.base_url,
+            # Never the key itself: its id and last four characters are enough to tell keys apart.
+            "api_keys": [{"id": k.id, "hint": f"...{k.hint}"} for k in keys],
+            "models": [
+                {
+                    "alias": m.alias,
+                    "upstream": m.upstream_model,
+                    "price_in": m.price_in,
+                    "price_out": m.price_out,
+                }
+                for m in models
+            ],
+            "created_at": _iso(provider.created_at),
+        }
+
+    # -- what the snapshot is built from ----------------------------------------------------------
+
+    def load_all(self) -> SnapshotRows:
+        with Session(self.engine) as session:
+            return SnapshotRows(
+                orgs=list(session.exec(select(Org))),
+                admin_keys=list(session.exec(select(AdminKey).where(col(AdminKey.revoked_at).is_(None)))),
+                api_keys=list(session.exec(select(ApiKey).where(col(ApiKey.revoked_at).is_(None)))),
+                providers=list(session.exec(select(Provider).order_by(col(Provider.position)))),
+                provider_keys=list(session.exec(select(ProviderKey).order_by(col(ProviderKey.created_at)))),
+                provider_models=list(session.exec(select(ProviderModel))),
+            )
+
+    def ping(self) -> None:
+        with Session(self.engine) as session:
+            session.exec(select(1)).one()
+
+
+@dataclass(frozen=True)
+class SnapshotRows:
+    orgs: list[Org]
+    admin_keys: list[AdminKey]
+    api_keys: list[ApiKey]
+    providers: list[Provider]
+    provider_keys: list[ProviderKey]
+    provider_models: list[ProviderModel]
+
+
+def parse_models(raw: Iterable[Any], price_in: float | None, price_out: float | None) -> list[ModelSpec]:
+    return [ModelSpec.parse(item, price_in, price_out) for item in raw]

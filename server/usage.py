@@ -1,0 +1,93 @@
+"""Usage rows leave the request path through a bounded queue drained by one batch writer.
+
+A request only builds a `UsageRecord` and puts it on the queue (no I/O); the writer flushes every
+`flush_interval_s` or when `batch_size` rows are waiting, in a worker thread, and drains everything on stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from server.metrics import Metrics
+from server.storage.models import UsageRecord
+
+log = logging.getLogger(__name__)
+
+
+class UsageWriter:
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        *,
+        queue_size: int,
+        flush_interval_s: float,
+        batch_size: int = 500,
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.flush_interval_s = flush_interval_s
+        self.batch_size = batch_size
+        self.queue: asyncio.Queue[UsageRecord] = asyncio.Queue(maxsize=queue_size)
+        self.rows_written = 0
+        self.rows_dropped = 0
+        self._task: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"UsageWriter(written={self.rows_written}, dropped={self.rows_dropped}, queued={self.queue.qsize()})"
+
+    def record(self, row: UsageRecord) -> None:
+        try:
+            self.queue.put_nowait(row)
+        except asyncio.QueueFull:
+            # Never make a request wait for accounting; a dropped row is counted and visible in /metrics.
+            self.rows_dropped += 1
+            self.metrics.usage_dropped.inc()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="usage-writer")
+
+    async def stop(self) -> None:
+        """Let the writer finish the batch in hand, then write every row still queued."""
+        self._closing.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        while not self.queue.empty():
+            await self._flush(self._take(self.batch_size))
+
+    async def _run(self) -> None:
+        # Never cancelled: stopping is a flag, so a batch is never lost between the queue and the database.
+        while not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), timeout=self.flush_interval_s)
+            while not self.queue.empty():
+                await self._flush(self._take(self.batch_size))
+
+    def _take(self, limit: int) -> list[UsageRecord]:
+        batch: list[UsageRecord] = []
+        while len(batch) < limit and not self.queue.empty():
+            batch.append(self.queue.get_nowait())
+        return batch
+
+    async def _flush(self, batch: list[UsageRecord]) -> None:
+        if not batch:
+            return
+        try:
+            await asyncio.to_thread(self._write, batch)
+        except Exception:
+            log.exception("usage writer: could not write %d rows", len(batch))
+            return
+        self.rows_written += len(batch)
+        self.metrics.usage_written.inc(len(batch))
+
+    def _write(self, batch: list[UsageRecord]) -> None:
+        with Session(self.engine) as session:
+            session.add_all(batch)
+            session.commit()

@@ -1,0 +1,127 @@
+"""`hatchway admin ...` against a live plane, through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from server.cli import cli
+from tests.conftest import ADMIN_KEY, RunningPlane
+from tests.mock_upstream import MockUpstream
+
+
+@pytest.fixture
+def run(plane: RunningPlane):
+    runner = CliRunner()
+
+    def invoke(*args: str, as_json: bool = False) -> Result:
+        flags = ["admin", "--url", plane.url, "--admin-key", ADMIN_KEY, *(["--json"] if as_json else [])]
+        return runner.invoke(cli, [*flags, *args], catch_exceptions=False)
+
+    return invoke
+
+
+def json_of(result: Result) -> Any:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_org_create_and_list(run) -> None:
+    created = json_of(run("org", "create", "acme", as_json=True))
+    assert created["name"] == "acme" and created["id"].startswith("org_")
+    listing = run("org", "list")
+    assert listing.exit_code == 0
+    assert "acme" in listing.output and "NAME" in listing.output
+
+
+def test_key_create_prints_the_key_once_and_list_never_does(run) -> None:
+    run("org", "create", "acme")
+    created = json_of(run("key", "create", "--org", "acme", "--name", "ci", "--models", "a,b", as_json=True))
+    assert created["key"].startswith("hw-")
+    assert created["models"] == ["a", "b"]
+    listing = run("key", "list", "--org", "acme")
+    assert created["id"] in listing.output
+    assert created["key"] not in listing.output
+
+
+def test_key_create_table_shows_the_secret_with_a_warning(run) -> None:
+    run("org", "create", "acme")
+    result = run("key", "create", "--org", "acme")
+    assert "shown once" in result.output and "hw-" in result.output
+
+
+def test_key_create_with_expiry(run) -> None:
+    run("org", "create", "acme")
+    created = json_of(run("key", "create", "--org", "acme", "--expires", "30d", as_json=True))
+    assert created["expires_at"] is not None
+
+
+def test_key_revoke(run) -> None:
+    run("org", "create", "acme")
+    created = json_of(run("key", "create", "--org", "acme", as_json=True))
+    revoked = json_of(run("key", "revoke", created["id"], as_json=True))
+    assert revoked["revoked_at"] is not None
+
+
+def test_provider_add_list_remove(run, upstream: MockUpstream) -> None:
+    run("org", "create", "acme")
+    added = json_of(
+        run(
+            "provider",
+            "add",
+            "openai",
+            "--org",
+            "acme",
+            "--base-url",
+            upstream.url,
+            "--api-key",
+            "sk-first",
+            "--api-key",
+            "sk-second",
+            "--model",
+            "gpt-4o-mini",
+            "--model",
+            "fast=gpt-4o-mini",
+            "--price-in",
+            "0.15",
+            "--price-out",
+            "0.6",
+            as_json=True,
+        )
+    )
+    assert [m["alias"] for m in added["models"]] == ["gpt-4o-mini", "fast"]
+    assert added["models"][1] == {"alias": "fast", "upstream": "gpt-4o-mini", "price_in": 0.15, "price_out": 0.6}
+    assert len(added["api_keys"]) == 2
+    listing = run("provider", "list")
+    assert "openai" in listing.output and "fast=gpt-4o-mini" in listing.output
+    assert "sk-first" not in listing.output
+    models = run("models", "--org", "acme")
+    assert "provider:openai(gpt-4o-mini)" in models.output
+    assert json_of(run("provider", "remove", "openai", as_json=True))["name"] == "openai"
+    assert "(none)" in run("provider", "list").output
+
+
+def test_mistakes_exit_1_with_a_message_and_no_traceback(run) -> None:
+    result = run("key", "create", "--org", "no-such-org")
+    assert result.exit_code == 1
+    assert "no org 'no-such-org'" in result.output and "Traceback" not in result.output
+
+
+def test_wrong_admin_key_is_reported(plane: RunningPlane) -> None:
+    result = CliRunner().invoke(cli, ["admin", "--url", plane.url, "--admin-key", "hwa-wrong", "org", "list"])
+    assert result.exit_code == 1 and "401" in result.output
+
+
+def test_unreachable_plane_is_reported() -> None:
+    result = CliRunner().invoke(cli, ["admin", "--url", "http://127.0.0.1:9", "--admin-key", "k", "org", "list"])
+    assert result.exit_code == 1 and "cannot reach the plane" in result.output
+
+
+def test_admin_reads_url_and_key_from_the_environment(plane: RunningPlane) -> None:
+    result = CliRunner().invoke(
+        cli, ["admin", "org", "list"], env={"HATCHWAY_URL": plane.url, "HATCHWAY_ADMIN_KEY": ADMIN_KEY}
+    )
+    assert result.exit_code == 0, result.output
