@@ -115,6 +115,10 @@ def test_wrong_admin_key_is_reported(plane: RunningPlane) -> None:
     assert result.exit_code == 1 and "401" in result.output
 
 
+def test_json_flag_is_accepted_after_the_subcommand_too(run) -> None:
+    assert json_of(run("org", "create", "acme", "--json"))["name"] == "acme"
+
+
 def test_unreachable_plane_is_reported() -> None:
     result = CliRunner().invoke(cli, ["admin", "--url", "http://127.0.0.1:9", "--admin-key", "k", "org", "list"])
     assert result.exit_code == 1 and "cannot reach the plane" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -40,7 +41,17 @@ class Context:
             click.echo(f"\n{secret} (shown once, store it now): {doc[secret]}")
 
 
-pass_context = click.make_pass_decorator(Context)
+def pass_context(fn: Callable[..., None]) -> Callable[..., None]:
+    """Hand the command the admin Context, and accept `--json` after the subcommand as well as before it."""
+
+    def command(ctx: Context, /, *args: Any, as_json: bool, **kwargs: Any) -> None:
+        ctx.as_json = ctx.as_json or as_json
+        fn(ctx, *args, **kwargs)
+
+    functools.update_wrapper(command, fn)
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(
+        click.pass_obj(command)
+    )
 
 
 def _cell(value: Any) -> str:
