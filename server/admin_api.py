@@ -12,6 +12,7 @@ from aiohttp import web
 
 from server.auth import authenticate_admin
 from server.errors import InvalidRequestError
+from server.failover import validate_overrides
 from server.openai_api import read_body
 from server.plane import PLANE, Plane
 from server.storage.store import parse_models
@@ -133,8 +134,31 @@ async def add_provider(request: web.Request) -> web.Response:
         _str(body, "base_url"),
         _str_list(body, "api_keys"),
         models,
+        policy=_policy(body),
+        prefill=_str(body, "prefill", required=False) or "auto",
     )
     return web.json_response(provider, status=201)
+
+
+def _policy(body: dict[str, Any]) -> dict[str, float | int]:
+    try:
+        return validate_overrides(body.get("policy"))
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="policy") from exc
+
+
+async def update_provider(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    body = await _body(request, plane)
+    provider = await _mutate(
+        plane,
+        plane.store.update_provider,
+        request.match_info["ref"],
+        request.query.get("org"),
+        policy=_policy(body),
+        prefill=_str(body, "prefill", required=False) or None,
+    )
+    return web.json_response(provider)
 
 
 async def list_providers(request: web.Request) -> web.Response:
@@ -146,6 +170,34 @@ async def remove_provider(request: web.Request) -> web.Response:
     plane = _plane(request)
     removed = await _mutate(plane, plane.store.remove_provider, request.match_info["ref"], request.query.get("org"))
     return web.json_response(removed)
+
+
+async def set_route(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    body = await _body(request, plane)
+    route = await _mutate(
+        plane,
+        plane.store.set_route,
+        _str(body, "org"),
+        _str(body, "model"),
+        _str(body, "strategy", required=False) or "priority",
+        _str_list(body, "targets"),
+        _str_list(body, "fallbacks"),
+    )
+    return web.json_response(route)
+
+
+async def list_routes(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    return _listing(await _read(plane.store.list_routes, request.query.get("org")))
+
+
+async def remove_route(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    org, model = request.query.get("org"), request.query.get("model")
+    if not org or not model:
+        raise InvalidRequestError("pass the rule's org and model as query parameters", param="model")
+    return web.json_response(await _mutate(plane, plane.store.remove_route, org, model))
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -29,7 +29,11 @@ def _routes(app: web.Application) -> None:
     app.router.add_post("/admin/v1/keys/{id}/revoke", admin_api.revoke_key)
     app.router.add_get("/admin/v1/providers", admin_api.list_providers)
     app.router.add_post("/admin/v1/providers", admin_api.add_provider)
+    app.router.add_patch("/admin/v1/providers/{ref}", admin_api.update_provider)
     app.router.add_delete("/admin/v1/providers/{ref}", admin_api.remove_provider)
+    app.router.add_get("/admin/v1/routes", admin_api.list_routes)
+    app.router.add_put("/admin/v1/routes", admin_api.set_route)
+    app.router.add_delete("/admin/v1/routes", admin_api.remove_route)
     app.router.add_get("/admin/v1/models", admin_api.list_models)
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.failover import FailoverPolicy
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -39,7 +41,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shutdown_grace_s", float, 30.0, "How long in-flight requests may finish after SIGTERM."),
     Setting("upstream_connect_timeout_s", float, 10.0, "Connect timeout towards a provider."),
     Setting("upstream_header_timeout_s", float, 120.0, "Time a provider has to send response headers."),
-    Setting("stream_idle_timeout_s", float, 120.0, "Longest silence allowed between two stream chunks."),
+    Setting("stream_idle_timeout_s", float, 60.0, "Longest silence between two stream chunks (a stall)."),
+    Setting("ttft_timeout_s", float, 60.0, "Time to the first content token before a stream fails over."),
+    Setting("max_retries", int, 1, "Extra tries of the same target after a 5xx or a reset connection."),
+    Setting("max_rate_limit_retries", int, 2, "Extra tries of the same target after a 429."),
+    Setting("retry_after_cap_s", float, 10.0, "Longest upstream Retry-After the plane waits for."),
+    Setting("breaker_failures", int, 5, "Consecutive failures that open a target's circuit breaker."),
+    Setting("breaker_cooldown_s", float, 15.0, "How long an open breaker waits before one probe request."),
+    Setting("max_attempts", int, 6, "Most attempts (all targets together) for one request."),
+    Setting("request_deadline_s", float, 300.0, "Time budget for one request's attempts, rescues included."),
     Setting("usage_flush_interval_s", float, 0.2, "How often the usage writer flushes rows to the database."),
     Setting("usage_queue_size", int, 10_000, "Bound of the usage queue; rows beyond it are counted and dropped."),
     Setting("log_level", str, "info", "Logging level: debug, info, warning, error."),
@@ -62,7 +72,15 @@ class Config:
     shutdown_grace_s: float = 30.0
     upstream_connect_timeout_s: float = 10.0
     upstream_header_timeout_s: float = 120.0
-    stream_idle_timeout_s: float = 120.0
+    stream_idle_timeout_s: float = 60.0
+    ttft_timeout_s: float = 60.0
+    max_retries: int = 1
+    max_rate_limit_retries: int = 2
+    retry_after_cap_s: float = 10.0
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 15.0
+    max_attempts: int = 6
+    request_deadline_s: float = 300.0
     usage_flush_interval_s: float = 0.2
     usage_queue_size: int = 10_000
     log_level: str = "info"
@@ -109,6 +127,20 @@ class Config:
     @property
     def sqlalchemy_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'hatchway.db'}"
+
+    def failover_policy(self) -> FailoverPolicy:
+        """The plane-wide defaults each provider's own overrides start from."""
+        return FailoverPolicy(
+            connect_timeout_s=self.upstream_connect_timeout_s,
+            header_timeout_s=self.upstream_header_timeout_s,
+            ttft_timeout_s=self.ttft_timeout_s,
+            idle_timeout_s=self.stream_idle_timeout_s,
+            max_retries=self.max_retries,
+            max_rate_limit_retries=self.max_rate_limit_retries,
+            retry_after_cap_s=self.retry_after_cap_s,
+            breaker_failures=self.breaker_failures,
+            breaker_cooldown_s=self.breaker_cooldown_s,
+        )
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

@@ -12,7 +12,8 @@
     ├── InternalError                    500    api_error
     ├── ServiceUnavailableError          503    api_error
     └── UpstreamError                    502    api_error        a target failed; the attempt loop may fail over
-        ├── UpstreamConnectError         502                     refused, reset, DNS: nothing was sent back
+        ├── UpstreamConnectError         502                     reset or cut: the connection broke
+        │   └── UpstreamRefusedError     502                     nobody listens there (refused, DNS)
         ├── UpstreamTimeoutError         504                     no headers (or no first byte) in time
         ├── UpstreamProtocolError        502                     the upstream answered something that is not OpenAI
         └── UpstreamStatusError          (upstream's)            the upstream answered with an error status
@@ -111,16 +112,19 @@ class ServiceUnavailableError(HatchwayError):
 
 
 class UpstreamError(HatchwayError):
-    """A target failed to serve. `retryable` tells the attempt loop whether another target may succeed."""
+    """A target failed to serve; `server.failover.decide` tells what the attempt loop does next."""
 
     status = 502
     type = "api_error"
     code = "upstream_error"
-    retryable = True
 
 
 class UpstreamConnectError(UpstreamError):
     code = "upstream_connect_error"
+
+
+class UpstreamRefusedError(UpstreamConnectError):
+    code = "upstream_unreachable"
 
 
 class UpstreamTimeoutError(UpstreamError):
@@ -142,7 +146,6 @@ class UpstreamStatusError(UpstreamError):
     def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         self.upstream_status = status
         self.status = status if status in self.PASSED_THROUGH else 502
-        self.retryable = status in (401, 403, 404, 408, 429) or status >= 500
         parsed = _parse_envelope(body)
         message = str(parsed.get("message") or f"HTTP {status}")
         if self.status == status:

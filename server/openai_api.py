@@ -47,11 +47,23 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     if body.get("stream") and not endpoint.streamable:
         raise InvalidRequestError(f"/v1/{endpoint.path} cannot be streamed", param="stream")
     authorize_model(key, snapshot, body["model"])
-    targets = snapshot.targets_for(key.org_id, body["model"])
-    exchange = Exchange(request_id=request[REQUEST_ID], key=key, endpoint=endpoint.path, body=body)
+    plans = plane.router.plan(
+        snapshot.rules.get(key.org_id, ()),
+        lambda model: snapshot.targets_for(key.org_id, model),
+        body["model"],
+        streaming=bool(body.get("stream")),
+    )
+    exchange = Exchange(
+        request_id=request[REQUEST_ID],
+        key=key,
+        endpoint=endpoint.path,
+        body=body,
+        plans=plans,
+        deadline_s=plane.config.request_deadline_s,
+    )
     if exchange.streaming:
-        return await plane.relay.stream(request, exchange, targets)
-    return await plane.relay.complete(exchange, targets)
+        return await plane.relay.stream(request, exchange)
+    return await plane.relay.complete(exchange)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

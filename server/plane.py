@@ -11,8 +11,10 @@ from sqlalchemy import Engine
 from server.config import Config
 from server.credentials import Vault
 from server.declarative import apply_declared
+from server.health import Health
 from server.metrics import Metrics
 from server.relay import Relay
+from server.routing import Router
 from server.snapshot import SnapshotHolder
 from server.storage.db import make_engine, migrate
 from server.storage.store import Store
@@ -32,19 +34,17 @@ class Plane:
         self.engine = engine or make_engine(config.sqlalchemy_url)
         self.store = Store(self.engine, Vault.from_settings(config.secret_key, config.data_dir))
         self.metrics = Metrics()
-        self.pool = UpstreamPool(
-            connect_timeout_s=config.upstream_connect_timeout_s,
-            header_timeout_s=config.upstream_header_timeout_s,
-            stream_idle_timeout_s=config.stream_idle_timeout_s,
-        )
-        self.snapshots = SnapshotHolder(self.store, self.pool)
+        self.pool = UpstreamPool()
+        self.health = Health()
+        self.router = Router(self.health)
+        self.snapshots = SnapshotHolder(self.store, self.pool, self.health, config.failover_policy())
         self.usage = UsageWriter(
             self.engine,
             self.metrics,
             queue_size=config.usage_queue_size,
             flush_interval_s=config.usage_flush_interval_s,
         )
-        self.relay = Relay(self.metrics, self.usage)
+        self.relay = Relay(self.metrics, self.usage, self.health, max_attempts=config.max_attempts)
         # Admin mutations are serialised so each snapshot rebuild sees every earlier commit.
         self.admin_lock = asyncio.Lock()
         # Set on the first start when no admin key existed: shown once, never stored in clear.

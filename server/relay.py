@@ -1,14 +1,18 @@
 """The attempt loop and the two ways an answer goes back to the client: whole, or as an SSE stream.
 
-attempt(targets)      try each target in turn until one serves; a non-retryable error stops the loop
-complete(exchange)    non-stream: the target's JSON body goes back byte for byte
-stream(exchange)      stream: nothing is sent to the client until the first chunk has arrived (failures
-                      before it fail over invisibly); afterwards chunks are relayed as they come, and a
-                      stream that breaks ends with an SSE error event and no `[DONE]`, never as a success
+attempt     walk the plan (the model's targets in rule order, then its fallback models'), skipping
+            targets whose breaker is open; after each failure `failover.decide` says: retry the same
+            target (after a delay), go to the next target, skip to the fallback model, or stop
+complete    non-stream: the serving target's JSON body goes back byte for byte
+stream      nothing reaches the client until the first content token (every failure before it fails
+            over invisibly); then chunks are relayed as they come. A committed stream that breaks is
+            rescued by a fallback that continues the same answer (`rescue`); when nothing can rescue
+            it, it ends with an SSE error event and no `[DONE]`, never as a success
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -20,11 +24,29 @@ import orjson
 from aiohttp import web
 
 from server import sse
-from server.errors import HatchwayError, ServiceUnavailableError, UpstreamError, UpstreamProtocolError
+from server.errors import (
+    HatchwayError,
+    ServiceUnavailableError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+)
+from server.failover import Move, decide, is_context_length_error, retry_after_seconds
+from server.health import Health, TargetStats, is_target_fault
 from server.metrics import Metrics
+from server.rescue import (
+    Continuation,
+    ContinuationMismatch,
+    StreamProgress,
+    can_rescue,
+    choice_text,
+    prefill_body,
+)
+from server.routing import ModelPlan
 from server.snapshot import KeyEntry
 from server.storage.models import UsageRecord
-from server.targets.base import Call, Target, TargetStream
+from server.targets.base import Attempt, Call, Target, TargetStream
 from server.usage import UsageWriter
 
 log = logging.getLogger(__name__)
@@ -33,6 +55,8 @@ T = TypeVar("T")
 
 # Status recorded for a request whose client went away before the answer was complete (nginx's convention).
 CLIENT_CLOSED = 499
+# How long a provider key rests after the upstream refused it (401/403) or rate-limited it without a hint.
+KEY_REST_S = 60.0
 
 
 @dataclass
@@ -43,14 +67,19 @@ class Exchange:
     key: KeyEntry
     endpoint: str
     body: dict[str, Any]
-    started: float = field(default_factory=time.perf_counter)
+    plans: list[ModelPlan]
+    deadline_s: float
+    started: float = field(default_factory=time.monotonic)
     attempts: int = 0
+    rescues: int = 0
     target: Target | None = None
-    status: int = 200
-    error_code: str | None = None
+    attempt: Attempt | None = None
+    served_model: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_byte_at: float | None = None
+    # The serving target's in-flight count, held until the answer is complete.
+    holding: TargetStats | None = None
 
     @property
     def model(self) -> str:
@@ -61,6 +90,10 @@ class Exchange:
         return bool(self.body.get("stream"))
 
     @property
+    def chat(self) -> bool:
+        return self.endpoint == "chat/completions"
+
+    @property
     def wants_usage(self) -> bool:
         options = self.body.get("stream_options")
         return isinstance(options, dict) and options.get("include_usage") is True
@@ -68,6 +101,10 @@ class Exchange:
     @property
     def call(self) -> Call:
         return Call(endpoint=self.endpoint, body=self.body, request_id=self.request_id)
+
+    @property
+    def time_left_s(self) -> float:
+        return self.started + self.deadline_s - time.monotonic()
 
     def take_usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
@@ -81,6 +118,10 @@ class Exchange:
         headers = {"x-hatchway-attempts": str(self.attempts), "x-hatchway-cache": "bypass"}
         if self.target is not None:
             headers["x-hatchway-route"] = self.target.id
+        if self.served_model is not None and self.served_model != self.model:
+            headers["x-hatchway-model"] = self.served_model
+        if self.attempt is not None and self.attempt.key_id:
+            headers["x-hatchway-provider-key"] = self.attempt.key_id
         return headers
 
 
@@ -88,35 +129,129 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+@dataclass
+class OpenStream:
+    """A target's stream, accepted (first content token in hand) but not yet relayed."""
+
+    target: Target
+    upstream: TargetStream
+    # Chunks read before the commit point, to relay first: the raw bytes when relayed unchanged.
+    buffered: list[tuple[bytes | None, dict[str, Any]]]
+    # Set when this stream continues a rescued answer: its text is trimmed to what the client lacks.
+    continuation: Continuation | None = None
+
+
 class Relay:
-    def __init__(self, metrics: Metrics, usage: UsageWriter) -> None:
+    def __init__(self, metrics: Metrics, usage: UsageWriter, health: Health, *, max_attempts: int) -> None:
         self.metrics = metrics
         self.usage = usage
+        self.health = health
+        self.max_attempts = max_attempts
+
+    # -- the attempt loop -------------------------------------------------------------------------
 
     async def attempt(
-        self, exchange: Exchange, targets: tuple[Target, ...], send: Callable[[Target], Awaitable[T]]
+        self,
+        exchange: Exchange,
+        send: Callable[[Target, Attempt], Awaitable[T]],
+        *,
+        last: Target | None = None,
     ) -> T:
-        last: HatchwayError = ServiceUnavailableError(f"no target can serve '{exchange.model}' right now")
-        for target in targets:
-            exchange.attempts += 1
-            try:
-                result = await send(target)
-            except UpstreamError as exc:
-                self.metrics.upstream_errors.labels(target.id, exc.code or "unknown").inc()
-                log.warning("request %s: %s failed: %s", exchange.request_id, target.id, exc.message)
-                last = exc
-                if not exc.retryable:
+        """Try the plan's targets until one serves. `last` (a target that just failed) is tried after the rest."""
+        error: HatchwayError | None = None
+        resting: list[float] = []
+        for plan in exchange.plans:
+            targets = [t for t in plan.targets if t is not last] + [t for t in plan.targets if t is last]
+            skip_model = False
+            for target in targets:
+                stats = self.health.stats(target.key)
+                breaker = stats.breaker
+                if not breaker.admits(self.health.clock(), target.policy.breaker_cooldown_s):
+                    resting.append(breaker.retry_in(self.health.clock(), target.policy.breaker_cooldown_s))
+                    continue
+                tries = 0
+                while True:
+                    if exchange.attempts >= self.max_attempts or exchange.time_left_s <= 0:
+                        breaker.released()
+                        raise error or UpstreamTimeoutError("no attempt left within the request's budget")
+                    exchange.attempts += 1
+                    attempt = Attempt(number=exchange.attempts)
+                    stats.in_flight += 1
+                    began = time.monotonic()
+                    try:
+                        async with asyncio.timeout(exchange.time_left_s):
+                            result = await send(target, attempt)
+                    except TimeoutError:
+                        failure: UpstreamError = UpstreamTimeoutError(f"{target.id}: request deadline reached")
+                    except UpstreamError as exc:
+                        failure = exc
+                    except BaseException:
+                        stats.in_flight -= 1
+                        breaker.released()
+                        raise
+                    else:
+                        breaker.succeeded()
+                        elapsed = time.monotonic() - began
+                        stats.observe(ttft_s=elapsed) if exchange.streaming else stats.observe(latency_s=elapsed)
+                        self._release(exchange)
+                        exchange.target, exchange.attempt, exchange.holding = target, attempt, stats
+                        exchange.served_model = plan.model
+                        return result
+                    stats.in_flight -= 1
+                    error = failure
+                    self._attempt_failed(exchange, target, attempt, failure, began)
+                    decision = decide(
+                        failure,
+                        tries=tries,
+                        policy=target.policy,
+                        time_left_s=exchange.time_left_s,
+                        other_key=target.has_other_key(attempt.key_id),
+                    )
+                    if decision.move is Move.RETRY:
+                        tries += 1
+                        if decision.delay_s:
+                            await asyncio.sleep(decision.delay_s)
+                        if not breaker.admits(self.health.clock(), target.policy.breaker_cooldown_s):
+                            break
+                        continue
+                    if decision.move is Move.STOP:
+                        raise failure
+                    skip_model = decision.move is Move.NEXT_MODEL
                     break
-                continue
-            exchange.target = target
-            return result
-        raise last
+                if skip_model:
+                    break
+        if error is not None:
+            raise error
+        retry_in = max(1, round(min(resting))) if resting else 1
+        raise ServiceUnavailableError(
+            f"every target for '{exchange.model}' is failing; retry in {retry_in}s",
+            headers={"Retry-After": str(retry_in)},
+        )
 
-    async def complete(self, exchange: Exchange, targets: tuple[Target, ...]) -> web.Response:
+    def _attempt_failed(
+        self, exchange: Exchange, target: Target, attempt: Attempt, exc: UpstreamError, began: float
+    ) -> None:
+        now = self.health.clock()
+        if is_target_fault(exc):
+            self.health.stats(target.key).breaker.failed(now, target.policy.breaker_failures)
+        if isinstance(exc, UpstreamStatusError) and exc.upstream_status in (401, 403, 429):
+            hint = retry_after_seconds(exc.headers.get("Retry-After"))
+            target.rest_key(attempt.key_id, hint if hint is not None else KEY_REST_S)
+        self.metrics.upstream_errors.labels(target.id, exc.code or "unknown").inc()
+        log.warning("request %s: attempt %d on %s failed: %s", exchange.request_id, attempt.number, target.id, exc)
+        status = exc.upstream_status if isinstance(exc, UpstreamStatusError) else exc.status
+        self._record(exchange, target, attempt, status=status, code=exc.code, final=False, began=began)
+
+    # -- whole answers ----------------------------------------------------------------------------
+
+    async def complete(self, exchange: Exchange) -> web.Response:
         try:
-            body = await self.attempt(exchange, targets, lambda t: self._complete_one(t, exchange))
+            body = await self.attempt(exchange, lambda t, a: self._complete_one(t, a, exchange))
         except HatchwayError as exc:
             self._finish(exchange, exc.status, exc.code)
+            raise
+        except asyncio.CancelledError:
+            self._finish(exchange, CLIENT_CLOSED, "client_closed")
             raise
         cost = exchange.cost()
         headers = exchange.headers()
@@ -125,22 +260,27 @@ class Relay:
         self._finish(exchange, 200)
         return web.Response(body=body, content_type="application/json", headers=headers)
 
-    async def _complete_one(self, target: Target, exchange: Exchange) -> bytes:
-        body = await target.complete(exchange.call)
+    async def _complete_one(self, target: Target, attempt: Attempt, exchange: Exchange) -> bytes:
+        body = await target.complete(exchange.call, attempt)
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise UpstreamProtocolError(f"{target.id}: answer is not JSON") from exc
-        if not isinstance(doc, dict):
-            raise UpstreamProtocolError(f"{target.id}: answer is not a JSON object")
+        if not isinstance(doc, dict) or "error" in doc:
+            raise UpstreamProtocolError(f"{target.id}: answer is not an OpenAI object")
         exchange.take_usage(doc.get("usage"))
         return body
 
-    async def stream(self, request: web.Request, exchange: Exchange, targets: tuple[Target, ...]) -> web.StreamResponse:
+    # -- streams ----------------------------------------------------------------------------------
+
+    async def stream(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         try:
-            upstream, first = await self.attempt(exchange, targets, self._open_stream(exchange))
+            opened = await self.attempt(exchange, lambda t, a: self._open(t, a, exchange.call, exchange, None))
         except HatchwayError as exc:
             self._finish(exchange, exc.status, exc.code)
+            raise
+        except asyncio.CancelledError:
+            self._finish(exchange, CLIENT_CLOSED, "client_closed")
             raise
         response = web.StreamResponse(
             headers={
@@ -151,71 +291,183 @@ class Relay:
                 **exchange.headers(),
             }
         )
+        progress = StreamProgress(chat=exchange.chat)
         status, code = 200, None
         try:
             await response.prepare(request)
-            exchange.first_byte_at = time.perf_counter()
-            if first is not None:
-                await self._relay_chunk(response, exchange, first)
-            async for payload in upstream:
-                await self._relay_chunk(response, exchange, payload)
-            if upstream.done:
-                await response.write(sse.DONE_FRAME)
-            else:
-                raise UpstreamProtocolError(f"{exchange.target.id if exchange.target else '?'}: stream ended early")
-        except UpstreamError as exc:
+            exchange.first_byte_at = time.monotonic()
+            while True:
+                try:
+                    await self._relay(response, exchange, opened, progress)
+                    break
+                except UpstreamError as exc:
+                    await opened.upstream.aclose()
+                    self._attempt_failed(exchange, opened.target, exchange.attempt or Attempt(0), exc, time.monotonic())
+                    if not can_rescue(exchange.body, progress):
+                        raise
+                    log.info("request %s: rescuing a broken stream from %s", exchange.request_id, opened.target.id)
+                    opened = await self._rescue(exchange, progress, failed=opened.target)
+                    exchange.rescues += 1
+            await response.write(sse.DONE_FRAME)
+        except HatchwayError as exc:
             # Committed already: the only honest thing left is an error event and no [DONE].
             status, code = exc.status, exc.code
-            self.metrics.upstream_errors.labels(exchange.target.id if exchange.target else "?", code or "").inc()
-            await self._try_write(response, sse.error_frame(exc.envelope()))
+            message = f"The stream broke and could not be continued: {exc.message}"
+            envelope = {"error": {"message": message, "type": exc.type, "param": None, "code": exc.code}}
+            with contextlib.suppress(ConnectionResetError):
+                await response.write(sse.error_frame(envelope))
         except ConnectionResetError:
             status, code = CLIENT_CLOSED, "client_closed"
+        except asyncio.CancelledError:
+            status, code = CLIENT_CLOSED, "client_closed"
+            raise
         finally:
-            await upstream.aclose()
+            await opened.upstream.aclose()
             self._finish(exchange, status, code)
         return response
 
-    def _open_stream(self, exchange: Exchange) -> Callable[[Target], Awaitable[tuple[TargetStream, bytes | None]]]:
-        async def open_one(target: Target) -> tuple[TargetStream, bytes | None]:
-            upstream = await target.stream(exchange.call)
-            try:
-                # The pre-commit buffer: a target that fails before its first chunk never reaches the client.
-                async for payload in upstream:
-                    return upstream, payload
-            except BaseException:
-                await upstream.aclose()
-                raise
-            if not upstream.done:
-                await upstream.aclose()
-                raise UpstreamProtocolError(f"{target.id}: stream ended before its first chunk")
-            return upstream, None
+    async def _open(
+        self,
+        target: Target,
+        attempt: Attempt,
+        call: Call,
+        exchange: Exchange,
+        continuation: Continuation | None,
+    ) -> OpenStream:
+        """Open a stream and read it up to its first content token (the pre-commit buffer), within the
+        target's time-to-first-token limit."""
+        try:
+            async with asyncio.timeout(target.policy.ttft_timeout_s):
+                upstream = await target.stream(call, attempt)
+                opened = OpenStream(target, upstream, [], continuation)
+                try:
+                    async for payload in upstream:
+                        item = self._prepare(exchange, opened, payload)
+                        if item is None:
+                            continue
+                        opened.buffered.append(item)
+                        if _substantive(item[1]):
+                            return opened
+                except BaseException:
+                    await upstream.aclose()
+                    raise
+        except TimeoutError as exc:
+            raise UpstreamTimeoutError(f"{target.id}: no first token within {target.policy.ttft_timeout_s:g}s") from exc
+        if upstream.done:
+            return opened  # an empty answer is still an answer
+        await upstream.aclose()
+        raise UpstreamProtocolError(f"{target.id}: stream ended before its first token")
 
-        return open_one
+    def _prepare(
+        self, exchange: Exchange, opened: OpenStream, payload: bytes
+    ) -> tuple[bytes | None, dict[str, Any]] | None:
+        """Parse one payload; None when there is nothing to relay. Raises when the target reports an error."""
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            chunk = None
+        if not isinstance(chunk, dict):
+            # One bad chunk does not condemn the stream: skip it, count it, keep going.
+            self.metrics.malformed_chunks.labels(opened.target.id).inc()
+            log.warning("request %s: skipped a malformed chunk from %s", exchange.request_id, opened.target.id)
+            return None
+        if "error" in chunk:
+            error = chunk["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            raise UpstreamProtocolError(f"{opened.target.id}: error event in the stream: {message}")
+        if opened.continuation is None:
+            return payload, chunk
+        try:
+            continued = _continue(chunk, opened.continuation, exchange.chat)
+        except ContinuationMismatch as exc:
+            raise UpstreamProtocolError(f"{opened.target.id}: {exc}") from exc
+        return None if continued is None else (None, continued)
 
-    async def _relay_chunk(self, response: web.StreamResponse, exchange: Exchange, payload: bytes) -> None:
-        # Only chunks that mention usage are parsed; everything else is relayed as bytes.
-        if b'"usage"' in payload:
-            try:
-                doc = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                target = exchange.target.id if exchange.target else "?"
-                self.metrics.malformed_chunks.labels(target).inc()
-                log.warning("request %s: skipped a malformed chunk from %s", exchange.request_id, target)
-                return
-            if isinstance(doc, dict):
-                exchange.take_usage(doc.get("usage"))
-                if not exchange.wants_usage and doc.get("choices") == []:
-                    return
+    async def _relay(
+        self, response: web.StreamResponse, exchange: Exchange, opened: OpenStream, progress: StreamProgress
+    ) -> None:
+        """Relay the buffered chunks, then the rest; return when the answer is complete, raise when it broke."""
+        for payload, chunk in opened.buffered:
+            await self._emit(response, exchange, progress, payload, chunk)
+        opened.buffered.clear()
+        async for raw in opened.upstream:
+            item = self._prepare(exchange, opened, raw)
+            if item is not None:
+                await self._emit(response, exchange, progress, *item)
+        if opened.continuation is not None and not opened.continuation.passing:
+            raise UpstreamProtocolError(f"{opened.target.id}: the regenerated answer is shorter than the delivered one")
+        if not (opened.upstream.done or progress.finished):
+            raise UpstreamProtocolError(f"{opened.target.id}: stream ended before the answer finished")
+
+    async def _emit(
+        self,
+        response: web.StreamResponse,
+        exchange: Exchange,
+        progress: StreamProgress,
+        payload: bytes | None,
+        chunk: dict[str, Any],
+    ) -> None:
+        progress.observe(chunk)
+        if "usage" in chunk:
+            exchange.take_usage(chunk["usage"])
+            if chunk.get("choices") == [] and not exchange.wants_usage:
+                return  # the plane asked for usage for itself; the client did not
+        if payload is None:
+            if progress.first_id is not None:
+                chunk = {**chunk, "id": progress.first_id, "created": progress.first_created or chunk.get("created")}
+            payload = orjson.dumps(chunk)
         await response.write(sse.frame(payload))
 
-    @staticmethod
-    async def _try_write(response: web.StreamResponse, data: bytes) -> None:
-        with contextlib.suppress(ConnectionResetError):
-            await response.write(data)
+    async def _rescue(self, exchange: Exchange, progress: StreamProgress, *, failed: Target) -> OpenStream:
+        """Find a target that continues the delivered answer (prefill, else regeneration)."""
+        delivered = progress.delivered
+
+        async def open_rescue(target: Target, attempt: Attempt) -> OpenStream:
+            body = prefill_body(exchange.body, progress) if target.accepts_prefill() is not False else None
+            if body is not None:
+                call = Call(exchange.endpoint, body, exchange.request_id)
+                try:
+                    opened = await self._open(
+                        target, attempt, call, exchange, Continuation(delivered, regenerate=False)
+                    )
+                except UpstreamStatusError as exc:
+                    if exc.upstream_status not in (400, 422) or is_context_length_error(exc):
+                        raise
+                    log.info("%s rejected an assistant prefill; regenerating instead", target.id)
+                    target.learn_prefill(False)
+                else:
+                    target.learn_prefill(True)
+                    return opened
+            return await self._open(target, attempt, exchange.call, exchange, Continuation(delivered, regenerate=True))
+
+        return await self.attempt(exchange, open_rescue, last=failed)
+
+    # -- accounting -------------------------------------------------------------------------------
+
+    def _release(self, exchange: Exchange) -> None:
+        if exchange.holding is not None:
+            exchange.holding.in_flight -= 1
+            exchange.holding = None
 
     def _finish(self, exchange: Exchange, status: int, code: str | None = None) -> None:
-        exchange.status, exchange.error_code = status, code
-        now = time.perf_counter()
+        self._release(exchange)
+        self._record(
+            exchange, exchange.target, exchange.attempt, status=status, code=code, final=True, began=exchange.started
+        )
+
+    def _record(
+        self,
+        exchange: Exchange,
+        target: Target | None,
+        attempt: Attempt | None,
+        *,
+        status: int,
+        code: str | None,
+        final: bool,
+        began: float,
+    ) -> None:
+        now = time.monotonic()
+        served = final and status == 200
         self.usage.record(
             UsageRecord(
                 request_id=exchange.request_id,
@@ -223,15 +475,57 @@ class Relay:
                 key_id=exchange.key.id,
                 endpoint=exchange.endpoint,
                 model=exchange.model,
-                target=exchange.target.id if exchange.target else "",
+                target=target.id if target else "",
                 stream=exchange.streaming,
                 status=status,
                 attempts=exchange.attempts,
-                prompt_tokens=exchange.prompt_tokens,
-                completion_tokens=exchange.completion_tokens,
-                cost_usd=exchange.cost() if status == 200 else None,
-                latency_ms=(now - exchange.started) * 1000,
-                ttft_ms=(exchange.first_byte_at - exchange.started) * 1000 if exchange.first_byte_at else None,
+                prompt_tokens=exchange.prompt_tokens if served else 0,
+                completion_tokens=exchange.completion_tokens if served else 0,
+                cost_usd=exchange.cost() if served else None,
+                latency_ms=(now - began) * 1000,
+                ttft_ms=(exchange.first_byte_at - exchange.started) * 1000
+                if final and exchange.first_byte_at
+                else None,
                 error_code=code,
+                final=final,
+                provider_key_id=attempt.key_id if attempt else None,
             )
         )
+
+
+def _substantive(chunk: dict[str, Any]) -> bool:
+    """Whether a chunk carries the answer itself: content, a tool call, or a finish (the commit point)."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("finish_reason") or choice_text(choice):
+            return True
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and (delta.get("tool_calls") or delta.get("function_call")):
+            return True
+    return False
+
+
+def _continue(chunk: dict[str, Any], continuation: Continuation, chat: bool) -> dict[str, Any] | None:
+    """A rescuing target's chunk, trimmed to what the client lacks; None when nothing of it is to be relayed."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return chunk if "usage" in chunk else None
+    kept = []
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        rest = continuation.feed(choice_text(choice))
+        finish = choice.get("finish_reason")
+        if finish:
+            continuation.finish()
+        if not rest and not finish:
+            continue  # the role chunk, or text the client already has
+        if chat:
+            kept.append({**choice, "delta": {"content": rest} if rest else {}})
+        else:
+            kept.append({**choice, "text": rest})
+    return {**chunk, "choices": kept} if kept else None

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from server.failover import FailoverPolicy
+from server.health import Health
+from server.routing import RouteRule, parse_targets
 from server.storage.store import SnapshotRows, Store
 from server.targets.base import Target
 from server.targets.provider import ProviderTarget, UpstreamPool
@@ -36,6 +40,7 @@ class Snapshot:
     # (org id, model name) -> targets in their default order.
     routes: dict[tuple[str, str], tuple[Target, ...]] = field(default_factory=dict)
     models_by_org: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    rules: dict[str, tuple[RouteRule, ...]] = field(default_factory=dict)
     created: int = 0
 
     def targets_for(self, org_id: str, model: str) -> tuple[Target, ...]:
@@ -48,7 +53,9 @@ class Snapshot:
         return tuple(m for m in models if m in key.models)
 
 
-def build_snapshot(rows: SnapshotRows, store: Store, pool: UpstreamPool, version: int) -> Snapshot:
+def build_snapshot(
+    rows: SnapshotRows, store: Store, pool: UpstreamPool, health: Health, policy: FailoverPolicy, version: int
+) -> Snapshot:
     org_names = {o.id: o.name for o in rows.orgs}
     keys = {
         k.key_hash: KeyEntry(
@@ -60,19 +67,21 @@ def build_snapshot(rows: SnapshotRows, store: Store, pool: UpstreamPool, version
         )
         for k in rows.api_keys
     }
-    secrets_by_provider: dict[str, list[str]] = defaultdict(list)
+    secrets_by_provider: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for pk in rows.provider_keys:
-        secrets_by_provider[pk.provider_id].append(store.vault.decrypt(pk.ciphertext))
+        secrets_by_provider[pk.provider_id].append((pk.id, store.vault.decrypt(pk.ciphertext)))
     models_by_provider = defaultdict(list)
     for pm in rows.provider_models:
         models_by_provider[pm.provider_id].append(pm)
 
     routes: dict[tuple[str, str], list[Target]] = defaultdict(list)
     for provider in rows.providers:  # already in the order they were added
+        provider_policy = policy.with_overrides(json.loads(provider.policy)) if provider.policy else policy
         for pm in models_by_provider[provider.id]:
             routes[(provider.org_id, pm.alias)].append(
                 ProviderTarget(
                     pool=pool,
+                    health=health,
                     provider_id=provider.id,
                     name=provider.name,
                     base_url=provider.base_url,
@@ -80,11 +89,18 @@ def build_snapshot(rows: SnapshotRows, store: Store, pool: UpstreamPool, version
                     upstream_model=pm.upstream_model,
                     price_in=pm.price_in,
                     price_out=pm.price_out,
+                    policy=provider_policy,
+                    prefill=provider.prefill,
                 )
             )
     models_by_org: dict[str, set[str]] = defaultdict(set)
     for org_id, alias in routes:
         models_by_org[org_id].add(alias)
+    rules: dict[str, list[RouteRule]] = defaultdict(list)
+    for rule in rows.routes:
+        names, weights = parse_targets(rule.targets.split(",") if rule.targets else [])
+        fallbacks = tuple(rule.fallbacks.split(",")) if rule.fallbacks else ()
+        rules[rule.org_id].append(RouteRule(rule.pattern, rule.strategy, names, weights, fallbacks))
     return Snapshot(
         version=version,
         keys=keys,
@@ -92,6 +108,7 @@ def build_snapshot(rows: SnapshotRows, store: Store, pool: UpstreamPool, version
         org_names=org_names,
         routes={route: tuple(targets) for route, targets in routes.items()},
         models_by_org={org: tuple(sorted(models)) for org, models in models_by_org.items()},
+        rules={org: tuple(org_rules) for org, org_rules in rules.items()},
         created=int(datetime.now().timestamp()),
     )
 
@@ -99,9 +116,11 @@ def build_snapshot(rows: SnapshotRows, store: Store, pool: UpstreamPool, version
 class SnapshotHolder:
     """Owns the current snapshot; `reload` rebuilds it off the event loop and swaps it in atomically."""
 
-    def __init__(self, store: Store, pool: UpstreamPool) -> None:
+    def __init__(self, store: Store, pool: UpstreamPool, health: Health, policy: FailoverPolicy) -> None:
         self.store = store
         self.pool = pool
+        self.health = health
+        self.policy = policy
         self.current = Snapshot()
         self.loaded = False
         self._versions = itertools.count(1)
@@ -112,7 +131,9 @@ class SnapshotHolder:
             version = next(self._versions)
             self.current = await asyncio.to_thread(self._build, version)
             self.loaded = True
+            # On the loop, not in the builder's thread: the loop is what mutates the health records.
+            self.health.forget({t.key for targets in self.current.routes.values() for t in targets})
             return self.current
 
     def _build(self, version: int) -> Snapshot:
-        return build_snapshot(self.store.load_all(), self.store, self.pool, version)
+        return build_snapshot(self.store.load_all(), self.store, self.pool, self.health, self.policy, version)

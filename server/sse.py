@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 
 import orjson
 
@@ -46,5 +46,5 @@ def frame(payload: bytes) -> bytes:
 DONE_FRAME = frame(DONE)
 
 
-def error_frame(envelope: dict[str, object]) -> bytes:
+def error_frame(envelope: Mapping[str, object]) -> bytes:
     return frame(orjson.dumps(envelope))

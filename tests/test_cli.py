@@ -129,3 +129,31 @@ def test_admin_reads_url_and_key_from_the_environment(plane: RunningPlane) -> No
         cli, ["admin", "org", "list"], env={"HATCHWAY_URL": plane.url, "HATCHWAY_ADMIN_KEY": ADMIN_KEY}
     )
     assert result.exit_code == 0, result.output
+
+
+def test_route_set_list_remove(run, upstream: MockUpstream) -> None:
+    run("org", "create", "acme")
+    run("provider", "add", "a", "--org", "acme", "--base-url", upstream.url, "--model", "gpt-4o-mini")
+    run("provider", "add", "b", "--org", "acme", "--base-url", upstream.url, "--model", "gpt-4o-mini")
+    rule = json_of(
+        run(
+            "route", "set", "gpt-4o-mini", "--org", "acme", "--strategy", "weighted",
+            "--targets", "a=3,b=1", "--fallback", "bigger", "--json",
+        )
+    )  # fmt: skip
+    assert rule["strategy"] == "weighted"
+    assert rule["targets"] == ["a=3", "b=1"] and rule["fallbacks"] == ["bigger"]
+    assert "weighted" in run("route", "list", "--org", "acme").output
+    assert json_of(run("route", "remove", "gpt-4o-mini", "--org", "acme", "--json"))["model"] == "gpt-4o-mini"
+    assert "(none)" in run("route", "list").output
+
+
+def test_provider_set_changes_failover_limits_and_keeps_the_others(run, upstream: MockUpstream) -> None:
+    run("org", "create", "acme")
+    run(
+        "provider", "add", "a", "--org", "acme", "--base-url", upstream.url, "--model", "m",
+        "--ttft-timeout", "5", "--max-retries", "0",
+    )  # fmt: skip
+    updated = json_of(run("provider", "set", "a", "--breaker-failures", "2", "--prefill", "no", "--json"))
+    assert updated["policy"] == {"ttft_timeout_s": 5.0, "max_retries": 0, "breaker_failures": 2}
+    assert updated["prefill"] == "no"

@@ -25,5 +25,6 @@ def test_metrics_count_requests_latency_errors_and_in_flight(gateway: Gateway) -
     assert 'hatchway_requests_total{route="/v1/chat/completions",status="200"} 1.0' in text
     assert 'hatchway_requests_total{route="/v1/chat/completions",status="502"} 1.0' in text
     assert 'hatchway_request_duration_seconds_count{route="/v1/chat/completions"} 2.0' in text
-    assert 'hatchway_upstream_errors_total{code="upstream_error",target="mock-a"} 1.0' in text
+    # The 500 was retried once (max_retries=1), so two failed attempts.
+    assert 'hatchway_upstream_errors_total{code="upstream_error",target="mock-a"} 2.0' in text
     assert "hatchway_requests_in_flight " in text

@@ -6,12 +6,16 @@ import functools
 import json
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
 
 from server.cli.client import AdminAPIError, AdminClient
+from server.failover import FailoverPolicy
+from server.routing import STRATEGIES
+from server.storage.store import PREFILL_MODES
 
 
 class Context:
@@ -184,6 +188,24 @@ def _provider_rows(doc: Any) -> Any:
     return flat(doc)
 
 
+def policy_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """One option per FailoverPolicy field (`ttft_timeout_s` -> `--ttft-timeout`), plus `--prefill`."""
+    for spec in reversed(fields(FailoverPolicy)):
+        flag = "--" + spec.name.removesuffix("_s").replace("_", "-")
+        kind = int if spec.type in (int, "int") else float
+        fn = click.option(flag, spec.name, type=kind, default=None, help=spec.metadata["help"])(fn)
+    return click.option(
+        "--prefill",
+        type=click.Choice(PREFILL_MODES),
+        default=None,
+        help="Does the provider continue a final assistant message? auto: try, and learn from a rejection.",
+    )(fn)
+
+
+def _policy(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k in FailoverPolicy.field_names() and v is not None}
+
+
 @admin.group()
 def provider() -> None:
     """Upstream OpenAI-compatible providers (their keys are encrypted at rest)."""
@@ -197,6 +219,7 @@ def provider() -> None:
 @click.option("--model", "models", multiple=True, required=True, help="ALIAS[=UPSTREAM_NAME] (repeatable).")
 @click.option("--price-in", type=float, default=None, help="USD per 1M prompt tokens.")
 @click.option("--price-out", type=float, default=None, help="USD per 1M completion tokens.")
+@policy_options
 @pass_context
 def provider_add(
     ctx: Context,
@@ -207,7 +230,10 @@ def provider_add(
     models: tuple[str, ...],
     price_in: float | None,
     price_out: float | None,
+    prefill: str | None,
+    **limits: Any,
 ) -> None:
+    """Add a provider; its failover limits default to the plane's settings."""
     body = {
         "org": org_ref,
         "name": name,
@@ -216,8 +242,24 @@ def provider_add(
         "models": list(models),
         "price_in": price_in,
         "price_out": price_out,
+        "policy": _policy(limits),
+        "prefill": prefill or "auto",
     }
     doc = ctx.call(lambda c: c.post("/providers", body))
+    ctx.show(doc if ctx.as_json else _provider_rows(doc), PROVIDER_COLUMNS)
+
+
+@provider.command("set")
+@click.argument("name")
+@click.option("--org", "org_ref", default=None, help="Org, when the name exists in several.")
+@policy_options
+@pass_context
+def provider_set(ctx: Context, name: str, org_ref: str | None, prefill: str | None, **limits: Any) -> None:
+    """Change a provider's failover limits or prefill capability (other limits keep their values)."""
+    body: dict[str, Any] = {"policy": _policy(limits)}
+    if prefill:
+        body["prefill"] = prefill
+    doc = ctx.call(lambda c: c.patch(f"/providers/{name}", body, org=org_ref))
     ctx.show(doc if ctx.as_json else _provider_rows(doc), PROVIDER_COLUMNS)
 
 
@@ -236,6 +278,52 @@ def provider_list(ctx: Context, org_ref: str | None) -> None:
 def provider_remove(ctx: Context, name: str, org_ref: str | None) -> None:
     doc = ctx.call(lambda c: c.delete(f"/providers/{name}", org=org_ref))
     ctx.show(doc if ctx.as_json else _provider_rows(doc), PROVIDER_COLUMNS)
+
+
+# -- routing rules ---------------------------------------------------------------------------------
+
+ROUTE_COLUMNS = ("org", "model", "strategy", "targets", "fallbacks")
+
+
+@admin.group()
+def route() -> None:
+    """Routing rules: which targets serve a model, in what order, and what to fall back to."""
+
+
+@route.command("set")
+@click.argument("model")
+@click.option("--org", "org_ref", required=True, help="Org name or id.")
+@click.option(
+    "--strategy", type=click.Choice(STRATEGIES), default="priority", show_default=True, help="How to order targets."
+)
+@click.option("--targets", default="", help="Providers in priority order, e.g. a,b (weighted: a=3,b=1).")
+@click.option("--fallback", "fallbacks", multiple=True, help="Model to try after every target failed (repeatable).")
+@pass_context
+def route_set(ctx: Context, model: str, org_ref: str, strategy: str, targets: str, fallbacks: tuple[str, ...]) -> None:
+    """Set the org's rule for MODEL (a name or a glob such as 'gpt-4o*')."""
+    body = {
+        "org": org_ref,
+        "model": model,
+        "strategy": strategy,
+        "targets": [t for t in targets.split(",") if t.strip()],
+        "fallbacks": [f for item in fallbacks for f in item.split(",") if f.strip()],
+    }
+    ctx.show(ctx.call(lambda c: c.put("/routes", body)), ROUTE_COLUMNS)
+
+
+@route.command("list")
+@click.option("--org", "org_ref", default=None, help="Only this org's rules.")
+@pass_context
+def route_list(ctx: Context, org_ref: str | None) -> None:
+    ctx.show(ctx.call(lambda c: c.get("/routes", org=org_ref)), ROUTE_COLUMNS)
+
+
+@route.command("remove")
+@click.argument("model")
+@click.option("--org", "org_ref", required=True, help="Org name or id.")
+@pass_context
+def route_remove(ctx: Context, model: str, org_ref: str) -> None:
+    ctx.show(ctx.call(lambda c: c.delete("/routes", org=org_ref, model=model)), ROUTE_COLUMNS)
 
 
 # -- models ----------------------------------------------------------------------------------------

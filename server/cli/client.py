@@ -44,5 +44,11 @@ class AdminClient:
     def post(self, path: str, body: dict[str, Any]) -> Any:
         return self.request("POST", path, json=body)
 
+    def put(self, path: str, body: dict[str, Any]) -> Any:
+        return self.request("PUT", path, json=body)
+
+    def patch(self, path: str, body: dict[str, Any], **params: str | None) -> Any:
+        return self.request("PATCH", path, json=body, params={k: v for k, v in params.items() if v is not None})
+
     def delete(self, path: str, **params: str | None) -> Any:
         return self.request("DELETE", path, params={k: v for k, v in params.items() if v is not None})

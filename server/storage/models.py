@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from datetime import UTC, datetime
 
+from sqlalchemy import UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -55,6 +56,10 @@ class Provider(SQLModel, table=True):
     base_url: str
     # Monotonic order in which providers were added: the default routing order.
     position: int = Field(default=0, index=True)
+    # JSON object of FailoverPolicy overrides (timeouts, retries, breaker); empty uses the plane's defaults.
+    policy: str = ""
+    # Does the provider continue an assistant-prefill? "auto" learns it from the first rejection.
+    prefill: str = "auto"
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -81,6 +86,22 @@ class ProviderModel(SQLModel, table=True):
     price_out: float | None = None
 
 
+class RouteRule(SQLModel, table=True):
+    __tablename__ = "route_rule"
+    __table_args__ = (UniqueConstraint("org_id", "pattern"),)
+
+    id: str = Field(primary_key=True, default_factory=lambda: new_id("rt"))
+    org_id: str = Field(foreign_key="org.id", index=True)
+    # A model name or a glob (`gpt-4o*`); an exact match wins over globs.
+    pattern: str
+    strategy: str
+    # Comma-separated provider names, in priority order, each optionally `=weight`.
+    targets: str = ""
+    # Comma-separated models to fall back to after every target of this one failed.
+    fallbacks: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class UsageRecord(SQLModel, table=True):
     __tablename__ = "usage_record"
 
@@ -101,3 +122,6 @@ class UsageRecord(SQLModel, table=True):
     latency_ms: float = 0.0
     ttft_ms: float | None = None
     error_code: str | None = None
+    # False for an attempt that failed and was failed over; the request's own row is the final one.
+    final: bool = True
+    provider_key_id: str | None = None

@@ -3,6 +3,7 @@ never on the request path of the OpenAI API (which reads only the in-memory snap
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,7 +22,8 @@ from server.credentials import (
     hash_key,
 )
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
-from server.storage.models import AdminKey, ApiKey, Org, Provider, ProviderKey, ProviderModel, utcnow
+from server.routing import STRATEGIES, parse_targets
+from server.storage.models import AdminKey, ApiKey, Org, Provider, ProviderKey, ProviderModel, RouteRule, utcnow
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,8 @@ class Store:
         api_keys: Sequence[str],
         models: Sequence[ModelSpec],
         *,
+        policy: dict[str, float | int] | None = None,
+        prefill: str = "auto",
         replace: bool = False,
     ) -> dict[str, Any]:
         """Add a provider; with `replace`, an existing one of that name is updated in place (keeps its order)."""
@@ -201,6 +205,7 @@ class Store:
             raise InvalidRequestError(f"base_url must be an http(s) URL, got {base_url!r}", param="base_url")
         if not models:
             raise InvalidRequestError("a provider needs at least one model", param="models")
+        _check_prefill(prefill)
         aliases = [m.alias for m in models]
         if len(set(aliases)) != len(aliases):
             raise InvalidRequestError("a model alias is listed twice", param="models")
@@ -216,6 +221,8 @@ class Store:
                 provider = existing
                 provider.base_url = base_url
                 self._delete_children(session, provider.id)
+            provider.policy = json.dumps(policy) if policy else ""
+            provider.prefill = prefill
             session.add(provider)
             session.flush()
             for key in api_keys:
@@ -233,6 +240,26 @@ class Store:
             session.commit()
             return self._provider_dict(session, provider, org)
 
+    def update_provider(
+        self,
+        ref: str,
+        org_ref: str | None,
+        *,
+        policy: dict[str, float | int] | None = None,
+        prefill: str | None = None,
+    ) -> dict[str, Any]:
+        """Change a provider's failover policy (merged into its overrides) or its prefill capability."""
+        with Session(self.engine) as session:
+            provider, org = self._find_provider(session, ref, org_ref)
+            if policy:
+                provider.policy = json.dumps({**(json.loads(provider.policy) if provider.policy else {}), **policy})
+            if prefill is not None:
+                _check_prefill(prefill)
+                provider.prefill = prefill
+            session.add(provider)
+            session.commit()
+            return self._provider_dict(session, provider, org)
+
     def list_providers(self, org_ref: str | None = None) -> list[dict[str, Any]]:
         with Session(self.engine) as session:
             query = select(Provider, Org).join(Org).order_by(col(Provider.position))
@@ -242,20 +269,23 @@ class Store:
 
     def remove_provider(self, ref: str, org_ref: str | None = None) -> dict[str, Any]:
         with Session(self.engine) as session:
-            query = select(Provider, Org).join(Org).where((Provider.id == ref) | (Provider.name == ref))
-            if org_ref:
-                query = query.where(Provider.org_id == self._find_org(session, org_ref).id)
-            found = session.exec(query).all()
-            if not found:
-                raise NotFoundError(f"no provider {ref!r}", param="name")
-            if len(found) > 1:
-                raise InvalidRequestError(f"provider name {ref!r} exists in several orgs: pass --org", param="org")
-            provider, org = found[0]
+            provider, org = self._find_provider(session, ref, org_ref)
             result = self._provider_dict(session, provider, org)
             self._delete_children(session, provider.id)
             session.delete(provider)
             session.commit()
             return result
+
+    def _find_provider(self, session: Session, ref: str, org_ref: str | None) -> tuple[Provider, Org]:
+        query = select(Provider, Org).join(Org).where((Provider.id == ref) | (Provider.name == ref))
+        if org_ref:
+            query = query.where(Provider.org_id == self._find_org(session, org_ref).id)
+        found = session.exec(query).all()
+        if not found:
+            raise NotFoundError(f"no provider {ref!r}", param="name")
+        if len(found) > 1:
+            raise InvalidRequestError(f"provider name {ref!r} exists in several orgs: pass --org", param="org")
+        return found[0]
 
     @staticmethod
     def _delete_children(session: Session, provider_id: str) -> None:
@@ -286,7 +316,75 @@ class Store:
                 }
                 for m in models
             ],
+            "policy": json.loads(provider.policy) if provider.policy else {},
+            "prefill": provider.prefill,
             "created_at": _iso(provider.created_at),
+        }
+
+    # -- routing rules ----------------------------------------------------------------------------
+
+    def set_route(
+        self, org_ref: str, pattern: str, strategy: str, targets: Sequence[str], fallbacks: Sequence[str]
+    ) -> dict[str, Any]:
+        """Create or replace the org's rule for a model name or glob."""
+        if not pattern.strip():
+            raise InvalidRequestError("the model (or glob) must not be empty", param="model")
+        if strategy not in STRATEGIES:
+            raise InvalidRequestError(f"strategy must be one of {', '.join(STRATEGIES)}", param="strategy")
+        try:
+            names, _ = parse_targets(targets)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="targets") from exc
+        with Session(self.engine) as session:
+            org = self._find_org(session, org_ref)
+            known = set(session.exec(select(Provider.name).where(Provider.org_id == org.id)))
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise InvalidRequestError(
+                    f"no provider {', '.join(map(repr, unknown))} in org {org.name!r}", param="targets"
+                )
+            rule = session.exec(
+                select(RouteRule).where(RouteRule.org_id == org.id, RouteRule.pattern == pattern)
+            ).first() or RouteRule(org_id=org.id, pattern=pattern, strategy=strategy)
+            rule.strategy = strategy
+            rule.targets = ",".join(t.strip() for t in targets)
+            rule.fallbacks = ",".join(f.strip() for f in fallbacks if f.strip())
+            session.add(rule)
+            session.commit()
+            return self._route_dict(rule, org)
+
+    def list_routes(self, org_ref: str | None = None) -> list[dict[str, Any]]:
+        with Session(self.engine) as session:
+            query = select(RouteRule, Org).join(Org).order_by(col(RouteRule.created_at))
+            if org_ref:
+                query = query.where(RouteRule.org_id == self._find_org(session, org_ref).id)
+            return [self._route_dict(r, o) for r, o in session.exec(query)]
+
+    def remove_route(self, org_ref: str, pattern: str) -> dict[str, Any]:
+        with Session(self.engine) as session:
+            org = self._find_org(session, org_ref)
+            rule = session.exec(
+                select(RouteRule).where(RouteRule.org_id == org.id, RouteRule.pattern == pattern)
+            ).first()
+            if rule is None:
+                raise NotFoundError(f"no routing rule for {pattern!r} in org {org.name!r}", param="model")
+            result = self._route_dict(rule, org)
+            session.delete(rule)
+            session.commit()
+            return result
+
+    @staticmethod
+    def _route_dict(rule: RouteRule, org: Org) -> dict[str, Any]:
+        return {
+            "id": rule.id,
+            "object": "route",
+            "org": org.name,
+            "org_id": org.id,
+            "model": rule.pattern,
+            "strategy": rule.strategy,
+            "targets": rule.targets.split(",") if rule.targets else [],
+            "fallbacks": rule.fallbacks.split(",") if rule.fallbacks else [],
+            "created_at": _iso(rule.created_at),
         }
 
     # -- what the snapshot is built from ----------------------------------------------------------
@@ -300,6 +398,7 @@ class Store:
                 providers=list(session.exec(select(Provider).order_by(col(Provider.position)))),
                 provider_keys=list(session.exec(select(ProviderKey).order_by(col(ProviderKey.created_at)))),
                 provider_models=list(session.exec(select(ProviderModel))),
+                routes=list(session.exec(select(RouteRule).order_by(col(RouteRule.created_at)))),
             )
 
     def ping(self) -> None:
@@ -315,6 +414,15 @@ class SnapshotRows:
     providers: list[Provider]
     provider_keys: list[ProviderKey]
     provider_models: list[ProviderModel]
+    routes: list[RouteRule]
+
+
+PREFILL_MODES = ("auto", "yes", "no")
+
+
+def _check_prefill(prefill: str) -> None:
+    if prefill not in PREFILL_MODES:
+        raise InvalidRequestError(f"prefill must be one of {', '.join(PREFILL_MODES)}", param="prefill")
 
 
 def parse_models(raw: Iterable[Any], price_in: float | None, price_out: float | None) -> list[ModelSpec]:

@@ -2,7 +2,8 @@
 
 A target answers an OpenAI request body either whole (`complete`) or as a stream of SSE data payloads
 (`stream`). Failures are raised as `server.errors.UpstreamError` subclasses so the attempt loop can decide
-whether another target may succeed; a stream that has started raises the same classes from its iterator.
+what to do next (`server.failover.decide`); a stream that has started raises the same classes from its
+iterator.
 """
 
 from __future__ import annotations
@@ -12,20 +13,30 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from server.failover import FailoverPolicy
+
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One request to send: the endpoint path under /v1 and the body as the client sent it."""
+    """One request to send: the endpoint path under /v1 and the body to send (the client's, or a rescue's)."""
 
     endpoint: str
     body: dict[str, Any]
     request_id: str
 
 
+@dataclass
+class Attempt:
+    """One try of one target; the target notes which of its credentials it used."""
+
+    number: int
+    key_id: str | None = None
+
+
 class TargetStream(ABC):
     """SSE data payloads (the bytes after `data: `) until the upstream's `[DONE]`, which is not yielded."""
 
-    # True once the upstream sent `[DONE]`: a stream that ends without it was cut.
+    # True once the upstream sent `[DONE]`: a stream that ends without it may have been cut.
     done: bool = False
 
     @abstractmethod
@@ -37,19 +48,36 @@ class TargetStream(ABC):
 
 class Target(ABC):
     kind: str
-    # Stable identifier reported in `x-hatchway-route` and usage rows.
+    # Shown in `x-hatchway-route` and usage rows, and named by routing rules.
     id: str
+    # Unique per (provider, upstream model): what health statistics are kept under.
+    key: str
     upstream_model: str
     price_in: float | None
     price_out: float | None
+    policy: FailoverPolicy
 
     @abstractmethod
-    async def complete(self, call: Call) -> bytes:
+    async def complete(self, call: Call, attempt: Attempt) -> bytes:
         """Return the raw JSON body of a successful (200) answer."""
 
     @abstractmethod
-    async def stream(self, call: Call) -> TargetStream:
+    async def stream(self, call: Call, attempt: Attempt) -> TargetStream:
         """Return once the target accepted the stream (headers received)."""
+
+    @abstractmethod
+    def accepts_prefill(self) -> bool | None:
+        """Whether the target continues a final assistant message (None: not known yet)."""
+
+    @abstractmethod
+    def learn_prefill(self, accepted: bool) -> None: ...
+
+    def has_other_key(self, key_id: str | None) -> bool:
+        """Whether another credential could be tried after `key_id` was refused or rate-limited."""
+        return False
+
+    def rest_key(self, key_id: str | None, seconds: float) -> None:  # noqa: B027  (optional hook)
+        """Keep a credential out of rotation for a while (after a 429 or 401); targets without keys ignore it."""
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
         """USD for this usage at the target's price, or None when the target is unpriced."""

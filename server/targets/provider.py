@@ -14,19 +14,19 @@ from server import sse
 from server.errors import (
     UpstreamConnectError,
     UpstreamProtocolError,
+    UpstreamRefusedError,
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
-from server.targets.base import Call, Target, TargetStream
+from server.failover import FailoverPolicy
+from server.health import Health
+from server.targets.base import Attempt, Call, Target, TargetStream
 
 
 class UpstreamPool:
     """Owns the HTTP client session every provider target shares (keep-alive pools per host)."""
 
-    def __init__(self, connect_timeout_s: float, header_timeout_s: float, stream_idle_timeout_s: float) -> None:
-        self.connect_timeout_s = connect_timeout_s
-        self.header_timeout_s = header_timeout_s
-        self.stream_idle_timeout_s = stream_idle_timeout_s
+    def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -35,7 +35,7 @@ class UpstreamPool:
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300)
             self._session = aiohttp.ClientSession(
                 connector=connector,
-                # Per-request deadlines are set in `ProviderTarget._post`; the session has none of its own.
+                # Per-request deadlines come from each target's policy; the session has none of its own.
                 timeout=aiohttp.ClientTimeout(total=None),
                 skip_auto_headers=("User-Agent",),
             )
@@ -54,27 +54,63 @@ class ProviderTarget(Target):
         self,
         *,
         pool: UpstreamPool,
+        health: Health,
         provider_id: str,
         name: str,
         base_url: str,
-        api_keys: tuple[str, ...],
+        api_keys: tuple[tuple[str, str], ...],
         upstream_model: str,
         price_in: float | None,
         price_out: float | None,
+        policy: FailoverPolicy,
+        prefill: str = "auto",
     ) -> None:
         self.pool = pool
+        self.health = health
         self.provider_id = provider_id
         self.id = name
+        self.key = f"{provider_id}/{upstream_model}"
         self.base_url = base_url.rstrip("/")
         self.api_keys = api_keys
         self.upstream_model = upstream_model
         self.price_in = price_in
         self.price_out = price_out
-        # Spread requests over the provider's keys in turn.
-        self._key_cycle = itertools.cycle(api_keys) if api_keys else None
+        self.policy = policy
+        self.prefill = prefill
+        self._turn = itertools.count()
 
     def __repr__(self) -> str:
         return f"ProviderTarget({self.id!r}, model={self.upstream_model!r})"
+
+    # -- credentials ------------------------------------------------------------------------------
+
+    def _pick_key(self) -> tuple[str, str] | None:
+        """The provider's keys in turn, skipping those resting after a 429 or 401 (unless all are)."""
+        if not self.api_keys:
+            return None
+        start = next(self._turn)
+        ring = [self.api_keys[(start + i) % len(self.api_keys)] for i in range(len(self.api_keys))]
+        return next((k for k in ring if self.health.key_usable(k[0])), ring[0])
+
+    def has_other_key(self, key_id: str | None) -> bool:
+        return any(k != key_id and self.health.key_usable(k) for k, _ in self.api_keys)
+
+    def rest_key(self, key_id: str | None, seconds: float) -> None:
+        if key_id is not None:
+            self.health.rest_key(key_id, seconds)
+
+    # -- prefill capability -----------------------------------------------------------------------
+
+    def accepts_prefill(self) -> bool | None:
+        if self.prefill != "auto":
+            return self.prefill == "yes"
+        return self.health.prefill.get(self.provider_id)
+
+    def learn_prefill(self, accepted: bool) -> None:
+        if self.prefill == "auto":
+            self.health.prefill[self.provider_id] = accepted
+
+    # -- requests ---------------------------------------------------------------------------------
 
     def _body(self, call: Call, stream: bool) -> bytes:
         body: dict[str, Any] = {**call.body, "model": self.upstream_model}
@@ -85,27 +121,27 @@ class ProviderTarget(Target):
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return orjson.dumps(body)
 
-    def _headers(self, call: Call) -> dict[str, str]:
+    async def _post(self, call: Call, attempt: Attempt, stream: bool) -> aiohttp.ClientResponse:
         headers = {"Content-Type": "application/json", "X-Request-Id": call.request_id}
-        if self._key_cycle is not None:
-            headers["Authorization"] = f"Bearer {next(self._key_cycle)}"
-        return headers
-
-    async def _post(self, call: Call, stream: bool) -> aiohttp.ClientResponse:
-        url = f"{self.base_url}/{call.endpoint}"
+        key = self._pick_key()
+        if key is not None:
+            attempt.key_id = key[0]
+            headers["Authorization"] = f"Bearer {key[1]}"
         timeout = aiohttp.ClientTimeout(
             total=None,
-            sock_connect=self.pool.connect_timeout_s,
+            sock_connect=self.policy.connect_timeout_s,
             # Between two reads of a stream: the stall detector. For a whole answer: the header deadline.
-            sock_read=self.pool.stream_idle_timeout_s if stream else self.pool.header_timeout_s,
+            sock_read=self.policy.idle_timeout_s if stream else self.policy.header_timeout_s,
         )
         try:
-            async with asyncio.timeout(self.pool.header_timeout_s):
+            async with asyncio.timeout(self.policy.header_timeout_s):
                 response = await self.pool.session.post(
-                    url, data=self._body(call, stream), headers=self._headers(call), timeout=timeout
+                    f"{self.base_url}/{call.endpoint}", data=self._body(call, stream), headers=headers, timeout=timeout
                 )
         except TimeoutError as exc:
             raise UpstreamTimeoutError(f"{self.id}: no response headers in time") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamRefusedError(f"{self.id}: cannot connect: {exc}") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamConnectError(f"{self.id}: {type(exc).__name__}: {exc}") from exc
         if response.status != 200:
@@ -121,23 +157,22 @@ class ProviderTarget(Target):
             )
         return response
 
-    async def complete(self, call: Call) -> bytes:
-        response = await self._post(call, stream=False)
+    async def complete(self, call: Call, attempt: Attempt) -> bytes:
+        response = await self._post(call, attempt, stream=False)
         try:
-            body = await response.read()
+            return await response.read()
         except TimeoutError as exc:
             raise UpstreamTimeoutError(f"{self.id}: response body stalled") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamConnectError(f"{self.id}: body cut: {exc}") from exc
         finally:
             response.release()
-        return body
 
-    async def stream(self, call: Call) -> TargetStream:
-        response = await self._post(call, stream=True)
+    async def stream(self, call: Call, attempt: Attempt) -> TargetStream:
+        response = await self._post(call, attempt, stream=True)
         content_type = response.headers.get("Content-Type", "")
         if not content_type.startswith("text/event-stream"):
-            response.release()
+            response.close()
             raise UpstreamProtocolError(f"{self.id}: expected an SSE stream, got {content_type or 'no type'}")
         return ProviderStream(self.id, response)
 
@@ -163,12 +198,11 @@ class ProviderStream(TargetStream):
             raise UpstreamTimeoutError(f"{self.target_id}: stream stalled") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamConnectError(f"{self.target_id}: stream cut: {exc}") from exc
-        finally:
-            self.response.release()
 
     async def aclose(self) -> None:
         await self._payloads.aclose()
         if not self.done:
-            # An unfinished stream must not go back to the pool half-read.
+            # An unfinished stream must not go back to the pool half-read; closing also tells the upstream
+            # to stop generating.
             self.response.close()
         self.response.release()

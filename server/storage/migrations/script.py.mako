@@ -8,7 +8,7 @@ Create Date: ${create_date}
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlmodel.sql import sqltypes
+from sqlmodel.sql import sqltypes  # noqa: F401  (autogenerate renders sqltypes.AutoString etc.)
 from alembic import op
 ${imports if imports else ""}
 

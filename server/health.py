@@ -1,0 +1,110 @@
+"""What the plane learns about its targets while serving, kept across snapshot rebuilds.
+
+Per target (provider + upstream model): a circuit breaker, EWMAs of latency and time to first token, and the
+requests in flight. Per provider: whether it accepts an assistant-prefill continuation. Per provider key: a
+cool-down after a 429 or a 401, so the next request uses another key.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from server.errors import UpstreamError, UpstreamStatusError
+
+Clock = Callable[[], float]
+
+
+class BreakerState(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass
+class Breaker:
+    """closed -> open after `threshold` consecutive failures -> half-open after `cooldown_s`, where a single
+    probe request may pass -> closed when it succeeds, open again when it fails."""
+
+    state: BreakerState = BreakerState.CLOSED
+    failures: int = 0
+    opened_at: float = 0.0
+    probing: bool = False
+
+    def admits(self, now: float, cooldown_s: float) -> bool:
+        if self.state is BreakerState.CLOSED:
+            return True
+        if self.state is BreakerState.OPEN and now - self.opened_at >= cooldown_s:
+            self.state = BreakerState.HALF_OPEN
+        if self.state is BreakerState.HALF_OPEN and not self.probing:
+            self.probing = True
+            return True
+        return False
+
+    def retry_in(self, now: float, cooldown_s: float) -> float:
+        return max(0.0, self.opened_at + cooldown_s - now) if self.state is BreakerState.OPEN else 0.0
+
+    def succeeded(self) -> None:
+        self.state, self.failures, self.probing = BreakerState.CLOSED, 0, False
+
+    def failed(self, now: float, threshold: int) -> None:
+        self.failures += 1
+        self.probing = False
+        if self.state is BreakerState.HALF_OPEN or self.failures >= threshold:
+            self.state, self.opened_at = BreakerState.OPEN, now
+
+    def released(self) -> None:
+        """The probe ended without a verdict (the client left): let the next request probe instead."""
+        self.probing = False
+
+
+@dataclass
+class TargetStats:
+    breaker: Breaker = field(default_factory=Breaker)
+    in_flight: int = 0
+    # EWMAs in seconds; None until measured, which the `fastest` strategy treats as worth trying.
+    latency_s: float | None = None
+    ttft_s: float | None = None
+
+    def observe(self, latency_s: float | None = None, ttft_s: float | None = None, alpha: float = 0.2) -> None:
+        if latency_s is not None:
+            self.latency_s = latency_s if self.latency_s is None else (1 - alpha) * self.latency_s + alpha * latency_s
+        if ttft_s is not None:
+            self.ttft_s = ttft_s if self.ttft_s is None else (1 - alpha) * self.ttft_s + alpha * ttft_s
+
+
+def is_target_fault(exc: UpstreamError) -> bool:
+    """Failures that say something about the target's health (not about the client's request)."""
+    if isinstance(exc, UpstreamStatusError):
+        return exc.upstream_status >= 500 or exc.upstream_status in (408, 429)
+    return True
+
+
+class Health:
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self.clock = clock
+        self._targets: dict[str, TargetStats] = {}
+        # provider id -> accepts an assistant-prefill continuation (absent: not known yet).
+        self.prefill: dict[str, bool] = {}
+        # provider key id -> monotonic time until which it rests.
+        self._key_rest: dict[str, float] = {}
+
+    def stats(self, target_key: str) -> TargetStats:
+        stats = self._targets.get(target_key)
+        if stats is None:
+            stats = self._targets[target_key] = TargetStats()
+        return stats
+
+    def key_usable(self, key_id: str) -> bool:
+        return self._key_rest.get(key_id, 0.0) <= self.clock()
+
+    def rest_key(self, key_id: str, seconds: float) -> None:
+        self._key_rest[key_id] = self.clock() + seconds
+
+    def forget(self, live_keys: set[str]) -> None:
+        """Drop what belongs to targets that no longer exist, so removed providers do not leak memory."""
+        for key in set(self._targets) - live_keys:
+            if self._targets[key].in_flight == 0:
+                del self._targets[key]

@@ -1,0 +1,134 @@
+"""Routing: which targets may serve a model, and in what order.
+
+An org's routing rule for a model (an exact name or a glob, the exact one winning) picks a strategy:
+
+    priority    the listed targets in the listed order, then the others in the order they were added
+    cheapest    by price (prompt + completion per 1M tokens); unpriced targets last
+    fastest     by EWMA of time to first token (streams) or latency (whole answers); unmeasured first
+    least-busy  by requests in flight
+    weighted    a weighted random order (weights from `--targets a=3,b=1`, default 1)
+
+and a fallback chain of other models, tried after every target of the first (e.g. a larger-context model).
+Without a rule, targets are tried in the order they were added.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from server.health import Health
+from server.targets.base import Target
+
+STRATEGIES = ("priority", "cheapest", "fastest", "least-busy", "weighted")
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    pattern: str
+    strategy: str = "priority"
+    targets: tuple[str, ...] = ()
+    weights: dict[str, float] = field(default_factory=dict)
+    fallbacks: tuple[str, ...] = ()
+
+    def matches(self, model: str) -> bool:
+        return fnmatch.fnmatchcase(model, self.pattern)
+
+
+def parse_targets(raw: Sequence[str]) -> tuple[tuple[str, ...], dict[str, float]]:
+    """`["a=3", "b"]` -> names in order and their weights; raises ValueError for a bad weight."""
+    names: list[str] = []
+    weights: dict[str, float] = {}
+    for item in raw:
+        name, sep, weight = item.partition("=")
+        name = name.strip()
+        if not name:
+            raise ValueError(f"empty target name in {item!r}")
+        names.append(name)
+        if sep:
+            try:
+                weights[name] = float(weight)
+            except ValueError:
+                raise ValueError(f"weight of {name!r} must be a number, got {weight!r}") from None
+            if weights[name] < 0:
+                raise ValueError(f"weight of {name!r} must not be negative")
+    return tuple(names), weights
+
+
+def find_rule(rules: Sequence[RouteRule], model: str) -> RouteRule | None:
+    for rule in rules:
+        if rule.pattern == model:
+            return rule
+    for rule in rules:
+        if rule.matches(model):
+            return rule
+    return None
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    model: str
+    targets: tuple[Target, ...]
+
+
+class Router:
+    def __init__(self, health: Health, rng: random.Random | None = None) -> None:
+        self.health = health
+        self.rng = rng or random.Random()
+
+    def plan(
+        self,
+        rules: Sequence[RouteRule],
+        targets_for: Callable[[str], tuple[Target, ...]],
+        model: str,
+        *,
+        streaming: bool,
+    ) -> list[ModelPlan]:
+        """The model's targets in rule order, then each fallback model's (in its own rule's order)."""
+        rule = find_rule(rules, model)
+        chain = [model, *(rule.fallbacks if rule else ())]
+        plans: list[ModelPlan] = []
+        for name in dict.fromkeys(chain):  # ordered and without repeats
+            targets = targets_for(name)
+            if targets:
+                plans.append(ModelPlan(name, self.order(targets, find_rule(rules, name), streaming=streaming)))
+        return plans
+
+    def order(self, targets: tuple[Target, ...], rule: RouteRule | None, *, streaming: bool) -> tuple[Target, ...]:
+        if rule is None:
+            return targets
+        if rule.strategy == "priority":
+            rank = {name: i for i, name in enumerate(rule.targets)}
+            return tuple(sorted(targets, key=lambda t: rank.get(t.id, len(rank))))
+        if rule.strategy == "cheapest":
+            return tuple(sorted(targets, key=_price_key))
+        if rule.strategy == "fastest":
+            return tuple(sorted(targets, key=lambda t: self._speed(t, streaming)))
+        if rule.strategy == "least-busy":
+            return tuple(sorted(targets, key=lambda t: self.health.stats(t.key).in_flight))
+        if rule.strategy == "weighted":
+            return self._weighted(targets, rule.weights)
+        raise ValueError(f"unknown strategy {rule.strategy!r}")
+
+    def _speed(self, target: Target, streaming: bool) -> float:
+        stats = self.health.stats(target.key)
+        measured = stats.ttft_s if streaming else stats.latency_s
+        return 0.0 if measured is None else measured
+
+    def _weighted(self, targets: tuple[Target, ...], weights: dict[str, float]) -> tuple[Target, ...]:
+        # Efraimidis-Spirakis: sorting by U^(1/w) draws a weighted order without replacement in one pass.
+        def draw(target: Target) -> float:
+            weight = weights.get(target.id, 1.0)
+            if weight <= 0:
+                return math.inf
+            return -math.log(1.0 - self.rng.random()) / weight
+
+        return tuple(sorted(targets, key=draw))
+
+
+def _price_key(target: Target) -> tuple[bool, float]:
+    unpriced = target.price_in is None and target.price_out is None
+    return unpriced, (target.price_in or 0.0) + (target.price_out or 0.0)
