@@ -1,7 +1,9 @@
 """An OpenAI-compatible fake provider served on a real loopback socket.
 
 Tests point Hatchway (or the openai SDK) at ``MockUpstream.url`` and inspect ``requests``; the knobs
-(``reply``, ``delay_s``, ``fail_status``, ``chunk_delay_s``, ``models``) may be changed between requests.
+(``reply``, ``delay_s``, ``fail_status``, ``chunk_delay_s``, ``models``, ``accepts_prefill``) may be changed
+between requests. Scripted misbehaviour goes in ``faults`` (one per generation request, first in first out)
+or ``always``; ``disconnects`` and ``completed`` tell whether a caller hung up or got its whole answer.
 The benchmark reuses it as its upstream, so the hot path avoids logging and uses orjson.
 """
 
@@ -12,12 +14,13 @@ import base64
 import hashlib
 import itertools
 import re
+import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, NoReturn, get_args
 
 import orjson
 from aiohttp import web
@@ -25,6 +28,8 @@ from multidict import CIMultiDict
 
 __all__ = [
     "EMBEDDING_DIMS",
+    "Fault",
+    "FaultKind",
     "MockUpstream",
     "RecordedRequest",
     "embed",
@@ -51,6 +56,74 @@ _ERROR_KINDS: dict[int, tuple[str, str | None]] = {
     503: ("server_error", "service_unavailable"),
 }
 
+FaultKind = Literal[
+    "status",
+    "context_length",
+    "content_policy",
+    "reset",
+    "silent",
+    "slow_first_token",
+    "cut",
+    "stall",
+    "garbage",
+    "no_done",
+    "no_done_no_finish",
+]
+_FAULT_KINDS: frozenset[str] = frozenset(get_args(FaultKind))
+# Faults decided before any generation happens; the rest shape how the answer itself is delivered.
+_EARLY_FAULTS: frozenset[str] = frozenset({"status", "context_length", "content_policy", "reset", "silent"})
+
+_CONTEXT_LENGTH_MESSAGE = (
+    "This model's maximum context length is 128 tokens. However, your messages resulted in more tokens. "
+    "Please reduce the length of the messages."
+)
+_CONTENT_POLICY_MESSAGE = (
+    "Your request was rejected as a result of our safety system. "
+    "Your prompt may contain text that is not allowed by our safety system."
+)
+_PREFILL_UNSUPPORTED = "assistant prefill (a final assistant message) is not supported"
+
+_DONE = b"data: [DONE]\n\n"
+# Truncated mid-token, as a buggy or cut-off proxy would forward it; no JSON parser accepts either.
+_GARBAGE_EVENT = b'data: {"choices": [tru\n\n'
+_GARBAGE_JSON = b'{"choices": [tru'
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """One scripted misbehaviour for a request to ``/v1/chat/completions`` or ``/v1/completions``.
+
+    Before any answer: ``status`` (an OpenAI error envelope with ``status``, plus ``Retry-After: retry_after``
+    when set), ``context_length`` and ``content_policy`` (400s with OpenAI's codes), ``reset`` (the
+    connection is reset with no response bytes), ``silent`` (no headers for ``delay_s``, then a normal answer).
+
+    While answering (content chunks are the reply's word pieces; ``after_chunks`` counts them):
+    ``slow_first_token`` waits ``delay_s`` after the role chunk; ``cut`` drops the connection after
+    ``after_chunks`` pieces; ``stall`` sends ``after_chunks`` pieces, goes quiet for ``delay_s``, then drops;
+    ``garbage`` inserts one malformed event after ``after_chunks`` pieces and carries on; ``no_done`` ends
+    cleanly without ``[DONE]``; ``no_done_no_finish`` ends cleanly after ``after_chunks`` pieces with neither
+    the finish chunk nor ``[DONE]``.
+
+    Non-streaming requests: ``slow_first_token`` delays the answer; ``cut`` sends half the body under a
+    Content-Length for all of it, then drops; ``stall`` does the same but waits ``delay_s`` before dropping;
+    ``garbage`` answers 200 with a body that is not JSON; the ``no_done`` kinds answer normally.
+    """
+
+    kind: FaultKind
+    status: int | None = None
+    retry_after: str | None = None
+    after_chunks: int = 0
+    delay_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        # Fail at construction: a misspelt kind would otherwise quietly behave like no fault at all.
+        if self.kind not in _FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; expected one of {sorted(_FAULT_KINDS)}")
+        if self.kind == "status" and self.status is None:
+            raise ValueError("a 'status' fault needs a status")
+        if self.after_chunks < 0 or self.delay_s < 0:
+            raise ValueError("after_chunks and delay_s must not be negative")
+
 
 @dataclass(frozen=True, slots=True)
 class RecordedRequest:
@@ -63,6 +136,35 @@ class RecordedRequest:
     json: dict[str, Any] | None
 
 
+class _Dropped(Exception):
+    """The mock closed the connection on purpose: neither a disconnect by the client nor a full answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Frames:
+    """A stream's SSE events, grouped so a fault can cut or splice it at a content piece."""
+
+    # The role chunk on chat streams; nothing on legacy completions.
+    head: list[bytes]
+    # One event per word piece of the reply: what ``Fault.after_chunks`` counts.
+    pieces: list[bytes]
+    # The finish chunk and, when the request asked for it, the usage chunk.
+    tail: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class _Pause:
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    """What a stream writes, in order, and whether it then ends the chunked body cleanly or drops."""
+
+    steps: list[bytes | _Pause]
+    clean_end: bool = True
+
+
 class MockUpstream:
     """An aiohttp server speaking the subset of the OpenAI API that Hatchway proxies."""
 
@@ -73,6 +175,14 @@ class MockUpstream:
         self.delay_s = 0.0
         self.fail_status: int | None = None
         self.chunk_delay_s = 0.0
+        # llama.cpp continues a final assistant message; providers that refuse it answer 400 instead.
+        self.accepts_prefill = True
+        # Consumed one per generation request, oldest first; ``always`` applies once the list is empty.
+        self.faults: list[Fault] = []
+        self.always: Fault | None = None
+        # Requests whose client left before the answer was complete, and requests answered in full.
+        self.disconnects = 0
+        self.completed = 0
         # The benchmark turns recording off so a long run does not accumulate every request in memory.
         self.record = True
         self.requests: list[RecordedRequest] = []
@@ -86,7 +196,9 @@ class MockUpstream:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         if self._runner is not None:
             raise RuntimeError("MockUpstream already started")
-        runner = web.AppRunner(self._build_app(), access_log=None)
+        # Without handler cancellation aiohttp lets a handler run on after its client is gone, so a sleeping
+        # or streaming handler would never learn of the disconnect that ``disconnects`` counts.
+        runner = web.AppRunner(self._build_app(), access_log=None, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()
@@ -122,8 +234,8 @@ class MockUpstream:
 
     def _build_app(self) -> web.Application:
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._admit(self._chat_completions))
-        app.router.add_post("/v1/completions", self._admit(self._completions))
+        app.router.add_post("/v1/chat/completions", self._admit(self._with_faults(self._chat_completions)))
+        app.router.add_post("/v1/completions", self._admit(self._with_faults(self._completions)))
         app.router.add_post("/v1/embeddings", self._admit(self._embeddings))
         app.router.add_get("/v1/models", self._admit(self._list_models))
         app.router.add_get("/v1/models/{model}", self._admit(self._get_model))
@@ -134,37 +246,95 @@ class MockUpstream:
     # -- common request handling -----------------------------------------------------------------------
 
     def _admit(self, handler: _Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-        """Wrap a handler with recording, the delay/failure knobs and the bearer check."""
+        """Wrap a handler with the knobs and the bookkeeping of how each answer ended."""
 
         async def admitted(request: web.Request) -> web.StreamResponse:
-            body = await _read_json(request)
-            if self.record:
-                self.requests.append(_record(request, body))
-            if self.delay_s > 0:
-                await asyncio.sleep(self.delay_s)
-            if self.fail_status is not None:
-                return error_response(self.fail_status, f"mock upstream {self.name} configured to fail")
-            if not _has_bearer(request):
-                return error_response(401, "You didn't provide an API key.")
-            return await handler(request, body)
+            try:
+                response = await self._respond(request, handler)
+                # Sent here rather than by aiohttp after we return, so ``completed`` means the bytes went out.
+                await response.prepare(request)
+                await response.write_eof()
+            except _Dropped:
+                return _unsendable()
+            except ConnectionResetError:
+                self.disconnects += 1
+                return _unsendable()
+            except asyncio.CancelledError:
+                # Handler cancellation: the client closed the connection while we slept or streamed.
+                self.disconnects += 1
+                raise
+            self.completed += 1
+            return response
 
         return admitted
+
+    async def _respond(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        """Recording, the delay/failure knobs and the bearer check, then the endpoint itself."""
+        body = await _read_json(request)
+        if self.record:
+            self.requests.append(_record(request, body))
+        if self.delay_s > 0:
+            await asyncio.sleep(self.delay_s)
+        if self.fail_status is not None:
+            return error_response(self.fail_status, f"mock upstream {self.name} configured to fail")
+        if not _has_bearer(request):
+            return error_response(401, "You didn't provide an API key.")
+        return await handler(request, body)
+
+    def _with_faults(
+        self, handler: Callable[[web.Request, Any, Fault | None], Awaitable[web.StreamResponse]]
+    ) -> _Handler:
+        """Take the next scripted fault for a generation endpoint; act on those that pre-empt the answer."""
+
+        async def faulted(request: web.Request, body: Any) -> web.StreamResponse:
+            fault = self._next_fault()
+            if fault is not None and fault.kind in _EARLY_FAULTS:
+                early = await self._early_fault(request, fault)
+                if early is not None:
+                    return early
+                fault = None
+            return await handler(request, body, fault)
+
+        return faulted
+
+    def _next_fault(self) -> Fault | None:
+        if self.faults:
+            return self.faults.pop(0)
+        return self.always
+
+    async def _early_fault(self, request: web.Request, fault: Fault) -> web.StreamResponse | None:
+        """The error answer for a fault that replaces the generation, or None to go on generating."""
+        if fault.kind == "status":
+            assert fault.status is not None  # Fault.__post_init__ guarantees it
+            return _status_fault(fault.status, fault.retry_after, f"mock upstream {self.name} injected a fault")
+        if fault.kind == "context_length":
+            return error_response(400, _CONTEXT_LENGTH_MESSAGE, code="context_length_exceeded", param="messages")
+        if fault.kind == "content_policy":
+            return error_response(400, _CONTENT_POLICY_MESSAGE, code="content_policy_violation")
+        if fault.kind == "reset":
+            _reset(request)
+        # "silent": hold the request with nothing on the wire, then answer as usual.
+        await asyncio.sleep(fault.delay_s)
+        return None
 
     def _next_id(self, prefix: str) -> str:
         return f"{prefix}-mock-{next(self._ids)}"
 
     # -- endpoints -------------------------------------------------------------------------------------
 
-    async def _chat_completions(self, request: web.Request, body: Any) -> web.StreamResponse:
+    async def _chat_completions(self, request: web.Request, body: Any, fault: Fault | None) -> web.StreamResponse:
         problem = _check_chat_body(body)
         if problem is not None:
             return error_response(400, problem)
-        reply = self.reply
+        prefill = _assistant_prefill(body["messages"])
+        if prefill is not None and not self.accepts_prefill:
+            return error_response(400, _PREFILL_UNSUPPORTED, param="messages")
+        reply = _continuation(self.reply, prefill)
         usage = _usage(_messages_words(body["messages"]), _word_count(reply))
         ident, created, model = self._next_id("chatcmpl"), int(time.time()), body["model"]
         if body.get("stream") is True:
-            chunks = _chat_chunks(ident, created, model, reply, usage, _include_usage(body))
-            return await self._stream(request, chunks)
+            frames = _chat_frames(ident, created, model, reply, usage, _include_usage(body))
+            return await self._stream(request, frames, fault)
         message = {"role": "assistant", "content": reply, "refusal": None}
         choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
         completion = {
@@ -176,9 +346,9 @@ class MockUpstream:
             "usage": usage,
             "system_fingerprint": None,
         }
-        return json_response(completion)
+        return await _answer_json(request, completion, fault)
 
-    async def _completions(self, request: web.Request, body: Any) -> web.StreamResponse:
+    async def _completions(self, request: web.Request, body: Any, fault: Fault | None) -> web.StreamResponse:
         problem = _check_completion_body(body)
         if problem is not None:
             return error_response(400, problem)
@@ -186,8 +356,8 @@ class MockUpstream:
         usage = _usage(max(1, _prompt_words(body["prompt"])), _word_count(reply))
         ident, created, model = self._next_id("cmpl"), int(time.time()), body["model"]
         if body.get("stream") is True:
-            chunks = _text_chunks(ident, created, model, reply, usage, _include_usage(body))
-            return await self._stream(request, chunks)
+            frames = _text_frames(ident, created, model, reply, usage, _include_usage(body))
+            return await self._stream(request, frames, fault)
         choice = {"text": reply, "index": 0, "finish_reason": "stop", "logprobs": None}
         completion = {
             "id": ident,
@@ -198,7 +368,7 @@ class MockUpstream:
             "usage": usage,
             "system_fingerprint": None,
         }
-        return json_response(completion)
+        return await _answer_json(request, completion, fault)
 
     async def _embeddings(self, request: web.Request, body: Any) -> web.StreamResponse:
         problem = _check_embedding_body(body)
@@ -230,30 +400,133 @@ class MockUpstream:
     def _model_object(self, model: str) -> dict[str, Any]:
         return {"id": model, "object": "model", "created": 1_700_000_000, "owned_by": self.name}
 
-    async def _stream(self, request: web.Request, chunks: Iterator[dict[str, Any]]) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, frames: _Frames, fault: Fault | None) -> web.StreamResponse:
+        script = _stream_script(frames, fault)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        try:
-            for index, chunk in enumerate(chunks):
-                if index and self.chunk_delay_s > 0:
-                    await asyncio.sleep(self.chunk_delay_s)
-                await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-        except ConnectionResetError:
-            # The client (or the gateway under test) hung up mid-stream; that is a scenario, not an error.
-            pass
+        await self._play(request, response, script.steps)
+        if not script.clean_end:
+            await _drop(request)
+        await response.write_eof()
         return response
+
+    async def _play(self, request: web.Request, response: web.StreamResponse, steps: list[bytes | _Pause]) -> None:
+        sent_any = False
+        for step in steps:
+            if isinstance(step, _Pause):
+                # A pause models silence on the wire, so what came before it must already be there.
+                await _flush(request)
+                await asyncio.sleep(step.seconds)
+                continue
+            # chunk_delay_s separates data chunks; [DONE] follows the last one at once, as before.
+            if sent_any and step is not _DONE and self.chunk_delay_s > 0:
+                await asyncio.sleep(self.chunk_delay_s)
+            await response.write(step)
+            sent_any = True
 
 
 def json_response(payload: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json")
 
 
-def error_response(status: int, message: str, code: str | None = None) -> web.Response:
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None) -> web.Response:
     kind, default_code = _ERROR_KINDS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
-    error = {"message": message, "type": kind, "param": None, "code": code or default_code}
+    error = {"message": message, "type": kind, "param": param, "code": code or default_code}
     return json_response({"error": error}, status=status)
+
+
+def _status_fault(status: int, retry_after: str | None, message: str) -> web.Response:
+    response = error_response(status, message)
+    if retry_after is not None:
+        # Verbatim, so tests can send the malformed or HTTP-date forms a gateway must also cope with.
+        response.headers["Retry-After"] = retry_after
+    return response
+
+
+# -- delivering answers, faithfully or not -------------------------------------------------------------
+
+
+def _stream_script(frames: _Frames, fault: Fault | None) -> _Script:
+    head, pieces, tail = frames.head, frames.pieces, frames.tail
+    if fault is None:
+        return _Script([*head, *pieces, *tail, _DONE])
+    before, after = pieces[: fault.after_chunks], pieces[fault.after_chunks :]
+    if fault.kind == "slow_first_token":
+        return _Script([*head, _Pause(fault.delay_s), *pieces, *tail, _DONE])
+    if fault.kind == "cut":
+        return _Script([*head, *before], clean_end=False)
+    if fault.kind == "stall":
+        return _Script([*head, *before, _Pause(fault.delay_s)], clean_end=False)
+    if fault.kind == "garbage":
+        return _Script([*head, *before, _GARBAGE_EVENT, *after, *tail, _DONE])
+    if fault.kind == "no_done":
+        return _Script([*head, *pieces, *tail])
+    if fault.kind == "no_done_no_finish":
+        return _Script([*head, *before])
+    raise AssertionError(f"fault {fault.kind!r} is handled before generation")
+
+
+async def _answer_json(request: web.Request, payload: dict[str, Any], fault: Fault | None) -> web.StreamResponse:
+    """A non-streaming answer, delivered as the fault dictates."""
+    if fault is None or fault.kind in ("no_done", "no_done_no_finish"):
+        return json_response(payload)
+    if fault.kind == "slow_first_token":
+        await asyncio.sleep(fault.delay_s)
+        return json_response(payload)
+    if fault.kind == "garbage":
+        return web.Response(body=_GARBAGE_JSON, content_type="application/json")
+    # "cut" and "stall": half the body under a Content-Length that promises all of it, then a drop.
+    body = orjson.dumps(payload)
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(body)
+    await response.prepare(request)
+    await response.write(body[: len(body) // 2])
+    if fault.kind == "stall":
+        await _flush(request)
+        await asyncio.sleep(fault.delay_s)
+    await _drop(request)
+
+
+async def _flush(request: web.Request) -> None:
+    """Wait until the transport has handed every written byte to the kernel.
+
+    aiohttp's ``write`` only drains past 64 KiB, and ``abort`` discards whatever is still buffered, so
+    without this a cut could silently lose the chunks it was meant to deliver first.
+    """
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return
+    # A zero high-water mark keeps the protocol paused while any byte is buffered, so drain() returns only
+    # once the buffer is empty; the connection is about to go quiet or away, so its throughput is moot.
+    transport.set_write_buffer_limits(high=0)
+    await request.writer.drain()
+
+
+async def _drop(request: web.Request) -> NoReturn:
+    """Close the connection mid-answer: the peer sees what was flushed, then EOF with the body unfinished."""
+    await _flush(request)
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+    raise _Dropped
+
+
+def _reset(request: web.Request) -> NoReturn:
+    """Reset the connection before any response byte, as a crashing or overloaded provider does."""
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # A zero linger time makes close() send RST rather than FIN: "connection reset by peer".
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    raise _Dropped
+
+
+def _unsendable() -> web.Response:
+    """What to hand aiohttp once the connection is gone: it must get a response, and writing this one fails
+    quietly on the closed transport (aiohttp treats that as a premature disconnect, not an error)."""
+    return web.Response()
 
 
 async def _read_json(request: web.Request) -> Any:
@@ -283,6 +556,22 @@ def _has_bearer(request: web.Request) -> bool:
 def _include_usage(body: dict[str, Any]) -> bool:
     options = body.get("stream_options")
     return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _assistant_prefill(messages: list[Any]) -> str | None:
+    """The text a final assistant message asks the model to continue, if the request ends with one."""
+    last = messages[-1]
+    if isinstance(last, dict) and last.get("role") == "assistant" and isinstance(last.get("content"), str):
+        return str(last["content"])
+    return None
+
+
+def _continuation(reply: str, prefill: str | None) -> str:
+    """What the model generates after ``prefill``: the rest of its one fixed reply, or all of it when the
+    prefill is not a prefix of that reply (a model that ignores the prefill)."""
+    if prefill is not None and reply.startswith(prefill):
+        return reply[len(prefill) :]
+    return reply
 
 
 # -- validation ----------------------------------------------------------------------------------------
@@ -371,33 +660,46 @@ def split_reply(reply: str) -> list[str]:
     return pieces
 
 
-def _chat_chunks(
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _chat_frames(
     ident: str, created: int, model: str, reply: str, usage: dict[str, int], include_usage: bool
-) -> Iterator[dict[str, Any]]:
-    def chunk(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+) -> _Frames:
+    def chunk(delta: dict[str, Any], finish_reason: str | None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return _chunk_envelope(ident, "chat.completion.chunk", created, model, [choice], include_usage)
+        return _event(_chunk_envelope(ident, "chat.completion.chunk", created, model, [choice], include_usage))
 
-    yield chunk({"role": "assistant", "content": "", "refusal": None}, None)
-    for piece in split_reply(reply):
-        yield chunk({"content": piece}, None)
-    yield chunk({}, "stop")
-    if include_usage:
-        yield _usage_chunk(ident, "chat.completion.chunk", created, model, usage)
+    finish = chunk({}, "stop")
+    return _Frames(
+        head=[chunk({"role": "assistant", "content": "", "refusal": None}, None)],
+        pieces=[chunk({"content": piece}, None) for piece in split_reply(reply)],
+        tail=_tail(finish, ident, "chat.completion.chunk", created, model, usage, include_usage),
+    )
 
 
-def _text_chunks(
+def _text_frames(
     ident: str, created: int, model: str, reply: str, usage: dict[str, int], include_usage: bool
-) -> Iterator[dict[str, Any]]:
-    def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:
+) -> _Frames:
+    def chunk(text: str, finish_reason: str | None) -> bytes:
         choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
-        return _chunk_envelope(ident, "text_completion", created, model, [choice], include_usage)
+        return _event(_chunk_envelope(ident, "text_completion", created, model, [choice], include_usage))
 
-    for piece in split_reply(reply):
-        yield chunk(piece, None)
-    yield chunk("", "stop")
-    if include_usage:
-        yield _usage_chunk(ident, "text_completion", created, model, usage)
+    finish = chunk("", "stop")
+    return _Frames(
+        head=[],
+        pieces=[chunk(piece, None) for piece in split_reply(reply)],
+        tail=_tail(finish, ident, "text_completion", created, model, usage, include_usage),
+    )
+
+
+def _tail(
+    finish: bytes, ident: str, obj: str, created: int, model: str, usage: dict[str, int], include_usage: bool
+) -> list[bytes]:
+    if not include_usage:
+        return [finish]
+    return [finish, _event(_usage_chunk(ident, obj, created, model, usage))]
 
 
 def _chunk_envelope(

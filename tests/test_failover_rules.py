@@ -23,7 +23,7 @@ def status(code: int, body: bytes = b"", retry_after: str | None = None) -> Upst
 
 
 def move(exc: Exception, tries: int = 0, time_left_s: float = 60, other_key: bool = False) -> tuple[Move, float]:
-    decision = decide(exc, tries=tries, policy=POLICY, time_left_s=time_left_s, other_key=other_key)  # type: ignore[arg-type]
+    decision = decide(exc, tries=tries, policy=POLICY, time_left_s=time_left_s, other_key=other_key)
     return decision.move, decision.delay_s
 
 
