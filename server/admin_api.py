@@ -4,13 +4,17 @@ commit, and then rebuild the snapshot so the change is live for the next request
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from aiohttp import web
 
+from proto.contract import join_enrollment_token
+from proto.hatchway.node.v1 import node_pb2 as pb
 from server.auth import authenticate_admin
+from server.credentials import ENROLLMENT_TOKEN_PREFIX, generate_key
 from server.errors import InvalidRequestError
 from server.failover import validate_overrides
 from server.openai_api import read_body
@@ -203,7 +207,8 @@ async def remove_route(request: web.Request) -> web.Response:
 async def list_models(request: web.Request) -> web.Response:
     """What keys of an org can call, read from the live snapshot, with the targets in routing order."""
     plane = _plane(request)
-    snapshot = plane.snapshots.current
+    catalog = plane.catalog()
+    snapshot = catalog.snapshot
     org_ref = request.query.get("org")
     org_ids = [i for i, name in snapshot.org_names.items() if org_ref in (None, i, name)]
     if org_ref and not org_ids:
@@ -221,10 +226,119 @@ async def list_models(request: web.Request) -> web.Response:
                     "price_in": t.price_in,
                     "price_out": t.price_out,
                 }
-                for t in snapshot.targets_for(org_id, model)
+                for t in catalog.targets_for(org_id, model)
             ],
         }
         for org_id in org_ids
-        for model in snapshot.models_by_org.get(org_id, ())
+        for model in catalog.models(org_id)
     ]
     return _listing(data)
+
+
+# -- nodes ---------------------------------------------------------------------------------------------
+
+
+async def create_node_token(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    body = await _body(request, plane)
+    ttl = body.get("ttl_s")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)):
+        raise InvalidRequestError("'ttl_s' must be a number of seconds", param="ttl_s")
+    uses = body.get("uses", 1)
+    if isinstance(uses, bool) or not isinstance(uses, int):
+        raise InvalidRequestError("'uses' must be an integer", param="uses")
+    labels = body.get("labels") or {}
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise InvalidRequestError("'labels' must be an object of strings", param="labels")
+    secret = generate_key(ENROLLMENT_TOKEN_PREFIX)
+    created = await _mutate(
+        plane, plane.nodes.create_token, _str(body, "org"), secret, ttl_s=ttl, uses=uses, labels=labels
+    )
+    token = join_enrollment_token(secret, plane.tls.fingerprint)
+    return web.json_response({**created, "token": token}, status=201)
+
+
+async def list_node_tokens(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    return _listing(await _read(plane.nodes.list_tokens, request.query.get("org")))
+
+
+async def revoke_node_token(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    return web.json_response(await _mutate(plane, plane.nodes.revoke_token, request.match_info["id"]))
+
+
+def _with_live_state(plane: Plane, node: dict[str, Any]) -> dict[str, Any]:
+    """A node's stored facts plus what its live session says (or offline)."""
+    session = plane.registry.sessions.get(node["id"])
+    if node["revoked_at"]:
+        return {**node, "state": "revoked"}
+    if session is None:
+        return {**node, "state": "offline"}
+    hello, status = session.hello, session.status
+    hardware = hello.hardware
+    return {
+        **node,
+        "state": session.state,
+        "agent_version": hello.agent_version,
+        "os": hello.os,
+        "mode": "idle-only" if hello.mode == pb.MODE_IDLE_ONLY else "always-on",
+        "connected_at": datetime.fromtimestamp(session.connected_at, UTC).isoformat(),
+        "last_heartbeat_s": round(time.monotonic() - session.last_seen, 1),
+        "status_version": status.version,
+        "hardware": {
+            "hostname": hardware.hostname,
+            "cpu_model": hardware.cpu_model,
+            "cpu_count": hardware.cpu_count,
+            "ram_total_bytes": hardware.ram_total_bytes,
+            "nvml_status": hardware.nvml_status,
+            "gpus": [
+                {"name": g.name, "vram_total_bytes": g.vram_total_bytes, "vram_free_bytes": g.vram_free_bytes}
+                for g in (status.gpus or hardware.gpus)
+            ],
+        },
+        "models": [
+            {
+                "name": m.name,
+                "slots_total": m.slots_total,
+                "slots_busy": m.busy,
+                "context": m.context,
+                "price_in": m.price_in,
+                "price_out": m.price_out,
+            }
+            for m in session.models.values()
+        ],
+        "issues": [{"code": i.code, "message": i.message, "model": i.model} for i in (status.issues or hello.issues)],
+    }
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    nodes = await _read(plane.nodes.list_nodes, request.query.get("org"))
+    return _listing([_with_live_state(plane, n) for n in nodes])
+
+
+async def show_node(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    return web.json_response(_with_live_state(plane, await _read(plane.nodes.get_node, request.match_info["ref"])))
+
+
+async def drain_node(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    node = await _mutate(plane, plane.nodes.set_drained, request.match_info["ref"], True)
+    plane.registry.set_drained(node["id"], True)
+    return web.json_response(_with_live_state(plane, node))
+
+
+async def resume_node(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    node = await _mutate(plane, plane.nodes.set_drained, request.match_info["ref"], False)
+    plane.registry.set_drained(node["id"], False)
+    return web.json_response(_with_live_state(plane, node))
+
+
+async def revoke_node(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    node = await _mutate(plane, plane.nodes.revoke, request.match_info["ref"])
+    plane.registry.disconnect(node["id"])
+    return web.json_response(_with_live_state(plane, node))

@@ -35,6 +35,14 @@ def _routes(app: web.Application) -> None:
     app.router.add_put("/admin/v1/routes", admin_api.set_route)
     app.router.add_delete("/admin/v1/routes", admin_api.remove_route)
     app.router.add_get("/admin/v1/models", admin_api.list_models)
+    app.router.add_get("/admin/v1/node-tokens", admin_api.list_node_tokens)
+    app.router.add_post("/admin/v1/node-tokens", admin_api.create_node_token)
+    app.router.add_post("/admin/v1/node-tokens/{id}/revoke", admin_api.revoke_node_token)
+    app.router.add_get("/admin/v1/nodes", admin_api.list_nodes)
+    app.router.add_get("/admin/v1/nodes/{ref}", admin_api.show_node)
+    app.router.add_post("/admin/v1/nodes/{ref}/drain", admin_api.drain_node)
+    app.router.add_post("/admin/v1/nodes/{ref}/resume", admin_api.resume_node)
+    app.router.add_post("/admin/v1/nodes/{ref}/revoke", admin_api.revoke_node)
 
 
 async def _plane_lifetime(app: web.Application) -> AsyncIterator[None]:

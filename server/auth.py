@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
+from server.catalog import Catalog
 from server.credentials import hash_key
 from server.errors import AuthenticationError, ModelNotFoundError, PermissionDeniedError
 from server.snapshot import KeyEntry, Snapshot
@@ -42,9 +43,9 @@ def authenticate_admin(headers: Mapping[str, str], snapshot: Snapshot) -> str:
     return admin_id
 
 
-def authorize_model(key: KeyEntry, snapshot: Snapshot, model: str) -> None:
+def authorize_model(key: KeyEntry, catalog: Catalog, model: str) -> None:
     """404 for a model the org does not serve, 403 for one it serves but this key may not use."""
-    if (key.org_id, model) not in snapshot.routes:
+    if not catalog.serves(key.org_id, model):
         raise ModelNotFoundError(f"The model '{model}' does not exist or you do not have access to it.", param="model")
     if key.models is not None and model not in key.models:
         raise PermissionDeniedError(f"This API key is not allowed to use the model '{model}'.", param="model")

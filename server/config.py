@@ -52,6 +52,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("request_deadline_s", float, 300.0, "Time budget for one request's attempts, rescues included."),
     Setting("usage_flush_interval_s", float, 0.2, "How often the usage writer flushes rows to the database."),
     Setting("usage_queue_size", int, 10_000, "Bound of the usage queue; rows beyond it are counted and dropped."),
+    Setting("grpc_port", int, 8443, "Port of the node service agents dial (gRPC over TLS; 0 picks a free one)."),
+    Setting("grpc_insecure", bool, False, "Serve the node service without TLS: loopback development only."),
+    Setting("node_heartbeat_s", float, 5.0, "Heartbeat interval asked of agents; 3 missed stop dispatching."),
+    Setting("node_queue_size", int, 64, "Requests that may wait for a busy model's node slot (then 503)."),
+    Setting("node_queue_timeout_s", float, 30.0, "Longest wait for a node slot before failing over."),
+    Setting("node_cancel_timeout_s", float, 10.0, "Time a node has to confirm a cancel before its slot is freed."),
     Setting("log_level", str, "info", "Logging level: debug, info, warning, error."),
 )
 
@@ -83,6 +89,12 @@ class Config:
     request_deadline_s: float = 300.0
     usage_flush_interval_s: float = 0.2
     usage_queue_size: int = 10_000
+    grpc_port: int = 8443
+    grpc_insecure: bool = False
+    node_heartbeat_s: float = 5.0
+    node_queue_size: int = 64
+    node_queue_timeout_s: float = 30.0
+    node_cancel_timeout_s: float = 10.0
     log_level: str = "info"
     # The declarative part of the TOML file (orgs, providers, models), applied at start-up.
     declared: Mapping[str, Any] = field(default_factory=dict)

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 API_KEY_PREFIX = "hw-"
 ADMIN_KEY_PREFIX = "hwa-"
+NODE_CREDENTIAL_PREFIX = "hwn-"
+ENROLLMENT_TOKEN_PREFIX = "hwt-"
 # How much of a key listings may show: the prefix plus a few random characters.
 DISPLAY_PREFIX_LEN = 10
 

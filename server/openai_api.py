@@ -40,16 +40,16 @@ async def read_body(request: web.Request, limit: int) -> dict[str, Any]:
 
 async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     plane = request.app[PLANE]
-    snapshot = plane.snapshots.current
-    key = authenticate(request.headers, snapshot)
+    catalog = plane.catalog()
+    key = authenticate(request.headers, catalog.snapshot)
     body = await read_body(request, plane.config.max_body_bytes)
     endpoint.validate(body)
     if body.get("stream") and not endpoint.streamable:
         raise InvalidRequestError(f"/v1/{endpoint.path} cannot be streamed", param="stream")
-    authorize_model(key, snapshot, body["model"])
+    authorize_model(key, catalog, body["model"])
     plans = plane.router.plan(
-        snapshot.rules.get(key.org_id, ()),
-        lambda model: snapshot.targets_for(key.org_id, model),
+        catalog.snapshot.rules.get(key.org_id, ()),
+        lambda model: catalog.targets_for(key.org_id, model),
         body["model"],
         streaming=bool(body.get("stream")),
     )
@@ -83,17 +83,19 @@ def _model_object(model: str, created: int, owner: str) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    snapshot = request.app[PLANE].snapshots.current
+    catalog = request.app[PLANE].catalog()
+    snapshot = catalog.snapshot
     key = authenticate(request.headers, snapshot)
     owner = snapshot.org_names.get(key.org_id, "hatchway")
-    data = [_model_object(m, snapshot.created, owner) for m in snapshot.models_for(key)]
+    data = [_model_object(m, snapshot.created, owner) for m in catalog.models_for(key)]
     return web.json_response({"object": "list", "data": data})
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
-    snapshot = request.app[PLANE].snapshots.current
+    catalog = request.app[PLANE].catalog()
+    snapshot = catalog.snapshot
     key = authenticate(request.headers, snapshot)
     model = request.match_info["model"]
-    if model not in snapshot.models_for(key):
+    if model not in catalog.models_for(key):
         raise ModelNotFoundError(f"The model '{model}' does not exist or you do not have access to it.")
     return web.json_response(_model_object(model, snapshot.created, snapshot.org_names.get(key.org_id, "")))

@@ -5,18 +5,25 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import grpc
 from aiohttp import web
 from sqlalchemy import Engine
 
+from proto.hatchway.node.v1 import node_pb2_grpc
+from server.catalog import Catalog
 from server.config import Config
 from server.credentials import Vault
 from server.declarative import apply_declared
 from server.health import Health
 from server.metrics import Metrics
+from server.nodes.registry import NodeRegistry
+from server.nodes.service import NodeService
+from server.nodes.tls import load_or_create
 from server.relay import Relay
 from server.routing import Router
 from server.snapshot import SnapshotHolder
 from server.storage.db import make_engine, migrate
+from server.storage.nodes import NodeStore
 from server.storage.store import Store
 from server.targets.provider import UpstreamPool
 from server.usage import UsageWriter
@@ -45,6 +52,16 @@ class Plane:
             flush_interval_s=config.usage_flush_interval_s,
         )
         self.relay = Relay(self.metrics, self.usage, self.health, max_attempts=config.max_attempts)
+        self.nodes = NodeStore(self.engine)
+        self.registry = NodeRegistry(
+            queue_size=config.node_queue_size,
+            queue_timeout_s=config.node_queue_timeout_s,
+            cancel_timeout_s=config.node_cancel_timeout_s,
+        )
+        self.node_policy = config.failover_policy()
+        self.tls = load_or_create(config.data_dir)
+        self.grpc_server: grpc.aio.Server | None = None
+        self.grpc_port = 0
         # Admin mutations are serialised so each snapshot rebuild sees every earlier commit.
         self.admin_lock = asyncio.Lock()
         # Set on the first start when no admin key existed: shown once, never stored in clear.
@@ -55,12 +72,39 @@ class Plane:
         self.generated_admin_key = self.store.ensure_admin_key(self.config.admin_key)
         apply_declared(self.store, self.config.declared, self.config.config_file)
 
+    def catalog(self) -> Catalog:
+        """What can serve requests right now; take one per request so it sees one snapshot throughout."""
+        return Catalog(self.snapshots.current, self.registry, self.node_policy)
+
     async def startup(self) -> None:
         await asyncio.to_thread(self.prepare_storage)
         await self.snapshots.reload()
         self.usage.start()
+        await self._start_node_service()
+
+    async def _start_node_service(self) -> None:
+        server = grpc.aio.server(options=[("grpc.keepalive_permit_without_calls", 1)])
+        service = NodeService(
+            self.registry,
+            self.nodes,
+            lambda: self.snapshots.current,
+            self.snapshots.reload,
+            self.config.node_heartbeat_s,
+        )
+        node_pb2_grpc.add_NodeServiceServicer_to_server(service, server)
+        address = f"{self.config.host}:{self.config.grpc_port}"
+        if self.config.grpc_insecure:
+            self.grpc_port = server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials([(self.tls.key_pem, self.tls.cert_pem)])
+            self.grpc_port = server.add_secure_port(address, credentials)
+        await server.start()
+        self.grpc_server = server
 
     async def cleanup(self) -> None:
+        await self.registry.close()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=1.0)
         await self.usage.stop()
         await self.pool.close()
         self.engine.dispose()

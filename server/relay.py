@@ -112,12 +112,19 @@ class Exchange:
             self.completion_tokens = _int(usage.get("completion_tokens"))
 
     def cost(self) -> float | None:
-        return self.target.cost(self.prompt_tokens, self.completion_tokens) if self.target else None
+        return self.target.cost(self.prompt_tokens, self.completion_tokens, self.attempt) if self.target else None
+
+    @property
+    def route(self) -> str:
+        """What served: the provider's name, or the node's id for a node pool."""
+        if self.attempt is not None and self.attempt.route:
+            return self.attempt.route
+        return self.target.id if self.target else ""
 
     def headers(self) -> dict[str, str]:
         headers = {"x-hatchway-attempts": str(self.attempts), "x-hatchway-cache": "bypass"}
         if self.target is not None:
-            headers["x-hatchway-route"] = self.target.id
+            headers["x-hatchway-route"] = self.route
         if self.served_model is not None and self.served_model != self.model:
             headers["x-hatchway-model"] = self.served_model
         if self.attempt is not None and self.attempt.key_id:
@@ -475,7 +482,7 @@ class Relay:
                 key_id=exchange.key.id,
                 endpoint=exchange.endpoint,
                 model=exchange.model,
-                target=target.id if target else "",
+                target=(attempt.route if attempt and attempt.route else target.id) if target else "",
                 stream=exchange.streaming,
                 status=status,
                 attempts=exchange.attempts,
@@ -489,6 +496,7 @@ class Relay:
                 error_code=code,
                 final=final,
                 provider_key_id=attempt.key_id if attempt else None,
+                node_id=attempt.route if attempt and target and target.kind == "node" else None,
             )
         )
 

@@ -28,7 +28,14 @@ class Server:
     def __init__(self, config: Config, plane: Plane | None = None) -> None:
         self.config = config
         self.plane = plane or Plane(config)
-        self.runner = web.AppRunner(create_app(self.plane), shutdown_timeout=config.shutdown_grace_s, access_log=None)
+        self.runner = web.AppRunner(
+            create_app(self.plane),
+            shutdown_timeout=config.shutdown_grace_s,
+            access_log=None,
+            # A client that leaves cancels its handler, which stops the upstream request or the node's generation
+            # at once: nobody keeps paying for tokens that no one will read.
+            handler_cancellation=True,
+        )
         self.port = 0
         self.should_exit = asyncio.Event()
 
@@ -46,6 +53,12 @@ class Server:
         self.port = self.runner.addresses[0][1]
         # Printed whatever the log level: operators and scripts (tests, bench) read the bound port from it.
         print(f"Hatchway listening on {self.url}", flush=True)
+        scheme = "plaintext, loopback only" if self.config.grpc_insecure else "TLS"
+        print(
+            f"Node service listening on {self.config.host}:{self.plane.grpc_port} ({scheme}); "
+            f"CA fingerprint {self.plane.tls.fingerprint}",
+            flush=True,
+        )
 
     async def shutdown(self) -> None:
         log.info("shutting down: draining in-flight requests for up to %.0fs", self.config.shutdown_grace_s)

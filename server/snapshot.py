@@ -16,6 +16,7 @@ from datetime import datetime
 from server.failover import FailoverPolicy
 from server.health import Health
 from server.routing import RouteRule, parse_targets
+from server.storage.models import split_list
 from server.storage.store import SnapshotRows, Store
 from server.targets.base import Target
 from server.targets.provider import ProviderTarget, UpstreamPool
@@ -31,6 +32,14 @@ class KeyEntry:
     expires_at: datetime | None
 
 
+@dataclass(frozen=True, slots=True)
+class NodeEntry:
+    id: str
+    org_id: str
+    name: str
+    drained: bool
+
+
 @dataclass(frozen=True)
 class Snapshot:
     version: int = 0
@@ -41,16 +50,12 @@ class Snapshot:
     routes: dict[tuple[str, str], tuple[Target, ...]] = field(default_factory=dict)
     models_by_org: dict[str, tuple[str, ...]] = field(default_factory=dict)
     rules: dict[str, tuple[RouteRule, ...]] = field(default_factory=dict)
+    # Enrolled, unrevoked nodes by the hash of their credential.
+    nodes: dict[str, NodeEntry] = field(default_factory=dict)
     created: int = 0
 
     def targets_for(self, org_id: str, model: str) -> tuple[Target, ...]:
         return self.routes.get((org_id, model), ())
-
-    def models_for(self, key: KeyEntry) -> tuple[str, ...]:
-        models = self.models_by_org.get(key.org_id, ())
-        if key.models is None:
-            return models
-        return tuple(m for m in models if m in key.models)
 
 
 def build_snapshot(
@@ -62,7 +67,7 @@ def build_snapshot(
             id=k.id,
             org_id=k.org_id,
             name=k.name,
-            models=frozenset(k.models.split(",")) if k.models else None,
+            models=frozenset(split_list(k.models)) if k.models else None,
             expires_at=k.expires_at,
         )
         for k in rows.api_keys
@@ -98,8 +103,8 @@ def build_snapshot(
         models_by_org[org_id].add(alias)
     rules: dict[str, list[RouteRule]] = defaultdict(list)
     for rule in rows.routes:
-        names, weights = parse_targets(rule.targets.split(",") if rule.targets else [])
-        fallbacks = tuple(rule.fallbacks.split(",")) if rule.fallbacks else ()
+        names, weights = parse_targets(split_list(rule.targets))
+        fallbacks = tuple(split_list(rule.fallbacks))
         rules[rule.org_id].append(RouteRule(rule.pattern, rule.strategy, names, weights, fallbacks))
     return Snapshot(
         version=version,
@@ -109,6 +114,7 @@ def build_snapshot(
         routes={route: tuple(targets) for route, targets in routes.items()},
         models_by_org={org: tuple(sorted(models)) for org, models in models_by_org.items()},
         rules={org: tuple(org_rules) for org, org_rules in rules.items()},
+        nodes={n.credential_hash: NodeEntry(n.id, n.org_id, n.name, n.drained) for n in rows.nodes},
         created=int(datetime.now().timestamp()),
     )
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import openai
 import pytest
@@ -18,6 +22,22 @@ from tests.mock_upstream import MockUpstream
 
 ADMIN_KEY = "hwa-test-admin-key"
 MODEL = "gpt-4o-mini"
+
+
+def abandon_request(url: str, body: dict[str, Any], api_key: str, after_s: float) -> None:
+    """POST, wait `after_s` without reading, then close the socket: a client that gave up and left.
+
+    A raw socket, because an HTTP client that timed out may keep its connection open until garbage collection.
+    """
+    parts = urlsplit(url)
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {api_key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80)) as sock:
+        sock.sendall(head.encode() + payload)
+        time.sleep(after_s)
 
 
 @pytest.fixture(autouse=True)
@@ -91,6 +111,7 @@ class RunningPlane:
 def plane_config(tmp_path: Path) -> Config:
     return Config(
         port=0,
+        grpc_port=0,
         data_dir=tmp_path / "plane",
         admin_key=ADMIN_KEY,
         shutdown_grace_s=5,
@@ -112,8 +133,9 @@ def plane(plane_config: Config, loop_thread: LoopThread) -> Iterator[RunningPlan
     admin = AdminClient(server.url, ADMIN_KEY)
     running = RunningPlane(server, loop_thread, admin)
     yield running
-    admin.close()
-    if server.runner.server is not None:
+    # Through `running`: a test may have replaced the server (a restart) or the admin client.
+    running.admin.close()
+    if running.server.runner.server is not None:
         running.stop()
 
 

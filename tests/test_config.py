@@ -73,7 +73,7 @@ models = ["{MODEL}", {{ alias = "pricey", upstream = "{MODEL}", price_in = 9 }}]
     return Config.load(
         config_file=file,
         environ={},
-        overrides={"port": 0, "data_dir": plane_config.data_dir, "admin_key": ADMIN_KEY},
+        overrides={"port": 0, "grpc_port": 0, "data_dir": plane_config.data_dir, "admin_key": ADMIN_KEY},
     )
 
 

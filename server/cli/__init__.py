@@ -32,16 +32,28 @@ def cli() -> None:
     default=None,
     help="TOML file: [server] settings plus declared orgs and providers.",
 )
+@click.option("--grpc-port", type=int, default=None, help="Node service port (default 8443; 0 picks one).")
 @click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(
-    host: str | None, port: int | None, data_dir: Path | None, config_file: Path | None, log_level: str | None
+    host: str | None,
+    port: int | None,
+    data_dir: Path | None,
+    config_file: Path | None,
+    grpc_port: int | None,
+    log_level: str | None,
 ) -> None:
     """Run the control plane."""
     from server.serve import run
 
     try:
         config = Config.load(
-            overrides={"host": host, "port": port, "data_dir": data_dir, "log_level": log_level},
+            overrides={
+                "host": host,
+                "port": port,
+                "grpc_port": grpc_port,
+                "data_dir": data_dir,
+                "log_level": log_level,
+            },
             config_file=config_file,
         )
     except ConfigError as exc:
@@ -52,6 +64,25 @@ def serve(
     except (ConfigError, OSError) as exc:
         click.echo(f"Error: cannot start: {exc}", err=True)
         raise SystemExit(STARTUP_FAILURE) from exc
+
+
+@cli.command()
+@click.option("--host", default=None, help="Address to bind (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="HTTP port (default 8080).")
+@click.option("--grpc-port", type=int, default=None, help="Node service port (default 8443).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="State directory.")
+def demo(host: str | None, port: int | None, grpc_port: int | None, data_dir: Path | None) -> None:
+    """Run the plane with a local agent serving the bundled demo model (what `make run` does)."""
+    import asyncio
+
+    from server.cli.demo import run_demo
+
+    try:
+        config = Config.load(overrides={"host": host, "port": port, "grpc_port": grpc_port, "data_dir": data_dir})
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run_demo(config))
 
 
 cli.add_command(admin)

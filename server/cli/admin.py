@@ -82,11 +82,16 @@ _DURATION = re.compile(r"^(\d+)([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
+def parse_duration(value: str) -> timedelta | None:
+    """`30d`, `12h`, `90m`, `2w`; None when the value is not a duration."""
+    match = _DURATION.match(value.strip())
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))}) if match else None
+
+
 def parse_expiry(value: str) -> str:
     """`30d`, `12h`, `90m`, `2w`, or an ISO 8601 date/date-time (UTC when it has no offset)."""
-    match = _DURATION.match(value.strip())
-    if match:
-        delta = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    delta = parse_duration(value)
+    if delta is not None:
         return (datetime.now(UTC) + delta).isoformat()
     try:
         parsed = datetime.fromisoformat(value)
@@ -324,6 +329,112 @@ def route_list(ctx: Context, org_ref: str | None) -> None:
 @pass_context
 def route_remove(ctx: Context, model: str, org_ref: str) -> None:
     ctx.show(ctx.call(lambda c: c.delete("/routes", org=org_ref, model=model)), ROUTE_COLUMNS)
+
+
+# -- nodes -----------------------------------------------------------------------------------------
+
+NODE_COLUMNS = ("id", "org", "name", "state", "models", "last_heartbeat_s", "agent_version")
+TOKEN_COLUMNS = ("id", "org", "uses_left", "expires_at", "revoked_at", "labels")
+
+
+def _node_rows(doc: Any) -> Any:
+    def flat(n: dict[str, Any]) -> dict[str, Any]:
+        models = [f"{m['name']}({m['slots_busy']}/{m['slots_total']})" for m in n.get("models", [])]
+        return {**n, "models": models}
+
+    return {**doc, "data": [flat(n) for n in doc["data"]]} if "data" in doc else flat(doc)
+
+
+@admin.group()
+def nodes() -> None:
+    """Enrolled machines running the Hatchway agent."""
+
+
+@nodes.group("token")
+def node_token() -> None:
+    """One-time enrollment tokens (they carry the plane's CA fingerprint)."""
+
+
+@node_token.command("create")
+@click.option("--org", "org_ref", required=True, help="Org the enrolled nodes will belong to.")
+@click.option("--ttl", default="1h", show_default=True, help="Validity: 30m, 1h, 7d...")
+@click.option("--uses", type=int, default=1, show_default=True, help="How many machines may enroll with it.")
+@click.option("--label", "labels", multiple=True, help="k=v label for the enrolled nodes (repeatable).")
+@pass_context
+def node_token_create(ctx: Context, org_ref: str, ttl: str, uses: int, labels: tuple[str, ...]) -> None:
+    delta = parse_duration(ttl)
+    if delta is None:
+        raise click.BadParameter("use a duration like 30m, 1h or 7d", param_hint="--ttl")
+    pairs = [label.partition("=") for label in labels]
+    if any(not k or not sep for k, sep, _ in pairs):
+        raise click.BadParameter("labels look like key=value", param_hint="--label")
+    body = {"org": org_ref, "ttl_s": delta.total_seconds(), "uses": uses, "labels": {k: v for k, _, v in pairs}}
+    ctx.show(ctx.call(lambda c: c.post("/node-tokens", body)), TOKEN_COLUMNS, secret="token")
+
+
+@node_token.command("list")
+@click.option("--org", "org_ref", default=None, help="Only this org's tokens.")
+@pass_context
+def node_token_list(ctx: Context, org_ref: str | None) -> None:
+    ctx.show(ctx.call(lambda c: c.get("/node-tokens", org=org_ref)), TOKEN_COLUMNS)
+
+
+@node_token.command("revoke")
+@click.argument("token_id")
+@pass_context
+def node_token_revoke(ctx: Context, token_id: str) -> None:
+    ctx.show(ctx.call(lambda c: c.post(f"/node-tokens/{token_id}/revoke", {})), TOKEN_COLUMNS)
+
+
+@nodes.command("list")
+@click.option("--org", "org_ref", default=None, help="Only this org's nodes.")
+@pass_context
+def nodes_list(ctx: Context, org_ref: str | None) -> None:
+    doc = ctx.call(lambda c: c.get("/nodes", org=org_ref))
+    ctx.show(doc if ctx.as_json else _node_rows(doc), NODE_COLUMNS)
+
+
+@nodes.command("show")
+@click.argument("node")
+@pass_context
+def nodes_show(ctx: Context, node: str) -> None:
+    """Everything known about a node: hardware, models and slots, heartbeat, issues."""
+    doc = ctx.call(lambda c: c.get(f"/nodes/{node}"))
+    if ctx.as_json:
+        ctx.show(doc, ())
+        return
+    for field_name in ("id", "name", "org", "state", "agent_version", "os", "mode", "last_heartbeat_s", "labels"):
+        click.echo(f"{field_name:>17}: {_cell(doc.get(field_name))}")
+    hardware = doc.get("hardware") or {}
+    for field_name in ("hostname", "cpu_model", "cpu_count", "ram_total_bytes", "nvml_status", "gpus"):
+        click.echo(f"{field_name:>17}: {_cell(hardware.get(field_name))}")
+    click.echo(render_table(doc.get("models", []), ("name", "slots_busy", "slots_total", "context", "price_in")))
+    if doc.get("issues"):
+        click.echo(render_table(doc["issues"], ("code", "model", "message")))
+
+
+@nodes.command("drain")
+@click.argument("node")
+@pass_context
+def nodes_drain(ctx: Context, node: str) -> None:
+    """Stop sending the node new jobs; running ones finish."""
+    ctx.show(_node_rows(ctx.call(lambda c: c.post(f"/nodes/{node}/drain", {}))), NODE_COLUMNS)
+
+
+@nodes.command("resume")
+@click.argument("node")
+@pass_context
+def nodes_resume(ctx: Context, node: str) -> None:
+    """Send a drained node jobs again."""
+    ctx.show(_node_rows(ctx.call(lambda c: c.post(f"/nodes/{node}/resume", {}))), NODE_COLUMNS)
+
+
+@nodes.command("revoke")
+@click.argument("node")
+@pass_context
+def nodes_revoke(ctx: Context, node: str) -> None:
+    """Disconnect the node and refuse its credential from now on."""
+    ctx.show(_node_rows(ctx.call(lambda c: c.post(f"/nodes/{node}/revoke", {}))), NODE_COLUMNS)
 
 
 # -- models ----------------------------------------------------------------------------------------

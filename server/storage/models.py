@@ -13,6 +13,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def split_list(value: str) -> list[str]:
+    """Read a comma-separated column (allow-lists, rule targets): empty means an empty list."""
+    return value.split(",") if value else []
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
 
@@ -102,6 +107,38 @@ class RouteRule(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class EnrollmentToken(SQLModel, table=True):
+    __tablename__ = "enrollment_token"
+
+    id: str = Field(primary_key=True, default_factory=lambda: new_id("ntk"))
+    org_id: str = Field(foreign_key="org.id", index=True)
+    token_hash: str = Field(unique=True, index=True)
+    # How many more enrollments it allows.
+    uses_left: int = 1
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    # JSON object of labels given to the nodes enrolled with it.
+    labels: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Node(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("org_id", "machine_id"),)
+
+    id: str = Field(primary_key=True, default_factory=lambda: new_id("node"))
+    org_id: str = Field(foreign_key="org.id", index=True)
+    name: str
+    # Stable per machine: re-enrolling the same machine keeps its node id.
+    machine_id: str
+    credential_hash: str = Field(unique=True, index=True)
+    labels: str = ""
+    # Drained nodes stay connected but get no new jobs, across reconnects too.
+    drained: bool = False
+    revoked_at: datetime | None = None
+    enrolled_at: datetime = Field(default_factory=utcnow)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class UsageRecord(SQLModel, table=True):
     __tablename__ = "usage_record"
 
@@ -125,3 +162,5 @@ class UsageRecord(SQLModel, table=True):
     # False for an attempt that failed and was failed over; the request's own row is the final one.
     final: bool = True
     provider_key_id: str | None = None
+    # The node that served, for node targets (the target column names the pool).
+    node_id: str | None = Field(default=None, index=True)

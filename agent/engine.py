@@ -1,0 +1,751 @@
+"""The llama.cpp engine: serves the configured GGUF models to jobs, one llama.cpp context per slot.
+
+Usage:
+
+    engine = Engine([ModelConfig(Path("smollm2.gguf"), slots=2)])
+    await engine.start()
+    async for event in engine.generate(Job("chat/completions", {"model": "smollm2", "messages": [...]})):
+        ...  # Text pieces, then one End; or one Result for embeddings
+    await engine.close()
+
+A job borrows a free slot (never waits for one), runs llama.cpp in its own worker thread and hands events to the
+event loop. The slot goes back when that thread is done with it, whether the job finished, failed, was cancelled
+through `Job.cancel`, or its consumer walked away.
+
+Errors (`code` travels to the plane):
+
+    EngineError                      any failure of a job, before or during generation
+    ├── ModelNotFound                model_not_found: no such model, or it failed to load
+    ├── InvalidRequest               invalid_request: a body parameter is missing, malformed or unsupported
+    │   └── UnsupportedEndpoint      unsupported_endpoint: e.g. chat on a model loaded for embeddings
+    ├── NoChatTemplate               no_chat_template: chat asked of a model without a chat template
+    ├── ContextLengthExceeded        context_length_exceeded: the prompt does not fit a slot's context
+    ├── Busy                         busy: every slot of the model is taken
+    └── GenerationFailed             generation_failed: llama.cpp itself failed mid-job
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import functools
+import logging
+import secrets
+import threading
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import jinja2
+import numpy as np
+import numpy.typing as npt
+from llama_cpp import LLAMA_POOLING_TYPE_MEAN, LLAMA_POOLING_TYPE_NONE, Llama, StoppingCriteriaList
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from agent.models import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+CHAT = "chat/completions"
+COMPLETIONS = "completions"
+EMBEDDINGS = "embeddings"
+
+# llama.cpp reads this seed as "pick one at random", so a client seed must never map onto it.
+_RANDOM_SEED = 0xFFFFFFFF
+
+
+class EngineError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ModelNotFound(EngineError):
+    def __init__(self, message: str) -> None:
+        super().__init__("model_not_found", message)
+
+
+class InvalidRequest(EngineError):
+    def __init__(self, message: str, code: str = "invalid_request") -> None:
+        super().__init__(code, message)
+
+
+class UnsupportedEndpoint(InvalidRequest):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "unsupported_endpoint")
+
+
+class NoChatTemplate(EngineError):
+    def __init__(self, message: str) -> None:
+        super().__init__("no_chat_template", message)
+
+
+class ContextLengthExceeded(EngineError):
+    def __init__(self, message: str) -> None:
+        super().__init__("context_length_exceeded", message)
+
+
+class Busy(EngineError):
+    def __init__(self, message: str) -> None:
+        super().__init__("busy", message)
+
+
+class GenerationFailed(EngineError):
+    def __init__(self, message: str) -> None:
+        super().__init__("generation_failed", message)
+
+
+@dataclass
+class Job:
+    """One request: `endpoint` is "chat/completions", "completions" or "embeddings"; `body` the OpenAI body.
+
+    Setting `cancel` (from any thread) stops generation before the next token.
+    """
+
+    endpoint: str
+    body: dict[str, Any]
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class End:
+    """The last event of a generation job: finish_reason is "stop", "length" or "cancelled"."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Result:
+    """The whole answer of a job that does not stream: the OpenAI embeddings response."""
+
+    body: dict[str, Any]
+
+
+Event = Text | End | Result
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    slots_total: int
+    slots_busy: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    slots: int
+    context: int
+    price_in: float | None
+    price_out: float | None
+    has_chat_template: bool
+    embeddings: bool
+    path: Path
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Issue:
+    """Something wrong with a configured model, for the operator: model_file_missing, load_failed, ..."""
+
+    code: str
+    message: str
+    model: str
+
+
+def select_chat_template(override: str | None, metadata: Mapping[str, str]) -> str | None:
+    """The configured template wins over the GGUF's; None means the model cannot chat."""
+    if override is not None:
+        return override
+    return metadata.get("tokenizer.chat_template") or None
+
+
+class Engine:
+    """Serves `models`; see the module docstring. `issues` lists the models that could not be served."""
+
+    def __init__(self, models: Sequence[ModelConfig]) -> None:
+        self._configs = list(models)
+        self._models: dict[str, _Model] = {}
+        self._running: dict[threading.Thread, _Channel] = {}
+        self.issues: list[Issue] = []
+
+    async def start(self) -> None:
+        for config in self._configs:
+            if config.name in self._models:
+                self._report(
+                    Issue("duplicate_model_name", f"another model is already served as {config.name}", config.name)
+                )
+                continue
+            model = await self._load(config)
+            if model is not None:
+                self._models[config.name] = model
+
+    async def close(self) -> None:
+        """Stop every running job, wait for its thread, then free the models."""
+        running = list(self._running.items())
+        for _, channel in running:
+            channel.abandoned.set()
+        for thread, _ in running:
+            await asyncio.to_thread(thread.join)
+        for model in self._models.values():
+            model.slots.close()
+        self._models.clear()
+
+    def status(self) -> list[ModelStatus]:
+        return [ModelStatus(name, model.slots.total, model.slots.busy) for name, model in self._models.items()]
+
+    def infos(self) -> list[ModelInfo]:
+        return [model.info() for model in self._models.values()]
+
+    async def generate(self, job: Job) -> AsyncGenerator[Event, None]:
+        """Yield Text pieces then End (generation) or one Result (embeddings); raise EngineError on failure.
+
+        A cancelled job ends with End(finish_reason="cancelled") and the token counts so far. Closing the generator
+        early (`aclose`, or dropping it) stops the job too, and `aclose` returns once its slot is free again.
+        """
+        model = self._find(job.body)
+        work = model.prepare(job.endpoint, job.body)
+        channel = _Channel(asyncio.get_running_loop(), job.cancel)
+        llama = model.slots.acquire()
+        if llama is None:
+            raise Busy(f"all {model.slots.total} slots of model {model.config.name} are busy")
+        thread = threading.Thread(
+            target=self._work, args=(model.slots, llama, work, channel), name=f"hatchway-{model.config.name}"
+        )
+        self._running[thread] = channel
+        try:
+            thread.start()
+        except RuntimeError:
+            del self._running[thread]
+            model.slots.release(llama)
+            raise
+        finished = False
+        try:
+            while (item := await channel.queue.get()) is not None:
+                if isinstance(item, EngineError):
+                    raise item
+                yield item
+            finished = True
+        finally:
+            if not finished:
+                # The consumer left (or we are raising): stop the thread and wait until it has let go of the slot,
+                # so that the caller sees the slot free once this generator is closed.
+                channel.abandoned.set()
+                while await channel.queue.get() is not None:
+                    pass
+
+    def _work(self, slots: _Slots, llama: Llama, work: _Work, channel: _Channel) -> None:
+        """The worker thread: run the job, give the slot back, then report, so a reported end means a free slot."""
+        outcome: Event | EngineError
+        try:
+            try:
+                outcome = work(llama, channel)
+            finally:
+                slots.release(llama)
+        except EngineError as exc:
+            outcome = exc
+        except Exception as exc:
+            logger.exception("llama.cpp failed on a job")
+            outcome = GenerationFailed(f"llama.cpp failed: {exc}")
+        channel.send(outcome)
+        channel.send(None)
+        self._running.pop(threading.current_thread(), None)
+
+    def _find(self, body: Mapping[str, Any]) -> _Model:
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("'model' is required")
+        model = self._models.get(name)
+        if model is not None:
+            return model
+        reasons = [issue.message for issue in self.issues if issue.model == name]
+        if reasons:
+            raise ModelNotFound(f"model {name!r} is not available: {reasons[0]}")
+        raise ModelNotFound(f"model {name!r} is not served by this node")
+
+    async def _load(self, config: ModelConfig) -> _Model | None:
+        if not config.path.is_file():
+            self._report(Issue("model_file_missing", f"model file not found: {config.path}", config.name))
+            return None
+        try:
+            llamas = await asyncio.to_thread(_open_slots, config)
+        except Exception as exc:
+            self._report(Issue("load_failed", f"llama.cpp could not load {config.path}: {exc}", config.name))
+            return None
+        model = _Model(config, _Slots(llamas), None, config.path.stat().st_size)
+        if config.embeddings:
+            return model
+        template = select_chat_template(config.chat_template, llamas[0].metadata)
+        if template is None:
+            self._report(
+                Issue(
+                    "no_chat_template",
+                    f"{config.path} has no chat template and none is configured: only /v1/completions is served",
+                    config.name,
+                )
+            )
+            return model
+        try:
+            model.formatter = _formatter(llamas[0], template)
+        except jinja2.TemplateError as exc:
+            self._report(Issue("invalid_chat_template", f"the chat template does not compile: {exc}", config.name))
+        return model
+
+    def _report(self, issue: Issue) -> None:
+        logger.warning("model %s: %s", issue.model, issue.message)
+        self.issues.append(issue)
+
+
+# --- slots and the worker's link to the event loop --------------------------------------------------------------
+
+_Item = Text | End | Result | EngineError | None  # None: the worker thread is done
+
+
+class _Channel:
+    """One job's link between its worker thread and the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, cancel: threading.Event) -> None:
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.cancel = cancel
+        self.abandoned = threading.Event()
+        self._loop = loop
+
+    def should_stop(self) -> bool:
+        return self.cancel.is_set() or self.abandoned.is_set()
+
+    def send(self, item: _Item) -> None:
+        # RuntimeError: the loop closed under an abandoned job, and nobody is left to tell.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class _Slots:
+    """A model's llama.cpp contexts; each is lent to one job at a time because they are not thread-safe."""
+
+    def __init__(self, llamas: list[Llama]) -> None:
+        self._all = list(llamas)
+        self._free = list(llamas)
+        self._lock = threading.Lock()  # released by worker threads, taken on the event loop
+
+    @property
+    def total(self) -> int:
+        return len(self._all)
+
+    @property
+    def busy(self) -> int:
+        with self._lock:
+            return len(self._all) - len(self._free)
+
+    def acquire(self) -> Llama | None:
+        with self._lock:
+            return self._free.pop() if self._free else None
+
+    def release(self, llama: Llama) -> None:
+        with self._lock:
+            self._free.append(llama)
+
+    def close(self) -> None:
+        for llama in self._all:
+            llama.close()
+
+
+def _open_slots(config: ModelConfig) -> list[Llama]:
+    llamas: list[Llama] = []
+    try:
+        pooling: int | None = None
+        if config.embeddings:
+            probe = _open_llama(config, None)
+            if int(probe.pooling_type()) == LLAMA_POOLING_TYPE_NONE:
+                # A generative model declares no pooling and would return one vector per token: average them.
+                probe.close()
+                pooling = LLAMA_POOLING_TYPE_MEAN
+            else:
+                llamas.append(probe)
+        while len(llamas) < config.slots:
+            llamas.append(_open_llama(config, pooling))
+    except BaseException:
+        for llama in llamas:
+            llama.close()
+        raise
+    return llamas
+
+
+def _open_llama(config: ModelConfig, pooling: int | None) -> Llama:
+    options: dict[str, Any] = {}
+    if config.threads is not None:
+        options.update(n_threads=config.threads, n_threads_batch=config.threads)
+    if config.embeddings:
+        # A whole input is decoded in one batch, so the batch must hold as much as the context.
+        options.update(n_batch=config.context, n_ubatch=config.context)
+        if pooling is not None:
+            options.update(pooling_type=pooling)
+    return Llama(
+        model_path=str(config.path),
+        n_ctx=config.context,
+        n_gpu_layers=config.gpu_layers,
+        embedding=config.embeddings,
+        verbose=False,
+        **options,
+    )
+
+
+def _formatter(llama: Llama, template: str) -> Jinja2ChatFormatter:
+    def token_text(token: int) -> str:
+        return llama.detokenize([token], special=True).decode("utf-8", errors="replace") if token >= 0 else ""
+
+    return Jinja2ChatFormatter(
+        template=template,
+        eos_token=token_text(llama.token_eos()),
+        bos_token=token_text(llama.token_bos()),
+        add_generation_prompt=True,
+    )
+
+
+# --- turning a request body into work for a slot ------------------------------------------------------------------
+
+_Work = Callable[[Llama, _Channel], Event]
+
+
+@dataclass
+class _Model:
+    config: ModelConfig
+    slots: _Slots
+    formatter: Jinja2ChatFormatter | None
+    size_bytes: int
+
+    def info(self) -> ModelInfo:
+        config = self.config
+        return ModelInfo(
+            name=config.name,
+            slots=config.slots,
+            context=config.context,
+            price_in=config.price_in,
+            price_out=config.price_out,
+            has_chat_template=self.formatter is not None,
+            embeddings=config.embeddings,
+            path=config.path,
+            size_bytes=self.size_bytes,
+        )
+
+    def prepare(self, endpoint: str, body: Mapping[str, Any]) -> _Work:
+        """Check the body and turn it into the work a slot runs; raises before any slot is taken."""
+        name = self.config.name
+        if endpoint == EMBEDDINGS:
+            if not self.config.embeddings:
+                raise UnsupportedEndpoint(f"model {name} is not loaded for embeddings")
+            return functools.partial(_embed, inputs=_embedding_inputs(body), model=name, encoding=_encoding(body))
+        if endpoint not in (CHAT, COMPLETIONS):
+            raise UnsupportedEndpoint(f"unknown endpoint {endpoint!r}")
+        if self.config.embeddings:
+            raise UnsupportedEndpoint(f"model {name} is loaded for embeddings only")
+        _reject_unsupported(body)
+        sampling = _sampling(body)
+        if endpoint == COMPLETIONS:
+            return functools.partial(_complete, prompt=_completion_prompt(body), add_bos=True, sampling=sampling)
+        if self.formatter is None:
+            raise NoChatTemplate(f"model {name} has no chat template; use /v1/completions or configure one")
+        prompt, template_stops = _render_chat(self.formatter, _messages(body))
+        sampling = dataclasses.replace(sampling, stop=(*sampling.stop, *template_stops))
+        # The template writes BOS itself where the model wants one, as llama-cpp-python's own chat handler assumes.
+        return functools.partial(_complete, prompt=prompt, add_bos=False, sampling=sampling)
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    repeat_penalty: float
+    seed: int
+    stop: tuple[str, ...]
+
+
+def _sampling(body: Mapping[str, Any]) -> _Sampling:
+    max_tokens = _integer(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", 1)
+    seed = _integer(body, "seed", None)
+    top_k = _integer(body, "top_k", 0)
+    return _Sampling(
+        max_tokens=max_tokens,
+        # OpenAI's defaults for OpenAI's parameters; llama.cpp's for the extensions llama-server also accepts.
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        top_k=40 if top_k is None else top_k,
+        min_p=_number(body, "min_p", 0.05, 0.0, 1.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        repeat_penalty=_number(body, "repeat_penalty", 1.0, 0.0, 10.0),
+        seed=(seed if seed is not None else secrets.randbits(32)) % _RANDOM_SEED,
+        stop=_stops(body),
+    )
+
+
+def _number(body: Mapping[str, Any], key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(f"'{key}' must be a number")
+    if not low <= value <= high:
+        raise InvalidRequest(f"'{key}' must be between {low} and {high}, got {value}")
+    return float(value)
+
+
+def _integer(body: Mapping[str, Any], key: str, low: int | None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"'{key}' must be an integer")
+    if low is not None and value < low:
+        raise InvalidRequest(f"'{key}' must be at least {low}, got {value}")
+    return value
+
+
+def _stops(body: Mapping[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(item, str) for item in stop):
+        raise InvalidRequest("'stop' must be a string or a list of strings")
+    return tuple(item for item in stop if item)
+
+
+def _reject_unsupported(body: Mapping[str, Any]) -> None:
+    """Refuse what llama.cpp nodes cannot honour rather than answer something the client did not ask for."""
+    if body.get("n") not in (None, 1):
+        raise InvalidRequest("'n' other than 1 is not supported")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise InvalidRequest("'logprobs' is not supported")
+    if body.get("tools") or body.get("functions"):
+        raise InvalidRequest("tool calling is not supported by this model")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise InvalidRequest("'response_format' other than text is not supported")
+    if body.get("echo") or body.get("suffix") is not None or body.get("best_of") not in (None, 1):
+        raise InvalidRequest("'echo', 'suffix' and 'best_of' are not supported")
+
+
+def _completion_prompt(body: Mapping[str, Any]) -> str | list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(token, int) and not isinstance(token, bool) for token in prompt):
+        return cast(list[int], prompt)
+    raise InvalidRequest("'prompt' must be a string, a list of one string, or a list of token ids")
+
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+
+
+def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise InvalidRequest("'messages' must be a non-empty list")
+    messages = []
+    for index, message in enumerate(raw):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in _ROLES:
+            raise InvalidRequest(f"messages[{index}].role must be one of {', '.join(_ROLES)}")
+        # Templates only know the classic roles; "developer" is OpenAI's new name for "system".
+        messages.append({"role": _ROLES[role], "content": _content(message.get("content"), index)})
+    return messages
+
+
+def _content(content: Any, index: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+        if len(texts) == len(content) and all(isinstance(text, str) for text in texts):
+            return "".join(cast(list[str], texts))
+    raise InvalidRequest(f"messages[{index}].content must be a string or a list of text parts")
+
+
+def _render_chat(formatter: Jinja2ChatFormatter, messages: list[dict[str, str]]) -> tuple[str, tuple[str, ...]]:
+    """The prompt for `messages`, and the template's stop strings.
+
+    A final assistant message is a prefill: the messages before it are rendered with the generation prompt and its
+    content is appended verbatim, so the model continues that text instead of starting a new turn.
+    """
+    prefill = ""
+    if messages[-1]["role"] == "assistant":
+        prefill = messages[-1]["content"]
+        messages = messages[:-1]
+    try:
+        rendered = formatter(messages=cast(Any, messages))
+    except (ValueError, jinja2.TemplateError) as exc:
+        raise InvalidRequest(f"the chat template rejected the messages: {exc}") from exc
+    stop = rendered.stop
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    return rendered.prompt + prefill, stops
+
+
+def _embedding_inputs(body: Mapping[str, Any]) -> list[str]:
+    value = body.get("input")
+    inputs = [value] if isinstance(value, str) else value
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(item, str) and item for item in inputs):
+        raise InvalidRequest("'input' must be a non-empty string or a list of non-empty strings")
+    if body.get("dimensions") is not None:
+        raise InvalidRequest("'dimensions' is not supported")
+    return cast(list[str], inputs)
+
+
+def _encoding(body: Mapping[str, Any]) -> str:
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise InvalidRequest("'encoding_format' must be 'float' or 'base64'")
+    return str(encoding)
+
+
+# --- the work itself, run in the job's worker thread ---------------------------------------------------------------
+
+
+def _complete(llama: Llama, channel: _Channel, *, prompt: str | list[int], add_bos: bool, sampling: _Sampling) -> End:
+    tokens = _tokenize(llama, prompt, add_bos)
+    context = llama.n_ctx()
+    if not tokens:
+        raise InvalidRequest("the prompt is empty")
+    if len(tokens) >= context:
+        raise ContextLengthExceeded(
+            f"the prompt is {len(tokens)} tokens but a slot holds {context} tokens, completion included"
+        )
+    if channel.should_stop():
+        return End("cancelled", len(tokens), 0)
+    stream = llama.create_completion(
+        prompt=tokens,
+        stream=True,
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        min_p=sampling.min_p,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        repeat_penalty=sampling.repeat_penalty,
+        seed=sampling.seed,
+        # Checked after every sampled token, even those llama-cpp-python holds back (split UTF-8 characters).
+        stopping_criteria=StoppingCriteriaList([lambda _ids, _logits: channel.should_stop()]),
+    )
+    if isinstance(stream, dict):
+        raise TypeError("llama-cpp-python returned a whole completion for stream=True")
+    # Stop strings are matched here rather than by llama-cpp-python, which hides how many tokens it sampled.
+    scanner = _StopScanner(sampling.stop)
+    finish: str | None = None
+    interrupted = False  # we closed the stream right after a sampled token, before llama.cpp evaluated it
+    try:
+        for chunk in stream:
+            choice = chunk["choices"][0]
+            text, matched = scanner.feed(choice["text"])
+            if text:
+                channel.send(Text(text))
+            if matched or channel.should_stop():
+                finish, interrupted = ("stop" if matched else "cancelled"), True
+                break
+            finish = choice["finish_reason"] or finish
+        else:
+            if tail := scanner.flush():
+                channel.send(Text(tail))
+    finally:
+        _close(stream)
+    # llama.cpp has evaluated every sampled token except the last one, which it evaluates only to sample the next;
+    # an end-of-generation token ends the run without being counted, like llama-cpp-python's own usage.
+    evaluated = max(0, llama.n_tokens - len(tokens))
+    pending = 1 if interrupted or finish == "length" else 0
+    return End(finish or "stop", len(tokens), evaluated + pending)
+
+
+def _tokenize(llama: Llama, prompt: str | list[int], add_bos: bool) -> list[int]:
+    if isinstance(prompt, str):
+        # special=True: control tokens written in the prompt (a template's <|im_start|>) are tokens, not text.
+        return llama.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
+    vocabulary = llama.n_vocab()
+    if any(not 0 <= token < vocabulary for token in prompt):
+        raise InvalidRequest(f"token ids must be between 0 and {vocabulary - 1}")
+    return list(prompt)
+
+
+def _close(stream: Iterator[Any]) -> None:
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()
+
+
+class _StopScanner:
+    """Finds stop strings across piece boundaries, holding back text that could be the start of one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [stop for stop in stops if stop]
+        self._held = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """The text that is safe to emit, and whether a stop string was reached (its text is dropped)."""
+        text = self._held + piece
+        found = [index for index in (text.find(stop) for stop in self._stops) if index >= 0]
+        if found:
+            self._held = ""
+            return text[: min(found)], True
+        keep = self._partial_match(text)
+        self._held = text[len(text) - keep :]
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+    def _partial_match(self, text: str) -> int:
+        longest = 0
+        for stop in self._stops:
+            for size in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
+
+
+def _embed(llama: Llama, channel: _Channel, *, inputs: list[str], model: str, encoding: str) -> Event:
+    limit = min(llama.n_ctx(), llama.n_batch)
+    data: list[dict[str, Any]] = []
+    total = 0
+    for index, text in enumerate(inputs):
+        if channel.should_stop():
+            return End("cancelled", total, 0)
+        count = len(llama.tokenize(text.encode("utf-8")))  # the tokens `embed` decodes
+        if count > limit:
+            raise ContextLengthExceeded(f"input[{index}] is {count} tokens but the model embeds at most {limit}")
+        vector = np.asarray(llama.embed(text, truncate=False), dtype=np.float32)
+        if vector.ndim == 2:
+            vector = vector.mean(axis=0)  # the model pools nothing itself
+        norm = float(np.linalg.norm(vector))
+        if norm > 0:
+            vector = vector / norm  # unit length, as OpenAI's embeddings are
+        total += count
+        data.append({"object": "embedding", "index": index, "embedding": _encode_vector(vector, encoding)})
+    usage = {"prompt_tokens": total, "total_tokens": total}
+    return Result({"object": "list", "data": data, "model": model, "usage": usage})
+
+
+def _encode_vector(vector: npt.NDArray[np.float32], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return [float(value) for value in vector]

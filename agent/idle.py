@@ -1,0 +1,81 @@
+"""idle-only mode: take jobs only while the machine's owner is not using it.
+
+A `LoadProbe` reports the owner's load (the machine's, minus the agent's own work); `IdleGate` turns a series of
+readings into paused / not paused with hysteresis. Probes are pluggable: `psutil_probe` reads the machine,
+`file_probe` reads a JSON file (`{"cpu_percent": 80, "gpu_percent": 0}`) so tests and scripts can drive it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from agent.config import IdleThresholds
+
+
+@dataclass(frozen=True)
+class OwnerLoad:
+    cpu_percent: float
+    gpu_percent: float = 0.0
+
+
+LoadProbe = Callable[[], OwnerLoad]
+
+
+def psutil_probe(gpu_percent: Callable[[], float] | None = None) -> LoadProbe:
+    """The machine's CPU use minus this process's (llama.cpp threads included), so generating is not mistaken
+    for the owner being busy."""
+    me = psutil.Process()
+    me.cpu_percent(None)
+    psutil.cpu_percent(None)
+    cpus = psutil.cpu_count() or 1
+
+    def probe() -> OwnerLoad:
+        machine = psutil.cpu_percent(None)
+        own = me.cpu_percent(None) / cpus
+        return OwnerLoad(cpu_percent=max(0.0, machine - own), gpu_percent=gpu_percent() if gpu_percent else 0.0)
+
+    return probe
+
+
+def file_probe(path: Path) -> LoadProbe:
+    def probe() -> OwnerLoad:
+        try:
+            doc = json.loads(path.read_text())
+            return OwnerLoad(float(doc.get("cpu_percent", 0.0)), float(doc.get("gpu_percent", 0.0)))
+        except (OSError, ValueError, AttributeError):
+            return OwnerLoad(0.0)
+
+    return probe
+
+
+class IdleGate:
+    def __init__(self, thresholds: IdleThresholds, probe: LoadProbe, clock: Callable[[], float] = time.monotonic):
+        self.thresholds = thresholds
+        self.probe = probe
+        self.clock = clock
+        self.paused = False
+        self._since: float | None = None
+
+    def update(self) -> bool:
+        """Read the probe once; True when the paused state changed."""
+        load = self.probe()
+        busy = load.cpu_percent > self.thresholds.cpu_percent or load.gpu_percent > self.thresholds.gpu_percent
+        # Only a reading that argues for a change starts (or keeps) the clock; one that agrees with the
+        # current state resets it, so a short spike or a short lull changes nothing.
+        if busy == self.paused:
+            self._since = None
+            return False
+        now = self.clock()
+        if self._since is None:
+            self._since = now
+        needed = self.thresholds.pause_after_s if busy else self.thresholds.resume_after_s
+        if now - self._since < needed:
+            return False
+        self.paused, self._since = busy, None
+        return True

@@ -1,0 +1,326 @@
+"""Connected nodes, and the plane's own account of their slots.
+
+The plane never trusts a node's report to decide whether a slot is free: it claims a slot before it dispatches
+a job and releases it when the job ends, is cancelled (or its cancel times out), or the node's stream drops.
+Node reports only change capacity. After any sequence of faults every counter is back at zero.
+
+When every slot of a model is busy a request waits in a bounded per-pool queue, first come first served; when
+the queue is full or the wait times out the pool is busy, which the attempt loop treats like any other target
+failure (the next target, or a 503 with Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from proto.hatchway.node.v1 import node_pb2 as pb
+from server.errors import UpstreamConnectError, UpstreamError
+
+log = logging.getLogger(__name__)
+
+MISSED_HEARTBEATS = 3
+AFFINITY_ENTRIES = 10_000
+
+
+class NodesBusyError(UpstreamError):
+    status = 503
+    code = "nodes_busy"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
+class SessionLost:
+    """Put on a job's queue when the node's stream dropped."""
+
+
+@dataclass
+class ModelSlots:
+    name: str
+    slots_total: int
+    context: int
+    price_in: float | None
+    price_out: float | None
+    chat: bool
+    embeddings: bool
+    busy: int = 0
+
+    @classmethod
+    def from_info(cls, info: pb.ModelInfo) -> ModelSlots:
+        return cls(
+            name=info.name,
+            slots_total=info.slots,
+            context=info.context_per_slot,
+            price_in=info.price_in if info.has_price else None,
+            price_out=info.price_out if info.has_price else None,
+            chat=info.chat,
+            embeddings=info.embeddings,
+        )
+
+
+@dataclass(eq=False)
+class Job:
+    job_id: str
+    session: NodeSession
+    model: str
+    events: asyncio.Queue[pb.JobEvent | SessionLost] = field(default_factory=asyncio.Queue)
+    finished: bool = False
+    released: bool = False
+    cancel_sent: bool = False
+
+
+@dataclass(eq=False)
+class NodeSession:
+    """One agent's live stream."""
+
+    node_id: str
+    org_id: str
+    name: str
+    hello: pb.Hello
+    heartbeat_s: float
+    drained: bool = False
+    models: dict[str, ModelSlots] = field(default_factory=dict)
+    outbound: asyncio.Queue[pb.PlaneMessage | None] = field(default_factory=asyncio.Queue)
+    jobs: dict[str, Job] = field(default_factory=dict)
+    connected_at: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.monotonic)
+    status: pb.Status = field(default_factory=pb.Status)
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        self.models = {m.name: ModelSlots.from_info(m) for m in self.hello.models}
+
+    @property
+    def stale(self) -> bool:
+        return time.monotonic() - self.last_seen > MISSED_HEARTBEATS * self.heartbeat_s
+
+    @property
+    def accepting(self) -> bool:
+        return not (self.closed or self.drained or self.status.draining or self.status.idle_paused or self.stale)
+
+    def free_slots(self, model: str) -> int:
+        slots = self.models.get(model)
+        return 0 if slots is None or not self.accepting else slots.slots_total - slots.busy
+
+    @property
+    def state(self) -> str:
+        if self.closed:
+            return "offline"
+        if self.drained or self.status.draining:
+            return "draining"
+        if self.status.idle_paused:
+            return "idle-paused"
+        if self.stale:
+            return "unresponsive"
+        if any(m.busy for m in self.models.values()):
+            return "busy"
+        return "ready"
+
+    def apply_status(self, status: pb.Status) -> None:
+        if status.version < self.status.version:
+            return  # an older report that arrived late
+        self.status = status
+        for load in status.models:
+            slots = self.models.get(load.name)
+            if slots is not None:
+                # The node may change its capacity; the plane keeps counting its own busy slots.
+                slots.slots_total = load.slots_total
+
+    def send(self, message: pb.PlaneMessage) -> None:
+        if not self.closed:
+            self.outbound.put_nowait(message)
+
+
+class Pool:
+    """Waiters for one (org, model), woken in arrival order as slots free up."""
+
+    def __init__(self) -> None:
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def wake_one(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+class NodeRegistry:
+    def __init__(self, *, queue_size: int, queue_timeout_s: float, cancel_timeout_s: float) -> None:
+        self.queue_size = queue_size
+        self.queue_timeout_s = queue_timeout_s
+        self.cancel_timeout_s = cancel_timeout_s
+        self.sessions: dict[str, NodeSession] = {}
+        self._pools: dict[tuple[str, str], Pool] = collections.defaultdict(Pool)
+        # Conversation prefix -> the node that served it last, so a follow-up reuses its prompt cache.
+        self._affinity: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._job_ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- sessions ---------------------------------------------------------------------------------
+
+    def register(self, session: NodeSession) -> None:
+        previous = self.sessions.get(session.node_id)
+        if previous is not None:
+            log.info("node %s reconnected; closing its previous stream", session.node_id)
+            self.unregister(previous)
+        self.sessions[session.node_id] = session
+        self._wake(session)
+
+    def unregister(self, session: NodeSession) -> None:
+        if session.closed:
+            return
+        session.closed = True
+        session.outbound.put_nowait(None)
+        if self.sessions.get(session.node_id) is session:
+            del self.sessions[session.node_id]
+        for job in list(session.jobs.values()):
+            job.events.put_nowait(SessionLost())
+            self.release(job)
+
+    def disconnect(self, node_id: str) -> None:
+        """Close a node's stream (revoked): its jobs fail over, its agent is refused on reconnect."""
+        session = self.sessions.get(node_id)
+        if session is not None:
+            self.unregister(session)
+
+    def set_drained(self, node_id: str, drained: bool) -> None:
+        session = self.sessions.get(node_id)
+        if session is None:
+            return
+        session.drained = drained
+        if drained:
+            session.send(pb.PlaneMessage(drain=pb.Drain(reason="drained by an admin")))
+        else:
+            session.send(pb.PlaneMessage(resume=pb.Resume()))
+            self._wake(session)
+
+    def touch(self, session: NodeSession) -> None:
+        session.last_seen = time.monotonic()
+
+    def update_status(self, session: NodeSession, status: pb.Status) -> None:
+        session.apply_status(status)
+        self._wake(session)
+
+    # -- what is served ---------------------------------------------------------------------------
+
+    def sessions_for(self, org_id: str) -> Iterator[NodeSession]:
+        return (s for s in self.sessions.values() if s.org_id == org_id)
+
+    def models_for(self, org_id: str) -> set[str]:
+        return {m for s in self.sessions_for(org_id) for m in s.models}
+
+    def serves(self, org_id: str, model: str) -> bool:
+        return any(model in s.models for s in self.sessions_for(org_id))
+
+    def prices(self, org_id: str, model: str) -> list[tuple[float | None, float | None]]:
+        return [
+            (s.models[model].price_in, s.models[model].price_out)
+            for s in self.sessions_for(org_id)
+            if model in s.models
+        ]
+
+    # -- jobs -------------------------------------------------------------------------------------
+
+    async def dispatch(self, org_id: str, model: str, endpoint: str, body: bytes, affinity: str | None) -> Job:
+        """Claim a slot (waiting in the pool's queue if need be), then send the job to that node."""
+        session = await self._claim(org_id, model, affinity)
+        job = Job(job_id=f"job-{next(self._job_ids)}", session=session, model=model)
+        session.jobs[job.job_id] = job
+        session.send(pb.PlaneMessage(job=pb.JobRequest(job_id=job.job_id, endpoint=endpoint, body=body)))
+        if affinity is not None:
+            self._affinity[affinity] = session.node_id
+            self._affinity.move_to_end(affinity)
+            while len(self._affinity) > AFFINITY_ENTRIES:
+                self._affinity.popitem(last=False)
+        return job
+
+    async def _claim(self, org_id: str, model: str, affinity: str | None) -> NodeSession:
+        pool = self._pools[(org_id, model)]
+        deadline = time.monotonic() + self.queue_timeout_s
+        while True:
+            session = self._pick(org_id, model, affinity)
+            if session is not None:
+                session.models[model].busy += 1
+                return session
+            if not self.serves(org_id, model):
+                raise UpstreamConnectError(f"no node serves '{model}' any more")
+            if len(pool.waiters) >= self.queue_size:
+                raise NodesBusyError(f"every node slot for '{model}' is busy and the queue is full")
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            pool.waiters.append(waiter)
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await waiter
+            except TimeoutError:
+                raise NodesBusyError(f"no node slot for '{model}' freed up in time") from None
+            finally:
+                if waiter in pool.waiters:
+                    pool.waiters.remove(waiter)
+
+    def _pick(self, org_id: str, model: str, affinity: str | None) -> NodeSession | None:
+        candidates = [s for s in self.sessions_for(org_id) if s.free_slots(model) > 0]
+        if not candidates:
+            return None
+        preferred = self._affinity.get(affinity) if affinity else None
+        for session in candidates:
+            if session.node_id == preferred:
+                return session
+        # The node with the most free slots: spreads load across agents.
+        return max(candidates, key=lambda s: s.free_slots(model))
+
+    def on_event(self, session: NodeSession, event: pb.JobEvent) -> None:
+        job = session.jobs.get(event.job_id)
+        if job is None:
+            return  # a job already released (cancel timed out, or it ended)
+        job.events.put_nowait(event)
+        if event.WhichOneof("kind") in ("end", "error"):
+            job.finished = True
+            self.release(job)
+
+    def cancel(self, job: Job) -> None:
+        """The client left: tell the node to stop, and free the slot when it confirms (or after a timeout)."""
+        if job.finished or job.released or job.cancel_sent:
+            return
+        job.cancel_sent = True
+        job.session.send(pb.PlaneMessage(cancel=pb.Cancel(job_id=job.job_id)))
+        task = asyncio.get_running_loop().create_task(self._release_after_timeout(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release_after_timeout(self, job: Job) -> None:
+        await asyncio.sleep(self.cancel_timeout_s)
+        if not job.released:
+            log.warning("node %s did not confirm the cancel of %s; releasing its slot", job.session.name, job.job_id)
+            self.release(job)
+
+    def release(self, job: Job) -> None:
+        if job.released:
+            return
+        job.released = True
+        job.session.jobs.pop(job.job_id, None)
+        slots = job.session.models.get(job.model)
+        if slots is not None:
+            slots.busy -= 1
+        self._wake(job.session)
+
+    def _wake(self, session: NodeSession) -> None:
+        for model in session.models:
+            for _ in range(max(0, session.free_slots(model))):
+                self._pools[(session.org_id, model)].wake_one()
+
+    def busy_slots(self) -> int:
+        """Slots claimed across all nodes: zero whenever no job is running."""
+        return sum(m.busy for s in self.sessions.values() for m in s.models.values())
+
+    async def close(self) -> None:
+        for session in list(self.sessions.values()):
+            self.unregister(session)
+        for task in list(self._tasks):
+            task.cancel()

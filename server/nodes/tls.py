@@ -1,0 +1,91 @@
+"""The node service's TLS identity: a self-signed certificate the plane creates in its data dir.
+
+The certificate is its own CA: agents pin it by the SHA-256 fingerprint carried in their enrollment token, then
+trust exactly it. Its subject names include `hatchway-plane`, which agents verify instead of the address they
+dialled, so a plane reached by IP, through NAT or under another DNS name needs no re-issued certificate.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from proto.contract import PLANE_TLS_NAME, certificate_fingerprint
+
+VALIDITY = datetime.timedelta(days=3650)
+
+
+@dataclass(frozen=True)
+class NodeTLS:
+    cert_pem: bytes
+    key_pem: bytes
+
+    @property
+    def fingerprint(self) -> str:
+        return certificate_fingerprint(self.cert_pem)
+
+
+def load_or_create(data_dir: Path) -> NodeTLS:
+    cert_path, key_path = data_dir / "node-ca.pem", data_dir / "node-ca.key"
+    if cert_path.exists() and key_path.exists():
+        return NodeTLS(cert_path.read_bytes(), key_path.read_bytes())
+    tls = _create()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(tls.key_pem)
+    cert_path.write_bytes(tls.cert_pem)
+    return tls
+
+
+def _create() -> NodeTLS:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, PLANE_TLS_NAME)])
+    now = datetime.datetime.now(datetime.UTC)
+    alt_names: list[x509.GeneralName] = [
+        x509.DNSName(PLANE_TLS_NAME),
+        x509.DNSName("localhost"),
+        x509.DNSName(socket.gethostname()),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return NodeTLS(
+        cert.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )

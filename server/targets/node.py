@@ -1,0 +1,211 @@
+"""Node pools as targets: the connected nodes of an org that serve a model, behind one Target.
+
+The pool claims a slot on one node per attempt (`NodeRegistry.dispatch`) and turns the node's token batches
+back into OpenAI objects: `chat.completion.chunk` / `text_completion` SSE payloads for streams, whole bodies
+otherwise, so the relay treats a node exactly like a provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import orjson
+
+from proto.hatchway.node.v1 import node_pb2 as pb
+from server.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+)
+from server.failover import FailoverPolicy
+from server.nodes.registry import Job, NodeRegistry, SessionLost
+from server.targets.base import Attempt, Call, Target, TargetStream
+
+# The id routing rules use for "the org's nodes" (e.g. `route set m --targets nodes,openai`).
+NODES_TARGET = "nodes"
+
+
+class NodePoolTarget(Target):
+    kind = "node"
+    id = NODES_TARGET
+
+    def __init__(self, registry: NodeRegistry, org_id: str, model: str, policy: FailoverPolicy) -> None:
+        self.registry = registry
+        self.org_id = org_id
+        self.upstream_model = model
+        self.key = f"nodes/{org_id}/{model}"
+        self.policy = policy
+
+    def __repr__(self) -> str:
+        return f"NodePoolTarget({self.org_id!r}, {self.upstream_model!r})"
+
+    # The cheapest node's price stands for the pool when routing by price; each attempt is billed at the
+    # price of the node that served it.
+    @property
+    def price_in(self) -> float | None:  # type: ignore[override]
+        return _cheapest(p[0] for p in self.registry.prices(self.org_id, self.upstream_model))
+
+    @property
+    def price_out(self) -> float | None:  # type: ignore[override]
+        return _cheapest(p[1] for p in self.registry.prices(self.org_id, self.upstream_model))
+
+    def accepts_prefill(self) -> bool | None:
+        return True  # the agent renders the chat template itself and continues a final assistant message
+
+    def learn_prefill(self, accepted: bool) -> None:
+        pass
+
+    async def _dispatch(self, call: Call, attempt: Attempt) -> Job:
+        body = orjson.dumps({**call.body, "model": self.upstream_model})
+        job = await self.registry.dispatch(
+            self.org_id, self.upstream_model, call.endpoint, body, _affinity(self.org_id, call.body)
+        )
+        slots = job.session.models[self.upstream_model]
+        attempt.route = job.session.node_id
+        attempt.price = (slots.price_in, slots.price_out)
+        return job
+
+    async def complete(self, call: Call, attempt: Attempt) -> bytes:
+        job = await self._dispatch(call, attempt)
+        text: list[str] = []
+        try:
+            while True:
+                event = await _next(job, self.policy.header_timeout_s)
+                kind = event.WhichOneof("kind")
+                if kind == "tokens":
+                    text.append(event.tokens.text)
+                elif kind == "end":
+                    if event.end.result:
+                        return event.end.result
+                    return orjson.dumps(_whole(call, job, "".join(text), event.end))
+                else:
+                    raise _error(job, event.error)
+        finally:
+            self.registry.cancel(job)  # a no-op once the job ended
+
+    async def stream(self, call: Call, attempt: Attempt) -> TargetStream:
+        return NodeStream(self.registry, await self._dispatch(call, attempt), call, self.policy.idle_timeout_s)
+
+
+class NodeStream(TargetStream):
+    def __init__(self, registry: NodeRegistry, job: Job, call: Call, idle_timeout_s: float) -> None:
+        self.registry = registry
+        self.job = job
+        self.call = call
+        self.idle_timeout_s = idle_timeout_s
+        self._payloads = self._read()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._payloads
+
+    async def _read(self) -> AsyncGenerator[bytes, None]:
+        chat = self.call.endpoint == "chat/completions"
+        base = _chunk_base(self.call, self.job, chat)
+        if chat:
+            yield _chunk(base, {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+        while True:
+            event = await _next(self.job, self.idle_timeout_s)
+            kind = event.WhichOneof("kind")
+            if kind == "tokens":
+                piece = {"content": event.tokens.text} if chat else None
+                choice = {"index": 0, "delta": piece} if chat else {"index": 0, "text": event.tokens.text}
+                yield _chunk(base, {**choice, "finish_reason": None, "logprobs": None})
+            elif kind == "end":
+                end = event.end
+                finish = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
+                yield _chunk(base, {**finish, "finish_reason": end.finish_reason, "logprobs": None})
+                yield orjson.dumps({**base, "choices": [], "usage": _usage(end)})
+                self.done = True
+                return
+            else:
+                raise _error(self.job, event.error)
+
+    async def aclose(self) -> None:
+        await self._payloads.aclose()
+        self.registry.cancel(self.job)
+
+
+async def _next(job: Job, timeout_s: float) -> pb.JobEvent:
+    try:
+        async with asyncio.timeout(timeout_s):
+            event = await job.events.get()
+    except TimeoutError:
+        raise UpstreamTimeoutError(f"node {job.session.name}: no token for {timeout_s:g}s") from None
+    if isinstance(event, SessionLost):
+        raise UpstreamConnectError(f"node {job.session.name} went away during the job")
+    return event
+
+
+def _error(job: Job, error: pb.JobError) -> UpstreamError:
+    message = f"node {job.session.name}: {error.message}"
+    if error.code in ("context_length_exceeded", "invalid_request"):
+        envelope = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": error.code}}
+        return UpstreamStatusError(400, orjson.dumps(envelope))
+    if error.code == "busy":
+        return UpstreamConnectError(message)
+    return UpstreamProtocolError(message)
+
+
+def _usage(end: pb.JobEnd) -> dict[str, int]:
+    return {
+        "prompt_tokens": end.prompt_tokens,
+        "completion_tokens": end.completion_tokens,
+        "total_tokens": end.prompt_tokens + end.completion_tokens,
+    }
+
+
+def _chunk_base(call: Call, job: Job, chat: bool) -> dict[str, Any]:
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{job.session.node_id}-{job.job_id}",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": job.model,
+        "system_fingerprint": None,
+    }
+
+
+def _chunk(base: dict[str, Any], choice: dict[str, Any]) -> bytes:
+    return orjson.dumps({**base, "choices": [choice]})
+
+
+def _whole(call: Call, job: Job, text: str, end: pb.JobEnd) -> dict[str, Any]:
+    chat = call.endpoint == "chat/completions"
+    choice: dict[str, Any] = (
+        {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}}
+        if chat
+        else {"index": 0, "text": text}
+    )
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{job.session.node_id}-{job.job_id}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": job.model,
+        "choices": [{**choice, "finish_reason": end.finish_reason, "logprobs": None}],
+        "usage": _usage(end),
+        "system_fingerprint": None,
+    }
+
+
+def _affinity(org_id: str, body: dict[str, Any]) -> str | None:
+    """A conversation's identity: its messages up to the first assistant turn. Follow-up turns share it, so
+    they land on the node whose llama.cpp prompt cache already holds that prefix."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return None
+    prefix = []
+    for message in messages:
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            break
+        prefix.append(message)
+    return hashlib.sha256(orjson.dumps([org_id, body.get("model"), prefix])).hexdigest()
+
+
+def _cheapest(prices: Any) -> float | None:
+    known = [p for p in prices if p is not None]
+    return min(known) if known else None
