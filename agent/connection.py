@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from agent import __version__
 from agent.config import AgentConfig
@@ -66,11 +67,24 @@ def fetch_plane_certificate(plane: str, fingerprint: str) -> str:
     return pem
 
 
+def tls_name(cert_pem: str) -> str:
+    """The name to check the plane's certificate against: `hatchway-plane` for the plane's own certificate,
+    else (an operator's certificate) "" for the address dialled."""
+    try:
+        names = x509.load_pem_x509_certificate(cert_pem.encode()).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        )
+    except (ValueError, x509.ExtensionNotFound):
+        return ""
+    return PLANE_TLS_NAME if PLANE_TLS_NAME in names.value.get_values_for_type(x509.DNSName) else ""
+
+
 def open_channel(plane: str, ca_pem: str, insecure: bool) -> grpc.aio.Channel:
     if insecure:
         return grpc.aio.insecure_channel(plane, options=CHANNEL_OPTIONS)
     credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem.encode())
-    options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", PLANE_TLS_NAME)]
+    name = tls_name(ca_pem)
+    options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", name)] if name else CHANNEL_OPTIONS
     return grpc.aio.secure_channel(plane, credentials, options=options)
 
 

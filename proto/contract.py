@@ -2,8 +2,9 @@
 
 - An enrollment token is `<secret>.<sha256 of the plane's node CA certificate, hex>`: the agent pins the
   plane's certificate by that fingerprint on first contact (like kubeadm's discovery hash).
-- The plane's node certificate names `hatchway-plane`; agents check that name rather than the address they
-  dialled, so NAT, IPs and DNS aliases need no re-issued certificate.
+- The plane's own node certificate names `hatchway-plane`; agents check that name rather than the address they
+  dialled, so NAT, IPs and DNS aliases need no re-issued certificate. A certificate the operator provides
+  instead is checked against the address dialled.
 - A node authenticates each `Connect` with the metadata `authorization: Bearer <node credential>`.
 """
 

@@ -54,6 +54,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("usage_queue_size", int, 10_000, "Bound of the usage queue; rows beyond it are counted and dropped."),
     Setting("grpc_port", int, 8443, "Port of the node service agents dial (gRPC over TLS; 0 picks a free one)."),
     Setting("grpc_insecure", bool, False, "Serve the node service without TLS: loopback development only."),
+    Setting("grpc_tls_cert", str, "", "PEM certificate (chain) for the node service; empty: the plane's own CA."),
+    Setting("grpc_tls_key", str, "", "PEM private key of grpc_tls_cert."),
     Setting("node_heartbeat_s", float, 5.0, "Heartbeat interval asked of agents; 3 missed stop dispatching."),
     Setting("node_queue_size", int, 64, "Requests that may wait for a busy model's node slot (then 503)."),
     Setting("node_queue_timeout_s", float, 30.0, "Longest wait for a node slot before failing over."),
@@ -91,6 +93,8 @@ class Config:
     usage_queue_size: int = 10_000
     grpc_port: int = 8443
     grpc_insecure: bool = False
+    grpc_tls_cert: str = ""
+    grpc_tls_key: str = ""
     node_heartbeat_s: float = 5.0
     node_queue_size: int = 64
     node_queue_timeout_s: float = 30.0

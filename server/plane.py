@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import grpc
 from aiohttp import web
@@ -18,7 +19,7 @@ from server.health import Health
 from server.metrics import Metrics
 from server.nodes.registry import NodeRegistry
 from server.nodes.service import NodeService
-from server.nodes.tls import load_or_create
+from server.nodes.tls import load_or_create, load_provided
 from server.relay import Relay
 from server.routing import Router
 from server.snapshot import SnapshotHolder
@@ -59,7 +60,11 @@ class Plane:
             cancel_timeout_s=config.node_cancel_timeout_s,
         )
         self.node_policy = config.failover_policy()
-        self.tls = load_or_create(config.data_dir)
+        self.tls = (
+            load_provided(Path(config.grpc_tls_cert), Path(config.grpc_tls_key))
+            if config.grpc_tls_cert
+            else load_or_create(config.data_dir)
+        )
         self.grpc_server: grpc.aio.Server | None = None
         self.grpc_port = 0
         # Admin mutations are serialised so each snapshot rebuild sees every earlier commit.

@@ -1,8 +1,10 @@
-"""The node service's TLS identity: a self-signed certificate the plane creates in its data dir.
+"""The node service's TLS identity: a self-signed certificate the plane creates in its data dir, or the
+certificate and key the operator provides.
 
-The certificate is its own CA: agents pin it by the SHA-256 fingerprint carried in their enrollment token, then
-trust exactly it. Its subject names include `hatchway-plane`, which agents verify instead of the address they
-dialled, so a plane reached by IP, through NAT or under another DNS name needs no re-issued certificate.
+Agents pin the certificate the plane presents by the SHA-256 fingerprint carried in their enrollment token, then
+trust exactly it. The plane's own certificate names `hatchway-plane`, which agents verify instead of the address
+they dialled, so a plane reached by IP, through NAT or under another DNS name needs no re-issued certificate; an
+operator's certificate is checked against the address the agent dials, as usual.
 """
 
 from __future__ import annotations
@@ -31,7 +33,20 @@ class NodeTLS:
 
     @property
     def fingerprint(self) -> str:
-        return certificate_fingerprint(self.cert_pem)
+        """Of the leaf: the certificate a TLS handshake shows the agent."""
+        leaf = x509.load_pem_x509_certificate(self.cert_pem).public_bytes(serialization.Encoding.PEM)
+        return certificate_fingerprint(leaf)
+
+
+def load_provided(cert_path: Path, key_path: Path) -> NodeTLS:
+    """The operator's certificate (the leaf first, then any intermediates) and its key."""
+    try:
+        cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
+        x509.load_pem_x509_certificate(cert_pem)
+        serialization.load_pem_private_key(key_pem, password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"cannot use the node service certificate {cert_path} / key {key_path}: {exc}") from exc
+    return NodeTLS(cert_pem, key_pem)
 
 
 def load_or_create(data_dir: Path) -> NodeTLS:
