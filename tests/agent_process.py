@@ -31,6 +31,7 @@ class AgentProcess:
         self.name = name
         self.config = workdir / f"{name}.json"
         self.proc: subprocess.Popen[str] | None = None
+        self.reader: threading.Thread | None = None
         self.lines: list[str] = []
 
     def enroll(self, plane: str, token: str) -> subprocess.CompletedProcess[str]:
@@ -50,7 +51,8 @@ class AgentProcess:
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -68,6 +70,9 @@ class AgentProcess:
     def wait(self, timeout: float = 30) -> int:
         assert self.proc is not None
         code = self.proc.wait(timeout)
+        # The reader ends at EOF once the process is gone; closing the pipe under it would raise in its thread.
+        if self.reader is not None:
+            self.reader.join(5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return code
