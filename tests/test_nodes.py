@@ -27,7 +27,6 @@ QUESTION = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "What is the capital of France?"},
 ]
-LONG = [{"role": "user", "content": "Count from one to five hundred, one number per line."}]
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 
 
@@ -142,8 +141,8 @@ def test_two_agents_share_the_load(nodes: Nodes) -> None:
     routes: list[str] = []
 
     def ask() -> None:
-        raw = nodes.client().chat.completions.with_raw_response.create(
-            model=DEMO_MODEL, messages=LONG, max_tokens=40, temperature=0
+        raw = nodes.client().completions.with_raw_response.create(
+            model=DEMO_MODEL, prompt=COUNTING, max_tokens=40, temperature=0
         )
         routes.append(raw.headers["x-hatchway-route"])
 
@@ -158,9 +157,9 @@ def test_two_agents_share_the_load(nodes: Nodes) -> None:
 
 def test_client_leaving_a_stream_stops_generation_and_frees_the_slot(nodes: Nodes) -> None:
     nodes.started("node-a")
-    body = {"model": DEMO_MODEL, "messages": LONG, "max_tokens": 2000, "stream": True}
+    body = {"model": DEMO_MODEL, "prompt": COUNTING, "max_tokens": 1000, "temperature": 0, "stream": True}
     with httpx.stream(
-        "POST", f"{nodes.plane.v1}/chat/completions", json=body, headers={"Authorization": f"Bearer {nodes.key}"}
+        "POST", f"{nodes.plane.v1}/completions", json=body, headers={"Authorization": f"Bearer {nodes.key}"}
     ) as response:
         lines = response.iter_lines()
         for _ in range(4):
@@ -206,10 +205,11 @@ def test_agent_lost_before_its_first_token_fails_over_to_a_provider(
 
 def test_agent_lost_mid_stream_ends_in_an_error_event_without_done(nodes: Nodes) -> None:
     agent = nodes.started("node-a")
-    body = {"model": DEMO_MODEL, "messages": LONG, "max_tokens": 2000, "stream": True}
+    # Counting at temperature 0 goes on for all 1000 tokens: the answer cannot end before the kill.
+    body = {"model": DEMO_MODEL, "prompt": COUNTING, "max_tokens": 1000, "temperature": 0, "stream": True}
     frames: list[str] = []
     with httpx.stream(
-        "POST", f"{nodes.plane.v1}/chat/completions", json=body, headers={"Authorization": f"Bearer {nodes.key}"}
+        "POST", f"{nodes.plane.v1}/completions", json=body, headers={"Authorization": f"Bearer {nodes.key}"}
     ) as response:
         for line in response.iter_lines():
             if not line:

