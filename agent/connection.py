@@ -36,6 +36,8 @@ log = logging.getLogger("hatchway.agent")
 
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
+# How long a leaving agent waits for the plane to acknowledge the end of its stream.
+CLOSE_TIMEOUT_S = 5.0
 # Keepalive pings find a silently dead connection (a NAT that dropped it) long before TCP would.
 CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)]
 
@@ -175,7 +177,7 @@ class Agent:
         self.draining = False
         self.hardware = collect()
         self._jobs: dict[str, tuple[asyncio.Task[None], threading.Event]] = {}
-        self._outbox: asyncio.Queue[pb.AgentMessage] | None = None
+        self._outbox: asyncio.Queue[pb.AgentMessage | None] | None = None
         self._status_version = 0
         self._heartbeat_s = 5.0
         self._batch_ms = 30
@@ -196,9 +198,7 @@ class Agent:
             await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if stop.is_set():
                 await self._drain()
-                session.cancel()
-                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                    await session
+                await self._close_session(session)
                 break
             stopper.cancel()
             try:
@@ -218,7 +218,7 @@ class Agent:
             backoff = min(BACKOFF_MAX_S, backoff * 2)
 
     async def _session(self) -> None:
-        outbox: asyncio.Queue[pb.AgentMessage] = asyncio.Queue()
+        outbox: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
         self._outbox = outbox
         outbox.put_nowait(pb.AgentMessage(hello=self._hello()))
         metadata = ((AUTHORIZATION, f"Bearer {self.config.credential}"),)
@@ -339,6 +339,14 @@ class Agent:
             await asyncio.wait(tasks, timeout=self.drain_timeout_s)
         self._abandon_jobs()
 
+    async def _close_session(self, session: asyncio.Task[None]) -> None:
+        """Half-close after everything queued (the last JobEnd above all) went out, and let the plane end the
+        stream; cancelling at once could drop those messages and fail a job that had in fact finished."""
+        if self._outbox is not None:
+            self._outbox.put_nowait(None)
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError, grpc.aio.AioRpcError):
+            await asyncio.wait_for(session, timeout=CLOSE_TIMEOUT_S)
+
     # -- what the plane is told ---------------------------------------------------------------------
 
     def _hello(self) -> pb.Hello:
@@ -382,6 +390,7 @@ class Agent:
         self._send(pb.AgentMessage(status=status))
 
 
-async def _drain_queue(queue: asyncio.Queue[pb.AgentMessage]) -> AsyncIterator[pb.AgentMessage]:
-    while True:
-        yield await queue.get()
+async def _drain_queue(queue: asyncio.Queue[pb.AgentMessage | None]) -> AsyncIterator[pb.AgentMessage]:
+    """The session's outgoing messages; None ends them, which half-closes the stream once all were sent."""
+    while (message := await queue.get()) is not None:
+        yield message

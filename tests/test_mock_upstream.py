@@ -296,8 +296,8 @@ async def test_fault_silent_then_answers_normally(mock: MockUpstream, client: op
 async def test_fault_slow_first_token_stream(mock: MockUpstream) -> None:
     mock.faults = [Fault("slow_first_token", delay_s=0.3)]
     sse = await _read_sse(mock, "/chat/completions", STREAM)
-    assert sse.arrivals[0] < 0.2, "headers and the role chunk come at once"
-    assert sse.arrivals[1] >= 0.3, "the first content chunk waits delay_s"
+    # A gap rather than absolute times, so a loaded machine cannot make it flaky.
+    assert sse.arrivals[1] - sse.arrivals[0] >= 0.25, "the role chunk comes at once, the content waits delay_s"
     assert _chat_text(sse.events) == REPLY
     assert sse.events[-1] == b"[DONE]"
 

@@ -315,3 +315,28 @@ def test_idle_only_mode_pauses_while_the_owner_is_busy_and_resumes(nodes: Nodes)
     load.write_text('{"cpu_percent": 5}')
     wait_for(lambda: nodes.plane.admin.get(f"/nodes/{node_id}")["state"] == "ready", what="the resume")
     assert nodes.client().chat.completions.create(model=DEMO_MODEL, messages=QUESTION, max_tokens=4).choices
+
+
+def test_sigterm_drains_the_agent_running_jobs_finish_then_it_exits(nodes: Nodes) -> None:
+    agent = nodes.started("node-a")
+    body = {
+        "model": DEMO_MODEL,
+        "prompt": COUNTING,
+        "max_tokens": 150,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    frames: list[str] = []
+    with httpx.stream(
+        "POST", f"{nodes.plane.v1}/completions", json=body, headers={"Authorization": f"Bearer {nodes.key}"}
+    ) as response:
+        for line in response.iter_lines():
+            if not line:
+                continue
+            frames.append(line)
+            if len(frames) == 3:
+                agent.signal(signal.SIGTERM)
+    assert frames[-1] == "data: [DONE]", agent.output
+    assert json.loads(frames[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 150
+    assert agent.wait(30) == 0
