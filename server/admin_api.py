@@ -19,6 +19,7 @@ from server.errors import InvalidRequestError
 from server.failover import validate_overrides
 from server.openai_api import read_body
 from server.plane import PLANE, Plane
+from server.reports import usage_report
 from server.storage.store import parse_models
 
 T = TypeVar("T")
@@ -233,6 +234,15 @@ async def list_models(request: web.Request) -> web.Response:
         for model in catalog.models(org_id)
     ]
     return _listing(data)
+
+
+async def usage(request: web.Request) -> web.Response:
+    """GET /admin/v1/usage?org=&since=ISO&by=model,route"""
+    plane = _plane(request)
+    by = [g for g in request.query.get("by", "model").split(",") if g]
+    since = _datetime(dict(request.query), "since")
+    rows = await _read(lambda: usage_report(plane.engine, org_ref=request.query.get("org"), since=since, by=by))
+    return _listing(rows)
 
 
 # -- nodes ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import click
 
 from server.cli.client import AdminAPIError, AdminClient
 from server.failover import FailoverPolicy
+from server.reports import GROUPS
 from server.routing import STRATEGIES
 from server.storage.store import PREFILL_MODES
 
@@ -435,6 +436,30 @@ def nodes_resume(ctx: Context, node: str) -> None:
 def nodes_revoke(ctx: Context, node: str) -> None:
     """Disconnect the node and refuse its credential from now on."""
     ctx.show(_node_rows(ctx.call(lambda c: c.post(f"/nodes/{node}/revoke", {}))), NODE_COLUMNS)
+
+
+# -- usage -----------------------------------------------------------------------------------------
+
+USAGE_COLUMNS = (
+    "requests", "errors", "failed_attempts", "prompt_tokens", "completion_tokens", "cost_usd",
+    "latency_p50_ms", "latency_p95_ms",
+)  # fmt: skip
+
+
+@admin.command("usage")
+@click.option("--org", "org_ref", default=None, help="Only this org's requests.")
+@click.option("--since", default=None, help="Only requests since: 24h, 7d, or an ISO date.")
+@click.option("--by", "groups", multiple=True, type=click.Choice(GROUPS), help="Group by (repeatable; default: model).")
+@pass_context
+def usage(ctx: Context, org_ref: str | None, since: str | None, groups: tuple[str, ...]) -> None:
+    """Requests, tokens, cost (null: unpriced) and latency, per group. Compare routes with --by route."""
+    by = list(groups) or ["model"]
+    after = None
+    if since:
+        delta = parse_duration(since)
+        after = (datetime.now(UTC) - delta).isoformat() if delta else parse_expiry(since)
+    doc = ctx.call(lambda c: c.get("/usage", org=org_ref, since=after, by=",".join(by)))
+    ctx.show(doc, (*by, *USAGE_COLUMNS))
 
 
 # -- models ----------------------------------------------------------------------------------------

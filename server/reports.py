@@ -1,0 +1,85 @@
+"""Usage reports: requests, tokens, cost and latency grouped by model, route, key, node or day.
+
+Read from the usage rows the batch writer stored (never on the request path). A request counts once, by its
+final row; attempts that failed over have rows of their own and are reported apart as `failed_attempts`.
+A group whose served requests were all unpriced reports `cost_usd: null` ("unpriced"), never 0.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlmodel import Session, col, select
+
+from server.errors import InvalidRequestError
+from server.storage.models import ApiKey, Org, UsageRecord
+from server.storage.store import Store
+
+GROUPS = ("model", "route", "key", "node", "org", "day")
+
+
+def _group_value(row: UsageRecord, group: str, key_names: dict[str, str], org_names: dict[str, str]) -> str:
+    if group == "model":
+        return row.model
+    if group == "route":
+        return row.target or "-"
+    if group == "key":
+        return key_names.get(row.key_id, row.key_id)
+    if group == "node":
+        return row.node_id or "-"
+    if group == "org":
+        return org_names.get(row.org_id, row.org_id)
+    return row.created_at.date().isoformat()
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return round(values[0], 2)
+    return round(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1], 2)
+
+
+def usage_report(
+    engine: Engine, *, org_ref: str | None, since: datetime | None, by: Sequence[str]
+) -> list[dict[str, Any]]:
+    unknown = [g for g in by if g not in GROUPS]
+    if unknown:
+        raise InvalidRequestError(f"cannot group by {', '.join(unknown)}; use {', '.join(GROUPS)}", param="by")
+    with Session(engine) as session:
+        query = select(UsageRecord)
+        if org_ref:
+            query = query.where(UsageRecord.org_id == Store._find_org(session, org_ref).id)
+        if since is not None:
+            query = query.where(col(UsageRecord.created_at) >= since)
+        rows = list(session.exec(query))
+        key_names = {k.id: k.name or k.prefix for k in session.exec(select(ApiKey))}
+        org_names = {o.id: o.name for o in session.exec(select(Org))}
+    groups: dict[tuple[str, ...], list[UsageRecord]] = defaultdict(list)
+    for row in rows:
+        groups[tuple(_group_value(row, g, key_names, org_names) for g in by)].append(row)
+    return [_summarise(dict(zip(by, values, strict=True)), group) for values, group in sorted(groups.items())]
+
+
+def _summarise(labels: dict[str, str], rows: list[UsageRecord]) -> dict[str, Any]:
+    final = [r for r in rows if r.final]
+    served = [r for r in final if r.status == 200]
+    costs = [r.cost_usd for r in served if r.cost_usd is not None]
+    latencies = [r.latency_ms for r in served]
+    return {
+        **labels,
+        "requests": len(final),
+        "errors": len(final) - len(served),
+        "failed_attempts": len(rows) - len(final),
+        "prompt_tokens": sum(r.prompt_tokens for r in served),
+        "completion_tokens": sum(r.completion_tokens for r in served),
+        "cost_usd": round(sum(costs), 8) if costs else None,
+        "unpriced_requests": len(served) - len(costs),
+        "latency_p50_ms": _percentile(latencies, 50),
+        "latency_p95_ms": _percentile(latencies, 95),
+    }

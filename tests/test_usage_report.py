@@ -1,0 +1,92 @@
+"""Usage reports: the seed's check that the same prompt's cost can be compared across routes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from server.cli import cli
+from tests.conftest import ADMIN_KEY, MODEL, RunningPlane
+from tests.mock_upstream import Fault, MockUpstream
+
+PROMPT = {"model": MODEL, "messages": [{"role": "user", "content": "the same prompt"}]}
+
+
+def report(plane: RunningPlane, expected_requests: int, **params: str) -> list[dict[str, Any]]:
+    """The report once the batch writer stored `expected_requests` requests (it flushes every 50 ms here)."""
+    deadline = time.monotonic() + 5
+    while True:
+        rows: list[dict[str, Any]] = plane.admin.get("/usage", **params)["data"]
+        if sum(r["requests"] for r in rows) >= expected_requests or time.monotonic() > deadline:
+            return rows
+
+
+@pytest.fixture
+def routes(plane: RunningPlane, make_upstream: Callable[..., MockUpstream]) -> tuple[RunningPlane, str]:
+    plane.create_org()
+    plane.add_provider("provider-a", make_upstream("a"), price_in=1.0, price_out=1.0)
+    plane.add_provider("provider-b", make_upstream("b"), price_in=3.0, price_out=3.0)
+    plane.add_provider("free", make_upstream("free"), models=["free-model"])
+    return plane, plane.create_key()
+
+
+def ask(plane: RunningPlane, key: str, body: dict[str, Any] = PROMPT) -> httpx.Response:
+    return httpx.post(f"{plane.v1}/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+
+
+def test_the_same_prompt_costs_are_compared_side_by_side_by_route(routes: tuple[RunningPlane, str]) -> None:
+    plane, key = routes
+    for first in ("provider-a", "provider-b"):
+        plane.admin.put("/routes", {"org": "acme", "model": MODEL, "targets": [first]})
+        for _ in range(2):
+            assert ask(plane, key).headers["x-hatchway-route"] == first
+    rows = {r["route"]: r for r in report(plane, 4, by="route", org="acme")}
+    a, b = rows["provider-a"], rows["provider-b"]
+    assert a["requests"] == b["requests"] == 2
+    assert a["prompt_tokens"] == b["prompt_tokens"] and a["completion_tokens"] == b["completion_tokens"]
+    assert b["cost_usd"] == pytest.approx(3 * a["cost_usd"])
+    assert a["latency_p50_ms"] is not None
+
+
+def test_an_unpriced_route_reports_no_cost_rather_than_zero(routes: tuple[RunningPlane, str]) -> None:
+    plane, key = routes
+    ask(plane, key, {**PROMPT, "model": "free-model"})
+    (row,) = report(plane, 1, by="route")
+    assert row["route"] == "free" and row["cost_usd"] is None and row["unpriced_requests"] == 1
+
+
+def test_failed_attempts_are_counted_apart_from_requests(
+    routes: tuple[RunningPlane, str], make_upstream: Callable[..., MockUpstream]
+) -> None:
+    plane, key = routes
+    broken = make_upstream("broken")
+    broken.always = Fault("status", status=503)
+    plane.add_provider("broken", broken, models=["flaky"])
+    plane.add_provider("steady", make_upstream("steady"), models=["flaky"])
+    assert ask(plane, key, {**PROMPT, "model": "flaky"}).status_code == 200
+    rows = {r["route"]: r for r in report(plane, 1, by="route")}
+    assert rows["steady"]["requests"] == 1
+    assert rows["broken"]["requests"] == 0 and rows["broken"]["failed_attempts"] == 2
+
+
+def test_usage_cli_prints_a_table_grouped_as_asked(routes: tuple[RunningPlane, str]) -> None:
+    plane, key = routes
+    ask(plane, key)
+    report(plane, 1)
+    result = CliRunner().invoke(
+        cli, ["admin", "--url", plane.url, "--admin-key", ADMIN_KEY, "usage", "--by", "model", "--by", "day"]
+    )
+    assert result.exit_code == 0, result.output
+    assert MODEL in result.output and "COST_USD" in result.output
+
+
+def test_grouping_by_something_unknown_is_a_400(plane: RunningPlane) -> None:
+    response = httpx.get(
+        f"{plane.url}/admin/v1/usage", params={"by": "colour"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    )
+    assert response.status_code == 400 and response.json()["error"]["param"] == "by"
