@@ -17,6 +17,7 @@ from server.auth import authenticate_admin
 from server.credentials import ENROLLMENT_TOKEN_PREFIX, generate_key
 from server.errors import InvalidRequestError
 from server.failover import validate_overrides
+from server.middleware import REQUEST_ID
 from server.openai_api import read_body
 from server.plane import PLANE, Plane
 from server.reports import usage_report
@@ -39,11 +40,38 @@ async def _read(fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.to_thread(fn, *args)
 
 
-async def _mutate(plane: Plane, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+async def _mutate(
+    request: web.Request,
+    action: str,
+    fn: Callable[..., T],
+    *args: Any,
+    before: Callable[[], Any] | None = None,
+    **kwargs: Any,
+) -> T:
+    """Run an admin change, write its audit entry, and rebuild the snapshot, all under the admin lock."""
+    plane = request.app[PLANE]
+    actor = authenticate_admin(request.headers, plane.snapshots.current)
+
+    def change() -> T:
+        previous = before() if before is not None else None
+        result = fn(*args, **kwargs)
+        subject = result if isinstance(result, dict) else previous if isinstance(previous, dict) else {}
+        target = str(subject.get("id") or subject.get("name") or "")
+        after = None if action.endswith(".remove") else result
+        plane.audit.append(
+            actor=actor, action=action, target=target, before=previous, after=after, request_id=request[REQUEST_ID]
+        )
+        return result
+
     async with plane.admin_lock:
-        result = await asyncio.to_thread(fn, *args, **kwargs)
+        result = await asyncio.to_thread(change)
         await plane.snapshots.reload()
     return result
+
+
+def _find(rows: list[dict[str, Any]], **match: str | None) -> dict[str, Any] | None:
+    """The listed object matching every given field (the state before a change, for the audit log)."""
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
 
 def _listing(data: list[dict[str, Any]]) -> web.Response:
@@ -91,7 +119,7 @@ def _datetime(body: dict[str, Any], name: str) -> datetime | None:
 async def create_org(request: web.Request) -> web.Response:
     plane = _plane(request)
     body = await _body(request, plane)
-    org = await _mutate(plane, plane.store.create_org, _str(body, "name"))
+    org = await _mutate(request, "org.create", plane.store.create_org, _str(body, "name"))
     return web.json_response(org, status=201)
 
 
@@ -104,7 +132,8 @@ async def create_key(request: web.Request) -> web.Response:
     plane = _plane(request)
     body = await _body(request, plane)
     key = await _mutate(
-        plane,
+        request,
+        "key.create",
         plane.store.create_key,
         _str(body, "org"),
         _str(body, "name", required=False),
@@ -121,7 +150,12 @@ async def list_keys(request: web.Request) -> web.Response:
 
 async def revoke_key(request: web.Request) -> web.Response:
     plane = _plane(request)
-    return web.json_response(await _mutate(plane, plane.store.revoke_key, request.match_info["id"]))
+    key_id = request.match_info["id"]
+
+    def before() -> dict[str, Any] | None:
+        return _find(plane.store.list_keys(), id=key_id)
+
+    return web.json_response(await _mutate(request, "key.revoke", plane.store.revoke_key, key_id, before=before))
 
 
 async def add_provider(request: web.Request) -> web.Response:
@@ -132,7 +166,8 @@ async def add_provider(request: web.Request) -> web.Response:
         raise InvalidRequestError("'models' must be an array", param="models")
     models = parse_models(raw_models, _optional_price(body, "price_in"), _optional_price(body, "price_out"))
     provider = await _mutate(
-        plane,
+        request,
+        "provider.add",
         plane.store.add_provider,
         _str(body, "org"),
         _str(body, "name"),
@@ -155,15 +190,22 @@ def _policy(body: dict[str, Any]) -> dict[str, float | int]:
 async def update_provider(request: web.Request) -> web.Response:
     plane = _plane(request)
     body = await _body(request, plane)
+    ref, org = request.match_info["ref"], request.query.get("org")
     provider = await _mutate(
-        plane,
+        request,
+        "provider.update",
         plane.store.update_provider,
-        request.match_info["ref"],
-        request.query.get("org"),
+        ref,
+        org,
+        before=lambda: _find_provider(plane, ref, org),
         policy=_policy(body),
         prefill=_str(body, "prefill", required=False) or None,
     )
     return web.json_response(provider)
+
+
+def _find_provider(plane: Plane, ref: str, org: str | None) -> dict[str, Any] | None:
+    return next((p for p in plane.store.list_providers(org) if ref in (p["id"], p["name"])), None)
 
 
 async def list_providers(request: web.Request) -> web.Response:
@@ -173,21 +215,32 @@ async def list_providers(request: web.Request) -> web.Response:
 
 async def remove_provider(request: web.Request) -> web.Response:
     plane = _plane(request)
-    removed = await _mutate(plane, plane.store.remove_provider, request.match_info["ref"], request.query.get("org"))
+    ref, org = request.match_info["ref"], request.query.get("org")
+    removed = await _mutate(
+        request,
+        "provider.remove",
+        plane.store.remove_provider,
+        ref,
+        org,
+        before=lambda: _find_provider(plane, ref, org),
+    )
     return web.json_response(removed)
 
 
 async def set_route(request: web.Request) -> web.Response:
     plane = _plane(request)
     body = await _body(request, plane)
+    org, model = _str(body, "org"), _str(body, "model")
     route = await _mutate(
-        plane,
+        request,
+        "route.set",
         plane.store.set_route,
-        _str(body, "org"),
-        _str(body, "model"),
+        org,
+        model,
         _str(body, "strategy", required=False) or "priority",
         _str_list(body, "targets"),
         _str_list(body, "fallbacks"),
+        before=lambda: _find(plane.store.list_routes(org), model=model),
     )
     return web.json_response(route)
 
@@ -202,7 +255,15 @@ async def remove_route(request: web.Request) -> web.Response:
     org, model = request.query.get("org"), request.query.get("model")
     if not org or not model:
         raise InvalidRequestError("pass the rule's org and model as query parameters", param="model")
-    return web.json_response(await _mutate(plane, plane.store.remove_route, org, model))
+    removed = await _mutate(
+        request,
+        "route.remove",
+        plane.store.remove_route,
+        org,
+        model,
+        before=lambda: _find(plane.store.list_routes(org), model=model),
+    )
+    return web.json_response(removed)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -236,6 +297,17 @@ async def list_models(request: web.Request) -> web.Response:
     return _listing(data)
 
 
+async def list_audit(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    since = _datetime(dict(request.query), "since")
+    return _listing(await _read(plane.audit.list, since))
+
+
+async def verify_audit(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    return web.json_response((await _read(plane.audit.verify)).to_dict())
+
+
 async def usage(request: web.Request) -> web.Response:
     """GET /admin/v1/usage?org=&since=ISO&by=model,route"""
     plane = _plane(request)
@@ -262,7 +334,14 @@ async def create_node_token(request: web.Request) -> web.Response:
         raise InvalidRequestError("'labels' must be an object of strings", param="labels")
     secret = generate_key(ENROLLMENT_TOKEN_PREFIX)
     created = await _mutate(
-        plane, plane.nodes.create_token, _str(body, "org"), secret, ttl_s=ttl, uses=uses, labels=labels
+        request,
+        "node_token.create",
+        plane.nodes.create_token,
+        _str(body, "org"),
+        secret,
+        ttl_s=ttl,
+        uses=uses,
+        labels=labels,
     )
     token = join_enrollment_token(secret, plane.tls.fingerprint)
     return web.json_response({**created, "token": token}, status=201)
@@ -275,7 +354,13 @@ async def list_node_tokens(request: web.Request) -> web.Response:
 
 async def revoke_node_token(request: web.Request) -> web.Response:
     plane = _plane(request)
-    return web.json_response(await _mutate(plane, plane.nodes.revoke_token, request.match_info["id"]))
+    token_id = request.match_info["id"]
+
+    def before() -> dict[str, Any] | None:
+        return _find(plane.nodes.list_tokens(), id=token_id)
+
+    revoked = await _mutate(request, "node_token.revoke", plane.nodes.revoke_token, token_id, before=before)
+    return web.json_response(revoked)
 
 
 def _with_live_state(plane: Plane, node: dict[str, Any]) -> dict[str, Any]:
@@ -335,20 +420,27 @@ async def show_node(request: web.Request) -> web.Response:
 
 async def drain_node(request: web.Request) -> web.Response:
     plane = _plane(request)
-    node = await _mutate(plane, plane.nodes.set_drained, request.match_info["ref"], True)
+    ref = request.match_info["ref"]
+    node = await _mutate(
+        request, "node.drain", plane.nodes.set_drained, ref, True, before=lambda: plane.nodes.get_node(ref)
+    )
     plane.registry.set_drained(node["id"], True)
     return web.json_response(_with_live_state(plane, node))
 
 
 async def resume_node(request: web.Request) -> web.Response:
     plane = _plane(request)
-    node = await _mutate(plane, plane.nodes.set_drained, request.match_info["ref"], False)
+    ref = request.match_info["ref"]
+    node = await _mutate(
+        request, "node.resume", plane.nodes.set_drained, ref, False, before=lambda: plane.nodes.get_node(ref)
+    )
     plane.registry.set_drained(node["id"], False)
     return web.json_response(_with_live_state(plane, node))
 
 
 async def revoke_node(request: web.Request) -> web.Response:
     plane = _plane(request)
-    node = await _mutate(plane, plane.nodes.revoke, request.match_info["ref"])
+    ref = request.match_info["ref"]
+    node = await _mutate(request, "node.revoke", plane.nodes.revoke, ref, before=lambda: plane.nodes.get_node(ref))
     plane.registry.disconnect(node["id"])
     return web.json_response(_with_live_state(plane, node))

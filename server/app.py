@@ -36,6 +36,8 @@ def _routes(app: web.Application) -> None:
     app.router.add_delete("/admin/v1/routes", admin_api.remove_route)
     app.router.add_get("/admin/v1/models", admin_api.list_models)
     app.router.add_get("/admin/v1/usage", admin_api.usage)
+    app.router.add_get("/admin/v1/audit", admin_api.list_audit)
+    app.router.add_get("/admin/v1/audit/verify", admin_api.verify_audit)
     app.router.add_get("/admin/v1/node-tokens", admin_api.list_node_tokens)
     app.router.add_post("/admin/v1/node-tokens", admin_api.create_node_token)
     app.router.add_post("/admin/v1/node-tokens/{id}/revoke", admin_api.revoke_node_token)

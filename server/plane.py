@@ -11,6 +11,7 @@ from aiohttp import web
 from sqlalchemy import Engine
 
 from proto.hatchway.node.v1 import node_pb2_grpc
+from server.audit import AuditLog
 from server.catalog import Catalog
 from server.config import Config
 from server.credentials import Vault
@@ -54,6 +55,7 @@ class Plane:
         )
         self.relay = Relay(self.metrics, self.usage, self.health, max_attempts=config.max_attempts)
         self.nodes = NodeStore(self.engine)
+        self.audit = AuditLog(self.engine)
         self.registry = NodeRegistry(
             queue_size=config.node_queue_size,
             queue_timeout_s=config.node_queue_timeout_s,

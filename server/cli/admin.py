@@ -462,6 +462,41 @@ def usage(ctx: Context, org_ref: str | None, since: str | None, groups: tuple[st
     ctx.show(doc, (*by, *USAGE_COLUMNS))
 
 
+# -- audit -----------------------------------------------------------------------------------------
+
+AUDIT_COLUMNS = ("id", "created_at", "actor", "action", "target", "request_id")
+
+
+@admin.group(invoke_without_command=True)
+@click.option("--since", default=None, help="Only entries since: 24h, 7d, or an ISO date.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def audit(ctx: click.Context, since: str | None, as_json: bool) -> None:
+    """Every admin change (who, what, before/after, when), hash-chained; `audit verify` checks the chain."""
+    if ctx.invoked_subcommand is not None:
+        return
+    state: Context = ctx.obj
+    state.as_json = state.as_json or as_json
+    after = None
+    if since:
+        delta = parse_duration(since)
+        after = (datetime.now(UTC) - delta).isoformat() if delta else parse_expiry(since)
+    state.show(state.call(lambda c: c.get("/audit", since=after)), AUDIT_COLUMNS)
+
+
+@audit.command("verify")
+@pass_context
+def audit_verify(ctx: Context) -> None:
+    """Recompute the chain; exit 1 naming the first entry that was edited, deleted or reordered."""
+    verdict = ctx.call(lambda c: c.get("/audit/verify"))
+    if ctx.as_json:
+        click.echo(json.dumps(verdict, indent=2))
+    elif verdict["ok"]:
+        click.echo(f"audit log intact: {verdict['entries']} entries")
+    if not verdict["ok"]:
+        raise click.ClickException(f"audit log broken at entry {verdict['first_broken']}: {verdict['reason']}")
+
+
 # -- models ----------------------------------------------------------------------------------------
 
 

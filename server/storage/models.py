@@ -139,6 +139,26 @@ class Node(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class AuditEntry(SQLModel, table=True):
+    """One admin mutation. Append-only, and chained: `hash` covers this entry and the previous entry's hash,
+    so editing, deleting or reordering a row breaks every hash after it (see server.audit)."""
+
+    __tablename__ = "audit_entry"
+
+    id: int | None = Field(default=None, primary_key=True)
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    # The admin key that made the change.
+    actor: str
+    action: str
+    target: str
+    # JSON of the object before and after, secrets redacted; empty when there was none.
+    before: str = ""
+    after: str = ""
+    request_id: str = ""
+    prev_hash: str
+    hash: str
+
+
 class UsageRecord(SQLModel, table=True):
     __tablename__ = "usage_record"
 
