@@ -79,6 +79,20 @@ class Nodes:
     def node_id(self, agent: AgentProcess) -> str:
         return str(json.loads(agent.config.read_text())["node_id"])
 
+    def stream(self, body: dict[str, Any], *, after: int, then: Callable[[], None]) -> list[str]:
+        """Stream a completion, do `then` once `after` SSE frames arrived, and return every frame."""
+        frames: list[str] = []
+        with httpx.stream(
+            "POST", f"{self.plane.v1}/completions", json=body, headers={"Authorization": f"Bearer {self.key}"}
+        ) as response:
+            for line in response.iter_lines():
+                if not line:
+                    continue
+                frames.append(line)
+                if len(frames) == after:
+                    then()
+        return frames
+
     def client(self) -> openai.OpenAI:
         if self._client is None:
             self._client = openai.OpenAI(base_url=self.plane.v1, api_key=self.key, max_retries=0)
@@ -207,16 +221,7 @@ def test_agent_lost_mid_stream_ends_in_an_error_event_without_done(nodes: Nodes)
     agent = nodes.started("node-a")
     # Counting at temperature 0 goes on for all 1000 tokens: the answer cannot end before the kill.
     body = {"model": DEMO_MODEL, "prompt": COUNTING, "max_tokens": 1000, "temperature": 0, "stream": True}
-    frames: list[str] = []
-    with httpx.stream(
-        "POST", f"{nodes.plane.v1}/completions", json=body, headers={"Authorization": f"Bearer {nodes.key}"}
-    ) as response:
-        for line in response.iter_lines():
-            if not line:
-                continue
-            frames.append(line)
-            if len(frames) == 5:
-                agent.kill()
+    frames = nodes.stream(body, after=5, then=agent.kill)
     assert frames[-1] != "data: [DONE]"
     assert "error" in json.loads(frames[-1].removeprefix("data: "))
     assert nodes.registry.busy_slots() == 0
@@ -327,16 +332,7 @@ def test_sigterm_drains_the_agent_running_jobs_finish_then_it_exits(nodes: Nodes
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    frames: list[str] = []
-    with httpx.stream(
-        "POST", f"{nodes.plane.v1}/completions", json=body, headers={"Authorization": f"Bearer {nodes.key}"}
-    ) as response:
-        for line in response.iter_lines():
-            if not line:
-                continue
-            frames.append(line)
-            if len(frames) == 3:
-                agent.signal(signal.SIGTERM)
+    frames = nodes.stream(body, after=3, then=lambda: agent.signal(signal.SIGTERM))
     assert frames[-1] == "data: [DONE]", agent.output
     assert json.loads(frames[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 150
     assert agent.wait(30) == 0

@@ -89,6 +89,14 @@ def parse_duration(value: str) -> timedelta | None:
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))}) if match else None
 
 
+def parse_since(value: str | None) -> str | None:
+    """`--since`: a duration back from now (24h, 7d) or an ISO date, as the ISO date-time the API takes."""
+    if not value:
+        return None
+    delta = parse_duration(value)
+    return (datetime.now(UTC) - delta).isoformat() if delta else parse_expiry(value)
+
+
 def parse_expiry(value: str) -> str:
     """`30d`, `12h`, `90m`, `2w`, or an ISO 8601 date/date-time (UTC when it has no offset)."""
     delta = parse_duration(value)
@@ -454,10 +462,7 @@ USAGE_COLUMNS = (
 def usage(ctx: Context, org_ref: str | None, since: str | None, groups: tuple[str, ...]) -> None:
     """Requests, tokens, cost (null: unpriced) and latency, per group. Compare routes with --by route."""
     by = list(groups) or ["model"]
-    after = None
-    if since:
-        delta = parse_duration(since)
-        after = (datetime.now(UTC) - delta).isoformat() if delta else parse_expiry(since)
+    after = parse_since(since)
     doc = ctx.call(lambda c: c.get("/usage", org=org_ref, since=after, by=",".join(by)))
     ctx.show(doc, (*by, *USAGE_COLUMNS))
 
@@ -477,10 +482,7 @@ def audit(ctx: click.Context, since: str | None, as_json: bool) -> None:
         return
     state: Context = ctx.obj
     state.as_json = state.as_json or as_json
-    after = None
-    if since:
-        delta = parse_duration(since)
-        after = (datetime.now(UTC) - delta).isoformat() if delta else parse_expiry(since)
+    after = parse_since(since)
     state.show(state.call(lambda c: c.get("/audit", since=after)), AUDIT_COLUMNS)
 
 
