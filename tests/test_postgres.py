@@ -1,0 +1,62 @@
+"""The same plane on PostgreSQL (this machine runs one on its standard port): migrations, admin changes, a served
+request's usage row, the audit chain and node enrollment tokens, on a scratch database dropped afterwards."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import psycopg
+import pytest
+from sqlalchemy import func
+from sqlmodel import Session, select
+
+from server.config import Config
+from server.storage.models import UsageRecord
+from tests.conftest import MODEL, RunningPlane
+from tests.mock_upstream import MockUpstream
+
+SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    name = f"hatchway_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(SERVER, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(SERVER, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def plane_config(plane_config: Config, database: str) -> Config:
+    return plane_config.replace(database_url=database)
+
+
+def test_the_plane_runs_on_postgresql(plane: RunningPlane, upstream: MockUpstream) -> None:
+    plane.create_org("acme")
+    plane.add_provider("mock-a", upstream, price_in=1.0, price_out=1.0)
+    plane.admin.put("/routes", {"org": "acme", "model": MODEL, "strategy": "cheapest"})
+    key = plane.create_key("acme")
+    response = httpx.post(
+        f"{plane.v1}/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert response.status_code == 200
+    engine = plane.server.plane.engine
+    assert engine.dialect.name == "postgresql"
+    deadline = time.monotonic() + 5
+    while True:
+        with Session(engine) as session:
+            rows = session.exec(select(func.count()).select_from(UsageRecord)).one()
+        if rows == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert rows == 1
+    assert plane.admin.get("/usage", by="route")["data"][0]["cost_usd"] > 0
+    assert plane.admin.get("/audit/verify")["ok"] is True
+    assert plane.admin.post("/node-tokens", {"org": "acme"})["token"]
