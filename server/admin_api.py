@@ -418,24 +418,24 @@ async def show_node(request: web.Request) -> web.Response:
     return web.json_response(_with_live_state(plane, await _read(plane.nodes.get_node, request.match_info["ref"])))
 
 
-async def drain_node(request: web.Request) -> web.Response:
+async def _set_drained(request: web.Request, drained: bool) -> web.Response:
+    """Persist the flag (it holds across reconnects), then tell the live session."""
     plane = _plane(request)
     ref = request.match_info["ref"]
+    action = "node.drain" if drained else "node.resume"
     node = await _mutate(
-        request, "node.drain", plane.nodes.set_drained, ref, True, before=lambda: plane.nodes.get_node(ref)
+        request, action, plane.nodes.set_drained, ref, drained, before=lambda: plane.nodes.get_node(ref)
     )
-    plane.registry.set_drained(node["id"], True)
+    plane.registry.set_drained(node["id"], drained)
     return web.json_response(_with_live_state(plane, node))
+
+
+async def drain_node(request: web.Request) -> web.Response:
+    return await _set_drained(request, True)
 
 
 async def resume_node(request: web.Request) -> web.Response:
-    plane = _plane(request)
-    ref = request.match_info["ref"]
-    node = await _mutate(
-        request, "node.resume", plane.nodes.set_drained, ref, False, before=lambda: plane.nodes.get_node(ref)
-    )
-    plane.registry.set_drained(node["id"], False)
-    return web.json_response(_with_live_state(plane, node))
+    return await _set_drained(request, False)
 
 
 async def revoke_node(request: web.Request) -> web.Response:
