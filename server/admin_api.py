@@ -21,7 +21,7 @@ from server.middleware import REQUEST_ID
 from server.openai_api import read_body
 from server.plane import PLANE, Plane
 from server.reports import usage_report
-from server.storage.store import parse_models
+from server.storage.store import parse_models, parse_price
 
 T = TypeVar("T")
 
@@ -94,15 +94,6 @@ def _str_list(body: dict[str, Any], name: str) -> list[str]:
     return value
 
 
-def _optional_price(body: dict[str, Any], name: str) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise InvalidRequestError(f"'{name}' must be a non-negative number", param=name)
-    return float(value)
-
-
 def _datetime(body: dict[str, Any], name: str) -> datetime | None:
     value = body.get(name)
     if value is None:
@@ -164,7 +155,9 @@ async def add_provider(request: web.Request) -> web.Response:
     raw_models = body.get("models")
     if not isinstance(raw_models, list):
         raise InvalidRequestError("'models' must be an array", param="models")
-    models = parse_models(raw_models, _optional_price(body, "price_in"), _optional_price(body, "price_out"))
+    models = parse_models(
+        raw_models, parse_price(body.get("price_in"), "price_in"), parse_price(body.get("price_out"), "price_out")
+    )
     provider = await _mutate(
         request,
         "provider.add",

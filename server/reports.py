@@ -18,7 +18,7 @@ from sqlmodel import Session, col, select
 
 from server.errors import InvalidRequestError
 from server.storage.models import ApiKey, Org, UsageRecord
-from server.storage.store import Store
+from server.storage.store import find_org
 
 GROUPS = ("model", "route", "key", "node", "org", "day")
 
@@ -54,7 +54,7 @@ def usage_report(
     with Session(engine) as session:
         query = select(UsageRecord)
         if org_ref:
-            query = query.where(UsageRecord.org_id == Store._find_org(session, org_ref).id)
+            query = query.where(UsageRecord.org_id == find_org(session, org_ref).id)
         if since is not None:
             query = query.where(col(UsageRecord.created_at) >= since)
         rows = list(session.exec(query))

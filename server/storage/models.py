@@ -13,6 +13,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def iso(value: datetime | None) -> str | None:
+    """A timestamp as admin objects show it: ISO 8601, or None."""
+    return value.isoformat() if value else None
+
+
 def split_list(value: str) -> list[str]:
     """Read a comma-separated column (allow-lists, rule targets): empty means an empty list."""
     return value.split(",") if value else []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine, update
@@ -15,8 +15,8 @@ from sqlmodel import Session, col, select
 
 from server.credentials import NODE_CREDENTIAL_PREFIX, generate_key, hash_key
 from server.errors import InvalidRequestError, NotFoundError
-from server.storage.models import EnrollmentToken, Node, Org, utcnow
-from server.storage.store import Store
+from server.storage.models import EnrollmentToken, Node, Org, iso, utcnow
+from server.storage.store import find_org
 
 
 class EnrollmentRefused(Exception):
@@ -27,10 +27,6 @@ class EnrollmentRefused(Exception):
 class Enrolled:
     node: dict[str, Any]
     credential: str
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
 
 
 class NodeStore:
@@ -47,7 +43,7 @@ class NodeStore:
         if ttl_s is not None and ttl_s <= 0:
             raise InvalidRequestError("ttl must be positive", param="ttl_s")
         with Session(self.engine) as session:
-            org = Store._find_org(session, org_ref)
+            org = find_org(session, org_ref)
             row = EnrollmentToken(
                 org_id=org.id,
                 token_hash=hash_key(secret),
@@ -63,7 +59,7 @@ class NodeStore:
         with Session(self.engine) as session:
             query = select(EnrollmentToken, Org).join(Org).order_by(col(EnrollmentToken.created_at))
             if org_ref:
-                query = query.where(EnrollmentToken.org_id == Store._find_org(session, org_ref).id)
+                query = query.where(EnrollmentToken.org_id == find_org(session, org_ref).id)
             return [self._token_dict(t, o) for t, o in session.exec(query)]
 
     def revoke_token(self, token_id: str) -> dict[str, Any]:
@@ -86,10 +82,10 @@ class NodeStore:
             "org": org.name,
             "org_id": org.id,
             "uses_left": row.uses_left,
-            "expires_at": _iso(row.expires_at),
-            "revoked_at": _iso(row.revoked_at),
+            "expires_at": iso(row.expires_at),
+            "revoked_at": iso(row.revoked_at),
             "labels": json.loads(row.labels) if row.labels else {},
-            "created_at": _iso(row.created_at),
+            "created_at": iso(row.created_at),
         }
 
     # -- enrolling --------------------------------------------------------------------------------
@@ -136,7 +132,7 @@ class NodeStore:
         with Session(self.engine) as session:
             query = select(Node, Org).join(Org).order_by(col(Node.created_at))
             if org_ref:
-                query = query.where(Node.org_id == Store._find_org(session, org_ref).id)
+                query = query.where(Node.org_id == find_org(session, org_ref).id)
             return [self._node_dict(n, o) for n, o in session.exec(query)]
 
     def get_node(self, ref: str) -> dict[str, Any]:
@@ -183,7 +179,7 @@ class NodeStore:
             "name": node.name,
             "labels": json.loads(node.labels) if node.labels else {},
             "drained": node.drained,
-            "revoked_at": _iso(node.revoked_at),
-            "enrolled_at": _iso(node.enrolled_at),
-            "created_at": _iso(node.created_at),
+            "revoked_at": iso(node.revoked_at),
+            "enrolled_at": iso(node.enrolled_at),
+            "created_at": iso(node.created_at),
         }

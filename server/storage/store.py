@@ -32,6 +32,7 @@ from server.storage.models import (
     ProviderKey,
     ProviderModel,
     RouteRule,
+    iso,
     split_list,
     utcnow,
 )
@@ -56,8 +57,8 @@ class ModelSpec:
             spec = cls(
                 raw["alias"].strip(),
                 str(raw.get("upstream") or raw["alias"]).strip(),
-                _price(raw.get("price_in", price_in), "price_in"),
-                _price(raw.get("price_out", price_out), "price_out"),
+                parse_price(raw.get("price_in", price_in), "price_in"),
+                parse_price(raw.get("price_out", price_out), "price_out"),
             )
         else:
             raise InvalidRequestError(f"invalid model {raw!r}: expected 'alias[=upstream]'", param="models")
@@ -66,7 +67,8 @@ class ModelSpec:
         return spec
 
 
-def _price(value: Any, param: str) -> float | None:
+def parse_price(value: Any, param: str) -> float | None:
+    """A price in USD per 1M tokens: None (unpriced) or a non-negative number."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
@@ -74,8 +76,12 @@ def _price(value: Any, param: str) -> float | None:
     return float(value)
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
+def find_org(session: Session, ref: str) -> Org:
+    """An org by id or name; 404 when there is none."""
+    org = session.get(Org, ref) or session.exec(select(Org).where(Org.name == ref)).first()
+    if org is None:
+        raise NotFoundError(f"no org {ref!r}", param="org")
+    return org
 
 
 class Store:
@@ -127,14 +133,7 @@ class Store:
 
     @staticmethod
     def _org_dict(org: Org) -> dict[str, Any]:
-        return {"id": org.id, "object": "org", "name": org.name, "created_at": _iso(org.created_at)}
-
-    @staticmethod
-    def _find_org(session: Session, ref: str) -> Org:
-        org = session.get(Org, ref) or session.exec(select(Org).where(Org.name == ref)).first()
-        if org is None:
-            raise NotFoundError(f"no org {ref!r}", param="org")
-        return org
+        return {"id": org.id, "object": "org", "name": org.name, "created_at": iso(org.created_at)}
 
     # -- API keys ---------------------------------------------------------------------------------
 
@@ -145,7 +144,7 @@ class Store:
             raise InvalidRequestError("expires_at is in the past", param="expires_at")
         key = generate_key(API_KEY_PREFIX)
         with Session(self.engine) as session:
-            org = self._find_org(session, org_ref)
+            org = find_org(session, org_ref)
             row = ApiKey(
                 org_id=org.id,
                 name=name,
@@ -162,7 +161,7 @@ class Store:
         with Session(self.engine) as session:
             query = select(ApiKey, Org).join(Org).order_by(col(ApiKey.created_at))
             if org_ref:
-                query = query.where(ApiKey.org_id == self._find_org(session, org_ref).id)
+                query = query.where(ApiKey.org_id == find_org(session, org_ref).id)
             return [self._key_dict(k, o) for k, o in session.exec(query)]
 
     def revoke_key(self, key_id: str) -> dict[str, Any]:
@@ -188,9 +187,9 @@ class Store:
             "name": row.name,
             "prefix": row.prefix,
             "models": split_list(row.models),
-            "expires_at": _iso(row.expires_at),
-            "revoked_at": _iso(row.revoked_at),
-            "created_at": _iso(row.created_at),
+            "expires_at": iso(row.expires_at),
+            "revoked_at": iso(row.revoked_at),
+            "created_at": iso(row.created_at),
         }
 
     # -- providers --------------------------------------------------------------------------------
@@ -221,7 +220,7 @@ class Store:
         if len(set(aliases)) != len(aliases):
             raise InvalidRequestError("a model alias is listed twice", param="models")
         with Session(self.engine) as session:
-            org = self._find_org(session, org_ref)
+            org = find_org(session, org_ref)
             existing = session.exec(select(Provider).where(Provider.org_id == org.id, Provider.name == name)).first()
             if existing is not None and not replace:
                 raise ConflictError(f"provider {name!r} already exists in org {org.name!r}", param="name")
@@ -275,7 +274,7 @@ class Store:
         with Session(self.engine) as session:
             query = select(Provider, Org).join(Org).order_by(col(Provider.position))
             if org_ref:
-                query = query.where(Provider.org_id == self._find_org(session, org_ref).id)
+                query = query.where(Provider.org_id == find_org(session, org_ref).id)
             return [self._provider_dict(session, p, o) for p, o in session.exec(query)]
 
     def remove_provider(self, ref: str, org_ref: str | None = None) -> dict[str, Any]:
@@ -290,7 +289,7 @@ class Store:
     def _find_provider(self, session: Session, ref: str, org_ref: str | None) -> tuple[Provider, Org]:
         query = select(Provider, Org).join(Org).where((Provider.id == ref) | (Provider.name == ref))
         if org_ref:
-            query = query.where(Provider.org_id == self._find_org(session, org_ref).id)
+            query = query.where(Provider.org_id == find_org(session, org_ref).id)
         found = session.exec(query).all()
         if not found:
             raise NotFoundError(f"no provider {ref!r}", param="name")
@@ -329,7 +328,7 @@ class Store:
             ],
             "policy": json.loads(provider.policy) if provider.policy else {},
             "prefill": provider.prefill,
-            "created_at": _iso(provider.created_at),
+            "created_at": iso(provider.created_at),
         }
 
     # -- routing rules ----------------------------------------------------------------------------
@@ -347,7 +346,7 @@ class Store:
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param="targets") from exc
         with Session(self.engine) as session:
-            org = self._find_org(session, org_ref)
+            org = find_org(session, org_ref)
             # "nodes" names the org's node pool for the model (server.targets.node.NODES_TARGET).
             known = {"nodes", *session.exec(select(Provider.name).where(Provider.org_id == org.id))}
             unknown = [n for n in names if n not in known]
@@ -369,12 +368,12 @@ class Store:
         with Session(self.engine) as session:
             query = select(RouteRule, Org).join(Org).order_by(col(RouteRule.created_at))
             if org_ref:
-                query = query.where(RouteRule.org_id == self._find_org(session, org_ref).id)
+                query = query.where(RouteRule.org_id == find_org(session, org_ref).id)
             return [self._route_dict(r, o) for r, o in session.exec(query)]
 
     def remove_route(self, org_ref: str, pattern: str) -> dict[str, Any]:
         with Session(self.engine) as session:
-            org = self._find_org(session, org_ref)
+            org = find_org(session, org_ref)
             rule = session.exec(
                 select(RouteRule).where(RouteRule.org_id == org.id, RouteRule.pattern == pattern)
             ).first()
@@ -396,7 +395,7 @@ class Store:
             "strategy": rule.strategy,
             "targets": split_list(rule.targets),
             "fallbacks": split_list(rule.fallbacks),
-            "created_at": _iso(rule.created_at),
+            "created_at": iso(rule.created_at),
         }
 
     # -- what the snapshot is built from ----------------------------------------------------------
