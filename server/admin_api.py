@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -17,10 +17,11 @@ from server.auth import authenticate_admin
 from server.credentials import ENROLLMENT_TOKEN_PREFIX, generate_key
 from server.errors import InvalidRequestError
 from server.failover import validate_overrides
+from server.limits import LIMIT_FIELDS
 from server.middleware import REQUEST_ID
 from server.openai_api import read_body
 from server.plane import PLANE, Plane
-from server.reports import usage_report
+from server.reports import earnings_report, usage_report
 from server.storage.store import parse_models, parse_price
 
 T = TypeVar("T")
@@ -437,3 +438,138 @@ async def revoke_node(request: web.Request) -> web.Response:
     node = await _mutate(request, "node.revoke", plane.nodes.revoke, ref, before=lambda: plane.nodes.get_node(ref))
     plane.registry.disconnect(node["id"])
     return web.json_response(_with_live_state(plane, node))
+
+
+# -- policy: limits, cache, prices -----------------------------------------------------------------------
+
+
+def _subject(source: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The org or the key a limit applies to (exactly one of them)."""
+    org, key = source.get("org") or None, source.get("key") or None
+    if bool(org) == bool(key) or not isinstance(org or key, str):
+        raise InvalidRequestError("name exactly one of 'org' or 'key'", param="org")
+    return org, key
+
+
+def _with_live_usage(plane: Plane, limits: dict[str, Any]) -> dict[str, Any]:
+    """Stored limits plus what the plane's counters say right now."""
+    live = plane.snapshots.current.limits.get(limits["scope"])
+    return {**limits, "usage": plane.limiter.usage(limits["scope"], live) if live else {}}
+
+
+async def set_limits(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    body = await _body(request, plane)
+    org, key = _subject(body)
+    values = {name: body[name] for name in LIMIT_FIELDS if name in body}
+    unknown = set(body) - {"org", "key", *LIMIT_FIELDS}
+    if unknown:
+        raise InvalidRequestError(f"unknown fields: {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
+    limits = await _mutate(
+        request,
+        "limits.set",
+        plane.policies.set_limits,
+        org,
+        key,
+        values,
+        before=lambda: plane.policies.get_limits(org, key),
+    )
+    return web.json_response(_with_live_usage(plane, limits))
+
+
+async def list_limits(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    if request.query.get("key"):
+        found = await _read(plane.policies.get_limits, None, request.query["key"])
+        rows = [found] if found else []
+    else:
+        rows = await _read(plane.policies.list_limits, request.query.get("org"))
+    return _listing([_with_live_usage(plane, r) for r in rows])
+
+
+async def remove_limits(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    org, key = _subject(request.query)
+    removed = await _mutate(
+        request,
+        "limits.remove",
+        plane.policies.remove_limits,
+        org,
+        key,
+        before=lambda: plane.policies.get_limits(org, key),
+    )
+    return web.json_response(removed)
+
+
+async def set_cache_policy(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    body = await _body(request, plane)
+    org = _str(body, "org")
+    ttl = body.get("ttl_s")
+    policy = await _mutate(
+        request,
+        "cache.set",
+        plane.policies.set_cache_policy,
+        org,
+        _str(body, "mode", required=False) or None,
+        ttl,
+        before=lambda: plane.policies.list_cache_policies(org)[0],
+    )
+    return web.json_response(_with_cache_stats(plane, policy))
+
+
+def _with_cache_stats(plane: Plane, policy: dict[str, Any]) -> dict[str, Any]:
+    prefix = f"{policy['org_id']}:"
+    entries = [e for k, e in plane.cache.entries.items() if k.startswith(prefix)]
+    return {**policy, "entries": len(entries), "bytes": sum(e.size for e in entries)}
+
+
+async def list_cache_policies(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    rows = await _read(plane.policies.list_cache_policies, request.query.get("org"))
+    return _listing([_with_cache_stats(plane, r) for r in rows])
+
+
+async def clear_cache(request: web.Request) -> web.Response:
+    """Drop cached answers: one org's, or all of them. Audited, like every admin change."""
+    plane = _plane(request)
+    org_ref = request.query.get("org")
+    org_id = None
+    if org_ref:
+        org_id = (await _read(plane.policies.list_cache_policies, org_ref))[0]["org_id"]
+
+    def clear() -> dict[str, Any]:
+        return {"object": "cache_clear", "id": org_id or "*", "removed": plane.cache.clear(org_id)}
+
+    return web.json_response(await _mutate(request, "cache.clear", clear))
+
+
+async def set_price(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    body = await _body(request, plane)
+    price = await _mutate(
+        request,
+        "price.set",
+        plane.policies.set_price,
+        _str(body, "provider"),
+        _str(body, "org", required=False) or None,
+        _str(body, "model"),
+        body.get("price_in"),
+        body.get("price_out"),
+    )
+    return web.json_response(price)
+
+
+async def list_prices(request: web.Request) -> web.Response:
+    plane = _plane(request)
+    rows = await _read(plane.policies.price_history, request.query.get("org"), request.query.get("provider"))
+    return _listing(rows)
+
+
+async def node_earnings(request: web.Request) -> web.Response:
+    """GET /admin/v1/earnings?org=&since=ISO&by=node|org"""
+    plane = _plane(request)
+    since = _datetime(dict(request.query), "since")
+    by = request.query.get("by", "node")
+    rows = await _read(lambda: earnings_report(plane.engine, org_ref=request.query.get("org"), since=since, by=by))
+    return _listing(rows)

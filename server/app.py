@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from server import admin_api, openai_api, ops
-from server.middleware import add_request_id, make_middleware
+from server.middleware import make_middleware, stamp_response
 from server.plane import PLANE, Plane
 
 
@@ -38,6 +38,15 @@ def _routes(app: web.Application) -> None:
     app.router.add_get("/admin/v1/usage", admin_api.usage)
     app.router.add_get("/admin/v1/audit", admin_api.list_audit)
     app.router.add_get("/admin/v1/audit/verify", admin_api.verify_audit)
+    app.router.add_get("/admin/v1/limits", admin_api.list_limits)
+    app.router.add_put("/admin/v1/limits", admin_api.set_limits)
+    app.router.add_delete("/admin/v1/limits", admin_api.remove_limits)
+    app.router.add_get("/admin/v1/cache", admin_api.list_cache_policies)
+    app.router.add_put("/admin/v1/cache", admin_api.set_cache_policy)
+    app.router.add_delete("/admin/v1/cache", admin_api.clear_cache)
+    app.router.add_get("/admin/v1/prices", admin_api.list_prices)
+    app.router.add_put("/admin/v1/prices", admin_api.set_price)
+    app.router.add_get("/admin/v1/earnings", admin_api.node_earnings)
     app.router.add_get("/admin/v1/node-tokens", admin_api.list_node_tokens)
     app.router.add_post("/admin/v1/node-tokens", admin_api.create_node_token)
     app.router.add_post("/admin/v1/node-tokens/{id}/revoke", admin_api.revoke_node_token)
@@ -63,6 +72,6 @@ def create_app(plane: Plane) -> web.Application:
     )
     app[PLANE] = plane
     app.cleanup_ctx.append(_plane_lifetime)
-    app.on_response_prepare.append(add_request_id)
+    app.on_response_prepare.append(stamp_response)
     _routes(app)
     return app

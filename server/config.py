@@ -52,6 +52,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("request_deadline_s", float, 300.0, "Time budget for one request's attempts, rescues included."),
     Setting("usage_flush_interval_s", float, 0.2, "How often the usage writer flushes rows to the database."),
     Setting("usage_queue_size", int, 10_000, "Bound of the usage queue; rows beyond it are counted and dropped."),
+    Setting("cache_max_bytes", int, 64 * 1024 * 1024, "Memory bound of the response cache (0 turns it off)."),
+    Setting(
+        "completion_estimate_tokens",
+        int,
+        1024,
+        "Completion tokens reserved against token limits when a request sets no max_tokens.",
+    ),
     Setting("grpc_port", int, 8443, "Port of the node service agents dial (gRPC over TLS; 0 picks a free one)."),
     Setting("grpc_insecure", bool, False, "Serve the node service without TLS: loopback development only."),
     Setting("grpc_tls_cert", str, "", "PEM certificate (chain) for the node service; empty: the plane's own CA."),
@@ -91,6 +98,8 @@ class Config:
     request_deadline_s: float = 300.0
     usage_flush_interval_s: float = 0.2
     usage_queue_size: int = 10_000
+    cache_max_bytes: int = 64 * 1024 * 1024
+    completion_estimate_tokens: int = 1024
     grpc_port: int = 8443
     grpc_insecure: bool = False
     grpc_tls_cert: str = ""

@@ -13,7 +13,9 @@
     models = ["gpt-4o-mini", "fast=gpt-4o-mini", { alias = "big", upstream = "gpt-4o", price_in = 2.5 }]
 
 What the file declares wins at start-up (a provider is replaced in place, keeping its routing order);
-what was created from the CLI and is not in the file is left alone.
+what was created from the CLI and is not in the file is left alone. What a start actually changes is written
+to the audit log with the actor `config-file`, like any admin change; re-applying an unchanged file writes
+nothing.
 """
 
 from __future__ import annotations
@@ -23,33 +25,58 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from server.audit import AuditLog
 from server.config import ConfigError
 from server.errors import HatchwayError
 from server.storage.store import Store, parse_models
 
+# The audit log's actor for changes made by the config file rather than by an admin key.
+CONFIG_ACTOR = "config-file"
 
-def apply_declared(store: Store, declared: Mapping[str, Any], origin: Path | None) -> None:
+
+def apply_declared(store: Store, declared: Mapping[str, Any], origin: Path | None, audit: AuditLog) -> None:
     unknown = set(declared) - {"orgs", "providers"}
     if unknown:
         raise ConfigError(f"{origin}: unknown tables: {', '.join(sorted(unknown))}")
-    for i, org in enumerate(_tables(declared, "orgs", origin)):
-        where = f"{origin}: orgs[{i}]"
-        store.ensure_org(_text(org, "name", where))
+
+    def record(action: str, before: dict[str, Any] | None, after: dict[str, Any]) -> None:
+        target = str(after.get("id") or after.get("name") or "")
+        audit.append(
+            actor=CONFIG_ACTOR, action=action, target=target, before=before, after=after, request_id=str(origin)
+        )
+
+    def ensure_org(name: str) -> None:
+        created = store.ensure_org(name)
+        if created is not None:
+            record("org.create", None, created)
+
+    for i, table in enumerate(_tables(declared, "orgs", origin)):
+        ensure_org(_text(table, "name", f"{origin}: orgs[{i}]"))
     for i, provider in enumerate(_tables(declared, "providers", origin)):
         where = f"{origin}: providers[{i}]"
         try:
             models = parse_models(_list(provider, "models", where), provider.get("price_in"), provider.get("price_out"))
-            store.ensure_org(_text(provider, "org", where))
-            store.add_provider(
-                _text(provider, "org", where),
-                _text(provider, "name", where),
-                _text(provider, "base_url", where),
-                _api_keys(provider, where),
-                models,
-                replace=True,
+            org, name = _text(provider, "org", where), _text(provider, "name", where)
+            ensure_org(org)
+            before = next((p for p in store.list_providers(org) if p["name"] == name), None)
+            after = store.add_provider(
+                org, name, _text(provider, "base_url", where), _api_keys(provider, where), models, replace=True
             )
         except HatchwayError as exc:
             raise ConfigError(f"{where}: {exc.message}") from exc
+        if before is None:
+            record("provider.add", None, after)
+        elif _declared_view(before) != _declared_view(after):
+            record("provider.update", before, after)
+
+
+def _declared_view(provider: dict[str, Any]) -> dict[str, Any]:
+    """What the file decides about a provider; key ids are new at each start and say nothing."""
+    return {
+        "base_url": provider["base_url"],
+        "models": provider["models"],
+        "api_keys": [k["hint"] for k in provider["api_keys"]],
+    }
 
 
 def _tables(doc: Mapping[str, Any], name: str, origin: Path | None) -> list[dict[str, Any]]:

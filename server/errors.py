@@ -8,7 +8,8 @@
     ├── NotFoundError                    404    invalid_request_error
     │   └── ModelNotFoundError           404    invalid_request_error (code model_not_found)
     ├── ConflictError                    409    invalid_request_error
-    ├── RateLimitError                   429    rate_limit_error
+    ├── RateLimitError                   429    rate_limit_error      waiting helps (Retry-After)
+    ├── QuotaExceededError               429    insufficient_quota    waiting does not (x-should-retry: false)
     ├── InternalError                    500    api_error
     ├── ServiceUnavailableError          503    api_error
     └── UpstreamError                    502    api_error        a target failed; the attempt loop may fail over
@@ -97,6 +98,17 @@ class RateLimitError(HatchwayError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+
+class QuotaExceededError(HatchwayError):
+    """A token or spend quota is used up: only a new window or an admin can help, so clients must not retry."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"x-should-retry": "false"})
 
 
 class InternalError(HatchwayError):

@@ -65,8 +65,17 @@ def make_middleware(metrics: Metrics) -> Middleware:
     return envelope
 
 
-async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: every response, streams and errors included, carries the request id."""
+# x-ratelimit-* of the limits a request was admitted under, for whatever response it gets.
+RATE_LIMIT_HEADERS = web.RequestKey("rate_limit_headers", dict[str, str])
+
+
+async def stamp_response(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response, streams and errors included, carries the request id and, once a
+    request was admitted under rate limits, their x-ratelimit-* headers."""
     request_id = request.get(REQUEST_ID)
     if request_id:
         response.headers["X-Request-Id"] = request_id
+    limits = request.get(RATE_LIMIT_HEADERS)
+    if limits:
+        for name, value in limits.items():
+            response.headers.setdefault(name, value)

@@ -1,8 +1,9 @@
 """The OpenAI endpoints. Each request runs the same named steps:
 
-    authenticate -> read body -> validate -> authorize model -> route -> relay (complete | stream)
+    authenticate -> read body -> validate -> authorize model -> route -> cache lookup -> admit (limits)
+        -> replay (a cache hit) | relay (complete | stream) -> store in cache -> settle limits
 
-Everything before `relay` reads only the in-memory snapshot.
+Everything before `relay` reads only the in-memory snapshot and the plane's in-memory counters.
 """
 
 from __future__ import annotations
@@ -13,11 +14,17 @@ from typing import Any
 from aiohttp import web
 
 from server.auth import authenticate, authorize_model
-from server.errors import BodyTooLargeError, InvalidRequestError, ModelNotFoundError
-from server.middleware import REQUEST_ID
-from server.plane import PLANE
+from server.cache import StreamAssembler, parse_directives
+from server.errors import BodyTooLargeError, HatchwayError, InvalidRequestError, ModelNotFoundError
+from server.limits import Estimate, estimate_tokens
+from server.middleware import RATE_LIMIT_HEADERS, REQUEST_ID
+from server.plane import PLANE, Plane
 from server.relay import Exchange
+from server.routing import ModelPlan
 from server.validation import Validator, parse_body, validate_chat, validate_completion, validate_embedding
+
+# Per-request cache control: `bypass`, `no-store`, `ttl=SECONDS` (server.cache.parse_directives).
+CACHE_HEADER = "X-Hatchway-Cache"
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     plane = request.app[PLANE]
     catalog = plane.catalog()
     key = authenticate(request.headers, catalog.snapshot)
+    directives = parse_directives(request.headers.get(CACHE_HEADER))
     body = await read_body(request, plane.config.max_body_bytes)
     endpoint.validate(body)
     if body.get("stream") and not endpoint.streamable:
@@ -61,9 +69,40 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         plans=plans,
         deadline_s=plane.config.request_deadline_s,
     )
-    if exchange.streaming:
-        return await plane.relay.stream(request, exchange)
-    return await plane.relay.complete(exchange)
+    lookup = plane.cache.lookup(key.org_id, endpoint.path, body, catalog.snapshot.cache_policy(key.org_id), directives)
+    exchange.cache = lookup.status
+    # A cached answer costs nothing: it still counts as a request, but reserves no tokens and no spend.
+    cost = Estimate() if lookup.value is not None else estimate(plane, endpoint, body, plans)
+    try:
+        admission = plane.limiter.admit(catalog.snapshot.limit_scopes(key), cost)
+    except HatchwayError as exc:
+        plane.relay.refuse(exchange, exc)
+        raise
+    request[RATE_LIMIT_HEADERS] = admission.headers
+    try:
+        if lookup.value is not None:
+            return await plane.relay.replay(request, exchange, lookup.value)
+        if lookup.stores and exchange.streaming:
+            exchange.collect = StreamAssembler(chat=exchange.chat)
+        relay = plane.relay.stream(request, exchange) if exchange.streaming else plane.relay.complete(exchange)
+        response = await relay
+        if lookup.stores and lookup.key and exchange.answer is not None:
+            plane.cache.put(lookup.key, exchange.answer, lookup.ttl_s)
+        return response
+    finally:
+        admission.settle(*exchange.billed())
+
+
+def estimate(plane: Plane, endpoint: Endpoint, body: dict[str, Any], plans: list[ModelPlan]) -> Estimate:
+    """What to reserve against token and spend limits: the tokens the request may use, priced at the dearest
+    target it may be served by."""
+    prompt, completion = estimate_tokens(endpoint.path, body, plane.config.completion_estimate_tokens)
+    usd = 0.0
+    for plan in plans:
+        for target in plan.targets:
+            price_in, price_out = target.price()
+            usd = max(usd, (prompt * (price_in or 0.0) + completion * (price_out or 0.0)) / 1e6)
+    return Estimate(prompt + completion, usd)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

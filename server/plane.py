@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import defaultdict
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -12,11 +14,13 @@ from sqlalchemy import Engine
 
 from proto.hatchway.node.v1 import node_pb2_grpc
 from server.audit import AuditLog
+from server.cache import ResponseCache
 from server.catalog import Catalog
 from server.config import Config
 from server.credentials import Vault
 from server.declarative import apply_declared
 from server.health import Health
+from server.limits import Limiter, key_scope, org_scope
 from server.metrics import Metrics
 from server.nodes.registry import NodeRegistry
 from server.nodes.service import NodeService
@@ -26,6 +30,7 @@ from server.routing import Router
 from server.snapshot import SnapshotHolder
 from server.storage.db import make_engine, migrate
 from server.storage.nodes import NodeStore
+from server.storage.policy import PolicyStore
 from server.storage.store import Store
 from server.targets.provider import UpstreamPool
 from server.usage import UsageWriter
@@ -54,6 +59,9 @@ class Plane:
             flush_interval_s=config.usage_flush_interval_s,
         )
         self.relay = Relay(self.metrics, self.usage, self.health, max_attempts=config.max_attempts)
+        self.limiter = Limiter()
+        self.cache = ResponseCache(config.cache_max_bytes)
+        self.policies = PolicyStore(self.engine)
         self.nodes = NodeStore(self.engine)
         self.audit = AuditLog(self.engine)
         self.registry = NodeRegistry(
@@ -77,14 +85,27 @@ class Plane:
     def prepare_storage(self) -> None:
         migrate(self.engine)
         self.generated_admin_key = self.store.ensure_admin_key(self.config.admin_key)
-        apply_declared(self.store, self.config.declared, self.config.config_file)
+        apply_declared(self.store, self.config.declared, self.config.config_file, self.audit)
 
     def catalog(self) -> Catalog:
         """What can serve requests right now; take one per request so it sees one snapshot throughout."""
         return Catalog(self.snapshots.current, self.registry, self.node_policy)
 
+    def seed_limits(self) -> None:
+        """What quotas already used this day and month, so a restart does not hand them out again."""
+        now = datetime.fromtimestamp(self.limiter.clock(), UTC)
+        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        used: dict[tuple[str, str], tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
+        for window, since in (("month", day.replace(day=1)), ("day", day)):
+            for org_id, key_id, tokens, usd in self.policies.used_since(since):
+                for scope in (org_scope(org_id), key_scope(key_id)):
+                    old_tokens, old_usd = used[(scope, window)]
+                    used[(scope, window)] = (old_tokens + tokens, old_usd + usd)
+        self.limiter.seed(used)
+
     async def startup(self) -> None:
         await asyncio.to_thread(self.prepare_storage)
+        await asyncio.to_thread(self.seed_limits)
         await self.snapshots.reload()
         self.usage.start()
         await self._start_node_service()

@@ -24,6 +24,7 @@ import orjson
 from aiohttp import web
 
 from server import sse
+from server.cache import BYPASS, HIT, StreamAssembler, replay_chunks
 from server.errors import (
     HatchwayError,
     ServiceUnavailableError,
@@ -80,6 +81,12 @@ class Exchange:
     first_byte_at: float | None = None
     # The serving target's in-flight count, held until the answer is complete.
     holding: TargetStats | None = None
+    # What the response cache said (server.cache), and the whole answer to store on a miss.
+    cache: str = BYPASS
+    collect: StreamAssembler | None = None
+    answer: bytes | None = None
+    # The final status, once the request is over.
+    status: int | None = None
 
     @property
     def model(self) -> str:
@@ -112,7 +119,15 @@ class Exchange:
             self.completion_tokens = _int(usage.get("completion_tokens"))
 
     def cost(self) -> float | None:
+        if self.cache == HIT:
+            return 0.0  # a cached answer is free, not unpriced
         return self.target.cost(self.prompt_tokens, self.completion_tokens, self.attempt) if self.target else None
+
+    def billed(self) -> tuple[int, float]:
+        """(tokens, USD) this request consumed, to settle its limits: nothing unless it was served upstream."""
+        if self.status != 200 or self.cache == HIT:
+            return 0, 0.0
+        return self.prompt_tokens + self.completion_tokens, self.cost() or 0.0
 
     @property
     def route(self) -> str:
@@ -122,7 +137,7 @@ class Exchange:
         return self.target.id if self.target else ""
 
     def headers(self) -> dict[str, str]:
-        headers = {"x-hatchway-attempts": str(self.attempts), "x-hatchway-cache": "bypass"}
+        headers = {"x-hatchway-attempts": str(self.attempts), "x-hatchway-cache": self.cache}
         if self.target is not None:
             headers["x-hatchway-route"] = self.route
         if self.served_model is not None and self.served_model != self.model:
@@ -260,12 +275,44 @@ class Relay:
         except asyncio.CancelledError:
             self._finish(exchange, CLIENT_CLOSED, "client_closed")
             raise
-        cost = exchange.cost()
+        exchange.answer = body
+        self._finish(exchange, 200)
+        return web.Response(body=body, content_type="application/json", headers=self._answer_headers(exchange))
+
+    def _answer_headers(self, exchange: Exchange) -> dict[str, str]:
         headers = exchange.headers()
+        cost = exchange.cost()
         if cost is not None:
             headers["x-hatchway-cost-usd"] = f"{cost:.8f}"
-        self._finish(exchange, 200)
-        return web.Response(body=body, content_type="application/json", headers=headers)
+        return headers
+
+    # -- answers from the cache -------------------------------------------------------------------
+
+    async def replay(self, request: web.Request, exchange: Exchange, cached: bytes) -> web.StreamResponse:
+        """Serve a cached answer: the stored body, or replayed as a stream when the client asked for one."""
+        if not exchange.streaming:
+            self._finish(exchange, 200)
+            return web.Response(body=cached, content_type="application/json", headers=self._answer_headers(exchange))
+        response = _sse_response(exchange)
+        status, code = 200, None
+        try:
+            await response.prepare(request)
+            exchange.first_byte_at = time.monotonic()
+            for payload in replay_chunks(cached, chat=exchange.chat, include_usage=exchange.wants_usage):
+                await response.write(sse.frame(payload))
+            await response.write(sse.DONE_FRAME)
+        except ConnectionResetError:
+            status, code = CLIENT_CLOSED, "client_closed"
+        except asyncio.CancelledError:
+            status, code = CLIENT_CLOSED, "client_closed"
+            raise
+        finally:
+            self._finish(exchange, status, code)
+        return response
+
+    def refuse(self, exchange: Exchange, error: HatchwayError) -> None:
+        """Record a request that policy turned away before any target was tried."""
+        self._finish(exchange, error.status, error.code)
 
     async def _complete_one(self, target: Target, attempt: Attempt, exchange: Exchange) -> bytes:
         body = await target.complete(exchange.call, attempt)
@@ -289,15 +336,7 @@ class Relay:
         except asyncio.CancelledError:
             self._finish(exchange, CLIENT_CLOSED, "client_closed")
             raise
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                # Tell buffering proxies (nginx) to pass chunks straight through.
-                "X-Accel-Buffering": "no",
-                **exchange.headers(),
-            }
-        )
+        response = _sse_response(exchange)
         progress = StreamProgress(chat=exchange.chat)
         status, code = 200, None
         try:
@@ -316,6 +355,8 @@ class Relay:
                     opened = await self._rescue(exchange, progress, failed=opened.target)
                     exchange.rescues += 1
             await response.write(sse.DONE_FRAME)
+            if exchange.collect is not None and not exchange.rescues:
+                exchange.answer = exchange.collect.body()
         except HatchwayError as exc:
             # Committed already: the only honest thing left is an error event and no [DONE].
             status, code = exc.status, exc.code
@@ -415,6 +456,8 @@ class Relay:
         chunk: dict[str, Any],
     ) -> None:
         progress.observe(chunk)
+        if exchange.collect is not None:
+            exchange.collect.observe(chunk)
         if "usage" in chunk:
             exchange.take_usage(chunk["usage"])
             if chunk.get("choices") == [] and not exchange.wants_usage:
@@ -457,6 +500,7 @@ class Relay:
             exchange.holding = None
 
     def _finish(self, exchange: Exchange, status: int, code: str | None = None) -> None:
+        exchange.status = status
         self._release(exchange)
         self._record(
             exchange, exchange.target, exchange.attempt, status=status, code=code, final=True, began=exchange.started
@@ -475,6 +519,7 @@ class Relay:
     ) -> None:
         now = time.monotonic()
         served = final and status == 200
+        price_in, price_out = target.price(attempt) if target else (None, None)
         self.usage.record(
             UsageRecord(
                 request_id=exchange.request_id,
@@ -482,7 +527,7 @@ class Relay:
                 key_id=exchange.key.id,
                 endpoint=exchange.endpoint,
                 model=exchange.model,
-                target=(attempt.route if attempt and attempt.route else target.id) if target else "",
+                target=(attempt.route if attempt and attempt.route else target.id) if target else _no_target(exchange),
                 stream=exchange.streaming,
                 status=status,
                 attempts=exchange.attempts,
@@ -497,8 +542,27 @@ class Relay:
                 final=final,
                 provider_key_id=attempt.key_id if attempt else None,
                 node_id=attempt.route if attempt and target and target.kind == "node" else None,
+                cache=exchange.cache,
+                price_in=price_in,
+                price_out=price_out,
             )
         )
+
+
+def _no_target(exchange: Exchange) -> str:
+    return "cache" if exchange.cache == HIT else ""
+
+
+def _sse_response(exchange: Exchange) -> web.StreamResponse:
+    return web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            # Tell buffering proxies (nginx) to pass chunks straight through.
+            "X-Accel-Buffering": "no",
+            **exchange.headers(),
+        }
+    )
 
 
 def _substantive(chunk: dict[str, Any]) -> bool:

@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from server.errors import InvalidRequestError
-from server.storage.models import ApiKey, Org, UsageRecord
+from server.storage.models import ApiKey, Node, Org, UsageRecord
 from server.storage.store import find_org
 
 GROUPS = ("model", "route", "key", "node", "org", "day")
@@ -80,6 +80,45 @@ def _summarise(labels: dict[str, str], rows: list[UsageRecord]) -> dict[str, Any
         "completion_tokens": sum(r.completion_tokens for r in served),
         "cost_usd": round(sum(costs), 8) if costs else None,
         "unpriced_requests": len(served) - len(costs),
+        "cache_hits": sum(1 for r in served if r.cache == "hit"),
         "latency_p50_ms": _percentile(latencies, 50),
         "latency_p95_ms": _percentile(latencies, 95),
     }
+
+
+EARNINGS_GROUPS = ("node", "org")
+
+
+def earnings_report(engine: Engine, *, org_ref: str | None, since: datetime | None, by: str) -> list[dict[str, Any]]:
+    """What nodes served and earned at their own prices, per node or per contributing org (the node's owner)."""
+    if by not in EARNINGS_GROUPS:
+        raise InvalidRequestError(f"earnings group by {', '.join(EARNINGS_GROUPS)}", param="by")
+    with Session(engine) as session:
+        query = select(UsageRecord, Node).join(Node, col(Node.id) == col(UsageRecord.node_id))
+        query = query.where(col(UsageRecord.final), UsageRecord.status == 200)
+        if org_ref:
+            query = query.where(Node.org_id == find_org(session, org_ref).id)
+        if since is not None:
+            query = query.where(col(UsageRecord.created_at) >= since)
+        pairs = list(session.exec(query))
+        org_names = {o.id: o.name for o in session.exec(select(Org))}
+    groups: dict[tuple[str, ...], list[UsageRecord]] = defaultdict(list)
+    for row, node in pairs:
+        owner = org_names.get(node.org_id, node.org_id)
+        label: tuple[str, ...] = (node.id, node.name, owner) if by == "node" else (owner,)
+        groups[label].append(row)
+    columns = ("node_id", "node", "org") if by == "node" else ("org",)
+    result = []
+    for label, rows in sorted(groups.items()):
+        priced = [r.cost_usd for r in rows if r.cost_usd is not None]
+        result.append(
+            {
+                **dict(zip(columns, label, strict=True)),
+                "requests": len(rows),
+                "prompt_tokens": sum(r.prompt_tokens for r in rows),
+                "completion_tokens": sum(r.completion_tokens for r in rows),
+                "earned_usd": round(sum(priced), 8) if priced else None,
+                "unpriced_requests": len(rows) - len(priced),
+            }
+        )
+    return result

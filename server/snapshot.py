@@ -13,8 +13,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from server.cache import CachePolicy
 from server.failover import FailoverPolicy
 from server.health import Health
+from server.limits import LIMIT_FIELDS, Limits, key_scope, org_scope
 from server.routing import RouteRule, parse_targets
 from server.storage.models import split_list
 from server.storage.store import SnapshotRows, Store
@@ -52,10 +54,21 @@ class Snapshot:
     rules: dict[str, tuple[RouteRule, ...]] = field(default_factory=dict)
     # Enrolled, unrevoked nodes by the hash of their credential.
     nodes: dict[str, NodeEntry] = field(default_factory=dict)
+    # Limits by scope (`org:ID`, `key:ID`); a scope without limits is absent.
+    limits: dict[str, Limits] = field(default_factory=dict)
+    cache_policies: dict[str, CachePolicy] = field(default_factory=dict)
     created: int = 0
 
     def targets_for(self, org_id: str, model: str) -> tuple[Target, ...]:
         return self.routes.get((org_id, model), ())
+
+    def limit_scopes(self, key: KeyEntry) -> tuple[tuple[str, Limits], ...]:
+        """The key's own limits, then its org's: a request must fit both."""
+        scopes = (key_scope(key.id), org_scope(key.org_id))
+        return tuple((scope, self.limits[scope]) for scope in scopes if scope in self.limits)
+
+    def cache_policy(self, org_id: str) -> CachePolicy:
+        return self.cache_policies.get(org_id) or CachePolicy()
 
 
 def build_snapshot(
@@ -115,6 +128,12 @@ def build_snapshot(
         models_by_org={org: tuple(sorted(models)) for org, models in models_by_org.items()},
         rules={org: tuple(org_rules) for org, org_rules in rules.items()},
         nodes={n.credential_hash: NodeEntry(n.id, n.org_id, n.name, n.drained) for n in rows.nodes},
+        limits={
+            key_scope(row.key_id) if row.key_id else org_scope(row.org_id): limits
+            for row in rows.limits
+            if (limits := Limits(**{name: getattr(row, name) for name in LIMIT_FIELDS})).any
+        },
+        cache_policies={o.id: CachePolicy(o.cache_mode, o.cache_ttl_s) for o in rows.orgs},
         created=int(datetime.now().timestamp()),
     )
 

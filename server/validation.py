@@ -117,6 +117,7 @@ def _sampling(body: dict[str, Any]) -> None:
     _optional_number(body, "frequency_penalty", -2, 2)
     _optional_int(body, "n", 1, 128)
     _optional_int(body, "max_tokens", 1)
+    _optional_int(body, "max_completion_tokens", 1)
     _optional_int(body, "seed", -(2**63), 2**63 - 1)
     _optional_bool(body, "stream")
     _stop(body)

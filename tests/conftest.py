@@ -106,6 +106,21 @@ class RunningPlane:
     def stop(self) -> None:
         self.loop_thread.run(self.server.shutdown())
 
+    def restart(self, config: Config | None = None) -> None:
+        """Stop the plane and start it again on the same ports, with the same config or another one."""
+        old = self.server
+        config = (config or old.config).replace(port=old.port, grpc_port=old.plane.grpc_port)
+        self.admin.close()  # no keep-alive connection may outlive the plane it points at
+        self.stop()
+
+        async def start() -> Server:
+            server = Server(config)
+            await server.startup()
+            return server
+
+        self.server = self.loop_thread.run(start())
+        self.admin = AdminClient(self.url, ADMIN_KEY)
+
 
 @pytest.fixture
 def plane_config(tmp_path: Path) -> Config:

@@ -50,7 +50,10 @@ class PlaneProcess:
 
     def terminate(self, timeout_s: float = 30) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout_s)
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(f"plane still running {timeout_s}s after SIGTERM; output:\n{self.output}") from exc
         self._close()
         return code
 

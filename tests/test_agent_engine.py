@@ -41,7 +41,7 @@ MODEL = smollm2_path()
 SETTINGS: dict[str, Any] = {"slots": 1, "context": 1024, "threads": 2}
 CAPITAL = [
     # Without a system message the GGUF template injects its own, and at temperature 0 the model rambles.
-    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "system", "content": "Answer the question."},
     {"role": "user", "content": "What is the capital of France?"},
 ]
 # The last user message, raw: the prompt becomes exactly what /v1/completions would get.

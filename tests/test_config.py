@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -92,3 +93,38 @@ def test_declared_orgs_and_providers_exist_at_start(plane: RunningPlane, upstrea
     )
     assert response.status_code == 200
     assert upstream.requests[-1].headers["Authorization"] == "Bearer sk-from-env"
+
+
+def config_entries(plane: RunningPlane) -> list[dict[str, Any]]:
+    return [e for e in plane.admin.get("/audit")["data"] if e["actor"] == "config-file"]
+
+
+def test_what_the_config_file_creates_is_audited_as_config_file(plane: RunningPlane) -> None:
+    entries = config_entries(plane)
+    assert [e["action"] for e in entries] == ["org.create", "provider.add"]
+    assert entries[1]["after"]["base_url"].startswith("http://127.0.0.1")
+
+
+def test_restarting_with_an_unchanged_config_file_writes_no_audit_entry(plane: RunningPlane) -> None:
+    plane.restart()
+    assert len(config_entries(plane)) == 2
+
+
+def test_a_provider_changed_in_the_config_file_is_audited_with_before_and_after(
+    plane: RunningPlane, plane_config: Config
+) -> None:
+    assert plane_config.config_file is not None
+    text = plane_config.config_file.read_text().replace("price_in = 0.5", "price_in = 0.7")
+    plane_config.config_file.write_text(text)
+    plane.restart(
+        Config.load(
+            config_file=plane_config.config_file,
+            environ={},
+            overrides={"admin_key": ADMIN_KEY, "data_dir": plane_config.data_dir},
+        )
+    )
+    update = config_entries(plane)[-1]
+    assert update["action"] == "provider.update"
+    assert update["before"]["models"][0]["price_in"] == 0.5
+    assert update["after"]["models"][0]["price_in"] == 0.7
+    assert plane.admin.get("/audit/verify")["ok"]

@@ -15,16 +15,14 @@ import httpx
 import openai
 import pytest
 
-from server.cli.client import AdminClient
 from server.config import Config
 from server.nodes.registry import NodeRegistry
-from server.serve import Server
 from tests.agent_process import DEMO_MODEL, AgentProcess, describe
-from tests.conftest import ADMIN_KEY, RunningPlane, abandon_request
+from tests.conftest import RunningPlane, abandon_request
 from tests.mock_upstream import MockUpstream
 
 QUESTION = [
-    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "system", "content": "Answer the question."},
     {"role": "user", "content": "What is the capital of France?"},
 ]
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
@@ -227,20 +225,9 @@ def test_agent_lost_mid_stream_ends_in_an_error_event_without_done(nodes: Nodes)
     assert nodes.registry.busy_slots() == 0
 
 
-def test_plane_restart_and_agents_reconnect_by_themselves(nodes: Nodes, loop_thread) -> None:
+def test_plane_restart_and_agents_reconnect_by_themselves(nodes: Nodes) -> None:
     agent = nodes.started("node-a")
-    old = nodes.plane.server
-    config = old.config.replace(port=old.port, grpc_port=old.plane.grpc_port)
-    nodes.plane.admin.close()  # no keep-alive connection may outlive the plane it points at
-    nodes.plane.stop()
-
-    async def restart() -> Server:
-        server = Server(config)
-        await server.startup()
-        return server
-
-    nodes.plane.server = loop_thread.run(restart())
-    nodes.plane.admin = AdminClient(nodes.plane.url, ADMIN_KEY)
+    nodes.plane.restart()
     wait_for(lambda: bool(nodes.registry.sessions), timeout_s=20, what=f"the agent to reconnect:\n{agent.output}")
     completion = nodes.client().chat.completions.create(model=DEMO_MODEL, messages=QUESTION, temperature=0)
     assert "Paris" in (completion.choices[0].message.content or "")

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from server.cli import cli
+from server.cli.client import AdminAPIError
 from tests.conftest import ADMIN_KEY, MODEL, RunningPlane
 from tests.mock_upstream import Fault, MockUpstream
 
@@ -90,3 +91,44 @@ def test_grouping_by_something_unknown_is_a_400(plane: RunningPlane) -> None:
         f"{plane.url}/admin/v1/usage", params={"by": "colour"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
     )
     assert response.status_code == 400 and response.json()["error"]["param"] == "by"
+
+
+def test_a_price_change_applies_from_then_on_and_never_rewrites_past_costs(routes: tuple[RunningPlane, str]) -> None:
+    plane, key = routes
+    plane.admin.put("/routes", {"org": "acme", "model": MODEL, "targets": ["provider-a"]})
+    before = float(ask(plane, key).headers["x-hatchway-cost-usd"])
+    (first,) = report(plane, 1, by="route")
+    plane.admin.put("/prices", {"provider": "provider-a", "model": MODEL, "price_in": 10.0, "price_out": 10.0})
+    after = float(ask(plane, key).headers["x-hatchway-cost-usd"])
+    assert after == pytest.approx(10 * before)
+    (both,) = report(plane, 2, by="route")
+    assert both["cost_usd"] == pytest.approx(first["cost_usd"] + after)
+    history = plane.admin.get("/prices", provider="provider-a")["data"]
+    assert [(p["price_in"], p["price_out"]) for p in history] == [(1.0, 1.0), (10.0, 10.0)]
+    assert history[0]["effective_from"] < history[1]["effective_from"]
+
+
+def test_setting_a_price_on_an_unknown_model_is_a_404(routes: tuple[RunningPlane, str]) -> None:
+    plane, _ = routes
+    with pytest.raises(AdminAPIError) as refused:
+        plane.admin.put("/prices", {"provider": "provider-a", "model": "nope", "price_in": 1})
+    assert refused.value.status == 404
+
+
+def test_a_negative_price_is_a_400(routes: tuple[RunningPlane, str]) -> None:
+    plane, _ = routes
+    with pytest.raises(AdminAPIError) as refused:
+        plane.admin.put("/prices", {"provider": "provider-a", "model": MODEL, "price_in": -1})
+    assert refused.value.status == 400
+
+
+def test_prices_cli_sets_and_lists_versions(routes: tuple[RunningPlane, str]) -> None:
+    plane, _ = routes
+    base = ["admin", "--url", plane.url, "--admin-key", ADMIN_KEY, "prices"]
+    result = CliRunner().invoke(cli, [*base, "set", "provider-b", "--model", MODEL, "--in", "2", "--out", "4"])
+    assert result.exit_code == 0, result.output
+    listing = CliRunner().invoke(cli, [*base, "list", "--provider", "provider-b"])
+    assert listing.exit_code == 0, listing.output
+    lines = listing.output.strip().splitlines()
+    assert lines[0].split()[:5] == ["ORG", "PROVIDER", "MODEL", "PRICE_IN", "PRICE_OUT"]
+    assert [line.split()[3:5] for line in lines[1:]] == [["3.0", "3.0"], ["2.0", "4.0"]]

@@ -12,9 +12,10 @@ from typing import Any
 
 import click
 
+from server.cache import CACHE_MODES
 from server.cli.client import AdminAPIError, AdminClient
 from server.failover import FailoverPolicy
-from server.reports import GROUPS
+from server.reports import EARNINGS_GROUPS, GROUPS
 from server.routing import STRATEGIES
 from server.storage.store import PREFILL_MODES
 
@@ -446,10 +447,22 @@ def nodes_revoke(ctx: Context, node: str) -> None:
     ctx.show(_node_rows(ctx.call(lambda c: c.post(f"/nodes/{node}/revoke", {}))), NODE_COLUMNS)
 
 
+@nodes.command("earnings")
+@click.option("--org", "org_ref", default=None, help="Only nodes of this org.")
+@click.option("--since", default=None, help="Only requests since: 24h, 7d, or an ISO date.")
+@click.option("--by", type=click.Choice(EARNINGS_GROUPS), default="node", show_default=True)
+@pass_context
+def nodes_earnings(ctx: Context, org_ref: str | None, since: str | None, by: str) -> None:
+    """Tokens each node served and what they are worth at the node's own price, per node or per owning org."""
+    doc = ctx.call(lambda c: c.get("/earnings", org=org_ref, since=parse_since(since), by=by))
+    columns = ("node_id", "node", "org") if by == "node" else ("org",)
+    ctx.show(doc, (*columns, "requests", "prompt_tokens", "completion_tokens", "earned_usd", "unpriced_requests"))
+
+
 # -- usage -----------------------------------------------------------------------------------------
 
 USAGE_COLUMNS = (
-    "requests", "errors", "failed_attempts", "prompt_tokens", "completion_tokens", "cost_usd",
+    "requests", "errors", "failed_attempts", "cache_hits", "prompt_tokens", "completion_tokens", "cost_usd",
     "latency_p50_ms", "latency_p95_ms",
 )  # fmt: skip
 
@@ -465,6 +478,176 @@ def usage(ctx: Context, org_ref: str | None, since: str | None, groups: tuple[st
     after = parse_since(since)
     doc = ctx.call(lambda c: c.get("/usage", org=org_ref, since=after, by=",".join(by)))
     ctx.show(doc, (*by, *USAGE_COLUMNS))
+
+
+# -- limits, cache, prices --------------------------------------------------------------------------
+
+
+class LimitValue(click.ParamType[Any]):
+    """A limit: a non-negative number, or `off` to lift it."""
+
+    name = "N|off"
+
+    def __init__(self, integer: bool) -> None:
+        self.integer = integer
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or isinstance(value, int | float):
+            return value
+        if str(value).lower() in ("off", "none"):
+            return LIFTED
+        try:
+            number = int(value) if self.integer else float(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a {'whole number' if self.integer else 'number'} or 'off'", param, ctx)
+        if number < 0:
+            self.fail("must not be negative", param, ctx)
+        return number
+
+
+# Marks a limit given as `off`: sent as null, which lifts it.
+LIFTED = object()
+LIMIT_OPTIONS = (
+    ("rpm", True, "Requests per minute."),
+    ("tpm", True, "Tokens per minute (reserved at admission: prompt estimate + max_tokens)."),
+    ("concurrency", True, "Requests in flight at once."),
+    ("tokens_per_day", True, "Tokens per UTC day."),
+    ("tokens_per_month", True, "Tokens per UTC month."),
+    ("usd_per_day", False, "Spend per UTC day, in USD."),
+    ("usd_per_month", False, "Spend per UTC month, in USD."),
+)
+LIMIT_COLUMNS = ("org", "key_id", *(name for name, _, _ in LIMIT_OPTIONS), "usage")
+
+
+def limit_options(fn: Callable[..., None]) -> Callable[..., None]:
+    for name, integer, help_text in reversed(LIMIT_OPTIONS):
+        flag = "--" + name.replace("_", "-")
+        fn = click.option(flag, name, type=LimitValue(integer), default=None, help=f"{help_text} 'off' lifts it.")(fn)
+    return fn
+
+
+subject_options = (
+    click.option("--org", "org_ref", default=None, help="The org (all its keys together)."),
+    click.option("--key", "key_id", default=None, help="One API key, by id."),
+)
+
+
+def with_subject(fn: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(subject_options):
+        fn = option(fn)
+    return fn
+
+
+def _subject(org_ref: str | None, key_id: str | None) -> dict[str, str]:
+    if bool(org_ref) == bool(key_id):
+        raise click.UsageError("give exactly one of --org or --key")
+    return {"org": org_ref} if org_ref else {"key": key_id or ""}
+
+
+@admin.group()
+def limits() -> None:
+    """Rate limits and quotas per org or per key: 429 when exceeded."""
+
+
+@limits.command("set")
+@with_subject
+@limit_options
+@pass_context
+def limits_set(ctx: Context, org_ref: str | None, key_id: str | None, **values: Any) -> None:
+    """Set limits (others keep their values), e.g. `limits set --org acme --rpm 600 --usd-per-month 50`."""
+    body: dict[str, Any] = _subject(org_ref, key_id)
+    chosen = {name: None if value is LIFTED else value for name, value in values.items() if value is not None}
+    if not chosen:
+        raise click.UsageError("give at least one limit, e.g. --rpm 60")
+    doc = ctx.call(lambda c: c.put("/limits", body | chosen))
+    ctx.show(doc, LIMIT_COLUMNS)
+
+
+@limits.command("show")
+@click.option("--org", "org_ref", default=None, help="Only this org (and its keys).")
+@click.option("--key", "key_id", default=None, help="Only this key.")
+@pass_context
+def limits_show(ctx: Context, org_ref: str | None, key_id: str | None) -> None:
+    """Limits as set, and live usage: requests/tokens left this minute, quotas used this day/month."""
+    ctx.show(ctx.call(lambda c: c.get("/limits", org=org_ref, key=key_id)), LIMIT_COLUMNS)
+
+
+@limits.command("remove")
+@with_subject
+@pass_context
+def limits_remove(ctx: Context, org_ref: str | None, key_id: str | None) -> None:
+    """Lift every limit of an org or a key."""
+    ctx.show(ctx.call(lambda c: c.delete("/limits", **_subject(org_ref, key_id))), LIMIT_COLUMNS)
+
+
+CACHE_COLUMNS = ("org", "mode", "ttl_s", "entries", "bytes")
+
+
+@admin.group()
+def cache() -> None:
+    """The response cache: per-org policy, and clearing it."""
+
+
+@cache.command("set")
+@click.option("--org", "org_ref", required=True, help="Org name or id.")
+@click.option(
+    "--mode",
+    type=click.Choice(CACHE_MODES),
+    default=None,
+    help="off, deterministic (temperature 0 or a seed; the default) or all.",
+)
+@click.option("--ttl", "ttl_s", type=click.IntRange(min=0), default=None, help="Seconds an answer stays cached.")
+@pass_context
+def cache_set(ctx: Context, org_ref: str, mode: str | None, ttl_s: int | None) -> None:
+    if mode is None and ttl_s is None:
+        raise click.UsageError("give --mode and/or --ttl")
+    ctx.show(ctx.call(lambda c: c.put("/cache", {"org": org_ref, "mode": mode, "ttl_s": ttl_s})), CACHE_COLUMNS)
+
+
+@cache.command("show")
+@click.option("--org", "org_ref", default=None, help="Only this org.")
+@pass_context
+def cache_show(ctx: Context, org_ref: str | None) -> None:
+    ctx.show(ctx.call(lambda c: c.get("/cache", org=org_ref)), CACHE_COLUMNS)
+
+
+@cache.command("clear")
+@click.option("--org", "org_ref", default=None, help="Only this org's answers (default: all).")
+@pass_context
+def cache_clear(ctx: Context, org_ref: str | None) -> None:
+    ctx.show(ctx.call(lambda c: c.delete("/cache", org=org_ref)), ("id", "removed"))
+
+
+PRICE_COLUMNS = ("org", "provider", "model", "price_in", "price_out", "effective_from")
+
+
+@admin.group()
+def prices() -> None:
+    """Model prices (USD per 1M tokens), versioned: a change applies from now on, never to past usage."""
+
+
+@prices.command("set")
+@click.argument("provider")
+@click.option("--model", required=True, help="The model alias.")
+@click.option("--in", "price_in", type=click.FloatRange(min=0), default=None, help="USD per 1M prompt tokens.")
+@click.option("--out", "price_out", type=click.FloatRange(min=0), default=None, help="USD per 1M completion tokens.")
+@click.option("--org", "org_ref", default=None, help="Org, when the provider name exists in several.")
+@pass_context
+def prices_set(
+    ctx: Context, provider: str, model: str, price_in: float | None, price_out: float | None, org_ref: str | None
+) -> None:
+    """Set a model's price from now on (leaving both out makes it unpriced)."""
+    body = {"provider": provider, "org": org_ref, "model": model, "price_in": price_in, "price_out": price_out}
+    ctx.show(ctx.call(lambda c: c.put("/prices", body)), PRICE_COLUMNS)
+
+
+@prices.command("list")
+@click.option("--org", "org_ref", default=None, help="Only this org's prices.")
+@click.option("--provider", default=None, help="Only this provider's.")
+@pass_context
+def prices_list(ctx: Context, org_ref: str | None, provider: str | None) -> None:
+    """Every price each model has had, and since when."""
+    ctx.show(ctx.call(lambda c: c.get("/prices", org=org_ref, provider=provider)), PRICE_COLUMNS)
 
 
 # -- audit -----------------------------------------------------------------------------------------

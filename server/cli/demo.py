@@ -72,7 +72,7 @@ async def run_demo(config: Config) -> None:
 
 def _print_ready(url: str, key: str) -> None:
     body = (
-        '{"model": "' + DEMO_MODEL + '", "messages": [{"role": "system", "content": "You are a helpful assistant."}, '
+        '{"model": "' + DEMO_MODEL + '", "messages": [{"role": "system", "content": "Answer the question."}, '
         '{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}'
     )
     click.echo(

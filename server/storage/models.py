@@ -30,6 +30,9 @@ def new_id(prefix: str) -> str:
 class Org(SQLModel, table=True):
     id: str = Field(primary_key=True, default_factory=lambda: new_id("org"))
     name: str = Field(unique=True, index=True)
+    # Response cache policy (server.cache.CACHE_MODES) and how long an answer stays cached.
+    cache_mode: str = "deterministic"
+    cache_ttl_s: int = 300
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -112,6 +115,42 @@ class RouteRule(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class LimitPolicy(SQLModel, table=True):
+    """Rate limits and quotas of one org (`key_id` empty) or of one of its keys. A None field is unlimited."""
+
+    __tablename__ = "limit_policy"
+    __table_args__ = (UniqueConstraint("org_id", "key_id"),)
+
+    id: str = Field(primary_key=True, default_factory=lambda: new_id("lim"))
+    org_id: str = Field(foreign_key="org.id", index=True)
+    key_id: str = ""
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    usd_per_day: float | None = None
+    usd_per_month: float | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class PriceChange(SQLModel, table=True):
+    """Append-only history of a provider model's price: one row each time it is set or changed.
+
+    Usage rows carry the price they were billed at, so a change never rewrites past costs; this table says
+    which price was in force when."""
+
+    __tablename__ = "price_change"
+
+    id: int | None = Field(default=None, primary_key=True)
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    org_id: str = Field(index=True)
+    provider: str
+    model: str
+    price_in: float | None = None
+    price_out: float | None = None
+
+
 class EnrollmentToken(SQLModel, table=True):
     __tablename__ = "enrollment_token"
 
@@ -189,3 +228,8 @@ class UsageRecord(SQLModel, table=True):
     provider_key_id: str | None = None
     # The node that served, for node targets (the target column names the pool).
     node_id: str | None = Field(default=None, index=True)
+    # hit, miss or bypass (server.cache); a hit costs nothing and served no tokens upstream.
+    cache: str = "bypass"
+    # The price (USD per 1M tokens) the row was billed at: the one in force when it was served.
+    price_in: float | None = None
+    price_out: float | None = None

@@ -26,8 +26,10 @@ from server.routing import STRATEGIES, parse_targets
 from server.storage.models import (
     AdminKey,
     ApiKey,
+    LimitPolicy,
     Node,
     Org,
+    PriceChange,
     Provider,
     ProviderKey,
     ProviderModel,
@@ -84,6 +86,19 @@ def find_org(session: Session, ref: str) -> Org:
     return org
 
 
+def find_provider(session: Session, ref: str, org_ref: str | None) -> tuple[Provider, Org]:
+    """A provider by id or name (with its org); a name used in several orgs needs the org."""
+    query = select(Provider, Org).join(Org).where((Provider.id == ref) | (Provider.name == ref))
+    if org_ref:
+        query = query.where(Provider.org_id == find_org(session, org_ref).id)
+    found = session.exec(query).all()
+    if not found:
+        raise NotFoundError(f"no provider {ref!r}", param="name")
+    if len(found) > 1:
+        raise InvalidRequestError(f"provider name {ref!r} exists in several orgs: pass --org", param="org")
+    return found[0]
+
+
 class Store:
     def __init__(self, engine: Engine, vault: Vault) -> None:
         self.engine = engine
@@ -125,11 +140,15 @@ class Store:
         with Session(self.engine) as session:
             return [self._org_dict(o) for o in session.exec(select(Org).order_by(col(Org.created_at)))]
 
-    def ensure_org(self, name: str) -> None:
+    def ensure_org(self, name: str) -> dict[str, Any] | None:
+        """Create the org unless it exists; returns the new org, or None when it was already there."""
         with Session(self.engine) as session:
-            if session.exec(select(Org).where(Org.name == name)).first() is None:
-                session.add(Org(name=name))
-                session.commit()
+            if session.exec(select(Org).where(Org.name == name)).first() is not None:
+                return None
+            org = Org(name=name)
+            session.add(org)
+            session.commit()
+            return self._org_dict(org)
 
     @staticmethod
     def _org_dict(org: Org) -> dict[str, Any]:
@@ -224,12 +243,17 @@ class Store:
             existing = session.exec(select(Provider).where(Provider.org_id == org.id, Provider.name == name)).first()
             if existing is not None and not replace:
                 raise ConflictError(f"provider {name!r} already exists in org {org.name!r}", param="name")
+            previous_prices: dict[str, tuple[float | None, float | None]] = {}
             if existing is None:
                 last = session.exec(select(func.max(Provider.position))).one()
                 provider = Provider(org_id=org.id, name=name, base_url=base_url, position=(last or 0) + 1)
             else:
                 provider = existing
                 provider.base_url = base_url
+                previous_prices = {
+                    m.alias: (m.price_in, m.price_out)
+                    for m in session.exec(select(ProviderModel).where(ProviderModel.provider_id == provider.id))
+                }
                 self._delete_children(session, provider.id)
             provider.policy = json.dumps(policy) if policy else ""
             provider.prefill = prefill
@@ -247,6 +271,17 @@ class Store:
                         price_out=spec.price_out,
                     )
                 )
+                if previous_prices.get(spec.alias, ()) != (spec.price_in, spec.price_out):
+                    # Prices are versioned: each new one is appended to the history, none is rewritten.
+                    session.add(
+                        PriceChange(
+                            org_id=org.id,
+                            provider=name,
+                            model=spec.alias,
+                            price_in=spec.price_in,
+                            price_out=spec.price_out,
+                        )
+                    )
             session.commit()
             return self._provider_dict(session, provider, org)
 
@@ -260,7 +295,7 @@ class Store:
     ) -> dict[str, Any]:
         """Change a provider's failover policy (merged into its overrides) or its prefill capability."""
         with Session(self.engine) as session:
-            provider, org = self._find_provider(session, ref, org_ref)
+            provider, org = find_provider(session, ref, org_ref)
             if policy:
                 provider.policy = json.dumps({**(json.loads(provider.policy) if provider.policy else {}), **policy})
             if prefill is not None:
@@ -279,23 +314,12 @@ class Store:
 
     def remove_provider(self, ref: str, org_ref: str | None = None) -> dict[str, Any]:
         with Session(self.engine) as session:
-            provider, org = self._find_provider(session, ref, org_ref)
+            provider, org = find_provider(session, ref, org_ref)
             result = self._provider_dict(session, provider, org)
             self._delete_children(session, provider.id)
             session.delete(provider)
             session.commit()
             return result
-
-    def _find_provider(self, session: Session, ref: str, org_ref: str | None) -> tuple[Provider, Org]:
-        query = select(Provider, Org).join(Org).where((Provider.id == ref) | (Provider.name == ref))
-        if org_ref:
-            query = query.where(Provider.org_id == find_org(session, org_ref).id)
-        found = session.exec(query).all()
-        if not found:
-            raise NotFoundError(f"no provider {ref!r}", param="name")
-        if len(found) > 1:
-            raise InvalidRequestError(f"provider name {ref!r} exists in several orgs: pass --org", param="org")
-        return found[0]
 
     @staticmethod
     def _delete_children(session: Session, provider_id: str) -> None:
@@ -411,6 +435,7 @@ class Store:
                 provider_models=list(session.exec(select(ProviderModel))),
                 routes=list(session.exec(select(RouteRule).order_by(col(RouteRule.created_at)))),
                 nodes=list(session.exec(select(Node).where(col(Node.revoked_at).is_(None)))),
+                limits=list(session.exec(select(LimitPolicy))),
             )
 
     def ping(self) -> None:
@@ -428,6 +453,7 @@ class SnapshotRows:
     provider_models: list[ProviderModel]
     routes: list[RouteRule]
     nodes: list[Node]
+    limits: list[LimitPolicy]
 
 
 PREFILL_MODES = ("auto", "yes", "no")

@@ -83,9 +83,13 @@ class Target(ABC):
     def rest_key(self, key_id: str | None, seconds: float) -> None:  # noqa: B027  (optional hook)
         """Keep a credential out of rotation for a while (after a 429 or 401); targets without keys ignore it."""
 
+    def price(self, attempt: Attempt | None = None) -> tuple[float | None, float | None]:
+        """USD per 1M tokens (in, out) of what served: the node's own for a pool, else the target's."""
+        return attempt.price if attempt and attempt.price else (self.price_in, self.price_out)
+
     def cost(self, prompt_tokens: int, completion_tokens: int, attempt: Attempt | None = None) -> float | None:
         """USD for this usage at the price of what served, or None when it is unpriced."""
-        price_in, price_out = attempt.price if attempt and attempt.price else (self.price_in, self.price_out)
+        price_in, price_out = self.price(attempt)
         if price_in is None and price_out is None:
             return None
         return (prompt_tokens * (price_in or 0.0) + completion_tokens * (price_out or 0.0)) / 1e6
