@@ -323,3 +323,35 @@ def test_sigterm_drains_the_agent_running_jobs_finish_then_it_exits(nodes: Nodes
     assert frames[-1] == "data: [DONE]", agent.output
     assert json.loads(frames[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 150
     assert agent.wait(30) == 0
+
+
+def test_the_same_prompt_through_two_providers_and_a_node_costs_side_by_side_and_the_node_earns(
+    nodes: Nodes, make_upstream: Callable[..., MockUpstream]
+) -> None:
+    agent = nodes.started("node-a", "--price-in", "0.5", "--price-out", "0.5")
+    for name, price in (("provider-a", 1.0), ("provider-b", 3.0)):
+        nodes.plane.add_provider(name, make_upstream(name), models=[DEMO_MODEL], price_in=price, price_out=price)
+    prompt = {"model": DEMO_MODEL, "messages": QUESTION, "max_tokens": 8}
+    for target in ("provider-a", "provider-b", "nodes"):
+        nodes.plane.admin.put("/routes", {"org": "acme", "model": DEMO_MODEL, "targets": [target]})
+        response = httpx.post(
+            f"{nodes.plane.v1}/chat/completions", json=prompt, headers={"Authorization": f"Bearer {nodes.key}"}
+        )
+        assert response.status_code == 200, response.text
+    node_id = nodes.node_id(agent)
+
+    def report() -> dict[str, dict[str, Any]]:
+        return {r["route"]: r for r in nodes.plane.admin.get("/usage", by="route")["data"]}
+
+    wait_for(lambda: len(report()) == 3, timeout_s=5, what="three usage rows")
+    rows = report()
+    assert set(rows) == {"provider-a", "provider-b", node_id}
+    for route, price in (("provider-a", 1.0), ("provider-b", 3.0), (node_id, 0.5)):
+        row = rows[route]
+        assert row["cost_usd"] == pytest.approx((row["prompt_tokens"] + row["completion_tokens"]) * price / 1e6)
+    (earned,) = nodes.plane.admin.get("/earnings")["data"]
+    assert (earned["node_id"], earned["org"], earned["requests"]) == (node_id, "acme", 1)
+    assert earned["completion_tokens"] == rows[node_id]["completion_tokens"]
+    assert earned["earned_usd"] == pytest.approx(rows[node_id]["cost_usd"])
+    (by_org,) = nodes.plane.admin.get("/earnings", by="org")["data"]
+    assert by_org["earned_usd"] == earned["earned_usd"]
