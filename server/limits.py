@@ -44,12 +44,19 @@ class Limits:
     usd_per_day: float | None = None
     usd_per_month: float | None = None
 
+    # The quotas set, as (name, unit, window, limit): derived once, for loops that should not test every kind.
+    quotas: tuple[tuple[str, str, str, float], ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        quotas = tuple((name, unit, window, getattr(self, name)) for name, unit, window in QUOTAS)
+        object.__setattr__(self, "quotas", tuple(q for q in quotas if q[3] is not None))
+
     @property
     def any(self) -> bool:
         return any(getattr(self, name) is not None for name in LIMIT_FIELDS)
 
 
-LIMIT_FIELDS = tuple(f.name for f in fields(Limits))
+LIMIT_FIELDS = tuple(f.name for f in fields(Limits) if f.init)
 INTEGER_LIMITS = frozenset({"rpm", "tpm", "concurrency", "tokens_per_day", "tokens_per_month"})
 
 
@@ -131,8 +138,11 @@ class ScopeState:
     quotas: dict[str, Quota] = field(default_factory=dict)
 
     def quota(self, name: str, window: str) -> Quota:
-        quota = self.quotas.setdefault(name, Quota(window))
-        quota.roll(window)
+        quota = self.quotas.get(name)
+        if quota is None:
+            quota = self.quotas[name] = Quota(window)
+        elif quota.window != window:
+            quota.roll(window)
         return quota
 
 
@@ -146,8 +156,20 @@ QUOTAS: tuple[tuple[str, str, str], ...] = (
 
 
 def windows(now: float) -> dict[str, str]:
-    moment = datetime.fromtimestamp(now, UTC)
-    return {"day": moment.strftime("%Y-%m-%d"), "month": moment.strftime("%Y-%m")}
+    """The UTC day and month `now` falls in, by name."""
+    global _windows
+    start, end, names = _windows
+    if not start <= now < end:
+        # Recomputed once a day: formatting dates on every admission was a visible share of the hot path.
+        moment = datetime.fromtimestamp(now, UTC)
+        day = moment.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+        names = {"day": moment.strftime("%Y-%m-%d"), "month": moment.strftime("%Y-%m")}
+        _windows = (day, day + 86400, names)
+    return names
+
+
+# (start, end, names) of the UTC day the last call fell in.
+_windows: tuple[float, float, dict[str, str]] = (0.0, 0.0, {})
 
 
 def _window_end(kind: str, now: float) -> datetime:
@@ -222,9 +244,8 @@ class Limiter:
             if limits.tpm is not None:
                 assert state.tokens.level is not None
                 state.tokens.level -= estimate.tokens
-            for name, unit, window in QUOTAS:
-                if getattr(limits, name) is not None:
-                    state.quota(name, current[window]).reserved += _amount(estimate, unit)
+            for name, unit, window, _ in limits.quotas:
+                state.quota(name, current[window]).reserved += _amount(estimate, unit)
         return Admission(self, limited, estimate, self.headers(limited, now))
 
     def _check(self, scope: str, limits: Limits, estimate: Estimate, now: float, current: dict[str, str]) -> None:
@@ -258,10 +279,7 @@ class Limiter:
                     f"may use up to {estimate.tokens}. Retry in {wait:.1f}s.",
                     headers=_retry_after(wait),
                 )
-        for name, unit, window in QUOTAS:
-            limit = getattr(limits, name)
-            if limit is None:
-                continue
+        for name, unit, window, limit in limits.quotas:
             quota = state.quota(name, current[window])
             wanted = _amount(estimate, unit)
             if quota.used + quota.reserved + wanted > limit:
@@ -282,9 +300,7 @@ class Limiter:
                 state.tokens.refill(limits.tpm, now)
                 assert state.tokens.level is not None
                 state.tokens.level = min(float(limits.tpm), state.tokens.level + admission.estimate.tokens - tokens)
-            for name, unit, window in QUOTAS:
-                if getattr(limits, name) is None:
-                    continue
+            for name, unit, window, _ in limits.quotas:
                 quota = state.quota(name, current[window])
                 quota.reserved = max(0.0, quota.reserved - _amount(admission.estimate, unit))
                 quota.used += tokens if unit == "tokens" else usd
@@ -329,10 +345,9 @@ class Limiter:
             live["requests_remaining"] = max(0, math.floor(state.requests.refill(limits.rpm, now)))
         if limits.tpm is not None:
             live["tokens_remaining"] = max(0, math.floor(state.tokens.refill(limits.tpm, now)))
-        for name, unit, window in QUOTAS:
-            if getattr(limits, name) is not None:
-                quota = state.quota(name, current[window])
-                live[f"{name}_used"] = round(quota.used, 6) if unit == "usd" else int(quota.used)
+        for name, unit, window, _ in limits.quotas:
+            quota = state.quota(name, current[window])
+            live[f"{name}_used"] = round(quota.used, 6) if unit == "usd" else int(quota.used)
         return live
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
+import secrets
 import time
-import uuid
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -16,6 +17,15 @@ from server.metrics import Metrics
 log = logging.getLogger(__name__)
 
 REQUEST_ID = web.RequestKey("request_id", str)
+# Request ids: a random prefix per process and a counter, 32 hex characters like a UUID's. uuid4 reads the
+# kernel's random source once per request, which profiling showed as 9% of the plane's time in a sandbox.
+_ID_PREFIX = secrets.token_hex(8)
+_id_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
+
 # A client's request id is echoed only when it is short and printable, so it cannot inject into logs or headers.
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -41,7 +51,7 @@ def make_middleware(metrics: Metrics) -> Middleware:
     @web.middleware
     async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
         client_id = request.headers.get("X-Request-Id", "")
-        request[REQUEST_ID] = client_id if _SAFE_REQUEST_ID.match(client_id) else uuid.uuid4().hex
+        request[REQUEST_ID] = client_id if _SAFE_REQUEST_ID.match(client_id) else new_request_id()
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         started = time.perf_counter()

@@ -46,7 +46,7 @@ from server.rescue import (
 )
 from server.routing import ModelPlan
 from server.snapshot import KeyEntry
-from server.storage.models import UsageRecord
+from server.storage.models import utcnow
 from server.targets.base import Attempt, Call, Target, TargetStream
 from server.usage import UsageWriter
 
@@ -520,8 +520,10 @@ class Relay:
         now = time.monotonic()
         served = final and status == 200
         price_in, price_out = target.price(attempt) if target else (None, None)
+        # A plain dict of UsageRecord's columns: the batch writer inserts it as is, without an ORM object per row.
         self.usage.record(
-            UsageRecord(
+            dict(
+                created_at=utcnow(),
                 request_id=exchange.request_id,
                 org_id=exchange.key.org_id,
                 key_id=exchange.key.id,

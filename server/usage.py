@@ -1,7 +1,8 @@
 """Usage rows leave the request path through a bounded queue drained by one batch writer.
 
-A request only builds a `UsageRecord` and puts it on the queue (no I/O); the writer flushes every
-`flush_interval_s` or when `batch_size` rows are waiting, in a worker thread, and drains everything on stop.
+A request only builds a row (a dict of `UsageRecord`'s columns) and puts it on the queue (no I/O); the writer
+flushes every `flush_interval_s` or when `batch_size` rows are waiting, in a worker thread, as one multi-row
+INSERT without ORM objects, and drains everything on stop.
 """
 
 from __future__ import annotations
@@ -9,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
-from sqlalchemy import Engine
-from sqlmodel import Session
+from sqlalchemy import Engine, insert
 
 from server.metrics import Metrics
 from server.storage.models import UsageRecord
+
+# One usage row: UsageRecord's columns by name (all but the id).
+UsageRow = dict[str, Any]
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,7 @@ class UsageWriter:
         self.metrics = metrics
         self.flush_interval_s = flush_interval_s
         self.batch_size = batch_size
-        self.queue: asyncio.Queue[UsageRecord] = asyncio.Queue(maxsize=queue_size)
+        self.queue: asyncio.Queue[UsageRow] = asyncio.Queue(maxsize=queue_size)
         self.rows_written = 0
         self.rows_dropped = 0
         self._task: asyncio.Task[None] | None = None
@@ -42,7 +46,7 @@ class UsageWriter:
     def __repr__(self) -> str:
         return f"UsageWriter(written={self.rows_written}, dropped={self.rows_dropped}, queued={self.queue.qsize()})"
 
-    def record(self, row: UsageRecord) -> None:
+    def record(self, row: UsageRow) -> None:
         try:
             self.queue.put_nowait(row)
         except asyncio.QueueFull:
@@ -70,13 +74,13 @@ class UsageWriter:
             while not self.queue.empty():
                 await self._flush(self._take(self.batch_size))
 
-    def _take(self, limit: int) -> list[UsageRecord]:
-        batch: list[UsageRecord] = []
+    def _take(self, limit: int) -> list[UsageRow]:
+        batch: list[UsageRow] = []
         while len(batch) < limit and not self.queue.empty():
             batch.append(self.queue.get_nowait())
         return batch
 
-    async def _flush(self, batch: list[UsageRecord]) -> None:
+    async def _flush(self, batch: list[UsageRow]) -> None:
         if not batch:
             return
         try:
@@ -87,7 +91,6 @@ class UsageWriter:
         self.rows_written += len(batch)
         self.metrics.usage_written.inc(len(batch))
 
-    def _write(self, batch: list[UsageRecord]) -> None:
-        with Session(self.engine) as session:
-            session.add_all(batch)
-            session.commit()
+    def _write(self, batch: list[UsageRow]) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(insert(UsageRecord), batch)
