@@ -1,87 +1,102 @@
-"""Gateway overhead: the same chat load sent to the mock upstream directly and through Hatchway.
+"""Benchmark 1, gateway overhead: one fast mock upstream called directly, through the bare aiohttp relay,
+through Hatchway and through LiteLLM's proxy, side by side in one run.
 
-    python bench/gateway.py [--requests N] [--concurrency 1,32] [--rounds 3] [--json OUT] [--direct-only]
+For every mode (non-stream, stream) and concurrency (1, 32, 128), each round runs every contender for the
+same fixed time, one after the other, in an order that rotates from round to round so no contender always
+inherits the previous one's warm caches or cold spells. Figures are medians over rounds; the added latency is
+the median of the per-round differences from the direct call in the same round, which cancels drift that a
+difference of medians would keep.
 
-The mock upstream and the Hatchway plane each run in their own subprocess on loopback; one keep-alive
-aiohttp session generates load. Direct and Hatchway runs alternate within every round so machine noise
-lands on both, and the figures are medians over rounds. The added latency is the median of the per-round
-paired differences, which cancels drift that a difference of medians would keep.
+Per run: requests/s, latency p50/p99/p99.9 (first byte out to last byte in), CPU per request of the process
+under test (and its children), its CPU use, the load side's (load generator + mock) CPU use, and the process's
+peak RSS. The load side's CPU use is the check that the generator is not the bottleneck: when it is well
+below 100% of its core while the process under test is near 100% of its own, the process under test is what
+limits the rate.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import datetime
-import importlib.metadata
-import os
-import platform
-import re
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Coroutine, Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
-import orjson
-import psutil  # type: ignore[import-untyped, unused-ignore]
+from harness import (
+    BENCH_DIR,
+    HOST,
+    MIB,
+    BenchError,
+    Child,
+    MachineLoad,
+    PeakSampler,
+    child_env,
+    child_process,
+    log,
+    median,
+    sample_process,
+    wait_for_port,
+)
+from hatchway import MODELS, configure, start_plane, wait_ready
+from litellm_proxy import MASTER_KEY, start_litellm
+from loadgen import LoadResult, Request, chat_body, probe
+from suite import Suite
+from upstream import UPSTREAM_MODEL
 
-_T = TypeVar("_T")
-
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-HOST = "127.0.0.1"
-ADMIN_KEY = "hwa-bench-admin-key"
-MOCK_KEY = "sk-mock"
-MODEL = "gpt-4o-mini"
-LISTENING = re.compile(r"listening on http://[^:]+:(\d+)")
-MODES = {"non-stream": False, "stream": True}
-LOW_CONCURRENCY_REQUESTS = 500
-HIGH_CONCURRENCY_REQUESTS = 2000
-REQUEST_TIMEOUT_S = 30.0
-
-
-class BenchError(RuntimeError):
-    """A setup or load failure that makes the figures meaningless; reported without a traceback."""
+MODES = {"non-stream": ("json", False), "stream": ("sse", True)}
+CONCURRENCY = (1, 32, 128)
 
 
 @dataclass(frozen=True)
-class Target:
-    name: str
-    base_url: str
-    api_key: str
+class Settings:
+    concurrency: tuple[int, ...]
+    rounds: int
+    duration_s: float
+    warmup_s: float
+    contenders: tuple[str, ...]
+
+    @classmethod
+    def for_run(cls, quick: bool, litellm: bool | None) -> Settings:
+        with_litellm = (not quick) if litellm is None else litellm
+        contenders = ("direct", "relay", "hatchway", "hatchway-nopolicy", *(("litellm",) if with_litellm else ()))
+        if quick:
+            return cls(CONCURRENCY, rounds=1, duration_s=1.0, warmup_s=1.0, contenders=contenders)
+        return cls(CONCURRENCY, rounds=3, duration_s=2.0, warmup_s=1.0, contenders=contenders)
 
 
 @dataclass
-class RunStats:
-    """One timed run of N requests at fixed concurrency; latencies are of successful requests only."""
+class Contender:
+    name: str
+    requests: dict[str, Request]  # by mode
+    pid: int  # the process measured for CPU and RSS (the mock itself for the direct call)
+    ready_s: float | None = None
+    version: str | None = None
+    note: str = ""
 
-    requests: int
-    elapsed_s: float
-    latencies_s: list[float]
-    errors: list[str] = field(default_factory=list)
+
+@dataclass
+class Run:
+    result: LoadResult
+    sut_cpu_s: float
+    load_cpu_s: float  # load generator + mock upstream
+    peak_rss: int
 
     @property
-    def rps(self) -> float:
-        return len(self.latencies_s) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+    def cpu_us_per_request(self) -> float:
+        return 1e6 * self.sut_cpu_s / self.result.ok if self.result.ok else 0.0
 
-    def percentile_ms(self, q: float) -> float:
-        return percentile(self.latencies_s, q) * 1000.0
+    def cpu_percent(self, seconds: float) -> float:
+        return 100 * seconds / self.result.duration_s if self.result.duration_s > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "requests": self.requests,
-            "errors": len(self.errors),
-            "elapsed_s": round(self.elapsed_s, 4),
-            "rps": round(self.rps, 1),
-            "p50_ms": round(self.percentile_ms(50), 3),
-            "p99_ms": round(self.percentile_ms(99), 3),
+            **self.result.as_dict(),
+            "cpu_us_per_request": round(self.cpu_us_per_request, 1),
+            "sut_cpu_percent": round(self.cpu_percent(self.sut_cpu_s), 1),
+            "load_side_cpu_percent": round(self.cpu_percent(self.load_cpu_s), 1),
+            "peak_rss_mib": round(self.peak_rss / MIB, 1),
         }
 
 
@@ -90,479 +105,235 @@ class Row:
     target: str
     mode: str
     concurrency: int
-    requests: int
     rps: float
     p50_ms: float
     p99_ms: float
+    p999_ms: float
+    cpu_us_per_request: float
+    sut_cpu_percent: float
+    load_side_cpu_percent: float
+    peak_rss_mib: float
     errors: int
     added_p50_ms: float | None = None
     added_p99_ms: float | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
 
-@dataclass
-class Child:
-    """A subprocess whose stdout and stderr both go to one log file, scanned for the listening line."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+# -- the contenders ----------------------------------------------------------------------------------------------
 
 
-# -- statistics ----------------------------------------------------------------------------------------
+def _requests(base: str, api_key: str, models: dict[str, str]) -> dict[str, Request]:
+    return {
+        mode: Request(f"{base}/chat/completions", api_key, chat_body(models[answer], stream), stream)
+        for mode, (answer, stream) in MODES.items()
+    }
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile; 0.0 for no samples so a failed run still prints."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+def start_relay(suite: Suite, stack: contextlib.ExitStack) -> tuple[Child, str]:
+    upstream = suite.upstream
+    argv = [sys.executable, str(BENCH_DIR / "bare_relay.py"), "--upstream", f"http://{HOST}:{upstream.port}"]
+    child = stack.enter_context(
+        child_process("bare relay", suite.pinning.sut(argv), suite.workdir / "relay.log", child_env())
+    )
+    return child, f"http://{HOST}:{wait_for_port(child, 30.0)}"
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else 0.0
-
-
-# -- subprocesses --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def child_process(name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> Iterator[Child]:
-    with log_path.open("wb") as log:
-        # A new session keeps a terminal Ctrl-C from reaching the children; the finally below stops them.
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO_ROOT,
-            start_new_session=True,
+async def start_contenders(
+    suite: Suite, stack: contextlib.ExitStack, settings: Settings, session: aiohttp.ClientSession
+) -> list[Contender]:
+    upstream = suite.upstream
+    direct_models = {"json": UPSTREAM_MODEL, "sse": UPSTREAM_MODEL}
+    contenders = [
+        Contender(
+            "direct",
+            {
+                mode: Request(f"{upstream.url(answer)}/chat/completions", "sk-mock", chat_body(UPSTREAM_MODEL, s), s)
+                for mode, (answer, s) in MODES.items()
+            },
+            upstream.child.pid,
+            version=upstream.version,
+            note=upstream.note,
         )
-    try:
-        yield Child(name, proc, log_path)
-    finally:
-        stop_process(proc)
-
-
-def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(grace_s)
-
-
-def wait_for_port(child: Child, timeout_s: float) -> int:
-    """The port from the child's 'listening on' line."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        match = LISTENING.search(child.log_path.read_text(errors="replace"))
-        if match:
-            return int(match.group(1))
-        if child.proc.poll() is not None:
-            raise BenchError(f"{child.name} exited with {child.proc.returncode}:\n{child.log_tail()}")
-        time.sleep(0.05)
-    raise BenchError(f"{child.name} printed no 'listening on' line in {timeout_s:.0f}s:\n{child.log_tail()}")
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    # Loopback traffic must never detour through a proxy configured in the caller's environment.
-    return {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", **extra}
-
-
-def start_upstream(stack: contextlib.ExitStack, workdir: Path, reply: str) -> str:
-    argv = [sys.executable, str(BENCH_DIR / "_upstream.py"), "--host", HOST, "--port", "0", "--reply", reply]
-    child = stack.enter_context(child_process("mock upstream", argv, workdir / "upstream.log", child_env()))
-    return f"http://{HOST}:{wait_for_port(child, 20.0)}/v1"
-
-
-def start_plane(stack: contextlib.ExitStack, workdir: Path, hatchway: Path) -> tuple[Child, str]:
-    if not hatchway.exists():
-        raise BenchError(f"{hatchway} not found (pip install -e . first, or pass --direct-only)")
-    data_dir = workdir / "data"
-    data_dir.mkdir()
-    argv = [str(hatchway), "serve", "--host", HOST, "--port", "0", "--data-dir", str(data_dir)]
-    env = child_env(HATCHWAY_ADMIN_KEY=ADMIN_KEY, HATCHWAY_LOG_LEVEL="warning")
-    child = stack.enter_context(child_process("hatchway plane", argv, workdir / "plane.log", env))
-    return child, f"http://{HOST}:{wait_for_port(child, 60.0)}"
-
-
-def rss_bytes(pid: int) -> dict[str, int]:
-    """RSS of the plane alone and with any worker processes it forked."""
-    try:
-        proc = psutil.Process(pid)
-        own = int(proc.memory_info().rss)
-        children = sum(int(kid.memory_info().rss) for kid in proc.children(recursive=True))
-    except psutil.Error:
-        return {}
-    return {"rss_bytes": own, "rss_with_children_bytes": own + children}
-
-
-# -- plane setup over the admin API --------------------------------------------------------------------
-
-
-async def wait_ready(session: aiohttp.ClientSession, plane_url: str, child: Child, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if child.proc.poll() is not None:
-            raise BenchError(f"hatchway plane exited with {child.proc.returncode}:\n{child.log_tail()}")
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with session.get(f"{plane_url}/readyz", timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                if resp.status == 200:
-                    return
-        await asyncio.sleep(0.1)
-    raise BenchError(f"{plane_url}/readyz not 200 within {timeout_s:.0f}s:\n{child.log_tail()}")
-
-
-async def admin_post(
-    session: aiohttp.ClientSession, plane_url: str, path: str, payload: dict[str, Any]
-) -> dict[str, Any]:
-    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with session.post(plane_url + path, json=payload, headers=headers, timeout=timeout) as resp:
-        text = await resp.text()
-        if resp.status not in (200, 201):
-            raise BenchError(f"POST {path} -> {resp.status}: {text[:500]}")
-    data = orjson.loads(text)
-    if not isinstance(data, dict):
-        raise BenchError(f"POST {path} returned {text[:200]!r}, not an object")
-    return data
-
-
-async def configure_plane(session: aiohttp.ClientSession, plane_url: str, mock_url: str) -> str:
-    """Create the bench org, an API key and the mock provider; return the key's secret."""
-    await admin_post(session, plane_url, "/admin/v1/orgs", {"name": "bench"})
-    key = await admin_post(session, plane_url, "/admin/v1/keys", {"org": "bench", "name": "bench"})
-    provider = {
-        "org": "bench",
-        "name": "mock",
-        "base_url": mock_url,
-        "api_keys": [MOCK_KEY],
-        "models": [{"alias": MODEL, "upstream": MODEL}],
-    }
-    await admin_post(session, plane_url, "/admin/v1/providers", provider)
-    secret = key.get("key")
-    if not isinstance(secret, str) or not secret:
-        raise BenchError(f"POST /admin/v1/keys returned no 'key' secret: {key}")
-    return secret
-
-
-# -- load generation -----------------------------------------------------------------------------------
-
-
-def chat_body(stream: bool) -> bytes:
-    body: dict[str, Any] = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Say hello."}],
-        "max_tokens": 16,
-    }
-    if stream:
-        body["stream"] = True
-    return orjson.dumps(body)
-
-
-async def one_request(
-    session: aiohttp.ClientSession, url: str, headers: dict[str, str], body: bytes, stream: bool
-) -> str | None:
-    """Send one chat completion and read the whole body; return why it failed, or None."""
-    try:
-        async with session.post(url, data=body, headers=headers) as resp:
-            payload = await resp.read()
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    if resp.status != 200:
-        return f"HTTP {resp.status}: {payload[:300]!r}"
-    # Cheap shape checks: parsing every response would put the load generator's cost into the figures.
-    if stream and not payload.rstrip().endswith(b"data: [DONE]"):
-        return f"stream did not end with [DONE]: {payload[-200:]!r}"
-    if not stream and not payload.startswith(b"{"):
-        return f"not a JSON object: {payload[:200]!r}"
-    return None
-
-
-async def run_load(
-    session: aiohttp.ClientSession, target: Target, stream: bool, concurrency: int, requests: int
-) -> RunStats:
-    url = f"{target.base_url}/chat/completions"
-    headers = {"Authorization": f"Bearer {target.api_key}", "Content-Type": "application/json"}
-    body = chat_body(stream)
-    tickets = iter(range(requests))
-    stats = RunStats(requests=requests, elapsed_s=0.0, latencies_s=[])
-
-    async def worker() -> None:
-        # Workers share one ticket iterator, so exactly `requests` requests go out whatever the concurrency.
-        for _ in tickets:
-            started = time.perf_counter()
-            problem = await one_request(session, url, headers, body, stream)
-            if problem is None:
-                stats.latencies_s.append(time.perf_counter() - started)
-            else:
-                stats.errors.append(problem)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    stats.elapsed_s = time.perf_counter() - started
-    return stats
-
-
-async def warm_up(session: aiohttp.ClientSession, targets: list[Target], concurrency: int, requests: int) -> None:
-    """Open the keep-alive pools and fail fast when a target does not answer at all."""
-    for target in targets:
-        for mode, stream in MODES.items():
-            stats = await run_load(session, target, stream, concurrency, requests)
-            if stats.errors:
-                raise BenchError(
-                    f"warm-up {target.name}/{mode}: {len(stats.errors)}/{requests} failed, first: {stats.errors[0]}"
+    ]
+    if "relay" in settings.contenders:
+        child, url = start_relay(suite, stack)
+        ready = await _ready_after_start(session, child, f"{url}/json/v1/models")
+        relay_requests = {
+            mode: Request(f"{url}/{answer}/v1/chat/completions", "sk-mock", chat_body(direct_models[answer], s), s)
+            for mode, (answer, s) in MODES.items()
+        }
+        contenders.append(Contender("relay", relay_requests, child.pid, ready, version="bench/bare_relay.py"))
+    # The same plane twice: with limits, quotas and cache lookups on (the product as configured in earnest)
+    # and with them off, to show what the policy layer costs.
+    for name, policy in (("hatchway", True), ("hatchway-nopolicy", False)):
+        if name not in settings.contenders:
+            continue
+        plane = start_plane(stack, suite.subdir("gateway"), suite.pinning, name=name)
+        await wait_ready(session, plane)
+        key = await configure(session, plane, upstream, policy=policy)
+        contenders.append(
+            Contender(name, _requests(f"{plane.url}/v1", key, MODELS), plane.pid, plane.ready_s, note=str(plane.setup))
+        )
+    if "litellm" in settings.contenders:
+        litellm = await asyncio.to_thread(start_litellm, stack, suite.subdir("gateway"), suite.pinning, upstream)
+        if litellm.child is not None:
+            contenders.append(
+                Contender(
+                    "litellm",
+                    _requests(f"{litellm.url}/v1", MASTER_KEY, MODELS),
+                    litellm.child.pid,
+                    litellm.ready_s,
+                    version=litellm.version,
+                    note="master key auth, 1 worker",
                 )
+            )
+        else:
+            suite.results.setdefault("notes", {})["litellm"] = litellm.error or "unavailable"
+    return contenders
 
 
-def requests_for(concurrency: int, override: int | None) -> int:
-    if override is not None:
-        return override
-    return LOW_CONCURRENCY_REQUESTS if concurrency == 1 else HIGH_CONCURRENCY_REQUESTS
+async def _ready_after_start(session: aiohttp.ClientSession, child: Child, url: str) -> float:
+    """Seconds from spawn to the first good answer at `url`."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        child.check_alive()
+        with contextlib.suppress(aiohttp.ClientError):
+            async with session.get(url, headers={"Authorization": "Bearer sk-mock"}) as resp:
+                if resp.status == 200:
+                    return time.perf_counter() - child.started_at
+        await asyncio.sleep(0.01)
+    raise BenchError(f"{child.name} not answering {url}:\n{child.log_tail()}")
+
+
+# -- measuring ---------------------------------------------------------------------------------------------------
+
+
+async def measure_once(suite: Suite, contender: Contender, mode: str, concurrency: int, duration_s: float) -> Run:
+    mock_pid = suite.upstream.child.pid
+    sut_before = sample_process(contender.pid).cpu_s
+    mock_before = sample_process(mock_pid).cpu_s
+    async with PeakSampler(contender.pid) as peak:
+        result = await suite.closed_loop.run(contender.requests[mode], concurrency, duration_s)
+    sut_cpu = sample_process(contender.pid).cpu_s - sut_before
+    mock_cpu = sample_process(mock_pid).cpu_s - mock_before
+    # For the direct call the process under test is the mock itself, so it shows on both sides.
+    return Run(result, sut_cpu, result.generator_cpu_s + mock_cpu, peak.peak_rss)
 
 
 async def measure(
-    session: aiohttp.ClientSession, targets: list[Target], args: argparse.Namespace
-) -> dict[tuple[str, str, int], list[RunStats]]:
-    runs: dict[tuple[str, str, int], list[RunStats]] = {}
-    for mode, stream in MODES.items():
-        for concurrency in args.concurrency:
-            requests = requests_for(concurrency, args.requests)
-            for round_index in range(args.rounds):
-                for target in targets:
-                    stats = await run_load(session, target, stream, concurrency, requests)
-                    runs.setdefault((target.name, mode, concurrency), []).append(stats)
-                    progress(target, mode, concurrency, round_index, stats)
-                    if not stats.latencies_s:
-                        raise BenchError(f"{target.name}/{mode}/c={concurrency}: every request failed")
+    suite: Suite, contenders: list[Contender], settings: Settings
+) -> dict[tuple[str, str, int], list[Run]]:
+    runs: dict[tuple[str, str, int], list[Run]] = {}
+    for contender in contenders:
+        for mode in MODES:
+            await probe(contender.requests[mode])
+            await measure_once(suite, contender, mode, 32, settings.warmup_s)  # warm-up: pools, code paths
+    for mode in MODES:
+        for concurrency in settings.concurrency:
+            for index in range(settings.rounds):
+                shift = index % len(contenders)
+                for contender in contenders[shift:] + contenders[:shift]:
+                    run = await measure_once(suite, contender, mode, concurrency, settings.duration_s)
+                    runs.setdefault((contender.name, mode, concurrency), []).append(run)
+                    _progress(contender.name, mode, concurrency, index, run)
     return runs
 
 
-def progress(target: Target, mode: str, concurrency: int, round_index: int, stats: RunStats) -> None:
-    print(
-        f"  round {round_index + 1} {target.name:8} {mode:10} c={concurrency:<3} "
-        f"{stats.rps:9.1f} req/s  p50 {stats.percentile_ms(50):7.2f} ms  p99 {stats.percentile_ms(99):7.2f} ms"
-        + (f"  errors {len(stats.errors)}" if stats.errors else ""),
-        file=sys.stderr,
-        flush=True,
+def _progress(name: str, mode: str, concurrency: int, index: int, run: Run) -> None:
+    r = run.result
+    log(
+        f"  gateway round {index + 1} {name:8} {mode:10} c={concurrency:<3} {r.rps:8.0f} req/s  "
+        f"p50 {r.p50_ms:7.2f}  p99 {r.p99_ms:8.2f} ms  {run.cpu_us_per_request:6.0f} us CPU/req  "
+        f"SUT {run.cpu_percent(run.sut_cpu_s):3.0f}%  load side {run.cpu_percent(run.load_cpu_s):3.0f}%"
+        + (f"  errors {r.errors}" if r.errors else "")
     )
 
 
-# -- summarising ---------------------------------------------------------------------------------------
-
-
-def summarise(runs: dict[tuple[str, str, int], list[RunStats]]) -> list[Row]:
+def summarise(runs: dict[tuple[str, str, int], list[Run]]) -> list[Row]:
     rows: list[Row] = []
     for (target, mode, concurrency), stats in runs.items():
         row = Row(
             target=target,
             mode=mode,
             concurrency=concurrency,
-            requests=stats[0].requests,
-            rps=round(median([run.rps for run in stats]), 1),
-            p50_ms=round(median([run.percentile_ms(50) for run in stats]), 3),
-            p99_ms=round(median([run.percentile_ms(99) for run in stats]), 3),
-            errors=sum(len(run.errors) for run in stats),
-            rounds=[run.as_dict() for run in stats],
+            rps=round(median([r.result.rps for r in stats]), 1),
+            p50_ms=round(median([r.result.p50_ms for r in stats]), 3),
+            p99_ms=round(median([r.result.p99_ms for r in stats]), 3),
+            p999_ms=round(median([r.result.p999_ms for r in stats]), 3),
+            cpu_us_per_request=round(median([r.cpu_us_per_request for r in stats]), 1),
+            sut_cpu_percent=round(median([r.cpu_percent(r.sut_cpu_s) for r in stats]), 1),
+            load_side_cpu_percent=round(median([r.cpu_percent(r.load_cpu_s) for r in stats]), 1),
+            peak_rss_mib=round(max(r.peak_rss for r in stats) / MIB, 1),
+            errors=sum(r.result.error_count for r in stats),
+            rounds=[r.as_dict() for r in stats],
         )
         direct = runs.get(("direct", mode, concurrency))
         if target != "direct" and direct is not None:
-            row.added_p50_ms = paired_added_ms(stats, direct, 50)
-            row.added_p99_ms = paired_added_ms(stats, direct, 99)
+            row.added_p50_ms = _paired(stats, direct, "p50_ms")
+            row.added_p99_ms = _paired(stats, direct, "p99_ms")
         rows.append(row)
+    order = {"direct": 0, "relay": 1, "hatchway": 2, "hatchway-nopolicy": 3, "litellm": 4}
+    rows.sort(key=lambda r: (list(MODES).index(r.mode), r.concurrency, order.get(r.target, 9)))
     return rows
 
 
-def paired_added_ms(runs: list[RunStats], direct: list[RunStats], q: float) -> float:
-    """Median over rounds of (this run's percentile - the direct run's in the same round)."""
-    deltas = [run.percentile_ms(q) - base.percentile_ms(q) for run, base in zip(runs, direct, strict=True)]
+def _paired(runs: list[Run], direct: list[Run], attribute: str) -> float:
+    deltas = [getattr(a.result, attribute) - getattr(b.result, attribute) for a, b in zip(runs, direct, strict=True)]
     return round(median(deltas), 3)
 
 
-def format_table(rows: list[Row]) -> str:
-    header = f"{'target':9} {'mode':10} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-    header += f"{'+p50 ms':>8} {'+p99 ms':>8} {'errors':>6}"
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        lines.append(
-            f"{row.target:9} {row.mode:10} {row.concurrency:>4} {row.rps:>9.1f} {row.p50_ms:>8.2f} "
-            f"{row.p99_ms:>8.2f} {_optional(row.added_p50_ms):>8} {_optional(row.added_p99_ms):>8} "
-            f"{row.errors:>6}"
-        )
-    return "\n".join(lines)
-
-
-def _optional(value: float | None) -> str:
-    return "-" if value is None else f"{value:+.2f}"
-
-
-def environment(loop_name: str) -> dict[str, Any]:
-    return {
-        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "event_loop": loop_name,
-        "versions": {name: _version(name) for name in ("aiohttp", "orjson", "uvloop", "hatchway")},
-    }
-
-
-def _version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-# -- orchestration -------------------------------------------------------------------------------------
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--requests",
-        type=int,
-        default=None,
-        help=f"requests per run (default {LOW_CONCURRENCY_REQUESTS} at c=1, {HIGH_CONCURRENCY_REQUESTS} otherwise)",
-    )
-    parser.add_argument("--concurrency", type=_int_list, default=[1, 32], help="comma-separated (default 1,32)")
-    parser.add_argument("--rounds", type=int, default=3, help="direct/hatchway pairs per scenario (default 3)")
-    parser.add_argument("--warmup", type=int, default=100, help="warm-up requests per target and mode")
-    parser.add_argument("--reply", default="Hello from mock", help="the mock upstream's answer")
-    parser.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "gateway.json")
-    parser.add_argument("--direct-only", action="store_true", help="skip Hatchway; measure the mock alone")
-    parser.add_argument("--hatchway", type=Path, default=Path(sys.executable).parent / "hatchway")
-    parser.add_argument("--deadline-s", type=float, default=900.0, help="abort the whole run after this")
-    args = parser.parse_args(argv)
-    if (args.requests is not None and args.requests < 1) or args.rounds < 1 or args.warmup < 0:
-        parser.error("--requests and --rounds must be positive, --warmup non-negative")
-    return args
-
-
-def _int_list(text: str) -> list[int]:
-    values = [int(part) for part in text.split(",") if part.strip()]
-    if not values or any(value < 1 for value in values):
-        raise argparse.ArgumentTypeError("expected positive integers like 1,32")
-    return values
-
-
-async def bench(
-    args: argparse.Namespace, mock_url: str, plane: tuple[Child, str] | None
-) -> tuple[list[Row], dict[str, Any]]:
-    connector = aiohttp.TCPConnector(limit=2 * max(args.concurrency), ttl_dns_cache=None)
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        targets = [Target("direct", mock_url, MOCK_KEY)]
-        memory: dict[str, Any] = {}
-        if plane is not None:
-            child, plane_url = plane
-            await wait_ready(session, plane_url, child, 60.0)
-            secret = await configure_plane(session, plane_url, mock_url)
-            targets.append(Target("hatchway", f"{plane_url}/v1", secret))
-            memory["before"] = rss_bytes(child.proc.pid)
-        if args.warmup:
-            await warm_up(session, targets, max(args.concurrency), args.warmup)
-        runs = await measure(session, targets, args)
-        if plane is not None:
-            memory["after"] = rss_bytes(plane[0].proc.pid)
-    return summarise(runs), memory
-
-
-def run_async(main: Coroutine[Any, Any, _T]) -> tuple[_T, str]:
-    """Run on uvloop when installed, so the load generator is as cheap as the hops it measures."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main), "asyncio"
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main), "uvloop"
-
-
-def footer(report: dict[str, Any]) -> str:
-    env = report["environment"]
-    lines = [
-        f"python {env['python']}, aiohttp {env['versions']['aiohttp']}, {env['event_loop']} load generator, "
-        f"{env['cpu_count']} CPUs"
-    ]
-    after = report["plane_memory"].get("after")
-    if after:
-        mib = 2**20
-        lines.append(
-            f"plane RSS after run: {after['rss_bytes'] / mib:.1f} MiB "
-            f"({after['rss_with_children_bytes'] / mib:.1f} MiB with children)"
-        )
-    return "\n".join(lines)
-
-
-def write_json(path: Path, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
-
-
-def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
+async def run(suite: Suite, litellm: bool | None = None) -> dict[str, Any]:
+    settings = Settings.for_run(suite.quick, litellm)
     with contextlib.ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hatchway-bench-")))
-        mock_url = start_upstream(stack, workdir, args.reply)
-        plane = None if args.direct_only else start_plane(stack, workdir, args.hatchway)
-
-        async def timed() -> tuple[list[Row], dict[str, Any]]:
-            async with asyncio.timeout(args.deadline_s):
-                return await bench(args, mock_url, plane)
-
-        try:
-            (rows, memory), loop_name = run_async(timed())
-        except TimeoutError:
-            raise BenchError(f"gave up after --deadline-s {args.deadline_s:.0f}s") from None
-    return rows, {
-        "environment": environment(loop_name),
-        "config": {
-            "requests": {str(c): requests_for(c, args.requests) for c in args.concurrency},
-            "concurrency": args.concurrency,
-            "rounds": args.rounds,
-            "warmup": args.warmup,
-            "reply": args.reply,
-            "direct_only": args.direct_only,
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            contenders = await start_contenders(suite, stack, settings, session)
+        with MachineLoad() as machine:
+            runs = await measure(suite, contenders, settings)
+    rows = summarise(runs)
+    return {
+        "settings": {
+            "concurrency": list(settings.concurrency),
+            "rounds": settings.rounds,
+            "duration_s": settings.duration_s,
+            "warmup_s": settings.warmup_s,
         },
-        "results": [asdict(row) for row in rows],
-        "plane_memory": memory,
+        "load_generator": suite.closed_loop.description,
+        "upstream": suite.upstream.as_dict(),
+        "contenders": {
+            c.name: {
+                "ready_s": None if c.ready_s is None else round(c.ready_s, 3),
+                "version": c.version,
+                "note": c.note,
+            }
+            for c in contenders
+        },
+        "missing": suite.results.get("notes", {}),
+        "machine_load": machine.as_dict(),
+        "rows": [row.__dict__ for row in rows],
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        rows, report = run(args)
-    except BenchError as exc:
-        print(f"bench/gateway.py: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        # The subprocesses were already stopped on the way out; a traceback would add nothing.
-        print("bench/gateway.py: interrupted", file=sys.stderr)
-        return 130
-    print(format_table(rows))
-    print(footer(report))
-    write_json(args.json, report)
-    print(f"wrote {args.json}")
-    return 0
+def format_table(report: dict[str, Any]) -> str:
+    header = (
+        f"{'target':9} {'mode':10} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
+        f"{'+p99 ms':>8} {'CPU us/req':>10} {'SUT CPU%':>8} {'load CPU%':>9} {'RSS MiB':>7} {'errors':>6}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in report["rows"]:
+        lines.append(
+            f"{row['target']:9} {row['mode']:10} {row['concurrency']:>4} {row['rps']:>8.0f} {row['p50_ms']:>8.2f} "
+            f"{row['p99_ms']:>8.2f} {_signed(row['added_p50_ms']):>8} {_signed(row['added_p99_ms']):>8} "
+            f"{row['cpu_us_per_request']:>10.0f} {row['sut_cpu_percent']:>8.0f} {row['load_side_cpu_percent']:>9.0f} "
+            f"{row['peak_rss_mib']:>7.1f} {row['errors']:>6}"
+        )
+    ready = ", ".join(
+        f"{name} {info['ready_s']:.2f}s" for name, info in report["contenders"].items() if info["ready_s"] is not None
+    )
+    lines.append(f"ready to serve after start: {ready}")
+    for name, why in report["missing"].items():
+        lines.append(f"{name}: left out ({why[:200]})")
+    return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"

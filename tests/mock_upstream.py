@@ -4,7 +4,7 @@ Tests point Hatchway (or the openai SDK) at ``MockUpstream.url`` and inspect ``r
 (``reply``, ``delay_s``, ``fail_status``, ``chunk_delay_s``, ``models``, ``accepts_prefill``) may be changed
 between requests. Scripted misbehaviour goes in ``faults`` (one per generation request, first in first out)
 or ``always``; ``disconnects`` and ``completed`` tell whether a caller hung up or got its whole answer.
-The benchmark reuses it as its upstream, so the hot path avoids logging and uses orjson.
+tests/upstream_process.py serves it in a process of its own, so the hot path avoids logging and uses orjson.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ class MockUpstream:
         # Requests whose client left before the answer was complete, and requests answered in full.
         self.disconnects = 0
         self.completed = 0
-        # The benchmark turns recording off so a long run does not accumulate every request in memory.
+        # A long-running upstream process turns recording off so it does not keep every request in memory.
         self.record = True
         self.requests: list[RecordedRequest] = []
         self._ids = itertools.count(1)

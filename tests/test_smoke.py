@@ -17,7 +17,6 @@ import pytest
 from tests.conftest import MODEL
 from tests.plane_process import PlaneProcess
 
-ROOT = Path(__file__).resolve().parent.parent
 REPLY = "Paris is the capital and largest city of France"
 ADMIN = {"Authorization": "Bearer hwa-smoke"}
 
@@ -27,7 +26,7 @@ class UpstreamProcess:
 
     def __init__(self, name: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "_upstream.py"), "--name", name, "--reply", REPLY],
+            [sys.executable, "-m", "tests.upstream_process", "--name", name, "--reply", REPLY],
             stdout=subprocess.PIPE,
             text=True,
         )

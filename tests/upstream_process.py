@@ -1,7 +1,7 @@
-"""Serve the test suite's MockUpstream until SIGTERM/SIGINT.
+"""Serve MockUpstream in a process of its own until SIGTERM/SIGINT: `python -m tests.upstream_process`.
 
-The benchmark runs this in its own process so the fake provider does not compete with the load generator
-for one event loop. It prints ``listening on http://HOST:PORT`` once bound, the same line the plane prints.
+End-to-end tests run it apart from the plane so it can be killed like a real provider. It prints
+``listening on http://HOST:PORT`` once bound, the same line the plane prints.
 """
 
 from __future__ import annotations
@@ -9,13 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import sys
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any
-
-# Run as a script, so the repository root (home of the tests package) is not importable by default.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.mock_upstream import MockUpstream
 
@@ -46,7 +41,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
-    """Run on uvloop when installed: the upstream should be the cheapest hop in the measurement."""
+    """Run on uvloop when installed: the upstream should be the cheapest hop on the path."""
     try:
         import uvloop
     except ImportError:
