@@ -52,6 +52,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("request_deadline_s", float, 300.0, "Time budget for one request's attempts, rescues included."),
     Setting("usage_flush_interval_s", float, 0.2, "How often the usage writer flushes rows to the database."),
     Setting("usage_queue_size", int, 10_000, "Bound of the usage queue; rows beyond it are counted and dropped."),
+    Setting("max_in_flight", int, 4096, "API requests served at once; beyond it new ones get 503 at once."),
+    Setting(
+        "overload_lag_ms",
+        float,
+        50.0,
+        "Event-loop lag (smoothed) past which new API requests get 503 at once; 0 turns it off.",
+    ),
     Setting("cache_max_bytes", int, 64 * 1024 * 1024, "Memory bound of the response cache (0 turns it off)."),
     Setting(
         "completion_estimate_tokens",
@@ -98,6 +105,8 @@ class Config:
     request_deadline_s: float = 300.0
     usage_flush_interval_s: float = 0.2
     usage_queue_size: int = 10_000
+    max_in_flight: int = 4096
+    overload_lag_ms: float = 50.0
     cache_max_bytes: int = 64 * 1024 * 1024
     completion_estimate_tokens: int = 1024
     grpc_port: int = 8443

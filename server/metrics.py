@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from server.overload import LoadShedder
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -41,6 +47,27 @@ class Metrics:
             "Usage rows dropped because the writer queue was full.",
             registry=self.registry,
         )
+        self.requests_shed = Counter(
+            "hatchway_requests_shed",
+            "API requests refused with 503 at once because the plane was overloaded.",
+            registry=self.registry,
+        )
         self.usage_written = Counter(
             "hatchway_usage_rows_written", "Usage rows written to the database.", registry=self.registry
         )
+
+    def watch(self, shedder: LoadShedder) -> None:
+        """Gauges read when scraped: the load shedder's view, and the loop's task count (a leak shows here)."""
+        Gauge("hatchway_event_loop_lag_seconds", "Smoothed event-loop lag.", registry=self.registry).set_function(
+            lambda: shedder.lag_s
+        )
+        Gauge("hatchway_event_loop_tasks", "Tasks alive on the event loop.", registry=self.registry).set_function(
+            _task_count
+        )
+
+
+def _task_count() -> int:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # scraped from outside a running loop
+        return 0

@@ -13,6 +13,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from server.errors import BodyTooLargeError, HatchwayError, InternalError, InvalidRequestError, NotFoundError
 from server.metrics import Metrics
+from server.overload import LoadShedder
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ _id_counter = itertools.count(1)
 
 def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):016x}"
+
 
 # A client's request id is echoed only when it is short and printable, so it cannot inject into logs or headers.
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -73,6 +75,22 @@ def make_middleware(metrics: Metrics) -> Middleware:
         return response
 
     return envelope
+
+
+def make_shedding(shedder: LoadShedder) -> Middleware:
+    """Inside `envelope`: API requests beyond what the plane can serve get a 503 at once (server.overload)."""
+
+    @web.middleware
+    async def shed(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/v1/"):
+            return await handler(request)
+        shedder.admit()
+        try:
+            return await handler(request)
+        finally:
+            shedder.release()
+
+    return shed
 
 
 # x-ratelimit-* of the limits a request was admitted under, for whatever response it gets.

@@ -25,6 +25,7 @@ from server.metrics import Metrics
 from server.nodes.registry import NodeRegistry
 from server.nodes.service import NodeService
 from server.nodes.tls import load_or_create, load_provided
+from server.overload import LoadShedder
 from server.relay import Relay
 from server.routing import Router
 from server.snapshot import SnapshotHolder
@@ -59,6 +60,12 @@ class Plane:
             flush_interval_s=config.usage_flush_interval_s,
         )
         self.relay = Relay(self.metrics, self.usage, self.health, max_attempts=config.max_attempts)
+        self.shedder = LoadShedder(
+            max_in_flight=config.max_in_flight,
+            lag_limit_s=config.overload_lag_ms / 1000,
+            on_shed=self.metrics.requests_shed.inc,
+        )
+        self.metrics.watch(self.shedder)
         self.limiter = Limiter()
         self.cache = ResponseCache(config.cache_max_bytes)
         self.policies = PolicyStore(self.engine)
@@ -108,6 +115,7 @@ class Plane:
         await asyncio.to_thread(self.seed_limits)
         await self.snapshots.reload()
         self.usage.start()
+        self.shedder.start()
         await self._start_node_service()
 
     async def _start_node_service(self) -> None:
@@ -130,6 +138,7 @@ class Plane:
         self.grpc_server = server
 
     async def cleanup(self) -> None:
+        await self.shedder.stop()
         await self.registry.close()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=1.0)

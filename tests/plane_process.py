@@ -22,7 +22,8 @@ class PlaneProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "HATCHWAY_GRPC_PORT": "0", **(env or {})},
+            # No shedding on loop lag: these machines are shared, and a test's verdict must not depend on it.
+            env={**os.environ, "HATCHWAY_GRPC_PORT": "0", "HATCHWAY_OVERLOAD_LAG_MS": "0", **(env or {})},
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -1,0 +1,70 @@
+"""Load shedding: when the plane is past what it can serve, say so at once instead of letting requests queue.
+
+Two signals, either of which turns new API requests away with a 503 and `Retry-After`:
+
+    in flight    more requests being served than `max_in_flight` (a hard bound on memory and sockets)
+    loop lag     the event loop runs late: a watcher that should wake every `TICK_S` measures how late it
+                 wakes, smoothed; past `lag_limit_s`, requests are already waiting for the CPU, and each one
+                 admitted makes every other one later. Refusing costs a fraction of serving, so the loop
+                 catches up and the requests it does take keep their latency.
+
+Only `/v1/` requests are shed: health checks, metrics and the admin API stay reachable under overload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from server.errors import ServiceUnavailableError
+
+TICK_S = 0.02
+# Weight of the newest lag sample in the running average: about the last 10 ticks (200 ms).
+SMOOTHING = 0.1
+
+
+class LoadShedder:
+    def __init__(self, *, max_in_flight: int, lag_limit_s: float, on_shed: Callable[[], None] = lambda: None) -> None:
+        self.max_in_flight = max_in_flight
+        self.lag_limit_s = lag_limit_s
+        self.on_shed = on_shed
+        self.in_flight = 0
+        self.lag_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.lag_limit_s > 0:
+            self._task = asyncio.create_task(self._watch(), name="loop-lag-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _watch(self) -> None:
+        while True:
+            expected = time.monotonic() + TICK_S
+            await asyncio.sleep(TICK_S)
+            late = max(0.0, time.monotonic() - expected)
+            self.lag_s += SMOOTHING * (late - self.lag_s)
+
+    def admit(self) -> None:
+        """Count a request in, or raise 503 when the plane is overloaded; pair with `release`."""
+        if self.in_flight >= self.max_in_flight:
+            self._refuse(f"{self.in_flight} requests in flight, the most this plane takes")
+        if self.lag_limit_s > 0 and self.lag_s > self.lag_limit_s:
+            self._refuse(f"the plane's event loop runs {self.lag_s * 1000:.0f} ms late")
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    def _refuse(self, why: str) -> None:
+        self.on_shed()
+        raise ServiceUnavailableError(
+            f"The plane is overloaded ({why}); retry shortly.", code="overloaded", headers={"Retry-After": "1"}
+        )

@@ -1,0 +1,81 @@
+"""Load shedding: past what it can serve, the plane answers new API requests with a 503 and Retry-After at once,
+and keeps its health, metrics and admin endpoints reachable."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+
+from server.config import Config
+from tests.conftest import MODEL, Gateway
+
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def plane_config(plane_config: Config) -> Config:
+    return plane_config.replace(max_in_flight=2, overload_lag_ms=50)
+
+
+async def test_requests_beyond_max_in_flight_get_503_before_the_admitted_ones_finish(gateway: Gateway) -> None:
+    gateway.upstream.delay_s = 1.0
+    finished: list[int] = []
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def call() -> httpx.Response:
+            response = await client.post(f"{gateway.plane.v1}/chat/completions", json=BODY, headers=gateway.auth())
+            finished.append(response.status_code)
+            return response
+
+        responses = await asyncio.gather(*(call() for _ in range(5)))
+    assert sorted(r.status_code for r in responses) == [200, 200, 503, 503, 503]
+    assert finished == [503, 503, 503, 200, 200]  # refused at once, not after waiting their turn
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.json()["error"]["code"] == "overloaded"
+    assert refused.headers["Retry-After"] == "1"
+
+
+def test_health_metrics_and_admin_stay_reachable_while_api_requests_are_shed(gateway: Gateway) -> None:
+    gateway.upstream.delay_s = 2.0
+    with httpx.Client(timeout=30) as client:
+        held = [
+            client.build_request("POST", f"{gateway.plane.v1}/chat/completions", json=BODY, headers=gateway.auth())
+            for _ in range(2)
+        ]
+        threads = [threading.Thread(target=client.send, args=(request,)) for request in held]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while gateway.plane.server.plane.shedder.in_flight < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert client.post(f"{gateway.plane.v1}/chat/completions", json=BODY, headers=gateway.auth()).status_code == 503
+        assert client.get(f"{gateway.plane.url}/healthz").status_code == 200
+        metrics = client.get(f"{gateway.plane.url}/metrics").text
+        assert "hatchway_requests_shed_total 1.0" in metrics
+        assert gateway.plane.admin.get("/orgs")["data"]
+        for thread in threads:
+            thread.join()
+
+
+def test_a_late_event_loop_sheds_api_requests_until_it_catches_up(gateway: Gateway) -> None:
+    plane = gateway.plane.server.plane
+    loop = gateway.plane.loop_thread.loop
+    # Stall the plane's loop 100 ms at a time, twenty times: every tick of the lag watcher comes late.
+    for _ in range(20):
+        loop.call_soon_threadsafe(time.sleep, 0.1)
+    deadline = time.monotonic() + 30
+    while plane.shedder.lag_s <= plane.shedder.lag_limit_s:
+        assert time.monotonic() < deadline, "the lag never showed"
+        time.sleep(0.01)
+    refused = httpx.post(f"{gateway.plane.v1}/chat/completions", json=BODY, headers=gateway.auth(), timeout=30)
+    assert refused.status_code == 503 and "late" in refused.json()["error"]["message"]
+    while plane.shedder.lag_s > plane.shedder.lag_limit_s:
+        assert time.monotonic() < deadline, "the lag never went away"
+        time.sleep(0.05)
+    served = httpx.post(f"{gateway.plane.v1}/chat/completions", json=BODY, headers=gateway.auth(), timeout=30)
+    assert served.status_code == 200
