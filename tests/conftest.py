@@ -40,6 +40,15 @@ def abandon_request(url: str, body: dict[str, Any], api_key: str, after_s: float
         time.sleep(after_s)
 
 
+def usage_report(plane: RunningPlane, expected_requests: int, **params: str) -> list[dict[str, Any]]:
+    """The report once the batch writer stored `expected_requests` requests (it flushes every 50 ms here)."""
+    deadline = time.monotonic() + 5
+    while True:
+        rows: list[dict[str, Any]] = plane.admin.get("/usage", **params)["data"]
+        if sum(r["requests"] for r in rows) >= expected_requests or time.monotonic() > deadline:
+            return rows
+
+
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings a developer exported in their shell must not change what the tests see."""

@@ -54,9 +54,19 @@ class PlaneProcess:
         try:
             code = self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired as exc:
-            raise AssertionError(f"plane still running {timeout_s}s after SIGTERM; output:\n{self.output}") from exc
+            raise AssertionError(
+                f"plane still running {timeout_s}s after SIGTERM; output:\n{self.output}\n{self.stacks()}"
+            ) from exc
         self._close()
         return code
+
+    def stacks(self) -> str:
+        """Where the plane's threads are, for a failure message (py-spy is in the dev extra)."""
+        spy = Path(sys.executable).parent / "py-spy"
+        if not spy.exists():
+            return "(no py-spy to show the plane's stacks)"
+        dump = subprocess.run([str(spy), "dump", "--pid", str(self.proc.pid)], capture_output=True, text=True)
+        return dump.stdout + dump.stderr
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import httpx
 import pytest
 
 from server.cache import CachePolicy, Directives, ResponseCache, StreamAssembler, replay_chunks
-from tests.conftest import MODEL, Gateway, RunningPlane
+from tests.conftest import MODEL, Gateway, RunningPlane, usage_report
 from tests.mock_upstream import MockUpstream
 from tests.test_limits import FrozenClock, live_usage, plane_of, set_limits
 
@@ -206,10 +205,7 @@ def test_a_hit_costs_nothing_and_is_recorded_as_a_hit(gateway: Gateway) -> None:
     hit = ask(gateway)
     assert hit.headers["x-hatchway-cost-usd"] == "0.00000000"
     assert live_usage(gateway)["usd_per_month_used"] == spent
-    deadline = time.monotonic() + 5
-    while (report := gateway.plane.admin.get("/usage", org="acme")["data"][0])["requests"] < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    (report,) = usage_report(gateway.plane, 2, org="acme")
     assert report["cache_hits"] == 1
 
 

@@ -19,7 +19,7 @@ from server.cli.client import AdminAPIError
 from server.credentials import DISPLAY_PREFIX_LEN
 from server.limits import estimate_tokens
 from server.plane import Plane
-from tests.conftest import ADMIN_KEY, MODEL, Gateway, abandon_request
+from tests.conftest import ADMIN_KEY, MODEL, Gateway, abandon_request, usage_report
 
 DAY_S = 86_400.0
 MESSAGES = [{"role": "user", "content": "Say hello"}]
@@ -324,12 +324,8 @@ def test_a_refused_request_is_recorded_as_a_429_usage_row(gateway: Gateway) -> N
     post(gateway)
     refused = post(gateway)
     assert refused.status_code == 429
-    report = gateway.plane.admin.get("/usage", org="acme", by="model")["data"]
-    deadline = time.monotonic() + 5
-    while report[0]["requests"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-        report = gateway.plane.admin.get("/usage", org="acme", by="model")["data"]
-    assert (report[0]["requests"], report[0]["errors"]) == (2, 1)
+    (report,) = usage_report(gateway.plane, 2, org="acme")
+    assert (report["requests"], report["errors"]) == (2, 1)
 
 
 def admin_cli(gateway: Gateway, *args: str) -> Result:

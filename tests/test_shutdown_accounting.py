@@ -13,14 +13,14 @@ from sqlmodel import Session, col, create_engine, select
 
 from server.storage.models import UsageRecord
 from tests.conftest import MODEL
-from tests.mock_upstream import MockUpstream
 from tests.plane_process import PlaneProcess
+from tests.upstream_process import UpstreamProcess
 
 ADMIN = {"Authorization": "Bearer hwa-shutdown"}
 CLIENTS = 8
 
 
-def configure(plane: PlaneProcess, upstream: MockUpstream) -> str:
+def configure(plane: PlaneProcess, upstream: UpstreamProcess) -> str:
     def call(path: str, body: dict[str, Any]) -> dict[str, Any]:
         response = httpx.post(f"{plane.url}/admin/v1{path}", json=body, headers=ADMIN)
         response.raise_for_status()
@@ -51,16 +51,15 @@ def client_loop(url: str, key: str, index: int, stop: threading.Event, answered:
                 answered[response.headers["x-request-id"]] = response.status_code
 
 
-def test_every_answered_request_has_exactly_one_final_usage_row_after_sigterm_under_load(
-    tmp_path: Path, make_upstream: Any
-) -> None:
-    upstream: MockUpstream = make_upstream("mock", chunk_delay_s=0.02)
-    upstream.record = False
+def test_every_answered_request_has_exactly_one_final_usage_row_after_sigterm_under_load(tmp_path: Path) -> None:
+    # Plane and upstream in processes of their own: the test's client threads share nothing with either.
+    upstream = UpstreamProcess("mock")
     plane = PlaneProcess(
         tmp_path,
+        # Rows stay queued for up to a second: the shutdown must flush them, not an earlier tick.
         env={
             "HATCHWAY_ADMIN_KEY": "hwa-shutdown",
-            "HATCHWAY_LOG_LEVEL": "error",
+            "HATCHWAY_LOG_LEVEL": "info",
             "HATCHWAY_USAGE_FLUSH_INTERVAL_S": "1",
         },
     )
@@ -80,6 +79,7 @@ def test_every_answered_request_has_exactly_one_final_usage_row_after_sigterm_un
             client.join(30)
     finally:
         plane.kill()
+        upstream.kill()
     engine = create_engine(f"sqlite:///{tmp_path / 'hatchway.db'}")
     with Session(engine) as session:
         rows = list(session.exec(select(UsageRecord).where(col(UsageRecord.final))))

@@ -4,9 +4,6 @@ killed while clients keep sending, and failover keeps every client request whole
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,37 +13,15 @@ import pytest
 
 from tests.conftest import MODEL
 from tests.plane_process import PlaneProcess
+from tests.upstream_process import UpstreamProcess
 
 REPLY = "Paris is the capital and largest city of France"
 ADMIN = {"Authorization": "Bearer hwa-smoke"}
 
 
-class UpstreamProcess:
-    """A mock provider in its own process, so it can be killed like a real one."""
-
-    def __init__(self, name: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.upstream_process", "--name", name, "--reply", REPLY],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        match = re.search(r"listening on (http://\S+)", line)
-        assert match, f"upstream {name} did not start: {line!r}"
-        self.url = match.group(1) + "/v1"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
 @pytest.fixture
 def processes(tmp_path: Path) -> Iterator[tuple[PlaneProcess, UpstreamProcess, UpstreamProcess]]:
-    a, b = UpstreamProcess("a"), UpstreamProcess("b")
+    a, b = UpstreamProcess("a", REPLY), UpstreamProcess("b", REPLY)
     plane = PlaneProcess(tmp_path, env={"HATCHWAY_ADMIN_KEY": "hwa-smoke", "HATCHWAY_LOG_LEVEL": "error"})
     yield plane, a, b
     plane.kill()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,19 +11,10 @@ from click.testing import CliRunner
 
 from server.cli import cli
 from server.cli.client import AdminAPIError
-from tests.conftest import ADMIN_KEY, MODEL, RunningPlane
+from tests.conftest import ADMIN_KEY, MODEL, RunningPlane, usage_report
 from tests.mock_upstream import Fault, MockUpstream
 
 PROMPT = {"model": MODEL, "messages": [{"role": "user", "content": "the same prompt"}]}
-
-
-def report(plane: RunningPlane, expected_requests: int, **params: str) -> list[dict[str, Any]]:
-    """The report once the batch writer stored `expected_requests` requests (it flushes every 50 ms here)."""
-    deadline = time.monotonic() + 5
-    while True:
-        rows: list[dict[str, Any]] = plane.admin.get("/usage", **params)["data"]
-        if sum(r["requests"] for r in rows) >= expected_requests or time.monotonic() > deadline:
-            return rows
 
 
 @pytest.fixture
@@ -46,7 +36,7 @@ def test_the_same_prompt_costs_are_compared_side_by_side_by_route(routes: tuple[
         plane.admin.put("/routes", {"org": "acme", "model": MODEL, "targets": [first]})
         for _ in range(2):
             assert ask(plane, key).headers["x-hatchway-route"] == first
-    rows = {r["route"]: r for r in report(plane, 4, by="route", org="acme")}
+    rows = {r["route"]: r for r in usage_report(plane, 4, by="route", org="acme")}
     a, b = rows["provider-a"], rows["provider-b"]
     assert a["requests"] == b["requests"] == 2
     assert a["prompt_tokens"] == b["prompt_tokens"] and a["completion_tokens"] == b["completion_tokens"]
@@ -57,7 +47,7 @@ def test_the_same_prompt_costs_are_compared_side_by_side_by_route(routes: tuple[
 def test_an_unpriced_route_reports_no_cost_rather_than_zero(routes: tuple[RunningPlane, str]) -> None:
     plane, key = routes
     ask(plane, key, {**PROMPT, "model": "free-model"})
-    (row,) = report(plane, 1, by="route")
+    (row,) = usage_report(plane, 1, by="route")
     assert row["route"] == "free" and row["cost_usd"] is None and row["unpriced_requests"] == 1
 
 
@@ -70,7 +60,7 @@ def test_failed_attempts_are_counted_apart_from_requests(
     plane.add_provider("broken", broken, models=["flaky"])
     plane.add_provider("steady", make_upstream("steady"), models=["flaky"])
     assert ask(plane, key, {**PROMPT, "model": "flaky"}).status_code == 200
-    rows = {r["route"]: r for r in report(plane, 1, by="route")}
+    rows = {r["route"]: r for r in usage_report(plane, 1, by="route")}
     assert rows["steady"]["requests"] == 1
     assert rows["broken"]["requests"] == 0 and rows["broken"]["failed_attempts"] == 2
 
@@ -78,7 +68,7 @@ def test_failed_attempts_are_counted_apart_from_requests(
 def test_usage_cli_prints_a_table_grouped_as_asked(routes: tuple[RunningPlane, str]) -> None:
     plane, key = routes
     ask(plane, key)
-    report(plane, 1)
+    usage_report(plane, 1)
     result = CliRunner().invoke(
         cli, ["admin", "--url", plane.url, "--admin-key", ADMIN_KEY, "usage", "--by", "model", "--by", "day"]
     )
@@ -97,11 +87,11 @@ def test_a_price_change_applies_from_then_on_and_never_rewrites_past_costs(route
     plane, key = routes
     plane.admin.put("/routes", {"org": "acme", "model": MODEL, "targets": ["provider-a"]})
     before = float(ask(plane, key).headers["x-hatchway-cost-usd"])
-    (first,) = report(plane, 1, by="route")
+    (first,) = usage_report(plane, 1, by="route")
     plane.admin.put("/prices", {"provider": "provider-a", "model": MODEL, "price_in": 10.0, "price_out": 10.0})
     after = float(ask(plane, key).headers["x-hatchway-cost-usd"])
     assert after == pytest.approx(10 * before)
-    (both,) = report(plane, 2, by="route")
+    (both,) = usage_report(plane, 2, by="route")
     assert both["cost_usd"] == pytest.approx(first["cost_usd"] + after)
     history = plane.admin.get("/prices", provider="provider-a")["data"]
     assert [(p["price_in"], p["price_out"]) for p in history] == [(1.0, 1.0), (10.0, 10.0)]

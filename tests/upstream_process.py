@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import signal
+import subprocess
+import sys
 from collections.abc import Coroutine
 from typing import Any
 
@@ -49,6 +52,29 @@ def run(main: Coroutine[Any, Any, None]) -> None:
         return
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main)
+
+
+class UpstreamProcess:
+    """A mock provider in its own process, so it can be killed like a real one."""
+
+    def __init__(self, name: str, reply: str = "Hello from mock", *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.upstream_process", "--name", name, "--reply", reply, *args],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        match = re.search(r"listening on (http://\S+)", line)
+        assert match, f"upstream {name} did not start: {line!r}"
+        self.url = match.group(1) + "/v1"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 if __name__ == "__main__":
