@@ -44,16 +44,15 @@ class Limits:
     usd_per_day: float | None = None
     usd_per_month: float | None = None
 
-    # The quotas set, as (name, unit, window, limit): derived once, for loops that should not test every kind.
+    # Derived once, for the request path: the quotas set, as (name, unit, window, limit), and whether any
+    # limit is set at all.
     quotas: tuple[tuple[str, str, str, float], ...] = field(default=(), init=False, repr=False, compare=False)
+    any: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         quotas = tuple((name, unit, window, getattr(self, name)) for name, unit, window in QUOTAS)
         object.__setattr__(self, "quotas", tuple(q for q in quotas if q[3] is not None))
-
-    @property
-    def any(self) -> bool:
-        return any(getattr(self, name) is not None for name in LIMIT_FIELDS)
+        object.__setattr__(self, "any", any(getattr(self, name) is not None for name in LIMIT_FIELDS))
 
 
 LIMIT_FIELDS = tuple(f.name for f in fields(Limits) if f.init)
