@@ -31,7 +31,9 @@ class UsageWriter:
         *,
         queue_size: int,
         flush_interval_s: float,
-        batch_size: int = 500,
+        # Small batches: the writer thread holds the GIL while SQLAlchemy prepares a batch, and requests wait
+        # meanwhile. 100 rows keep each hold short (at c=1, p99 +2.2 ms with 500 rows a batch, +1.8 ms with 100).
+        batch_size: int = 100,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
