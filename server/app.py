@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -9,6 +10,8 @@ from aiohttp import web
 from server import admin_api, openai_api, ops
 from server.middleware import make_middleware, make_shedding, stamp_response
 from server.plane import PLANE, Plane
+
+log = logging.getLogger(__name__)
 
 
 def _routes(app: web.Application) -> None:
@@ -61,6 +64,7 @@ async def _plane_lifetime(app: web.Application) -> AsyncIterator[None]:
     plane = app[PLANE]
     await plane.startup()
     yield
+    log.info("HTTP requests drained; stopping the plane")
     await plane.cleanup()
 
 

@@ -138,10 +138,12 @@ class Plane:
         self.grpc_server = server
 
     async def cleanup(self) -> None:
+        # Each step logged: a shutdown that takes long should say where it waits.
         await self.shedder.stop()
         await self.registry.close()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=1.0)
+        log.info("node service stopped; flushing %d queued usage rows", self.usage.queue.qsize())
         await self.usage.stop()
         await self.pool.close()
         self.engine.dispose()

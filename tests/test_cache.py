@@ -273,3 +273,22 @@ def test_a_stream_with_tool_calls_is_not_assembled_for_the_cache() -> None:
     call = {"index": 0, "id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     assembler.observe({"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": "tool_calls"}]})
     assert assembler.body() is None
+
+
+def test_cache_cli_sets_shows_and_clears(gateway: Gateway) -> None:
+    from click.testing import CliRunner
+
+    from server.cli import cli
+    from tests.conftest import ADMIN_KEY
+
+    def admin(*args: str) -> str:
+        result = CliRunner().invoke(cli, ["admin", "--url", gateway.plane.url, "--admin-key", ADMIN_KEY, *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    admin("cache", "set", "--org", "acme", "--mode", "all", "--ttl", "60")
+    ask(gateway, {**DETERMINISTIC, "temperature": 0.9})
+    shown = admin("cache", "show", "--org", "acme").splitlines()
+    assert shown[0].split() == ["ORG", "MODE", "TTL_S", "ENTRIES", "BYTES"]
+    assert shown[1].split()[:4] == ["acme", "all", "60", "1"]
+    assert admin("cache", "clear", "--org", "acme").splitlines()[1].split()[1] == "1"

@@ -27,7 +27,8 @@ def configure(plane: PlaneProcess, upstream: UpstreamProcess) -> str:
         return response.json()  # type: ignore[no-any-return]
 
     call("/orgs", {"name": "acme"})
-    call("/providers", {"org": "acme", "name": "mock", "base_url": upstream.url, "models": [MODEL], "price_in": 1})
+    provider = {"org": "acme", "name": "mock", "base_url": upstream.url, "api_keys": ["sk-mock"], "models": [MODEL]}
+    call("/providers", provider | {"price_in": 1})
     return str(call("/keys", {"org": "acme"})["key"])
 
 
@@ -61,6 +62,10 @@ def test_every_answered_request_has_exactly_one_final_usage_row_after_sigterm_un
             "HATCHWAY_ADMIN_KEY": "hwa-shutdown",
             "HATCHWAY_LOG_LEVEL": "info",
             "HATCHWAY_USAGE_FLUSH_INTERVAL_S": "1",
+            # Under this load a connection sometimes keeps the drain waiting for the whole grace period (not yet
+            # understood; see the closing note of the policy issue): the test then waits that out, and still
+            # requires every answered request to have its row.
+            "HATCHWAY_SHUTDOWN_GRACE_S": "10",
         },
     )
     try:
@@ -73,7 +78,7 @@ def test_every_answered_request_has_exactly_one_final_usage_row_after_sigterm_un
         for client in clients:
             client.start()
         time.sleep(2.0)
-        assert plane.terminate() == 0
+        assert plane.terminate(timeout_s=60) == 0
         stop.set()
         for client in clients:
             client.join(30)
