@@ -298,9 +298,8 @@ class Relay:
         try:
             await response.prepare(request)
             exchange.first_byte_at = time.monotonic()
-            for payload in replay_chunks(cached, chat=exchange.chat, include_usage=exchange.wants_usage):
-                await response.write(sse.frame(payload))
-            await response.write(sse.DONE_FRAME)
+            payloads = replay_chunks(cached, chat=exchange.chat, include_usage=exchange.wants_usage)
+            await response.write(b"".join(map(sse.frame, payloads)) + sse.DONE_FRAME)
         except ConnectionResetError:
             status, code = CLIENT_CLOSED, "client_closed"
         except asyncio.CancelledError:
@@ -434,39 +433,54 @@ class Relay:
     async def _relay(
         self, response: web.StreamResponse, exchange: Exchange, opened: OpenStream, progress: StreamProgress
     ) -> None:
-        """Relay the buffered chunks, then the rest; return when the answer is complete, raise when it broke."""
-        for payload, chunk in opened.buffered:
-            await self._emit(response, exchange, progress, payload, chunk)
+        """Relay the buffered chunks, then the rest; return when the answer is complete, raise when it broke.
+
+        Events that arrived in one read of the upstream leave in one write (one chunk of the response, not one
+        per event); an event is never held back waiting for the upstream."""
+        frames = [f for payload, chunk in opened.buffered if (f := self._frame(exchange, progress, payload, chunk))]
         opened.buffered.clear()
-        async for raw in opened.upstream:
-            item = self._prepare(exchange, opened, raw)
-            if item is not None:
-                await self._emit(response, exchange, progress, *item)
+        try:
+            if frames and not opened.upstream.pending:
+                await self._write(response, frames)
+            async for raw in opened.upstream:
+                item = self._prepare(exchange, opened, raw)
+                if item is not None and (frame := self._frame(exchange, progress, *item)):
+                    frames.append(frame)
+                if frames and not opened.upstream.pending:
+                    await self._write(response, frames)
+        except UpstreamError:
+            # What the client was counted as having must reach it before the stream is given up or rescued.
+            await self._write(response, frames)
+            raise
+        await self._write(response, frames)
         if opened.continuation is not None and not opened.continuation.passing:
             raise UpstreamProtocolError(f"{opened.target.id}: the regenerated answer is shorter than the delivered one")
         if not (opened.upstream.done or progress.finished):
             raise UpstreamProtocolError(f"{opened.target.id}: stream ended before the answer finished")
 
-    async def _emit(
-        self,
-        response: web.StreamResponse,
-        exchange: Exchange,
-        progress: StreamProgress,
-        payload: bytes | None,
-        chunk: dict[str, Any],
-    ) -> None:
+    @staticmethod
+    async def _write(response: web.StreamResponse, frames: list[bytes]) -> None:
+        if frames:
+            data = b"".join(frames)
+            frames.clear()
+            await response.write(data)
+
+    def _frame(
+        self, exchange: Exchange, progress: StreamProgress, payload: bytes | None, chunk: dict[str, Any]
+    ) -> bytes | None:
+        """Account for one chunk and return its SSE frame, or None when the client is not to see it."""
         progress.observe(chunk)
         if exchange.collect is not None:
             exchange.collect.observe(chunk)
         if "usage" in chunk:
             exchange.take_usage(chunk["usage"])
             if chunk.get("choices") == [] and not exchange.wants_usage:
-                return  # the plane asked for usage for itself; the client did not
+                return None  # the plane asked for usage for itself; the client did not
         if payload is None:
             if progress.first_id is not None:
                 chunk = {**chunk, "id": progress.first_id, "created": progress.first_created or chunk.get("created")}
             payload = orjson.dumps(chunk)
-        await response.write(sse.frame(payload))
+        return sse.frame(payload)
 
     async def _rescue(self, exchange: Exchange, progress: StreamProgress, *, failed: Target) -> OpenStream:
         """Find a target that continues the delivered answer (prefill, else regeneration)."""

@@ -9,14 +9,16 @@ import orjson
 DONE = b"[DONE]"
 
 
-async def iter_data(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    """Yield the data payload of each event. Comments, `event:`/`id:` fields and empty events are skipped;
-    a multi-line `data:` is joined with newlines as the SSE spec says."""
+async def iter_batches(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[bytes]]:
+    """The data payload of each event, in a list per network read: the events that arrived together, which a
+    relay can forward in one write. Comments, `event:`/`id:` fields and empty events are skipped; a multi-line
+    `data:` is joined with newlines as the SSE spec says."""
     buffer = b""
     async for chunk in chunks:
         buffer += chunk
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
+        batch: list[bytes] = []
         while True:
             end = buffer.find(b"\n\n")
             if end < 0:
@@ -24,11 +26,13 @@ async def iter_data(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
             event, buffer = buffer[:end], buffer[end + 2 :]
             data = _event_data(event)
             if data is not None:
-                yield data
+                batch.append(data)
+        if batch:
+            yield batch
     if buffer.strip():
         data = _event_data(buffer)
         if data is not None:
-            yield data
+            yield [data]
 
 
 def _event_data(event: bytes) -> bytes | None:

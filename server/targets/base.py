@@ -42,6 +42,8 @@ class TargetStream(ABC):
 
     # True once the upstream sent `[DONE]`: a stream that ends without it may have been cut.
     done: bool = False
+    # Payloads that arrived with the one just yielded and follow it at once: a relay writes when this is 0.
+    pending: int = 0
 
     @abstractmethod
     def __aiter__(self) -> AsyncIterator[bytes]: ...

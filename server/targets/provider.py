@@ -189,11 +189,14 @@ class ProviderStream(TargetStream):
 
     async def _read(self) -> AsyncGenerator[bytes, None]:
         try:
-            async for data in sse.iter_data(self.response.content.iter_any()):
-                if data == sse.DONE:
-                    self.done = True
-                    return
-                yield data
+            async for batch in sse.iter_batches(self.response.content.iter_any()):
+                for index, data in enumerate(batch):
+                    if data == sse.DONE:
+                        self.done = True
+                        self.pending = 0
+                        return
+                    self.pending = len(batch) - index - 1
+                    yield data
         except TimeoutError as exc:
             raise UpstreamTimeoutError(f"{self.target_id}: stream stalled") from exc
         except aiohttp.ClientError as exc:
