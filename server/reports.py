@@ -66,10 +66,16 @@ def usage_report(
     return [_summarise(dict(zip(by, values, strict=True)), group) for values, group in sorted(groups.items())]
 
 
+def _cost(served: list[UsageRecord]) -> tuple[float | None, int]:
+    """USD of the served rows, None when none was priced (unpriced is not free), and how many were unpriced."""
+    costs = [r.cost_usd for r in served if r.cost_usd is not None]
+    return (round(sum(costs), 8) if costs else None), len(served) - len(costs)
+
+
 def _summarise(labels: dict[str, str], rows: list[UsageRecord]) -> dict[str, Any]:
     final = [r for r in rows if r.final]
     served = [r for r in final if r.status == 200]
-    costs = [r.cost_usd for r in served if r.cost_usd is not None]
+    cost, unpriced = _cost(served)
     latencies = [r.latency_ms for r in served]
     return {
         **labels,
@@ -78,8 +84,8 @@ def _summarise(labels: dict[str, str], rows: list[UsageRecord]) -> dict[str, Any
         "failed_attempts": len(rows) - len(final),
         "prompt_tokens": sum(r.prompt_tokens for r in served),
         "completion_tokens": sum(r.completion_tokens for r in served),
-        "cost_usd": round(sum(costs), 8) if costs else None,
-        "unpriced_requests": len(served) - len(costs),
+        "cost_usd": cost,
+        "unpriced_requests": unpriced,
         "cache_hits": sum(1 for r in served if r.cache == "hit"),
         "latency_p50_ms": _percentile(latencies, 50),
         "latency_p95_ms": _percentile(latencies, 95),
@@ -110,15 +116,15 @@ def earnings_report(engine: Engine, *, org_ref: str | None, since: datetime | No
     columns = ("node_id", "node", "org") if by == "node" else ("org",)
     result = []
     for label, rows in sorted(groups.items()):
-        priced = [r.cost_usd for r in rows if r.cost_usd is not None]
+        earned, unpriced = _cost(rows)
         result.append(
             {
                 **dict(zip(columns, label, strict=True)),
                 "requests": len(rows),
                 "prompt_tokens": sum(r.prompt_tokens for r in rows),
                 "completion_tokens": sum(r.completion_tokens for r in rows),
-                "earned_usd": round(sum(priced), 8) if priced else None,
-                "unpriced_requests": len(rows) - len(priced),
+                "earned_usd": earned,
+                "unpriced_requests": unpriced,
             }
         )
     return result
