@@ -7,14 +7,15 @@ nothing against a key that cannot be guessed) and lets the hot path find a key w
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography.fernet import Fernet, InvalidToken
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+if TYPE_CHECKING:
+    from cryptography.fernet import Fernet
 
 API_KEY_PREFIX = "hw-"
 ADMIN_KEY_PREFIX = "hwa-"
@@ -36,10 +37,20 @@ class Vault:
     """Encrypts provider keys with a Fernet key derived from the operator's secret."""
 
     def __init__(self, secret: str) -> None:
+        self._secret = secret
+
+    @functools.cached_property
+    def _fernet(self) -> Fernet:
+        # Imported on first use: a plane whose providers hold no keys (local servers, nodes) never loads
+        # cryptography, about 8 MiB (server.nodes.tls does the same for certificates).
+        from cryptography.fernet import Fernet
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
         derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"hatchway provider keys v1").derive(
-            secret.encode()
+            self._secret.encode()
         )
-        self._fernet = Fernet(base64.urlsafe_b64encode(derived))
+        return Fernet(base64.urlsafe_b64encode(derived))
 
     @classmethod
     def from_settings(cls, secret: str, data_dir: Path) -> Vault:
@@ -58,6 +69,8 @@ class Vault:
         return self._fernet.encrypt(plaintext.encode()).decode()
 
     def decrypt(self, ciphertext: str) -> str:
+        from cryptography.fernet import InvalidToken  # not at the top, as in `_fernet`
+
         try:
             return self._fernet.decrypt(ciphertext.encode()).decode()
         except InvalidToken as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from server.config import Config
+from server.nodes.tls import NodeTLS, load_or_create
 from tests.agent_process import DEMO_MODEL, AgentProcess, describe
 from tests.conftest import RunningPlane
 from tests.test_nodes import QUESTION, wait_for
@@ -70,3 +72,20 @@ def test_an_agent_enrolls_and_serves_through_an_operator_certificate(plane: Runn
         assert "Paris" in (answer.choices[0].message.content or "")
     finally:
         agent.stop()
+
+
+def test_the_fingerprint_is_the_leafs_whatever_else_the_file_holds() -> None:
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate("Example Corp CA", "Example Corp CA", ca_key, ca_key, ca=True)
+    leaf = _certificate("plane.example", "Example Corp CA", leaf_key, ca_key, ca=False)
+    # openssl's exports put a subject line before each certificate.
+    pem = b"subject=CN = plane.example\n" + leaf.public_bytes(serialization.Encoding.PEM)
+    pem += b"subject=CN = Example Corp CA\n" + ca.public_bytes(serialization.Encoding.PEM)
+    expected = hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest()
+    assert NodeTLS(pem, b"").fingerprint == expected
+
+
+def test_the_planes_own_certificate_keeps_its_fingerprint_across_restarts(tmp_path: Path) -> None:
+    created = load_or_create(tmp_path)
+    der = x509.load_pem_x509_certificate(created.cert_pem).public_bytes(serialization.Encoding.DER)
+    assert load_or_create(tmp_path).fingerprint == created.fingerprint == hashlib.sha256(der).hexdigest()

@@ -3,6 +3,7 @@ request's usage row, the audit chain and node enrollment tokens, on a scratch da
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,21 +15,29 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 
 from server.config import Config
+from server.storage.db import make_engine
 from server.storage.models import UsageRecord
 from tests.conftest import MODEL, RunningPlane
 from tests.mock_upstream import MockUpstream
+from tests.test_storage import assert_empty_database_gets_the_migrations_schema
 
 SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
-@pytest.fixture
-def database() -> Iterator[str]:
+@contextlib.contextmanager
+def scratch_database() -> Iterator[str]:
     name = f"hatchway_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(SERVER, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     with psycopg.connect(SERVER, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    with scratch_database() as url:
+        yield url
 
 
 @pytest.fixture
@@ -60,3 +69,13 @@ def test_the_plane_runs_on_postgresql(plane: RunningPlane, upstream: MockUpstrea
     assert plane.admin.get("/usage", by="route")["data"][0]["cost_usd"] > 0
     assert plane.admin.get("/audit/verify")["ok"] is True
     assert plane.admin.post("/node-tokens", {"org": "acme"})["token"]
+
+
+def test_an_empty_database_gets_the_schema_the_migrations_build(database: str) -> None:
+    with scratch_database() as other:
+        migrated, created = make_engine(database), make_engine(other)
+        try:
+            assert_empty_database_gets_the_migrations_schema(migrated, created)
+        finally:
+            migrated.dispose()
+            created.dispose()

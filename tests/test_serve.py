@@ -97,3 +97,35 @@ def test_bad_config_file_fails_with_a_message(tmp_path: Path) -> None:
     )
     assert proc.returncode != 0
     assert "[server].port" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# What `hatchway serve` imports and does up to serving, in a fresh interpreter, then which modules it left loaded.
+STARTUP_MODULES = """
+import sys
+from pathlib import Path
+import server.cli, server.serve
+from server.config import Config
+from server.plane import Plane
+plane = Plane(Config.load(overrides={"data_dir": Path(sys.argv[1])}))
+plane.prepare_storage()
+print(plane.tls.fingerprint)
+print(" ".join(sorted(name for name in sys.modules if name.partition(".")[0] in sys.argv[2:] or name in sys.argv[2:])))
+"""
+
+
+def loaded_at_startup(data_dir: Path, *watched: str) -> set[str]:
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", STARTUP_MODULES, str(data_dir), *watched]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.splitlines()[-1].split())
+
+
+def test_the_plane_keeps_tooling_it_does_not_serve_with_out_of_memory(tmp_path: Path) -> None:
+    # Alembic only when a schema must be upgraded; the admin CLI and its HTTP client never.
+    tooling = ("alembic", "mako", "httpx", "server.cli.admin")
+    assert loaded_at_startup(tmp_path, *tooling) == set(), "first start, new database"
+    # cryptography makes the first start's certificate, and decrypts provider keys: a restart with none needs none.
+    assert loaded_at_startup(tmp_path, *tooling, "cryptography") == set(), "restart, no provider keys"

