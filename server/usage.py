@@ -1,8 +1,8 @@
 """Usage rows leave the request path through a bounded queue drained by one batch writer.
 
 A request only builds a row (a dict of `UsageRecord`'s columns) and puts it on the queue (no I/O); the writer
-flushes every `flush_interval_s` or when `batch_size` rows are waiting, in a worker thread, as one multi-row
-INSERT without ORM objects, and drains everything on stop.
+flushes every `flush_interval_s` or when `batch_size` rows are waiting, in a worker thread, as one executemany
+of an INSERT compiled once for the engine's driver, and drains everything on stop.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import Engine, insert
@@ -21,6 +22,30 @@ from server.storage.models import UsageRecord
 UsageRow = dict[str, Any]
 
 log = logging.getLogger(__name__)
+
+
+class UsageInsert:
+    """UsageRecord's INSERT, compiled once for the engine's dialect, and the bind processors SQLAlchemy would
+    apply to each column (SQLite's datetimes and booleans). The writer hands the driver ready parameters:
+    per-row statement compilation and parameter building by SQLAlchemy were most of the writer thread's time,
+    and that thread shares the GIL with the request loop."""
+
+    def __init__(self, engine: Engine) -> None:
+        table = UsageRecord.__table__  # type: ignore[attr-defined]
+        columns = [column for column in table.columns if column.name != "id"]
+        compiled = insert(table).compile(dialect=engine.dialect, column_keys=[column.name for column in columns])
+        self.sql = str(compiled)
+        processors = {column.name: column.type.bind_processor(engine.dialect) for column in columns}
+        # qmark drivers (sqlite3) take tuples in the statement's order; pyformat ones (psycopg) take dicts.
+        self.names: Sequence[str] = list(compiled.positiontup or ()) if compiled.positional else list(processors)
+        self.positional = compiled.positional
+        self.processors: list[tuple[str, Callable[[Any], Any] | None]] = [(n, processors[n]) for n in self.names]
+
+    def parameters(self, rows: list[UsageRow]) -> list[Any]:
+        processed = [[p(row[name]) if p else row[name] for name, p in self.processors] for row in rows]
+        if self.positional:
+            return [tuple(values) for values in processed]
+        return [dict(zip(self.names, values, strict=True)) for values in processed]
 
 
 class UsageWriter:
@@ -36,6 +61,7 @@ class UsageWriter:
         batch_size: int = 100,
     ) -> None:
         self.engine = engine
+        self.insert = UsageInsert(engine)
         self.metrics = metrics
         self.flush_interval_s = flush_interval_s
         self.batch_size = batch_size
@@ -95,4 +121,4 @@ class UsageWriter:
 
     def _write(self, batch: list[UsageRow]) -> None:
         with self.engine.begin() as connection:
-            connection.execute(insert(UsageRecord), batch)
+            connection.exec_driver_sql(self.insert.sql, self.insert.parameters(batch))
