@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from server import admin_api, openai_api, ops
-from server.middleware import make_middleware, make_shedding, stamp_response
+from server.middleware import make_middleware, stamp_response
 from server.plane import PLANE, Plane
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ async def _plane_lifetime(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(plane: Plane) -> web.Application:
     app = web.Application(
-        middlewares=[make_middleware(plane.metrics), make_shedding(plane.shedder)],
+        middlewares=[make_middleware(plane.metrics, plane.shedder)],
         # aiohttp enforces this while reading; the handlers also refuse a too-large Content-Length up front.
         client_max_size=plane.config.max_body_bytes,
     )

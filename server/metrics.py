@@ -29,7 +29,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.in_flight = Gauge("hatchway_requests_in_flight", "Requests being served now.", registry=self.registry)
+        # A plain int read when scraped: a Gauge's inc/dec take a lock twice per request.
+        self.in_flight = 0
+        Gauge("hatchway_requests_in_flight", "Requests being served now.", registry=self.registry).set_function(
+            lambda: self.in_flight
+        )
+        # The labelled children of `requests` and `latency` by (route, status), looked up once each:
+        # `labels()` builds and locks on every call.
+        self._served: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self.upstream_errors = Counter(
             "hatchway_upstream_errors",
             "Failed attempts against a target, by target and error code.",
@@ -55,6 +62,17 @@ class Metrics:
         self.usage_written = Counter(
             "hatchway_usage_rows_written", "Usage rows written to the database.", registry=self.registry
         )
+
+    def served(self, route: str, status: int, seconds: float) -> None:
+        """Count one answered request and its duration."""
+        children = self._served.get((route, status))
+        if children is None:
+            children = self._served[(route, status)] = (
+                self.requests.labels(route, str(status)),
+                self.latency.labels(route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def watch(self, shedder: LoadShedder) -> None:
         """Gauges read when scraped: the load shedder's view, and the loop's task count (a leak shows here)."""

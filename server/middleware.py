@@ -49,7 +49,10 @@ def _from_http_exception(exc: web.HTTPException) -> HatchwayError:
     return error
 
 
-def make_middleware(metrics: Metrics) -> Middleware:
+def make_middleware(metrics: Metrics, shedder: LoadShedder) -> Middleware:
+    """The one middleware: request id, load shedding of API requests (server.overload), metrics, and the
+    envelope for every error. One layer rather than several: each costs a call per request."""
+
     @web.middleware
     async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
         client_id = request.headers.get("X-Request-Id", "")
@@ -57,10 +60,19 @@ def make_middleware(metrics: Metrics) -> Middleware:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         started = time.perf_counter()
-        metrics.in_flight.inc()
+        # Health checks, metrics and the admin API are never shed: they must stay reachable under overload.
+        shed = route.startswith("/v1/")
+        metrics.in_flight += 1
         response: web.StreamResponse
         try:
-            response = await handler(request)
+            if shed:
+                shedder.admit()
+                try:
+                    response = await handler(request)
+                finally:
+                    shedder.release()
+            else:
+                response = await handler(request)
         except HatchwayError as exc:
             response = render(exc)
         except web.HTTPException as exc:
@@ -69,28 +81,11 @@ def make_middleware(metrics: Metrics) -> Middleware:
             log.exception("request %s: unhandled error", request[REQUEST_ID])
             response = render(InternalError("The plane failed to handle this request; it has been logged."))
         finally:
-            metrics.in_flight.dec()
-        metrics.requests.labels(route, str(response.status)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - started)
+            metrics.in_flight -= 1
+        metrics.served(route, response.status, time.perf_counter() - started)
         return response
 
     return envelope
-
-
-def make_shedding(shedder: LoadShedder) -> Middleware:
-    """Inside `envelope`: API requests beyond what the plane can serve get a 503 at once (server.overload)."""
-
-    @web.middleware
-    async def shed(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith("/v1/"):
-            return await handler(request)
-        shedder.admit()
-        try:
-            return await handler(request)
-        finally:
-            shedder.release()
-
-    return shed
 
 
 # x-ratelimit-* of the limits a request was admitted under, for whatever response it gets.
