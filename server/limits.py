@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -44,14 +44,14 @@ class Limits:
     usd_per_day: float | None = None
     usd_per_month: float | None = None
 
-    # Derived once, for the request path: the quotas set, as (name, unit, window, limit), and whether any
-    # limit is set at all.
-    quotas: tuple[tuple[str, str, str, float], ...] = field(default=(), init=False, repr=False, compare=False)
+    # Derived once, for the request path: the quotas set, as (index in QUOTAS, name, unit, window, limit),
+    # and whether any limit is set at all.
+    quotas: tuple[tuple[int, str, str, str, float], ...] = field(default=(), init=False, repr=False, compare=False)
     any: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        quotas = tuple((name, unit, window, getattr(self, name)) for name, unit, window in QUOTAS)
-        object.__setattr__(self, "quotas", tuple(q for q in quotas if q[3] is not None))
+        quotas = tuple((i, name, unit, window, getattr(self, name)) for i, (name, unit, window) in enumerate(QUOTAS))
+        object.__setattr__(self, "quotas", tuple(q for q in quotas if q[4] is not None))
         object.__setattr__(self, "any", any(getattr(self, name) is not None for name in LIMIT_FIELDS))
 
 
@@ -91,7 +91,7 @@ def estimate_tokens(endpoint: str, body: dict[str, Any], default_completion: int
 # -- counters ------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class Bucket:
     """`capacity` units per minute, refilled continuously. The level may go below zero when a request used
     more than it reserved: the debt is paid back by the refill before anything else gets through."""
@@ -114,35 +114,37 @@ class Bucket:
         return max(0.0, missing * 60.0 / capacity)
 
 
-@dataclass
+@dataclass(slots=True)
 class Quota:
-    """Use within one calendar window (a UTC day or month), settled and reserved."""
+    """Use within the current calendar window (a UTC day or month), settled and reserved."""
 
-    window: str = ""
     used: float = 0.0
     reserved: float = 0.0
 
-    def roll(self, window: str) -> None:
-        if window != self.window:
-            # Reservations of requests still in flight stay: they settle into the new window.
-            self.window, self.used = window, 0.0
 
-
-@dataclass
+@dataclass(slots=True)
 class ScopeState:
+    scope: str
     requests: Bucket = field(default_factory=Bucket)
     tokens: Bucket = field(default_factory=Bucket)
     in_flight: int = 0
-    # tokens_per_day, tokens_per_month, usd_per_day, usd_per_month -> counter
-    quotas: dict[str, Quota] = field(default_factory=dict)
+    # One counter per entry of QUOTAS, in that order, counting in `windows`.
+    quotas: list[Quota] = field(default_factory=lambda: [Quota() for _ in QUOTAS])
+    windows: dict[str, str] = field(default_factory=dict)
 
-    def quota(self, name: str, window: str) -> Quota:
-        quota = self.quotas.get(name)
-        if quota is None:
-            quota = self.quotas[name] = Quota(window)
-        elif quota.window != window:
-            quota.roll(window)
-        return quota
+    @property
+    def subject(self) -> str:
+        return "key" if self.scope.startswith("key:") else "org"
+
+    def roll(self, current: dict[str, str]) -> None:
+        """Move the quotas into the current windows: a day's or month's use starts again at 0 when it ends.
+        Reservations of requests still in flight stay: they settle into the new window."""
+        if current is self.windows:
+            return  # `windows()` hands out the same dict until the UTC day ends: the common case
+        for quota, (_, _, window) in zip(self.quotas, QUOTAS, strict=True):
+            if self.windows.get(window) != current[window]:
+                quota.used = 0.0
+        self.windows = current
 
 
 # The quotas, each with the unit it counts and the calendar window it resets on.
@@ -155,7 +157,7 @@ QUOTAS: tuple[tuple[str, str, str], ...] = (
 
 
 def windows(now: float) -> dict[str, str]:
-    """The UTC day and month `now` falls in, by name."""
+    """The UTC day and month `now` falls in, by name; the same dict for every call within one day."""
     global _windows
     start, end, names = _windows
     if not start <= now < end:
@@ -192,13 +194,16 @@ def format_reset(seconds: float) -> str:
 
 # -- admission -----------------------------------------------------------------------------------------
 
+# The scopes a request is charged to: each one's counters and the limits it was admitted under.
+Held = tuple[tuple[ScopeState, Limits], ...]
 
-@dataclass
+
+@dataclass(slots=True)
 class Admission:
     """A request let through: what it holds in each scope, released once by `settle`."""
 
     limiter: Limiter
-    scopes: tuple[tuple[str, Limits], ...]
+    scopes: Held
     estimate: Estimate
     # x-ratelimit-* headers describing the tightest scope after this admission.
     headers: dict[str, str]
@@ -217,25 +222,26 @@ class Limiter:
         self.clock = clock
         self.states: dict[str, ScopeState] = {}
 
-    def state(self, scope: str) -> ScopeState:
+    def state(self, scope: str, current: dict[str, str]) -> ScopeState:
+        """A scope's counters, rolled into the `current` windows."""
         state = self.states.get(scope)
         if state is None:
-            state = self.states[scope] = ScopeState()
+            state = self.states[scope] = ScopeState(scope)
+        state.roll(current)
         return state
 
     def admit(self, scopes: Iterable[tuple[str, Limits]], estimate: Estimate) -> Admission:
         """Charge the request to every scope, or raise without charging any."""
-        limited = tuple((scope, limits) for scope, limits in scopes if limits.any)
         now = self.clock()
         current = windows(now)
+        held: Held = tuple((self.state(scope, current), limits) for scope, limits in scopes if limits.any)
         try:
-            for scope, limits in limited:
-                self._check(scope, limits, estimate, now, current)
+            for state, limits in held:
+                _check(state, limits, estimate, now)
         except (RateLimitError, QuotaExceededError) as exc:
-            exc.headers = {**self.headers(limited, now), **exc.headers}
+            exc.headers = {**_headers(held, now), **exc.headers}
             raise
-        for scope, limits in limited:
-            state = self.state(scope)
+        for state, limits in held:
             state.in_flight += 1
             if limits.rpm is not None:
                 assert state.requests.level is not None  # refilled by _check
@@ -243,116 +249,123 @@ class Limiter:
             if limits.tpm is not None:
                 assert state.tokens.level is not None
                 state.tokens.level -= estimate.tokens
-            for name, unit, window, _ in limits.quotas:
-                state.quota(name, current[window]).reserved += _amount(estimate, unit)
-        return Admission(self, limited, estimate, self.headers(limited, now))
-
-    def _check(self, scope: str, limits: Limits, estimate: Estimate, now: float, current: dict[str, str]) -> None:
-        state = self.state(scope)
-        subject = "key" if scope.startswith("key:") else "org"
-        if limits.concurrency is not None and state.in_flight >= limits.concurrency:
-            raise RateLimitError(
-                f"Too many concurrent requests for this {subject}: the limit is {limits.concurrency}. "
-                "Retry when one of them has finished.",
-                headers={"Retry-After": "1"},
-            )
-        if limits.rpm is not None and state.requests.refill(limits.rpm, now) < 1:
-            wait = state.requests.seconds_until(1, limits.rpm)
-            raise RateLimitError(
-                f"Rate limit reached for this {subject}: {limits.rpm} requests per minute. Retry in {wait:.1f}s.",
-                headers=_retry_after(wait),
-            )
-        if limits.tpm is not None:
-            level = state.tokens.refill(limits.tpm, now)
-            if estimate.tokens > limits.tpm:
-                raise RateLimitError(
-                    f"This request may use up to {estimate.tokens} tokens (prompt estimate + max_tokens), more than "
-                    f"this {subject}'s limit of {limits.tpm} tokens per minute. Lower max_tokens.",
-                    code="tokens_exceed_limit",
-                    headers={"x-should-retry": "false"},
-                )
-            if level < estimate.tokens:
-                wait = state.tokens.seconds_until(estimate.tokens, limits.tpm)
-                raise RateLimitError(
-                    f"Rate limit reached for this {subject}: {limits.tpm} tokens per minute, and this request "
-                    f"may use up to {estimate.tokens}. Retry in {wait:.1f}s.",
-                    headers=_retry_after(wait),
-                )
-        for name, unit, window, limit in limits.quotas:
-            quota = state.quota(name, current[window])
-            wanted = _amount(estimate, unit)
-            if quota.used + quota.reserved + wanted > limit:
-                what = f"{limit:g} USD" if unit == "usd" else f"{limit} tokens"
-                raise QuotaExceededError(
-                    f"This {subject} has used its quota of {what} per {window} (used {quota.used:g}, "
-                    f"reserved {quota.reserved:g}, this request may need {wanted:g}). It resets at "
-                    f"{_window_end(window, now).isoformat()}."
-                )
+            for index, _, unit, _, _ in limits.quotas:
+                state.quotas[index].reserved += estimate.tokens if unit == "tokens" else estimate.usd
+        # The buckets were refilled to `now` by _check: the headers show them as charged.
+        return Admission(self, held, estimate, _headers(held, now, refill=False))
 
     def settle(self, admission: Admission, tokens: int, usd: float) -> None:
         now = self.clock()
         current = windows(now)
-        for scope, limits in admission.scopes:
-            state = self.state(scope)
+        reserved = admission.estimate
+        for state, limits in admission.scopes:
+            state.roll(current)
             state.in_flight -= 1
             if limits.tpm is not None:
-                state.tokens.refill(limits.tpm, now)
-                assert state.tokens.level is not None
-                state.tokens.level = min(float(limits.tpm), state.tokens.level + admission.estimate.tokens - tokens)
-            for name, unit, window, _ in limits.quotas:
-                quota = state.quota(name, current[window])
-                quota.reserved = max(0.0, quota.reserved - _amount(admission.estimate, unit))
-                quota.used += tokens if unit == "tokens" else usd
-
-    def headers(self, scopes: Sequence[tuple[str, Limits]], now: float) -> dict[str, str]:
-        """x-ratelimit-* for the tightest scope of each kind (fewest remaining)."""
-        headers: dict[str, str] = {}
-        # The kind names both the header and the ScopeState bucket.
-        for kind, attr in (("requests", "rpm"), ("tokens", "tpm")):
-            tightest: tuple[float, int, Bucket] | None = None
-            for scope, limits in scopes:
-                capacity = getattr(limits, attr)
-                if capacity is None:
-                    continue
-                bucket: Bucket = getattr(self.state(scope), kind)
-                level = bucket.refill(capacity, now)
-                if tightest is None or level < tightest[0]:
-                    tightest = (level, capacity, bucket)
-            if tightest is not None:
-                level, capacity, bucket = tightest
-                headers[f"x-ratelimit-limit-{kind}"] = str(capacity)
-                headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(level)))
-                headers[f"x-ratelimit-reset-{kind}"] = format_reset(bucket.seconds_until(capacity, capacity))
-        return headers
+                level = state.tokens.refill(limits.tpm, now)
+                state.tokens.level = min(float(limits.tpm), level + reserved.tokens - tokens)
+            for index, _, unit, _, _ in limits.quotas:
+                quota = state.quotas[index]
+                if unit == "tokens":
+                    quota.reserved = max(0.0, quota.reserved - reserved.tokens)
+                    quota.used += tokens
+                else:
+                    quota.reserved = max(0.0, quota.reserved - reserved.usd)
+                    quota.used += usd
 
     def seed(self, used: Mapping[tuple[str, str], tuple[float, float]]) -> None:
         """Start-up: what each scope already used this window, {(scope, "day"|"month"): (tokens, usd)}."""
         current = windows(self.clock())
         for (scope, window), (tokens, usd) in used.items():
-            state = self.state(scope)
-            for name, unit, quota_window in QUOTAS:
+            state = self.state(scope, current)
+            for quota, (_, unit, quota_window) in zip(state.quotas, QUOTAS, strict=True):
                 if quota_window == window:
-                    state.quota(name, current[window]).used = tokens if unit == "tokens" else usd
+                    quota.used = tokens if unit == "tokens" else usd
 
     def usage(self, scope: str, limits: Limits) -> dict[str, Any]:
         """The live state of a scope, for `limits show`."""
         now = self.clock()
-        current = windows(now)
-        state = self.state(scope)
+        state = self.state(scope, windows(now))
         live: dict[str, Any] = {"in_flight": state.in_flight}
         if limits.rpm is not None:
             live["requests_remaining"] = max(0, math.floor(state.requests.refill(limits.rpm, now)))
         if limits.tpm is not None:
             live["tokens_remaining"] = max(0, math.floor(state.tokens.refill(limits.tpm, now)))
-        for name, unit, window, _ in limits.quotas:
-            quota = state.quota(name, current[window])
+        for index, name, unit, _, _ in limits.quotas:
+            quota = state.quotas[index]
             live[f"{name}_used"] = round(quota.used, 6) if unit == "usd" else int(quota.used)
         return live
 
 
+def _check(state: ScopeState, limits: Limits, estimate: Estimate, now: float) -> None:
+    """Raise when the request does not fit one of the scope's limits; refills its buckets to `now`."""
+    if limits.concurrency is not None and state.in_flight >= limits.concurrency:
+        raise RateLimitError(
+            f"Too many concurrent requests for this {state.subject}: the limit is {limits.concurrency}. "
+            "Retry when one of them has finished.",
+            headers={"Retry-After": "1"},
+        )
+    if limits.rpm is not None and state.requests.refill(limits.rpm, now) < 1:
+        wait = state.requests.seconds_until(1, limits.rpm)
+        raise RateLimitError(
+            f"Rate limit reached for this {state.subject}: {limits.rpm} requests per minute. Retry in {wait:.1f}s.",
+            headers=_retry_after(wait),
+        )
+    if limits.tpm is not None:
+        level = state.tokens.refill(limits.tpm, now)
+        if estimate.tokens > limits.tpm:
+            raise RateLimitError(
+                f"This request may use up to {estimate.tokens} tokens (prompt estimate + max_tokens), more than "
+                f"this {state.subject}'s limit of {limits.tpm} tokens per minute. Lower max_tokens.",
+                code="tokens_exceed_limit",
+                headers={"x-should-retry": "false"},
+            )
+        if level < estimate.tokens:
+            wait = state.tokens.seconds_until(estimate.tokens, limits.tpm)
+            raise RateLimitError(
+                f"Rate limit reached for this {state.subject}: {limits.tpm} tokens per minute, and this request "
+                f"may use up to {estimate.tokens}. Retry in {wait:.1f}s.",
+                headers=_retry_after(wait),
+            )
+    for index, _, unit, window, limit in limits.quotas:
+        quota = state.quotas[index]
+        wanted = float(estimate.tokens) if unit == "tokens" else estimate.usd
+        if quota.used + quota.reserved + wanted > limit:
+            what = f"{limit:g} USD" if unit == "usd" else f"{limit} tokens"
+            raise QuotaExceededError(
+                f"This {state.subject} has used its quota of {what} per {window} (used {quota.used:g}, "
+                f"reserved {quota.reserved:g}, this request may need {wanted:g}). It resets at "
+                f"{_window_end(window, now).isoformat()}."
+            )
+
+
+def _headers(held: Held, now: float, *, refill: bool = True) -> dict[str, str]:
+    """x-ratelimit-* for the tightest scope of each kind (fewest remaining), refilled to `now` unless told."""
+    headers: dict[str, str] = {}
+    requests: tuple[float, int, Bucket] | None = None
+    tokens: tuple[float, int, Bucket] | None = None
+    for state, limits in held:
+        if limits.rpm is not None:
+            level = state.requests.refill(limits.rpm, now) if refill else state.requests.level or 0.0
+            if requests is None or level < requests[0]:
+                requests = (level, limits.rpm, state.requests)
+        if limits.tpm is not None:
+            level = state.tokens.refill(limits.tpm, now) if refill else state.tokens.level or 0.0
+            if tokens is None or level < tokens[0]:
+                tokens = (level, limits.tpm, state.tokens)
+    for names, tightest in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
+        if tightest is not None:
+            level, capacity, bucket = tightest
+            limit, remaining, reset = names
+            headers[limit] = str(capacity)
+            headers[remaining] = str(max(0, math.floor(level)))
+            headers[reset] = format_reset(bucket.seconds_until(capacity, capacity))
+    return headers
+
+
+_REQUEST_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
+_TOKEN_HEADERS = ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
+
+
 def _retry_after(wait_s: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(wait_s)))}
-
-
-def _amount(estimate: Estimate, unit: str) -> float:
-    return float(estimate.tokens) if unit == "tokens" else estimate.usd
