@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from server import sse
 from server.errors import (
@@ -78,6 +79,17 @@ class ProviderTarget(Target):
         self.policy = policy
         self.prefill = prefill
         self._turn = itertools.count()
+        # Built once: parsing a URL and building timeouts on every request showed in the profile.
+        self._urls: dict[str, URL] = {}
+        self._timeouts = {
+            stream: aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=policy.connect_timeout_s,
+                # Between two reads of a stream: the stall detector. For a whole answer: the header deadline.
+                sock_read=policy.idle_timeout_s if stream else policy.header_timeout_s,
+            )
+            for stream in (False, True)
+        }
 
     def __repr__(self) -> str:
         return f"ProviderTarget({self.id!r}, model={self.upstream_model!r})"
@@ -86,10 +98,11 @@ class ProviderTarget(Target):
 
     def _pick_key(self) -> tuple[str, str] | None:
         """The provider's keys in turn, skipping those resting after a 429 or 401 (unless all are)."""
-        if not self.api_keys:
-            return None
+        keys = self.api_keys
+        if len(keys) <= 1:
+            return keys[0] if keys else None
         start = next(self._turn)
-        ring = [self.api_keys[(start + i) % len(self.api_keys)] for i in range(len(self.api_keys))]
+        ring = [keys[(start + i) % len(keys)] for i in range(len(keys))]
         return next((k for k in ring if self.health.key_usable(k[0])), ring[0])
 
     def has_other_key(self, key_id: str | None) -> bool:
@@ -127,17 +140,20 @@ class ProviderTarget(Target):
         if key is not None:
             attempt.key_id = key[0]
             headers["Authorization"] = f"Bearer {key[1]}"
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=self.policy.connect_timeout_s,
-            # Between two reads of a stream: the stall detector. For a whole answer: the header deadline.
-            sock_read=self.policy.idle_timeout_s if stream else self.policy.header_timeout_s,
+        url = self._urls.get(call.endpoint)
+        if url is None:
+            url = self._urls[call.endpoint] = URL(f"{self.base_url}/{call.endpoint}")
+        request = self.pool.session.post(
+            url, data=self._body(call, stream), headers=headers, timeout=self._timeouts[stream]
         )
         try:
-            async with asyncio.timeout(self.policy.header_timeout_s):
-                response = await self.pool.session.post(
-                    f"{self.base_url}/{call.endpoint}", data=self._body(call, stream), headers=headers, timeout=timeout
-                )
+            if stream:
+                # A stream's read timeout is the idle one, so the header deadline needs its own timer; a whole
+                # answer's read timeout already is the header deadline.
+                async with asyncio.timeout(self.policy.header_timeout_s):
+                    response = await request
+            else:
+                response = await request
         except TimeoutError as exc:
             raise UpstreamTimeoutError(f"{self.id}: no response headers in time") from exc
         except aiohttp.ClientConnectorError as exc:
