@@ -299,7 +299,7 @@ class Relay:
             await response.prepare(request)
             exchange.first_byte_at = time.monotonic()
             payloads = replay_chunks(cached, chat=exchange.chat, include_usage=exchange.wants_usage)
-            await response.write(b"".join(map(sse.frame, payloads)) + sse.DONE_FRAME)
+            await response.write_eof(b"".join(map(sse.frame, payloads)) + sse.DONE_FRAME)
         except ConnectionResetError:
             status, code = CLIENT_CLOSED, "client_closed"
         except asyncio.CancelledError:
@@ -343,7 +343,7 @@ class Relay:
             exchange.first_byte_at = time.monotonic()
             while True:
                 try:
-                    await self._relay(response, exchange, opened, progress)
+                    last = await self._relay(response, exchange, opened, progress)
                     break
                 except UpstreamError as exc:
                     await opened.upstream.aclose()
@@ -353,7 +353,8 @@ class Relay:
                     log.info("request %s: rescuing a broken stream from %s", exchange.request_id, opened.target.id)
                     opened = await self._rescue(exchange, progress, failed=opened.target)
                     exchange.rescues += 1
-            await response.write(sse.DONE_FRAME)
+            # The last events, [DONE] and the end of the chunked body leave in one write.
+            await response.write_eof(last + sse.DONE_FRAME)
             if exchange.collect is not None and not exchange.rescues:
                 exchange.answer = exchange.collect.body()
         except HatchwayError as exc:
@@ -432,11 +433,12 @@ class Relay:
 
     async def _relay(
         self, response: web.StreamResponse, exchange: Exchange, opened: OpenStream, progress: StreamProgress
-    ) -> None:
+    ) -> bytes:
         """Relay the buffered chunks, then the rest; return when the answer is complete, raise when it broke.
 
         Events that arrived in one read of the upstream leave in one write (one chunk of the response, not one
-        per event); an event is never held back waiting for the upstream."""
+        per event); an event is never held back waiting for the upstream. The events of the last read are
+        returned unwritten, for the caller to send with the end of the stream."""
         frames = [f for payload, chunk in opened.buffered if (f := self._frame(exchange, progress, payload, chunk))]
         opened.buffered.clear()
         try:
@@ -446,17 +448,19 @@ class Relay:
                 item = self._prepare(exchange, opened, raw)
                 if item is not None and (frame := self._frame(exchange, progress, *item)):
                     frames.append(frame)
-                if frames and not opened.upstream.pending:
+                if frames and not opened.upstream.pending and not opened.upstream.done:
                     await self._write(response, frames)
         except UpstreamError:
             # What the client was counted as having must reach it before the stream is given up or rescued.
             await self._write(response, frames)
             raise
-        await self._write(response, frames)
         if opened.continuation is not None and not opened.continuation.passing:
+            await self._write(response, frames)
             raise UpstreamProtocolError(f"{opened.target.id}: the regenerated answer is shorter than the delivered one")
         if not (opened.upstream.done or progress.finished):
+            await self._write(response, frames)
             raise UpstreamProtocolError(f"{opened.target.id}: stream ended before the answer finished")
+        return b"".join(frames)
 
     @staticmethod
     async def _write(response: web.StreamResponse, frames: list[bytes]) -> None:
@@ -569,8 +573,14 @@ def _no_target(exchange: Exchange) -> str:
     return "cache" if exchange.cache == HIT else ""
 
 
+class _SSEResponse(web.StreamResponse):
+    # aiohttp sends a stream's headers at `prepare`, alone; buffered, they leave with the first events, one
+    # write less per stream. `prepare` is only called once the first events are in hand, so nothing waits.
+    _send_headers_immediately = False
+
+
 def _sse_response(exchange: Exchange) -> web.StreamResponse:
-    return web.StreamResponse(
+    return _SSEResponse(
         headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",

@@ -18,15 +18,8 @@ async def iter_batches(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[bytes
         buffer += chunk
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
-        batch: list[bytes] = []
-        while True:
-            end = buffer.find(b"\n\n")
-            if end < 0:
-                break
-            event, buffer = buffer[:end], buffer[end + 2 :]
-            data = _event_data(event)
-            if data is not None:
-                batch.append(data)
+        *events, buffer = buffer.split(b"\n\n")
+        batch = [data for event in events if (data := _event_data(event)) is not None]
         if batch:
             yield batch
     if buffer.strip():
@@ -36,6 +29,8 @@ async def iter_batches(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[bytes
 
 
 def _event_data(event: bytes) -> bytes | None:
+    if event.startswith(b"data: ") and b"\n" not in event:
+        return event[6:]  # the usual event: one `data:` line
     lines = [line for line in event.split(b"\n") if line.startswith(b"data:")]
     if not lines:
         return None
