@@ -52,19 +52,28 @@ class LoadShedder:
             late = max(0.0, time.monotonic() - expected)
             self.lag_s += SMOOTHING * (late - self.lag_s)
 
+    def overload(self) -> ServiceUnavailableError | None:
+        """The refusal for a new API request now, or None when the plane can take it. Also read by the acceptor
+        thread (server.acceptor): it only reads two numbers the loop writes."""
+        if self.in_flight >= self.max_in_flight:
+            return _overloaded(f"{self.in_flight} requests in flight, the most this plane takes")
+        if self.lag_limit_s > 0 and self.lag_s > self.lag_limit_s:
+            return _overloaded(f"the plane's event loop runs {self.lag_s * 1000:.0f} ms late")
+        return None
+
     def admit(self) -> None:
         """Count a request in, or raise 503 when the plane is overloaded; pair with `release`."""
-        if self.in_flight >= self.max_in_flight:
-            self._refuse(f"{self.in_flight} requests in flight, the most this plane takes")
-        if self.lag_limit_s > 0 and self.lag_s > self.lag_limit_s:
-            self._refuse(f"the plane's event loop runs {self.lag_s * 1000:.0f} ms late")
+        refusal = self.overload()
+        if refusal is not None:
+            self.on_shed()
+            raise refusal
         self.in_flight += 1
 
     def release(self) -> None:
         self.in_flight -= 1
 
-    def _refuse(self, why: str) -> None:
-        self.on_shed()
-        raise ServiceUnavailableError(
-            f"The plane is overloaded ({why}); retry shortly.", code="overloaded", headers={"Retry-After": "1"}
-        )
+
+def _overloaded(why: str) -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        f"The plane is overloaded ({why}); retry shortly.", code="overloaded", headers={"Retry-After": "1"}
+    )

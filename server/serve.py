@@ -1,8 +1,11 @@
 """Running the plane: start, wait for a signal, and shut down in named steps.
 
+Connections are accepted by a thread of their own (server.acceptor), which hands them to aiohttp on the loop,
+or refuses API requests at once while the plane is overloaded.
+
 Shutdown: stop accepting connections, let in-flight requests finish within `shutdown_grace_s`, cancel what
-is left, then flush the usage queue and close storage (aiohttp's runner does the first three in that order,
-the plane's cleanup the last).
+is left, then flush the usage queue and close storage (the acceptor stops first; aiohttp's runner does the
+next two, the plane's cleanup the last).
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import sys
 
 from aiohttp import web
 
+from server.acceptor import Acceptor, listening_socket
 from server.app import create_app
 from server.config import Config
+from server.middleware import new_request_id
 from server.plane import Plane
 
 log = logging.getLogger("hatchway")
@@ -38,6 +43,7 @@ class Server:
             handler_cancellation=True,
         )
         self.port = 0
+        self.acceptor: Acceptor | None = None
         self.should_exit = asyncio.Event()
 
     @property
@@ -49,9 +55,16 @@ class Server:
         if self.plane.generated_admin_key:
             # Printed once, on stdout, for the operator; only its hash is stored.
             print(f"Admin key (shown once, store it now): {self.plane.generated_admin_key}", flush=True)
-        site = web.TCPSite(self.runner, self.config.host, self.config.port)
-        await site.start()
-        self.port = self.runner.addresses[0][1]
+        assert self.runner.server is not None  # set up above
+        self.acceptor = Acceptor(
+            listening_socket(self.config.host, self.config.port),
+            asyncio.get_running_loop(),
+            self.runner.server,
+            self.plane.shedder,
+            new_request_id,
+        )
+        self.acceptor.start()
+        self.port = self.acceptor.port
         # Printed whatever the log level: operators and scripts (tests, bench) read the bound port from it.
         print(f"Hatchway listening on {self.url}", flush=True)
         scheme = "plaintext, loopback only" if self.config.grpc_insecure else "TLS"
@@ -63,6 +76,8 @@ class Server:
 
     async def shutdown(self) -> None:
         log.info("shutting down: draining in-flight requests for up to %.0fs", self.config.shutdown_grace_s)
+        if self.acceptor is not None:
+            self.acceptor.stop()
         await self.runner.cleanup()
 
     async def run(self) -> None:

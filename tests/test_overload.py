@@ -8,6 +8,7 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
 
 from server.config import Config
@@ -79,3 +80,38 @@ def test_a_late_event_loop_sheds_api_requests_until_it_catches_up(gateway: Gatew
         time.sleep(0.05)
     served = httpx.post(f"{gateway.plane.v1}/chat/completions", json=BODY, headers=gateway.auth(), timeout=30)
     assert served.status_code == 200
+
+
+def test_new_connections_of_an_overloaded_plane_are_refused_by_the_acceptor_without_the_loop(
+    gateway: Gateway,
+) -> None:
+    server = gateway.plane.server
+    assert server.acceptor is not None
+    server.plane.shedder.max_in_flight = 0  # overloaded until restored, whatever the loop is doing
+    # The loop is stalled for the whole refusal: only the acceptor thread can answer it.
+    gateway.plane.loop_thread.loop.call_soon_threadsafe(time.sleep, 1.0)
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as refused:
+        gateway.client(max_retries=0).chat.completions.create(**BODY)
+    assert time.monotonic() - started < 1.0
+    assert refused.value.status_code == 503
+    assert refused.value.response.headers["Retry-After"] == "1"
+    assert refused.value.response.headers["X-Request-Id"]
+    assert refused.value.body == {
+        "message": "The plane is overloaded (0 requests in flight, the most this plane takes); retry shortly.",
+        "type": "api_error",
+        "param": None,
+        "code": "overloaded",
+    }
+    assert server.acceptor.refused == 1
+    # Not an API request: handed to the loop, which answers once it is free again.
+    assert httpx.get(f"{gateway.plane.url}/healthz", timeout=30).status_code == 200
+    assert "hatchway_requests_shed_total 1.0" in httpx.get(f"{gateway.plane.url}/metrics", timeout=30).text
+    server.plane.shedder.max_in_flight = 4096
+    deadline = time.monotonic() + 30
+    while server.plane.shedder.lag_s > server.plane.shedder.lag_limit_s:  # the stall showed as loop lag
+        assert time.monotonic() < deadline, "the lag never went away"
+        time.sleep(0.05)
+    served = gateway.client().chat.completions.create(**BODY)
+    assert served.choices[0].message.content
+    assert server.acceptor.refused == 1

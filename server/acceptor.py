@@ -1,0 +1,192 @@
+"""Accepting connections off the event loop, so that overload is refused at once.
+
+An overloaded event loop runs late: a connection it accepts waits a whole loop iteration (tens of ms at
+saturation) before anything can answer it, even a refusal, and a client that opens a connection per request
+(many do) waits that long to learn it should back off. The acceptor is a thread with its own selector. It
+accepts every connection and, while the plane is not overloaded, hands it to the loop at once (aiohttp's
+protocol, exactly as if the loop had accepted it). While the plane is overloaded (server.overload), it peeks at
+each new connection's request line: an API request (`/v1/...`) gets the 503 envelope with `Retry-After` from
+this thread, without the loop; anything else (health, metrics, admin) goes to the loop as usual.
+
+Requests on connections already handed over are shed by the middleware, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from server.errors import HatchwayError
+from server.overload import LoadShedder
+
+log = logging.getLogger(__name__)
+
+BACKLOG = 1024
+# How long an overloaded plane waits for a new connection's request line before handing it to the loop anyway.
+PEEK_WAIT_S = 0.05
+PEEK_BYTES = 1024
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def refusal(error: HatchwayError, request_id: str) -> bytes:
+    """A whole HTTP/1.1 response for `error`, in the envelope `server.middleware.render` gives it."""
+    body = error.body()
+    headers = {
+        "Content-Type": "application/json",
+        "Content-Length": str(len(body)),
+        **error.headers,
+        "X-Request-Id": request_id,
+        "Connection": "close",
+    }
+    head = f"HTTP/1.1 {error.status} {http.HTTPStatus(error.status).phrase}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return head.encode("latin-1") + b"\r\n" + body
+
+
+class Acceptor:
+    def __init__(
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        shedder: LoadShedder,
+        new_request_id: Callable[[], str],
+    ) -> None:
+        self.sock = sock
+        self.loop = loop
+        self.protocol_factory = protocol_factory
+        self.shedder = shedder
+        self.new_request_id = new_request_id
+        self.refused = 0
+        self._stopping = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread = threading.Thread(target=self._run, name="hatchway-acceptor", daemon=True)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop accepting and close the listening socket; connections already handed over are the loop's."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        self._thread.join()
+        for sock in (self.sock, self._wake_r, self._wake_w):
+            sock.close()
+
+    # -- the thread -------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self.sock, selectors.EVENT_READ)
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        # Connections of an overloaded moment, waiting for their request line, with their deadline.
+        waiting: dict[socket.socket, float] = {}
+        try:
+            while not self._stopping:
+                ready = selector.select(PEEK_WAIT_S if waiting else None)
+                handover: list[socket.socket] = []
+                for key, _ in ready:
+                    if key.fileobj is self.sock:
+                        for conn in self._accept_all():
+                            if self.shedder.overload() is None:
+                                handover.append(conn)
+                            else:
+                                waiting[conn] = time.monotonic() + PEEK_WAIT_S
+                                selector.register(conn, selectors.EVENT_READ)
+                    elif key.fileobj is not self._wake_r:
+                        conn = key.fileobj  # type: ignore[assignment]
+                        selector.unregister(conn)
+                        del waiting[conn]
+                        self._triage(conn, handover)
+                now = time.monotonic()
+                for conn in [c for c, deadline in waiting.items() if deadline <= now]:
+                    selector.unregister(conn)
+                    del waiting[conn]
+                    handover.append(conn)  # a slow client: the loop deals with it as with any other
+                if handover:
+                    self.loop.call_soon_threadsafe(self._adopt, handover)
+        except Exception:
+            log.exception("the acceptor thread failed; no new connection will be accepted")
+        finally:
+            for conn in waiting:
+                conn.close()
+            selector.close()
+
+    def _accept_all(self) -> list[socket.socket]:
+        accepted: list[socket.socket] = []
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return accepted
+            except OSError as exc:  # out of file descriptors, say: the next round may do better
+                log.warning("accept failed: %s", exc)
+                return accepted
+            conn.setblocking(False)
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            accepted.append(conn)
+
+    def _triage(self, conn: socket.socket, handover: list[socket.socket]) -> None:
+        """Refuse an API request while the plane is overloaded; hand anything else to the loop."""
+        try:
+            head = conn.recv(PEEK_BYTES, socket.MSG_PEEK)
+        except OSError:
+            conn.close()
+            return
+        if not head:
+            conn.close()  # the client left already
+            return
+        target = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
+        error = self.shedder.overload() if target.startswith(b"/v1/") else None
+        if error is None:
+            handover.append(conn)
+            return
+        self.shedder.on_shed()
+        self.refused += 1
+        # Read what the client sent before answering: closing on unread data would reset the connection, and
+        # the client could lose the answer.
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+        with contextlib.suppress(OSError):
+            conn.send(refusal(error, self.new_request_id()))
+            conn.shutdown(socket.SHUT_WR)
+        conn.close()
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def _adopt(self, conns: list[socket.socket]) -> None:
+        for conn in conns:
+            if self._stopping:
+                conn.close()
+                continue
+            task = self.loop.create_task(self._connect(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self.protocol_factory, conn)
+        except OSError as exc:
+            log.debug("a connection closed before the loop took it: %s", exc)
+            conn.close()
