@@ -305,6 +305,8 @@ class _Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.waiter: asyncio.Future[tuple[int, bool]] | None = None
         self.closed = False
+        # Set when an answer said `Connection: close`: like any HTTP client, do not send on it again.
+        self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have the same methods.
@@ -339,6 +341,7 @@ class _Connection(asyncio.Protocol):
             if last < 0:
                 return None
             del self.buffer[: last + 7]
+        self.closing = b"\r\nconnection: close" in head
         return int(head[9:12]), b"\r\nretry-after:" in head
 
     async def exchange(self, request: bytes) -> tuple[int, bool]:
@@ -388,7 +391,10 @@ async def open_loop(
                     _, connection = await loop.create_connection(_Connection, host, port)
                 status, retry_after = await connection.exchange(payload)
             outcomes.append((status, time.perf_counter() - started, retry_after))
-            idle.append(connection)
+            if not connection.closing:
+                idle.append(connection)
+            elif connection.transport is not None:
+                connection.transport.close()
         except (OSError, TimeoutError, ValueError, IndexError):
             # Refused, reset, timed out, or an answer this client could not frame: a transport error either way.
             outcomes.append((0, time.perf_counter() - started, False))

@@ -22,9 +22,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import cast
 
 from server.errors import HatchwayError
-from server.overload import LoadShedder
+from server.overload import LoadShedder, overloaded
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ BACKLOG = 1024
 # How long an overloaded plane waits for a new connection's request line before handing it to the loop anyway.
 PEEK_WAIT_S = 0.05
 PEEK_BYTES = 1024
+# How long a refused connection may stay open for its client to read the answer and close.
+CLOSE_WAIT_S = 1.0
+# What a selector key of the acceptor's thread is.
+_LISTENING, _WAKE, _PEEKING, _CLOSING = "listening", "wake", "peeking", "closing"
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -75,6 +80,10 @@ class Acceptor:
         self._wake_r, self._wake_w = socket.socketpair()
         self._thread = threading.Thread(target=self._run, name="hatchway-acceptor", daemon=True)
         self._tasks: set[asyncio.Task[None]] = set()
+        # When the oldest handover the loop has not taken yet was made, and how long the last one waited: how
+        # far behind the loop is right now, before its lag watcher can tell.
+        self._handed_at: float | None = None
+        self.handover_wait_s = 0.0
 
     @property
     def port(self) -> int:
@@ -96,38 +105,56 @@ class Acceptor:
 
     def _run(self) -> None:
         selector = selectors.DefaultSelector()
-        selector.register(self.sock, selectors.EVENT_READ)
-        selector.register(self._wake_r, selectors.EVENT_READ)
-        # Connections of an overloaded moment, waiting for their request line, with their deadline.
-        waiting: dict[socket.socket, float] = {}
+        selector.register(self.sock, selectors.EVENT_READ, _LISTENING)
+        selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        # Connections this thread still holds, with their deadline: those of an overloaded moment waiting for
+        # their request line (_PEEKING), and refused ones waiting for the client to close (_CLOSING).
+        held: dict[socket.socket, float] = {}
+
+        def hold(conn: socket.socket, state: str, for_s: float) -> None:
+            held[conn] = time.monotonic() + for_s
+            selector.register(conn, selectors.EVENT_READ, state)
+
+        def release(conn: socket.socket) -> None:
+            selector.unregister(conn)
+            del held[conn]
+
         try:
             while not self._stopping:
-                ready = selector.select(PEEK_WAIT_S if waiting else None)
+                ready = selector.select(PEEK_WAIT_S if held else None)
                 handover: list[socket.socket] = []
                 for key, _ in ready:
-                    if key.fileobj is self.sock:
-                        for conn in self._accept_all():
-                            if self.shedder.overload() is None:
-                                handover.append(conn)
+                    conn = cast(socket.socket, key.fileobj)
+                    if key.data is _LISTENING:
+                        for accepted in self._accept_all():
+                            if self._overloaded():
+                                hold(accepted, _PEEKING, PEEK_WAIT_S)
                             else:
-                                waiting[conn] = time.monotonic() + PEEK_WAIT_S
-                                selector.register(conn, selectors.EVENT_READ)
-                    elif key.fileobj is not self._wake_r:
-                        conn = key.fileobj  # type: ignore[assignment]
-                        selector.unregister(conn)
-                        del waiting[conn]
-                        self._triage(conn, handover)
+                                handover.append(accepted)
+                    elif key.data is _PEEKING:
+                        release(conn)
+                        if self._triage(conn, handover):
+                            hold(conn, _CLOSING, CLOSE_WAIT_S)
+                    elif key.data is _CLOSING and not _drain(conn):
+                        release(conn)
+                        conn.close()
                 now = time.monotonic()
-                for conn in [c for c, deadline in waiting.items() if deadline <= now]:
-                    selector.unregister(conn)
-                    del waiting[conn]
-                    handover.append(conn)  # a slow client: the loop deals with it as with any other
+                for conn, deadline in list(held.items()):
+                    if deadline <= now:
+                        state = selector.get_key(conn).data
+                        release(conn)
+                        if state is _PEEKING:
+                            handover.append(conn)  # a slow client: the loop deals with it as with any other
+                        else:
+                            conn.close()
                 if handover:
-                    self.loop.call_soon_threadsafe(self._adopt, handover)
+                    if self._handed_at is None:
+                        self._handed_at = time.monotonic()
+                    self.loop.call_soon_threadsafe(self._adopt, handover, time.monotonic())
         except Exception:
             log.exception("the acceptor thread failed; no new connection will be accepted")
         finally:
-            for conn in waiting:
+            for conn in held:
                 conn.close()
             selector.close()
 
@@ -146,36 +173,57 @@ class Acceptor:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             accepted.append(conn)
 
-    def _triage(self, conn: socket.socket, handover: list[socket.socket]) -> None:
-        """Refuse an API request while the plane is overloaded; hand anything else to the loop."""
+    def _triage(self, conn: socket.socket, handover: list[socket.socket]) -> bool:
+        """Refuse an API request while the plane is overloaded (True: refused, the client is to close); hand
+        anything else to the loop."""
         try:
             head = conn.recv(PEEK_BYTES, socket.MSG_PEEK)
         except OSError:
-            conn.close()
-            return
+            head = b""
         if not head:
             conn.close()  # the client left already
-            return
+            return False
         target = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
-        error = self.shedder.overload() if target.startswith(b"/v1/") else None
+        error = self._refusal() if target.startswith(b"/v1/") else None
         if error is None:
             handover.append(conn)
-            return
+            return False
         self.shedder.on_shed()
         self.refused += 1
-        # Read what the client sent before answering: closing on unread data would reset the connection, and
-        # the client could lose the answer.
-        with contextlib.suppress(OSError):
-            while conn.recv(65536):
-                pass
-        with contextlib.suppress(OSError):
+        # Read what the client sent before answering, and let the client close first (_CLOSING): closing on
+        # unread data would reset the connection, and the client could lose the answer.
+        _drain(conn)
+        try:
             conn.send(refusal(error, self.new_request_id()))
             conn.shutdown(socket.SHUT_WR)
-        conn.close()
+        except OSError:
+            conn.close()
+            return False
+        return True
+
+    def _refusal(self) -> HatchwayError | None:
+        error = self.shedder.overload()
+        if error is None and self._loop_behind():
+            error = overloaded(f"the plane's event loop takes {self._loop_wait_s() * 1000:.0f} ms to take a connection")
+        return error
+
+    def _overloaded(self) -> bool:
+        return self.shedder.overload() is not None or self._loop_behind()
+
+    def _loop_wait_s(self) -> float:
+        handed_at = self._handed_at
+        return max(self.handover_wait_s, time.monotonic() - handed_at if handed_at is not None else 0.0)
+
+    def _loop_behind(self) -> bool:
+        """Whether a connection handed over now would wait longer than the shedder's lag limit for the loop:
+        known at once, where the lag watcher's smoothed figure tells only after a while."""
+        return self.shedder.lag_limit_s > 0 and self._loop_wait_s() > self.shedder.lag_limit_s
 
     # -- the loop ---------------------------------------------------------------------------------------
 
-    def _adopt(self, conns: list[socket.socket]) -> None:
+    def _adopt(self, conns: list[socket.socket], handed_at: float) -> None:
+        self._handed_at = None
+        self.handover_wait_s = time.monotonic() - handed_at
         for conn in conns:
             if self._stopping:
                 conn.close()
@@ -190,3 +238,15 @@ class Acceptor:
         except OSError as exc:
             log.debug("a connection closed before the loop took it: %s", exc)
             conn.close()
+
+
+def _drain(conn: socket.socket) -> bool:
+    """Read whatever the client sent; False once it has closed (or the connection broke)."""
+    try:
+        while conn.recv(65536):
+            pass
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+    return False

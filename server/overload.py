@@ -56,9 +56,9 @@ class LoadShedder:
         """The refusal for a new API request now, or None when the plane can take it. Also read by the acceptor
         thread (server.acceptor): it only reads two numbers the loop writes."""
         if self.in_flight >= self.max_in_flight:
-            return _overloaded(f"{self.in_flight} requests in flight, the most this plane takes")
+            return overloaded(f"{self.in_flight} requests in flight, the most this plane takes")
         if self.lag_limit_s > 0 and self.lag_s > self.lag_limit_s:
-            return _overloaded(f"the plane's event loop runs {self.lag_s * 1000:.0f} ms late")
+            return overloaded(f"the plane's event loop runs {self.lag_s * 1000:.0f} ms late")
         return None
 
     def admit(self) -> None:
@@ -73,7 +73,7 @@ class LoadShedder:
         self.in_flight -= 1
 
 
-def _overloaded(why: str) -> ServiceUnavailableError:
+def overloaded(why: str) -> ServiceUnavailableError:
     return ServiceUnavailableError(
         f"The plane is overloaded ({why}); retry shortly.", code="overloaded", headers={"Retry-After": "1"}
     )
