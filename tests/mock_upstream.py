@@ -186,6 +186,8 @@ class MockUpstream:
         # A long-running upstream process turns recording off so it does not keep every request in memory.
         self.record = True
         self.requests: list[RecordedRequest] = []
+        # Added to every answer (a CDN's Set-Cookie, say).
+        self.response_headers: dict[str, str] = {}
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self._host = "127.0.0.1"
@@ -251,6 +253,7 @@ class MockUpstream:
         async def admitted(request: web.Request) -> web.StreamResponse:
             try:
                 response = await self._respond(request, handler)
+                response.headers.update(self.response_headers)
                 # Sent here rather than by aiohttp after we return, so ``completed`` means the bytes went out.
                 await response.prepare(request)
                 await response.write_eof()

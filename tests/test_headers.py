@@ -51,3 +51,14 @@ def test_unpriced_target_sends_no_cost_header(gateway: Gateway) -> None:
     response = httpx.post(f"{gateway.plane.v1}/chat/completions", json=body, headers=gateway.auth())
     assert response.status_code == 200
     assert "x-hatchway-cost-usd" not in response.headers
+
+
+def test_cookies_an_upstream_sets_never_travel_with_a_later_request(gateway: Gateway) -> None:
+    # By name, not by IP: a cookie jar keeps no cookies from IP addresses, so only a named host can show a leak.
+    base_url = gateway.upstream.url.replace("127.0.0.1", "localhost")
+    gateway.plane.add_provider("named", gateway.upstream, base_url=base_url, models=["named-model"])
+    gateway.upstream.response_headers = {"Set-Cookie": "__cf_bm=tenant-a; Path=/"}
+    for _ in range(2):
+        body = {**BODY, "model": "named-model"}
+        assert httpx.post(f"{gateway.plane.v1}/chat/completions", json=body, headers=gateway.auth()).is_success
+    assert gateway.upstream.requests[-1].headers.get("Cookie") is None

@@ -39,6 +39,9 @@ class UpstreamPool:
                 # Per-request deadlines come from each target's policy; the session has none of its own.
                 timeout=aiohttp.ClientTimeout(total=None),
                 skip_auto_headers=("User-Agent",),
+                # Cookies an upstream sets (a CDN's, say) must never travel with another tenant's request; and
+                # a jar costs a lookup and an update on every request.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
