@@ -3,7 +3,8 @@
 `Agent.run` dials out (nodes need no inbound port), authenticates with the node credential, says Hello with its
 hardware and models, then serves the jobs the plane sends until the stream drops; it reconnects with exponential
 backoff (1 s to 60 s, with jitter) and registers again. Tokens go back in batches: the first at once, then every
-`token_batch_ms` or `token_batch_max` tokens, whichever comes first.
+`token_batch_ms` or `token_batch_max` tokens, whichever comes first. The engine forms the batches (see
+`agent.engine.Job`), so that the tokens inside a batch do not each wake the event loop; each becomes one TokenBatch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import ssl
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 from cryptography import x509
@@ -131,36 +131,6 @@ def hardware_message(hardware: Hardware) -> pb.Hardware:
 # -- the session ------------------------------------------------------------------------------------------
 
 
-class TokenBatcher:
-    """Coalesces generated text into TokenBatch messages: the first token at once, then batches."""
-
-    def __init__(self, job_id: str, send: Any, batch_ms: int, batch_max: int) -> None:
-        self.job_id = job_id
-        self.send = send
-        self.batch_s = batch_ms / 1000
-        self.batch_max = batch_max
-        self.text: list[str] = []
-        self.sent_any = False
-        self._timer: asyncio.TimerHandle | None = None
-
-    def add(self, piece: str) -> None:
-        self.text.append(piece)
-        if not self.sent_any or len(self.text) >= self.batch_max:
-            self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.batch_s, self.flush)
-
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self.text:
-            batch = pb.TokenBatch(text="".join(self.text), tokens=len(self.text))
-            self.send(pb.AgentMessage(job=pb.JobEvent(job_id=self.job_id, tokens=batch)))
-            self.text.clear()
-            self.sent_any = True
-
-
 class Agent:
     def __init__(
         self,
@@ -177,7 +147,7 @@ class Agent:
         self.draining = False
         self.hardware = collect()
         self._jobs: dict[str, tuple[asyncio.Task[None], threading.Event]] = {}
-        self._outbox: asyncio.Queue[pb.AgentMessage | None] | None = None
+        self._outbox: asyncio.Queue[_Outgoing | None] | None = None
         self._status_version = 0
         self._heartbeat_s = 5.0
         self._batch_ms = 30
@@ -218,9 +188,9 @@ class Agent:
             backoff = min(BACKOFF_MAX_S, backoff * 2)
 
     async def _session(self) -> None:
-        outbox: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
+        outbox: asyncio.Queue[_Outgoing | None] = asyncio.Queue()
         self._outbox = outbox
-        outbox.put_nowait(pb.AgentMessage(hello=self._hello()))
+        self._send(pb.AgentMessage(hello=self._hello()))
         metadata = ((AUTHORIZATION, f"Bearer {self.config.credential}"),)
         async with open_channel(self.config.plane, self.config.ca_pem, self.config.insecure) as channel:
             call = node_pb2_grpc.NodeServiceStub(channel).Connect(_drain_queue(outbox), metadata=metadata)
@@ -233,9 +203,12 @@ class Agent:
                 self.connected.clear()
                 self._outbox = None
 
-    def _send(self, message: pb.AgentMessage) -> None:
+    def _send(self, message: pb.AgentMessage, written: threading.Event | None = None) -> None:
+        """Queue `message` for the plane; `written` is set once gRPC has written it (or it never will be)."""
         if self._outbox is not None:
-            self._outbox.put_nowait(message)
+            self._outbox.put_nowait((message, written))
+        elif written is not None:
+            written.set()
 
     def _handle(self, message: pb.PlaneMessage) -> None:
         kind = message.WhichOneof("kind")
@@ -281,11 +254,14 @@ class Agent:
         cancel = threading.Event()
         task = asyncio.create_task(self._run_job(request, cancel), name=f"job-{request.job_id}")
         self._jobs[request.job_id] = (task, cancel)
-        self._send_status()
 
     async def _run_job(self, request: pb.JobRequest, cancel: threading.Event) -> None:
+        # The Status that shows this job's slot busy follows its first batch instead of preceding its start: the
+        # plane counts its slots itself, and the first token should not wait behind a report, nor llama.cpp's first
+        # decode share the CPU with the plane reading one.
         job_id = request.job_id
-        batcher = TokenBatcher(job_id, self._send, self._batch_ms, self._batch_max)
+        reported = False
+        first_sent = threading.Event()
         try:
             if self.draining or self.paused:
                 raise EngineError("busy", "this node is not taking jobs right now")
@@ -293,11 +269,25 @@ class Agent:
                 body = json.loads(request.body)
             except ValueError as exc:
                 raise EngineError("invalid_request", f"job body is not JSON: {exc}") from exc
-            async for event in self.engine.generate(Job(request.endpoint, body, cancel)):
+            job = Job(
+                request.endpoint,
+                body,
+                cancel,
+                batch_s=self._batch_ms / 1000,
+                batch_max=self._batch_max,
+                first_sent=first_sent,
+            )
+            async for event in self.engine.generate(job):
                 if isinstance(event, Text):
-                    batcher.add(event.text)
+                    batch = pb.TokenBatch(text=event.text, tokens=event.pieces)
+                    message = pb.AgentMessage(job=pb.JobEvent(job_id=job_id, tokens=batch))
+                    if reported:
+                        self._send(message)
+                    else:
+                        self._send(message, first_sent)  # the engine holds the next token until it is written
+                        self._send_status()
+                        reported = True
                 elif isinstance(event, End):
-                    batcher.flush()
                     end = pb.JobEnd(
                         finish_reason="cancelled" if cancel.is_set() else event.finish_reason,
                         prompt_tokens=event.prompt_tokens,
@@ -313,7 +303,6 @@ class Agent:
                     )
                     self._send(pb.AgentMessage(job=pb.JobEvent(job_id=job_id, end=end)))
         except EngineError as exc:
-            batcher.flush()
             error = pb.JobError(code=exc.code, message=exc.message)
             self._send(pb.AgentMessage(job=pb.JobEvent(job_id=job_id, error=error)))
         except Exception as exc:
@@ -321,6 +310,7 @@ class Agent:
             error = pb.JobError(code="internal", message=f"{type(exc).__name__}: {exc}")
             self._send(pb.AgentMessage(job=pb.JobEvent(job_id=job_id, error=error)))
         finally:
+            first_sent.set()
             self._jobs.pop(job_id, None)
             self._send_status()
 
@@ -390,7 +380,16 @@ class Agent:
         self._send(pb.AgentMessage(status=status))
 
 
-async def _drain_queue(queue: asyncio.Queue[pb.AgentMessage | None]) -> AsyncIterator[pb.AgentMessage]:
-    """The session's outgoing messages; None ends them, which half-closes the stream once all were sent."""
-    while (message := await queue.get()) is not None:
+_Outgoing = tuple[pb.AgentMessage, threading.Event | None]  # a message, and what to set once it is written
+
+
+async def _drain_queue(queue: asyncio.Queue[_Outgoing | None]) -> AsyncIterator[pb.AgentMessage]:
+    """The session's outgoing messages; None ends them, which half-closes the stream once all were sent.
+
+    gRPC asks for the next message once it has written the last one, so that is when the last one's event is set;
+    a stream that ends leaves the events of unsent messages unset (the job's own `finally` sets them)."""
+    while (item := await queue.get()) is not None:
+        message, written = item
         yield message
+        if written is not None:
+            written.set()

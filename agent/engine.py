@@ -8,9 +8,14 @@ Usage:
         ...  # Text pieces, then one End; or one Result for embeddings
     await engine.close()
 
-A job borrows a free slot (never waits for one), runs llama.cpp in its own worker thread and hands events to the
-event loop. The slot goes back when that thread is done with it, whether the job finished, failed, was cancelled
-through `Job.cancel`, or its consumer walked away.
+A job borrows a free slot (never waits for one) and runs llama.cpp on a worker thread, which hands events to the event
+loop. The slot goes back when that thread is done with it, whether the job finished, failed, was cancelled through
+`Job.cancel`, or its consumer walked away. Worker threads outlive their jobs, so that llama.cpp's OpenMP team is not
+started anew before every first token (see `_Workers`).
+
+Generated text reaches the event loop in batches (`Job.batch_s`, `Job.batch_max`): the first piece at once, then
+what accumulated, so that a steady generation wakes the loop about twice per batch (its first piece, its deadline)
+rather than once per token; on a machine whose cores llama.cpp keeps busy, every wake-up is taken from its threads.
 
 Errors (`code` travels to the plane):
 
@@ -32,8 +37,10 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import queue
 import secrets
 import threading
+import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +62,12 @@ EMBEDDINGS = "embeddings"
 
 # llama.cpp reads this seed as "pick one at random", so a client seed must never map onto it.
 _RANDOM_SEED = 0xFFFFFFFF
+# How long a worker thread that is not the last one to go idle waits for another job before it ends (see _Workers).
+WORKER_LINGER_S = 5.0
+# A batch whose deadline is this close is handed over rather than waited for: timers are not that precise.
+_TIMER_SLACK_S = 0.001
+# The longest generation waits for the first token to leave (Job.first_sent).
+FIRST_HOLD_S = 0.02
 
 
 class EngineError(Exception):
@@ -104,16 +117,29 @@ class Job:
     """One request: `endpoint` is "chat/completions", "completions" or "embeddings"; `body` the OpenAI body.
 
     Setting `cancel` (from any thread) stops generation before the next token.
+
+    Text is handed over in batches: the first piece at once; after that, what accumulated every `batch_s` seconds,
+    or as soon as `batch_max` pieces wait. With the defaults every piece is its own Text.
+
+    `first_sent`, when given, holds generation after the first piece until it is set (or FIRST_HOLD_S passed): the
+    consumer sets it once the first text is on its way. llama.cpp's threads take every core they are given, and the
+    first token would otherwise leave while the next one is computed, waiting for a core at each step of its way.
     """
 
     endpoint: str
     body: dict[str, Any]
     cancel: threading.Event = field(default_factory=threading.Event)
+    batch_s: float = 0.0
+    batch_max: int = 1
+    first_sent: threading.Event | None = None
 
 
 @dataclass(frozen=True)
 class Text:
+    """Generated text: `pieces` is how many generated pieces (one per token, as llama-cpp-python streams) it joins."""
+
     text: str
+    pieces: int = 1
 
 
 @dataclass(frozen=True)
@@ -177,7 +203,8 @@ class Engine:
     def __init__(self, models: Sequence[ModelConfig]) -> None:
         self._configs = list(models)
         self._models: dict[str, _Model] = {}
-        self._running: dict[threading.Thread, _Channel] = {}
+        self._running: set[_Channel] = set()
+        self._workers = _Workers("hatchway-llama")
         self.issues: list[Issue] = []
 
     async def start(self) -> None:
@@ -192,12 +219,10 @@ class Engine:
                 self._models[config.name] = model
 
     async def close(self) -> None:
-        """Stop every running job, wait for its thread, then free the models."""
-        running = list(self._running.items())
-        for _, channel in running:
+        """Stop every running job, wait for the worker threads to finish, then free the models."""
+        for channel in list(self._running):
             channel.abandoned.set()
-        for thread, _ in running:
-            await asyncio.to_thread(thread.join)
+        await asyncio.to_thread(self._workers.close)
         for model in self._models.values():
             model.slots.close()
         self._models.clear()
@@ -216,18 +241,15 @@ class Engine:
         """
         model = self._find(job.body)
         work = model.prepare(job.endpoint, job.body)
-        channel = _Channel(asyncio.get_running_loop(), job.cancel)
+        channel = _Channel(asyncio.get_running_loop(), job.cancel, job.batch_s, job.batch_max, job.first_sent)
         llama = model.slots.acquire()
         if llama is None:
             raise Busy(f"all {model.slots.total} slots of model {model.config.name} are busy")
-        thread = threading.Thread(
-            target=self._work, args=(model.slots, llama, work, channel), name=f"hatchway-{model.config.name}"
-        )
-        self._running[thread] = channel
+        self._running.add(channel)
         try:
-            thread.start()
+            self._workers.run(functools.partial(self._work, model.slots, llama, work, channel))
         except RuntimeError:
-            del self._running[thread]
+            self._running.discard(channel)
             model.slots.release(llama)
             raise
         finished = False
@@ -245,8 +267,9 @@ class Engine:
                 while await channel.queue.get() is not None:
                     pass
 
-    def _work(self, slots: _Slots, llama: Llama, work: _Work, channel: _Channel) -> None:
-        """The worker thread: run the job, give the slot back, then report, so a reported end means a free slot."""
+    def _work(self, slots: _Slots, llama: Llama, work: _Work, channel: _Channel) -> Callable[[], None]:
+        """On a worker thread: run the job and give the slot back; returns the report of its end, which the thread
+        sends once it is free for the next job too, so that a reported end means a free slot and a free thread."""
         outcome: Event | EngineError
         try:
             try:
@@ -258,9 +281,8 @@ class Engine:
         except Exception as exc:
             logger.exception("llama.cpp failed on a job")
             outcome = GenerationFailed(f"llama.cpp failed: {exc}")
-        channel.send(outcome)
-        channel.send(None)
-        self._running.pop(threading.current_thread(), None)
+        self._running.discard(channel)
+        return functools.partial(_report, channel, outcome)
 
     def _find(self, body: Mapping[str, Any]) -> _Model:
         name = body.get("model")
@@ -307,27 +329,190 @@ class Engine:
         self.issues.append(issue)
 
 
+def _report(channel: _Channel, outcome: Event | EngineError) -> None:
+    channel.send(outcome)
+    channel.send(None)
+
+
 # --- slots and the worker's link to the event loop --------------------------------------------------------------
 
 _Item = Text | End | Result | EngineError | None  # None: the worker thread is done
 
 
 class _Channel:
-    """One job's link between its worker thread and the event loop."""
+    """One job's link between its worker thread and the event loop: events for the consumer arrive on `queue`.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, cancel: threading.Event) -> None:
+    The worker thread adds generated text with `text()` and ends with `send()`. Text is batched as `Job` describes:
+    the first piece at once, later ones once the oldest waiting piece is `batch_s` old or `batch_max` pieces wait.
+    The worker wakes the loop only for the first piece of a batch (the loop then sets a timer for its deadline) or a
+    full one; the pieces between go by without a wake-up, where a wake-up per token took CPU from llama.cpp.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        cancel: threading.Event,
+        batch_s: float = 0.0,
+        batch_max: int = 1,
+        first_sent: threading.Event | None = None,
+    ) -> None:
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.cancel = cancel
         self.abandoned = threading.Event()
         self._loop = loop
+        self._batch_s = max(0.0, batch_s)
+        self._batch_max = max(1, batch_max)
+        self._first_sent = first_sent  # the worker's alone: cleared once waited for
+        self._lock = threading.Lock()  # guards what the worker thread and the loop share: the three below
+        self._pieces: list[str] = []
+        self._oldest = 0.0  # when the first of _pieces came (time.monotonic)
+        self._due = False  # the loop will look at _pieces without being woken: a wake-up is queued or a timer set
+        self._sent_any = False  # the loop's alone, like _timer
+        self._timer: asyncio.TimerHandle | None = None
 
     def should_stop(self) -> bool:
         return self.cancel.is_set() or self.abandoned.is_set()
 
+    def text(self, piece: str) -> None:
+        """From the worker thread: generated text, handed over with the batch it falls in."""
+        with self._lock:
+            if not self._pieces:
+                self._oldest = time.monotonic()
+            self._pieces.append(piece)
+            wake = not self._due or len(self._pieces) >= self._batch_max
+            self._due = True
+        if wake:
+            self._call(self._look)
+        if self._first_sent is not None:
+            self._first_sent.wait(FIRST_HOLD_S)
+            self._first_sent = None
+
     def send(self, item: _Item) -> None:
+        """From the worker thread: the job's last events (its outcome, then None), after any text still waiting."""
+        self._call(self._finish, item)
+
+    def _look(self) -> None:
+        """On the loop: hand the waiting pieces over if their batch is complete, else look again at its deadline."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        wait = 0.0
+        with self._lock:
+            pieces = self._pieces
+            if pieces and self._sent_any and len(pieces) < self._batch_max:
+                wait = self._oldest + self._batch_s - time.monotonic()
+            if wait > _TIMER_SLACK_S:
+                self._due = True
+            else:
+                self._pieces, self._due = [], False
+        if wait > _TIMER_SLACK_S:
+            self._timer = self._loop.call_later(wait, self._look)
+        elif pieces:
+            self._sent_any = True
+            self.queue.put_nowait(Text("".join(pieces), len(pieces)))
+
+    def _finish(self, item: _Item) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        with self._lock:
+            pieces, self._pieces = self._pieces, []
+            self._due = True  # nothing more is coming
+        if pieces:
+            self.queue.put_nowait(Text("".join(pieces), len(pieces)))
+        self.queue.put_nowait(item)
+
+    def _call(self, callback: Callable[..., None], *args: Any) -> None:
         # RuntimeError: the loop closed under an abandoned job, and nobody is left to tell.
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(callback, *args)
+
+
+_Task = Callable[[], Callable[[], None]]  # a job for a worker thread: returns the report of its end
+
+
+class _Workers:
+    """The threads that run jobs, shared by every slot of every model: a job borrows a slot's llama.cpp context and
+    one of these threads.
+
+    llama.cpp's CPU backend runs on OpenMP, whose worker team belongs to the thread that calls it. A thread that
+    lives on keeps its team: a new thread per job also started a team at every first decode, some milliseconds
+    before the first token. But every idle team still counts for libgomp: once teams hold more threads than there
+    are CPUs, it stops spinning between steps and each decode gets several times slower. So a job runs on the thread
+    that went idle last (a steady stream of jobs keeps reusing one), a thread starts only for a job that finds none
+    idle, and an idle thread ends after `linger_s` unless it is the one that went idle last.
+    """
+
+    def __init__(self, name: str, linger_s: float = WORKER_LINGER_S) -> None:
+        self._name = name
+        self._linger_s = linger_s
+        self._lock = threading.Lock()
+        self._idle: list[_Worker] = []  # the one that went idle last at the end
+        self._all: set[_Worker] = set()
+        self._started = 0
+        self._closed = False
+
+    def run(self, work: _Task) -> None:
+        """Hand `work` to an idle thread, or to a new one; raises RuntimeError when no thread can start.
+
+        `work` returns a report to make once the thread counts as idle again, so that whoever hears it and hands over
+        the next job at once finds the thread idle rather than start another."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            if self._idle:
+                self._idle.pop().inbox.put(work)
+                return
+            self._started += 1
+            worker = _Worker(self._serve, f"{self._name}-{self._started}")
+            self._all.add(worker)
+        worker.inbox.put(work)
+        try:
+            worker.thread.start()
+        except RuntimeError:
+            with self._lock:
+                self._all.discard(worker)
+            raise
+
+    def close(self) -> None:
+        """Let every thread finish the job it runs, if any, and end. Blocks."""
+        with self._lock:
+            self._closed = True
+            workers = list(self._all)
+            self._all.clear()
+            self._idle.clear()
+        for worker in workers:
+            worker.inbox.put(None)
+        for worker in workers:
+            worker.thread.join()
+
+    def _serve(self, worker: _Worker) -> None:
+        work = worker.inbox.get()
+        while work is not None:
+            report = work()
+            with self._lock:
+                self._idle.append(worker)
+            report()
+            work = self._next(worker)
+
+    def _next(self, worker: _Worker) -> _Task | None:
+        while True:
+            try:
+                return worker.inbox.get(timeout=self._linger_s)
+            except queue.Empty:
+                with self._lock:
+                    # Not idle any more: a job is on its way. Idle last: stay for the next job.
+                    if worker in self._idle and self._idle[-1] is not worker:
+                        self._idle.remove(worker)
+                        self._all.discard(worker)
+                        return None
+
+
+class _Worker:
+    def __init__(self, serve: Callable[[_Worker], None], name: str) -> None:
+        self.inbox: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
+        # A daemon, so that an engine nobody closed does not keep the process alive; Engine.close ends it properly.
+        self.thread = threading.Thread(target=serve, args=(self,), name=name, daemon=True)
 
 
 class _Slots:
@@ -658,14 +843,14 @@ def _complete(llama: Llama, channel: _Channel, *, prompt: str | list[int], add_b
             choice = chunk["choices"][0]
             text, matched = scanner.feed(choice["text"])
             if text:
-                channel.send(Text(text))
+                channel.text(text)
             if matched or channel.should_stop():
                 finish, interrupted = ("stop" if matched else "cancelled"), True
                 break
             finish = choice["finish_reason"] or finish
         else:
             if tail := scanner.flush():
-                channel.send(Text(tail))
+                channel.text(tail)
     finally:
         _close(stream)
     # llama.cpp has evaluated every sampled token except the last one, which it evaluates only to sample the next;

@@ -8,7 +8,8 @@
    so both sides get the same threads on the same cores. Rounds alternate which side goes first; the added
    TTFT and the tokens/s ratio are taken per round, then summarised. Every round sends the same prompt, so
    both sides reuse llama.cpp's cached prefix: TTFT is one decode step plus whatever lies between the client
-   and llama.cpp.
+   and llama.cpp. The direct side calls llama.cpp from one thread throughout, as the agent does (see DirectModel:
+   OpenMP teams on two threads made some direct rounds three times slower).
 2. The plane's relay of token batches alone: a fake agent (bench/fake_agent.py) enrolls and connects over gRPC
    with TLS like the real one, and answers every job with one-token `TokenBatch` messages and a `JobEnd`.
    Messages/s are counted on the HTTP client side (gRPC in, SSE out) for 1 and 16 concurrent streams; every
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import importlib.util
 import sys
@@ -212,7 +214,13 @@ def start_agent(stack: contextlib.ExitStack, workdir: Path, config: Path, settin
 
 class DirectModel:
     """The in-process llama.cpp model. Generation runs in a worker thread, which a cancelled await leaves running:
-    closing stops it between two tokens and waits for it, since freeing the model under it crashes the process."""
+    closing stops it between two tokens and waits for it, since freeing the model under it crashes the process.
+
+    Always the same thread (`run`), as a program that calls llama-cpp-python directly would: llama.cpp's CPU
+    backend runs on OpenMP, whose worker team belongs to the calling thread, and with two teams alive in the process
+    holding more threads than there are CPUs, libgomp stops spinning between steps and every decode takes about
+    three times as long. `asyncio.to_thread` now and then hands a call to a second pool thread (when the first has
+    not yet marked itself idle), which left some rounds' direct side at a third of its speed."""
 
     def __init__(self, path: Path, threads: int) -> None:
         from llama_cpp import Llama  # here, so --skip-llama never loads the shared library
@@ -223,6 +231,11 @@ class DirectModel:
         )
         self._busy = threading.Lock()
         self._stop = threading.Event()
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="direct-llama")
+
+    async def run(self, max_tokens: int) -> Generation:
+        """`generate` on the model's own thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self.generate, max_tokens)
 
     def generate(self, max_tokens: int) -> Generation:
         with self._busy:
@@ -274,6 +287,7 @@ class DirectModel:
         self._stop.set()
         with self._busy:
             self.llama.close()
+        self._thread.shutdown(wait=False)
 
 
 async def hatchway_generation(session: aiohttp.ClientSession, plane: Plane, key: str, max_tokens: int) -> Generation:
@@ -338,7 +352,7 @@ async def measure_llama(
     session: aiohttp.ClientSession, plane: Plane, key: str, model: DirectModel, settings: Settings
 ) -> tuple[list[Generation], list[Generation]]:
     async def direct() -> Generation:
-        return await asyncio.to_thread(model.generate, settings.max_tokens)
+        return await model.run(settings.max_tokens)
 
     async def hatchway() -> Generation:
         return await hatchway_generation(session, plane, key, settings.max_tokens)

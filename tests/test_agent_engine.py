@@ -6,7 +6,8 @@ import asyncio
 import base64
 import importlib.util
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,70 @@ async def test_stop_sequence_ends_the_text_before_it(engine: Engine) -> None:
     text, end = await run(engine, CHAT, messages=messages, temperature=0, max_tokens=40, stop=[". 3", "never"])
     assert text == full[: full.index(". 3")]
     assert end.finish_reason == "stop"
+
+
+async def test_text_comes_in_batches_after_the_first_piece(engine: Engine) -> None:
+    body = {"model": "smol", "prompt": "1, 2, 3, 4, 5,", "temperature": 0, "max_tokens": 30}
+    single = [event async for event in engine.generate(Job(COMPLETIONS, body))]
+    # A deadline no generation here reaches: only a full batch, and the end, hand text over.
+    batched = [event async for event in engine.generate(Job(COMPLETIONS, body, batch_s=60, batch_max=4))]
+    pieces = [event for event in single if isinstance(event, Text)]
+    batches = [event for event in batched if isinstance(event, Text)]
+    assert "".join(b.text for b in batches) == "".join(p.text for p in pieces)
+    assert sum(b.pieces for b in batches) == sum(p.pieces for p in pieces) > 8
+    assert batches[0].pieces == 1
+    assert all(b.pieces >= 4 for b in batches[1:-1])
+    assert batched[-1] == single[-1]
+    assert busy_slots(engine) == 0
+
+
+async def test_jobs_one_after_another_run_on_one_thread(engine: Engine) -> None:
+    # llama.cpp's OpenMP team belongs to the thread that calls it: a thread per job started a team per job.
+    def workers() -> set[int | None]:
+        return {thread.ident for thread in threading.enumerate() if thread.name.startswith("hatchway-llama")}
+
+    await run(engine, COMPLETIONS, prompt="1, 2, 3,", temperature=0, max_tokens=2)
+    before = workers()
+    for _ in range(3):
+        await run(engine, COMPLETIONS, prompt="1, 2, 3,", temperature=0, max_tokens=2)
+    assert workers() == before and len(before) == 1
+
+
+def test_idle_worker_threads_end_but_the_last_one_to_go_idle() -> None:
+    from agent.engine import _Workers
+
+    def alive() -> int:
+        return sum(thread.name.startswith("test-workers") for thread in threading.enumerate())
+
+    workers = _Workers("test-workers", linger_s=0.05)
+    release, done = threading.Event(), threading.Semaphore(0)
+
+    def job() -> Callable[[], None]:
+        release.wait(5)
+        return done.release
+
+    workers.run(job)
+    workers.run(job)  # the first is still busy: a second thread
+    assert alive() == 2
+    release.set()
+    assert done.acquire(timeout=5) and done.acquire(timeout=5)
+    deadline = time.monotonic() + 5
+    while alive() > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert alive() == 1  # the other outlived its linger
+    workers.run(job)
+    assert done.acquire(timeout=5) and alive() == 1
+    workers.close()
+    assert alive() == 0
+
+
+async def test_generation_waits_for_the_first_text_to_leave_but_not_forever(engine: Engine) -> None:
+    body = {"model": "smol", "prompt": "1, 2, 3, 4, 5,", "temperature": 0, "max_tokens": 8}
+    plain = [event async for event in engine.generate(Job(COMPLETIONS, body))]
+    # Nobody sets first_sent here: the hold ends on its own, and nothing else changes.
+    held = [event async for event in engine.generate(Job(COMPLETIONS, body, first_sent=threading.Event()))]
+    assert [e.text for e in held if isinstance(e, Text)] and held[-1] == plain[-1]
+    assert "".join(e.text for e in held if isinstance(e, Text)) == "".join(e.text for e in plain if isinstance(e, Text))
 
 
 class CancelAfterChecks(threading.Event):

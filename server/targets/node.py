@@ -115,13 +115,16 @@ class NodeStream(TargetStream):
             if kind == "tokens":
                 piece = {"content": event.tokens.text} if chat else None
                 choice = {"index": 0, "delta": piece} if chat else {"index": 0, "text": event.tokens.text}
+                # Events that came in behind this one (the last batch and the end, typically) leave in one write.
+                self.pending = self.job.events.qsize()
                 yield _chunk(base, {**choice, "finish_reason": None, "logprobs": None})
             elif kind == "end":
                 end = event.end
                 finish = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
+                self.pending = 1
                 yield _chunk(base, {**finish, "finish_reason": end.finish_reason, "logprobs": None})
+                self.pending, self.done = 0, True
                 yield orjson.dumps({**base, "choices": [], "usage": _usage(end)})
-                self.done = True
                 return
             else:
                 raise _error(self.job, event.error)
