@@ -393,9 +393,7 @@ class _Channel:
 
     def _look(self) -> None:
         """On the loop: hand the waiting pieces over if their batch is complete, else look again at its deadline."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._stop_timer()
         wait = 0.0
         with self._lock:
             pieces = self._pieces
@@ -408,19 +406,25 @@ class _Channel:
         if wait > _TIMER_SLACK_S:
             self._timer = self._loop.call_later(wait, self._look)
         elif pieces:
-            self._sent_any = True
-            self.queue.put_nowait(Text("".join(pieces), len(pieces)))
+            self._hand_over(pieces)
 
     def _finish(self, item: _Item) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._stop_timer()
         with self._lock:
             pieces, self._pieces = self._pieces, []
             self._due = True  # nothing more is coming
         if pieces:
-            self.queue.put_nowait(Text("".join(pieces), len(pieces)))
+            self._hand_over(pieces)
         self.queue.put_nowait(item)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _hand_over(self, pieces: list[str]) -> None:
+        self._sent_any = True
+        self.queue.put_nowait(Text("".join(pieces), len(pieces)))
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
         # RuntimeError: the loop closed under an abandoned job, and nobody is left to tell.

@@ -127,7 +127,7 @@ class Acceptor:
                     conn = cast(socket.socket, key.fileobj)
                     if key.data is _LISTENING:
                         for accepted in self._accept_all():
-                            if self._overloaded():
+                            if self._refusal() is not None:
                                 hold(accepted, _PEEKING, PEEK_WAIT_S)
                             else:
                                 handover.append(accepted)
@@ -202,13 +202,11 @@ class Acceptor:
         return True
 
     def _refusal(self) -> HatchwayError | None:
+        """Why a new API request is to be refused now, or None when the plane can take it."""
         error = self.shedder.overload()
         if error is None and self._loop_behind():
             error = overloaded(f"the plane's event loop takes {self._loop_wait_s() * 1000:.0f} ms to take a connection")
         return error
-
-    def _overloaded(self) -> bool:
-        return self.shedder.overload() is not None or self._loop_behind()
 
     def _loop_wait_s(self) -> float:
         handed_at = self._handed_at

@@ -250,7 +250,7 @@ class Limiter:
                 assert state.tokens.level is not None
                 state.tokens.level -= estimate.tokens
             for index, _, unit, _, _ in limits.quotas:
-                state.quotas[index].reserved += estimate.tokens if unit == "tokens" else estimate.usd
+                state.quotas[index].reserved += _amount(estimate, unit)
         # The buckets were refilled to `now` by _check: the headers show them as charged.
         return Admission(self, held, estimate, _headers(held, now, refill=False))
 
@@ -266,12 +266,8 @@ class Limiter:
                 state.tokens.level = min(float(limits.tpm), level + reserved.tokens - tokens)
             for index, _, unit, _, _ in limits.quotas:
                 quota = state.quotas[index]
-                if unit == "tokens":
-                    quota.reserved = max(0.0, quota.reserved - reserved.tokens)
-                    quota.used += tokens
-                else:
-                    quota.reserved = max(0.0, quota.reserved - reserved.usd)
-                    quota.used += usd
+                quota.reserved = max(0.0, quota.reserved - _amount(reserved, unit))
+                quota.used += tokens if unit == "tokens" else usd
 
     def seed(self, used: Mapping[tuple[str, str], tuple[float, float]]) -> None:
         """Start-up: what each scope already used this window, {(scope, "day"|"month"): (tokens, usd)}."""
@@ -329,7 +325,7 @@ def _check(state: ScopeState, limits: Limits, estimate: Estimate, now: float) ->
             )
     for index, _, unit, window, limit in limits.quotas:
         quota = state.quotas[index]
-        wanted = float(estimate.tokens) if unit == "tokens" else estimate.usd
+        wanted = _amount(estimate, unit)
         if quota.used + quota.reserved + wanted > limit:
             what = f"{limit:g} USD" if unit == "usd" else f"{limit} tokens"
             raise QuotaExceededError(
@@ -369,3 +365,8 @@ _TOKEN_HEADERS = ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x
 
 def _retry_after(wait_s: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(wait_s)))}
+
+
+def _amount(estimate: Estimate, unit: str) -> float:
+    """What an estimate reserves against a quota counting `unit`."""
+    return float(estimate.tokens) if unit == "tokens" else estimate.usd

@@ -454,12 +454,14 @@ class Relay:
             # What the client was counted as having must reach it before the stream is given up or rescued.
             await self._write(response, frames)
             raise
+        problem = None
         if opened.continuation is not None and not opened.continuation.passing:
+            problem = "the regenerated answer is shorter than the delivered one"
+        elif not (opened.upstream.done or progress.finished):
+            problem = "stream ended before the answer finished"
+        if problem is not None:
             await self._write(response, frames)
-            raise UpstreamProtocolError(f"{opened.target.id}: the regenerated answer is shorter than the delivered one")
-        if not (opened.upstream.done or progress.finished):
-            await self._write(response, frames)
-            raise UpstreamProtocolError(f"{opened.target.id}: stream ended before the answer finished")
+            raise UpstreamProtocolError(f"{opened.target.id}: {problem}")
         return b"".join(frames)
 
     @staticmethod
