@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -39,7 +41,7 @@ from harness import (
     sample_process,
     wait_for_port,
 )
-from hatchway import MODELS, configure, start_plane, wait_ready
+from hatchway import MODELS, checkout, configure, start_plane, wait_ready
 from litellm_proxy import MASTER_KEY, start_litellm
 from loadgen import LoadResult, Request, chat_body, probe
 from suite import Suite
@@ -165,10 +167,14 @@ async def start_contenders(
         contenders.append(Contender("relay", relay_requests, child.pid, ready, version="bench/bare_relay.py"))
     # The same plane twice: with limits, quotas and cache lookups on (the product as configured in earnest)
     # and with them off, to show what the policy layer costs.
-    for name, policy in (("hatchway", True), ("hatchway-nopolicy", False)):
-        if name not in settings.contenders:
+    planes: list[tuple[str, bool, Path | None]] = [("hatchway", True, None), ("hatchway-nopolicy", False, None)]
+    if suite.baseline:
+        # The previous version, configured as `hatchway` is: what this version changed, measured in the same run.
+        planes.append((f"hatchway@{suite.baseline}", True, checkout(stack, suite.workdir, suite.baseline)))
+    for name, policy, source in planes:
+        if name not in settings.contenders and source is None:
             continue
-        plane = start_plane(stack, suite.subdir("gateway"), suite.pinning, name=name)
+        plane = start_plane(stack, suite.subdir("gateway"), suite.pinning, name=_safe(name), source=source)
         await wait_ready(session, plane)
         key = await configure(session, plane, upstream, policy=policy)
         contenders.append(
@@ -190,6 +196,10 @@ async def start_contenders(
         else:
             suite.results.setdefault("notes", {})["litellm"] = litellm.error or "unavailable"
     return contenders
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 async def _ready_after_start(session: aiohttp.ClientSession, child: Child, url: str) -> float:

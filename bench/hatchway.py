@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from harness import HOST, BenchError, Child, Pinning, child_env, child_process, wait_for_match, wait_for_port
+from harness import HOST, REPO_ROOT, BenchError, Child, Pinning, child_env, child_process, wait_for_match, wait_for_port
 from upstream import UPSTREAM_MODEL, Upstream
 
 ADMIN_KEY = "hwa-bench-admin-key"
@@ -55,20 +56,39 @@ def hatchway_binary() -> Path:
 
 
 def start_plane(
-    stack: contextlib.ExitStack, workdir: Path, pinning: Pinning | None, name: str = "plane", **settings: str
+    stack: contextlib.ExitStack,
+    workdir: Path,
+    pinning: Pinning | None,
+    name: str = "plane",
+    source: Path | None = None,
+    **settings: str,
 ) -> Plane:
-    """Start `hatchway serve` (on the SUT CPU when pinned); `settings` become HATCHWAY_* variables."""
+    """Start `hatchway serve` (on the SUT CPU when pinned); `settings` become HATCHWAY_* variables. `source`: a
+    checkout of another version to run instead of the installed one, with this virtualenv's packages (`-m server`
+    from that folder imports its `server` before the installed one)."""
     data_dir = workdir / f"{name}-data"
     data_dir.mkdir()
-    argv = [str(hatchway_binary()), "serve", "--host", HOST, "--port", "0", "--grpc-port", "0"]
-    argv += ["--data-dir", str(data_dir)]
+    program = [sys.executable, "-m", "server"] if source is not None else [str(hatchway_binary())]
+    argv = [*program, "serve", "--host", HOST, "--port", "0", "--grpc-port", "0", "--data-dir", str(data_dir)]
     env = child_env(HATCHWAY_ADMIN_KEY=ADMIN_KEY, HATCHWAY_LOG_LEVEL="warning")
     env.update({f"HATCHWAY_{key.upper()}": value for key, value in settings.items()})
     argv = pinning.sut(argv) if pinning is not None else argv
-    child = stack.enter_context(child_process("hatchway plane", argv, workdir / f"{name}.log", env))
+    log_path = workdir / f"{name}.log"
+    child = stack.enter_context(child_process("hatchway plane", argv, log_path, env, cwd=source or REPO_ROOT))
     port = wait_for_port(child, STARTUP_TIMEOUT_S)
     grpc_port = int(wait_for_match(child, GRPC_LISTENING, 10.0).group(1))
     return Plane(child, f"http://{HOST}:{port}", f"{HOST}:{grpc_port}")
+
+
+def checkout(stack: contextlib.ExitStack, workdir: Path, ref: str) -> Path:
+    """A detached git worktree of `ref` under `workdir`, removed again when `stack` closes."""
+    path = workdir / f"checkout-{re.sub(r'[^A-Za-z0-9._-]', '_', ref)}"
+    git = ["git", "-C", str(REPO_ROOT)]
+    done = subprocess.run([*git, "worktree", "add", "--detach", "--quiet", str(path), ref], capture_output=True)
+    if done.returncode != 0:
+        raise BenchError(f"cannot check out {ref!r}: {done.stderr.decode().strip()}")
+    stack.callback(subprocess.run, [*git, "worktree", "remove", "--force", str(path)], capture_output=True)
+    return path
 
 
 async def wait_ready(session: aiohttp.ClientSession, plane: Plane, timeout_s: float = STARTUP_TIMEOUT_S) -> None:

@@ -2,6 +2,7 @@
 
     python bench/run.py [--quick] [--only NAMES] [--skip NAMES] [--litellm | --no-litellm]
                         [--no-pin] [--python-mock] [--python-load] [--results DIR] [--deadline-s S]
+                        [--baseline REF]
 
 Benchmarks (NAMES, comma-separated; all of them but `profile` by default):
 
@@ -58,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=None, help="where the JSON goes (default bench/results)")
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--deadline-s", type=float, default=1800.0, help="abort the whole run after this")
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        default=None,
+        help="also run the plane as of this git commit (a previous version) in the gateway benchmark",
+    )
     args = parser.parse_args(argv)
     args.selected = [name for name in (args.only or DEFAULT) if name not in args.skip]
     if args.results is None:
@@ -177,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             results_dir=args.results,
             prefer_nginx=not args.python_mock,
             prefer_wrk=not args.python_load,
+            baseline=args.baseline,
         )
         suite.results["machine"] = machine_info()
         log(suite.pinning.note)

@@ -23,6 +23,8 @@ class Suite:
     results_dir: Path
     prefer_nginx: bool = True
     prefer_wrk: bool = True
+    # A git ref: the gateway benchmark runs that version of the plane too, side by side with this one.
+    baseline: str | None = None
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     _upstream: Upstream | None = None
     _closed_loop: ClosedLoop | None = None
