@@ -1,15 +1,12 @@
-"""Upstream OpenAI-compatible providers as targets, over one pooled aiohttp session."""
+"""Upstream OpenAI-compatible providers as targets, over one shared HTTP client (server.targets.http)."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-import aiohttp
 import orjson
-from yarl import URL
 
 from server import sse
 from server.errors import (
@@ -22,33 +19,26 @@ from server.errors import (
 from server.failover import FailoverPolicy
 from server.health import Health
 from server.targets.base import Attempt, Call, Target, TargetStream
+from server.targets.http import ConnectError, Endpoint, HTTPClient, HTTPClientError, Response
 
 
 class UpstreamPool:
-    """Owns the HTTP client session every provider target shares (keep-alive pools per host)."""
+    """Owns the HTTP client every provider target shares (keep-alive pools per origin)."""
 
     def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
+        self._client: HTTPClient | None = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                # Per-request deadlines come from each target's policy; the session has none of its own.
-                timeout=aiohttp.ClientTimeout(total=None),
-                skip_auto_headers=("User-Agent",),
-                # Cookies an upstream sets (a CDN's, say) must never travel with another tenant's request; and
-                # a jar costs a lookup and an update on every request.
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._session
+    def client(self) -> HTTPClient:
+        if self._client is None:
+            # No cookie jar, no redirects: an upstream's cookies must never travel with another tenant's request.
+            self._client = HTTPClient(limit_per_origin=256)
+        return self._client
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
 
 class ProviderTarget(Target):
@@ -82,17 +72,8 @@ class ProviderTarget(Target):
         self.policy = policy
         self.prefill = prefill
         self._turn = itertools.count()
-        # Built once: parsing a URL and building timeouts on every request showed in the profile.
-        self._urls: dict[str, URL] = {}
-        self._timeouts = {
-            stream: aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=policy.connect_timeout_s,
-                # Between two reads of a stream: the stall detector. For a whole answer: the header deadline.
-                sock_read=policy.idle_timeout_s if stream else policy.header_timeout_s,
-            )
-            for stream in (False, True)
-        }
+        # Parsed once: parsing a URL on every request showed in the profile.
+        self._endpoints: dict[str, Endpoint] = {}
 
     def __repr__(self) -> str:
         return f"ProviderTarget({self.id!r}, model={self.upstream_model!r})"
@@ -137,40 +118,37 @@ class ProviderTarget(Target):
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return orjson.dumps(body)
 
-    async def _post(self, call: Call, attempt: Attempt, stream: bool) -> aiohttp.ClientResponse:
-        headers = {"Content-Type": "application/json", "X-Request-Id": call.request_id}
+    async def _post(self, call: Call, attempt: Attempt, stream: bool) -> Response:
+        headers = [("Content-Type", "application/json"), ("X-Request-Id", call.request_id)]
         key = self._pick_key()
         if key is not None:
             attempt.key_id = key[0]
-            headers["Authorization"] = f"Bearer {key[1]}"
-        url = self._urls.get(call.endpoint)
-        if url is None:
-            url = self._urls[call.endpoint] = URL(f"{self.base_url}/{call.endpoint}")
-        request = self.pool.session.post(
-            url, data=self._body(call, stream), headers=headers, timeout=self._timeouts[stream]
-        )
+            headers.append(("Authorization", f"Bearer {key[1]}"))
         try:
-            if stream:
-                # A stream's read timeout is the idle one, so the header deadline needs its own timer; a whole
-                # answer's read timeout already is the header deadline.
-                async with asyncio.timeout(self.policy.header_timeout_s):
-                    response = await request
-            else:
-                response = await request
+            endpoint = self._endpoints.get(call.endpoint)
+            if endpoint is None:
+                endpoint = self._endpoints[call.endpoint] = Endpoint.parse(f"{self.base_url}/{call.endpoint}")
+            response = await self.pool.client.post(
+                endpoint,
+                headers,
+                self._body(call, stream),
+                connect_timeout_s=self.policy.connect_timeout_s,
+                header_timeout_s=self.policy.header_timeout_s,
+            )
         except TimeoutError as exc:
             raise UpstreamTimeoutError(f"{self.id}: no response headers in time") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamRefusedError(f"{self.id}: cannot connect: {exc}") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamConnectError(f"{self.id}: {type(exc).__name__}: {exc}") from exc
+        except ConnectError as exc:
+            raise UpstreamRefusedError(f"{self.id}: {exc}") from exc
+        except (HTTPClientError, ValueError) as exc:
+            raise UpstreamConnectError(f"{self.id}: {exc}") from exc
         if response.status != 200:
             try:
-                body = await response.read()
-            except (aiohttp.ClientError, TimeoutError):
+                body = await response.read(self.policy.header_timeout_s)
+            except (HTTPClientError, TimeoutError):
                 body = b""
             finally:
                 response.release()
-            retry_after = response.headers.get("Retry-After")
+            retry_after = response.headers.get("retry-after")
             raise UpstreamStatusError(
                 response.status, body, headers={"Retry-After": retry_after} if retry_after else None
             )
@@ -179,27 +157,29 @@ class ProviderTarget(Target):
     async def complete(self, call: Call, attempt: Attempt) -> bytes:
         response = await self._post(call, attempt, stream=False)
         try:
-            return await response.read()
+            # A whole answer's body may pause for as long as its headers could take.
+            return await response.read(self.policy.header_timeout_s)
         except TimeoutError as exc:
             raise UpstreamTimeoutError(f"{self.id}: response body stalled") from exc
-        except aiohttp.ClientError as exc:
+        except HTTPClientError as exc:
             raise UpstreamConnectError(f"{self.id}: body cut: {exc}") from exc
         finally:
             response.release()
 
     async def stream(self, call: Call, attempt: Attempt) -> TargetStream:
         response = await self._post(call, attempt, stream=True)
-        content_type = response.headers.get("Content-Type", "")
+        content_type = response.headers.get("content-type", "")
         if not content_type.startswith("text/event-stream"):
             response.close()
             raise UpstreamProtocolError(f"{self.id}: expected an SSE stream, got {content_type or 'no type'}")
-        return ProviderStream(self.id, response)
+        return ProviderStream(self.id, response, self.policy.idle_timeout_s)
 
 
 class ProviderStream(TargetStream):
-    def __init__(self, target_id: str, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, target_id: str, response: Response, idle_timeout_s: float) -> None:
         self.target_id = target_id
         self.response = response
+        self.idle_timeout_s = idle_timeout_s
         # One generator for the stream's life: it holds the SSE parser's buffer between iterations.
         self._payloads = self._read()
 
@@ -208,7 +188,7 @@ class ProviderStream(TargetStream):
 
     async def _read(self) -> AsyncGenerator[bytes, None]:
         try:
-            async for batch in sse.iter_batches(self.response.content.iter_any()):
+            async for batch in sse.iter_batches(self.response.chunks(self.idle_timeout_s)):
                 for index, data in enumerate(batch):
                     if data == sse.DONE:
                         self.done = True
@@ -218,7 +198,7 @@ class ProviderStream(TargetStream):
                     yield data
         except TimeoutError as exc:
             raise UpstreamTimeoutError(f"{self.target_id}: stream stalled") from exc
-        except aiohttp.ClientError as exc:
+        except HTTPClientError as exc:
             raise UpstreamConnectError(f"{self.target_id}: stream cut: {exc}") from exc
 
     async def aclose(self) -> None:

@@ -1,0 +1,337 @@
+"""The upstream HTTP/1.1 client (server/targets/http.py) against scripted servers on loopback sockets: each server
+answers with exact bytes, so framing, keep-alive and failure cases are the real thing, not a library's idea of it.
+
+The plane-level behaviour built on it (failover, timeouts, streams cut short) is covered through the plane in
+test_failover.py and test_openai_sdk.py; these pin down the client's own contract (under asyncio's loop, and the
+last one under uvloop's, which the plane runs on)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import uvloop
+
+from server.targets.http import ConnectError, DisconnectedError, Endpoint, HTTPClient, ProtocolError
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
+
+
+class Server:
+    """A loopback server that runs `script` for every connection and counts connections."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.url = ""
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await self.script(reader, writer)
+        writer.close()
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.startswith(b"Content-Length"))
+        request = head + await reader.readexactly(length)
+        self.requests.append(request)
+        return request
+
+
+@contextlib.asynccontextmanager
+async def serving(script: Callable[[Server], Script]) -> AsyncIterator[Server]:
+    server = Server(lambda r, w: script(server)(r, w))
+    listener = await asyncio.start_server(server._serve, "127.0.0.1", 0)
+    server.url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}/v1/chat/completions"
+    try:
+        yield server
+    finally:
+        listener.close()
+        for writer in server.writers:
+            writer.close()
+        await listener.wait_closed()
+        await asyncio.sleep(0)  # let the handlers see their connections close
+
+
+@contextlib.asynccontextmanager
+async def client(**options: float) -> AsyncIterator[HTTPClient]:
+    http = HTTPClient(**options)  # type: ignore[arg-type]
+    try:
+        yield http
+    finally:
+        await http.close()
+
+
+async def post(http: HTTPClient, url: str, header_timeout_s: float = 5.0) -> tuple[int, bytes]:
+    response = await http.post(
+        Endpoint.parse(url),
+        [("Content-Type", "application/json")],
+        b"{}",
+        connect_timeout_s=5,
+        header_timeout_s=header_timeout_s,
+    )
+    try:
+        return response.status, await response.read(5.0)
+    finally:
+        response.release()
+
+
+def answering(*answers: bytes) -> Callable[[Server], Script]:
+    """Answer each request, on whichever connection it comes, with the next of `answers`; keep connections open."""
+    queue = list(answers)
+
+    def script(server: Server) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while queue:
+                await server.read_request(reader)
+                writer.write(queue.pop(0))
+                await writer.drain()
+            await reader.read()
+
+        return run
+
+    return script
+
+
+async def test_a_request_is_one_post_with_host_length_and_the_callers_headers() -> None:
+    async with serving(answering(OK)) as server, client() as http:
+        assert await post(http, server.url) == (200, b'{"ok":true}')
+    head, _, body = server.requests[0].partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /v1/chat/completions HTTP/1.1"
+    assert b"Host: 127.0.0.1:" + server.url.split(":")[2].split("/")[0].encode() in lines
+    assert b"Content-Type: application/json" in lines and b"Content-Length: 2" in lines
+    assert b"Accept-Encoding: identity" in lines
+    assert body == b"{}"
+
+
+async def test_a_finished_answer_leaves_its_connection_for_the_next_request() -> None:
+    async with serving(answering(OK, OK, OK)) as server, client() as http:
+        for _ in range(3):
+            assert (await post(http, server.url))[0] == 200
+    assert server.connections == 1
+
+
+async def test_a_chunked_answer_is_read_whole() -> None:
+    chunked = b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{"a"\r\n3\r\n:1}\r\n0\r\n\r\n'
+    async with serving(answering(chunked, OK)) as server, client() as http:
+        assert await post(http, server.url) == (200, b'{"a":1}')
+        assert (await post(http, server.url))[0] == 200
+    assert server.connections == 1
+
+
+async def test_an_answer_without_length_ends_where_the_connection_does() -> None:
+    def script(server: Server) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"till":')
+            await writer.drain()
+            writer.write(b'"close"}')
+
+        return run
+
+    async with serving(script) as server, client() as http:
+        assert await post(http, server.url) == (200, b'{"till":"close"}')
+        assert await post(http, server.url) == (200, b'{"till":"close"}')
+    assert server.connections == 2
+
+
+async def test_a_body_cut_short_is_an_error_not_an_answer() -> None:
+    cut = b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"partial":'
+
+    def script(server: Server) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(cut)
+            await writer.drain()
+
+        return run
+
+    async with serving(script) as server, client() as http:
+        with pytest.raises(DisconnectedError):
+            await post(http, server.url)
+
+
+async def test_a_connection_closed_before_any_answer_is_a_disconnect() -> None:
+    def script(server: Server) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+
+        return run
+
+    async with serving(script) as server, client() as http:
+        with pytest.raises(DisconnectedError, match="before the answer's headers"):
+            await post(http, server.url)
+
+
+async def test_bytes_that_are_not_http_are_a_protocol_error() -> None:
+    async with serving(answering(b"SMTP ready\r\n\r\n")) as server, client() as http:
+        with pytest.raises(ProtocolError):
+            await post(http, server.url)
+
+
+async def test_headers_that_do_not_come_in_time_time_out_and_close_the_connection() -> None:
+    closed = asyncio.Event()
+
+    def script(server: Server) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            await reader.read()  # until the client closes
+            closed.set()
+
+        return run
+
+    async with serving(script) as server, client() as http:
+        with pytest.raises(TimeoutError):
+            await post(http, server.url, header_timeout_s=0.2)
+        await asyncio.wait_for(closed.wait(), 5)
+
+
+async def test_a_port_nobody_listens_on_is_a_connect_error() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with client() as http:
+        with pytest.raises(ConnectError):
+            await post(http, f"http://127.0.0.1:{port}/v1/chat/completions")
+
+
+async def test_an_answer_given_up_half_read_closes_its_connection() -> None:
+    half = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    async with serving(answering(half, OK)) as server, client() as http:
+        response = await http.post(Endpoint.parse(server.url), [], b"{}", connect_timeout_s=5, header_timeout_s=5)
+        async for chunk in response.chunks(5.0):
+            assert chunk == b"hello"
+            break
+        response.release()
+        assert (await post(http, server.url))[0] == 200
+    assert server.connections == 2
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
+    def script(server: Server) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(OK)
+            await writer.drain()
+
+        return run  # and close: the server's keep-alive timeout, at its shortest
+
+    async with serving(script) as server, client() as http:
+        assert (await post(http, server.url))[0] == 200
+        await asyncio.sleep(0.1)
+        assert (await post(http, server.url))[0] == 200
+    assert server.connections == 2
+
+
+async def test_requests_beyond_the_connection_limit_wait_for_a_connection() -> None:
+    async with serving(answering(OK, OK, OK)) as server, client(limit_per_origin=1) as http:
+        results = await asyncio.gather(*(post(http, server.url) for _ in range(3)))
+    assert [status for status, _ in results] == [200, 200, 200]
+    assert server.connections == 1
+
+
+async def test_a_cancelled_request_gives_its_place_in_the_pool_back() -> None:
+    def script(server: Server) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            if server.connections == 1:
+                await reader.read()  # the first request never gets an answer
+                return
+            writer.write(OK)
+            await writer.drain()
+            await reader.read()
+
+        return run
+
+    async with serving(script) as server, client(limit_per_origin=1) as http:
+        stuck = asyncio.create_task(post(http, server.url))
+        await asyncio.sleep(0.1)
+        stuck.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+        assert (await post(http, server.url))[0] == 200
+
+
+async def test_a_stream_arrives_as_it_is_sent() -> None:
+    release = asyncio.Event()
+
+    def script(server: Server) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst\n\r\n")
+            await writer.drain()
+            await release.wait()
+            writer.write(b"7\r\nsecond\n\r\n0\r\n\r\n")
+            await writer.drain()
+
+        return run
+
+    async with serving(script) as server, client() as http:
+        response = await http.post(Endpoint.parse(server.url), [], b"{}", connect_timeout_s=5, header_timeout_s=5)
+        chunks = []
+        async for chunk in response.chunks(5.0):
+            chunks.append(chunk)
+            release.set()
+        response.release()
+    assert chunks == [b"first\n", b"second\n"]
+
+
+async def test_a_stream_that_stalls_times_out() -> None:
+    def script(server: Server) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst\n\r\n")
+            await writer.drain()
+            await reader.read()
+
+        return run
+
+    async with serving(script) as server, client() as http:
+        response = await http.post(Endpoint.parse(server.url), [], b"{}", connect_timeout_s=5, header_timeout_s=5)
+        with pytest.raises(TimeoutError):
+            async for _ in response.chunks(0.2):
+                pass
+        response.release()
+
+
+async def test_a_header_value_with_a_line_break_is_refused_before_sending() -> None:
+    async with serving(answering(OK)) as server, client() as http:
+        with pytest.raises(ValueError, match="line break"):
+            await http.post(
+                Endpoint.parse(server.url),
+                [("Authorization", "Bearer x\r\nX-Evil: 1")],
+                b"{}",
+                connect_timeout_s=5,
+                header_timeout_s=5,
+            )
+    assert server.requests == []
+
+
+def test_only_http_urls_are_endpoints() -> None:
+    with pytest.raises(ValueError):
+        Endpoint.parse("ftp://example.com/v1")
+    assert Endpoint.parse("https://api.example.com/v1/chat/completions").origin.port == 443
+    assert b"Host: example.com:8080\r\n" in Endpoint.parse("http://example.com:8080/v1?x=1").head
+    assert Endpoint.parse("http://example.com:8080/v1?x=1").head.startswith(b"POST /v1?x=1 HTTP/1.1\r\n")
+
+
+def test_under_uvloop_answers_keep_alive_streams_and_timeouts_behave_the_same() -> None:
+    async def scenario() -> None:
+        await test_a_finished_answer_leaves_its_connection_for_the_next_request()
+        await test_a_chunked_answer_is_read_whole()
+        await test_a_body_cut_short_is_an_error_not_an_answer()
+        await test_headers_that_do_not_come_in_time_time_out_and_close_the_connection()
+        await test_a_port_nobody_listens_on_is_a_connect_error()
+        await test_a_cancelled_request_gives_its_place_in_the_pool_back()
+        await test_a_stream_arrives_as_it_is_sent()
+
+    uvloop.run(scenario())
