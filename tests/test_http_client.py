@@ -62,8 +62,8 @@ async def serving(script: Callable[[Server], Script]) -> AsyncIterator[Server]:
 
 
 @contextlib.asynccontextmanager
-async def client(**options: float) -> AsyncIterator[HTTPClient]:
-    http = HTTPClient(**options)  # type: ignore[arg-type]
+async def client(limit_per_origin: int = 256) -> AsyncIterator[HTTPClient]:
+    http = HTTPClient(limit_per_origin=limit_per_origin)
     try:
         yield http
     finally:
