@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 from harness import BenchError, log
 from hatchway import MODELS, configure, start_plane, wait_ready
 from loadgen import Request, chat_body, probe
@@ -83,11 +84,24 @@ def summarise(collapsed: str) -> dict[str, Any]:
     return {"samples": total, "self": top(own, TOP), "inclusive": top(inclusive, TOP), "files": top(files, 20)}
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the plane's main thread (the event loop) and by all its other
+    threads together (usage writer, acceptor, grpc): Linux names them all after the process, so no finer split."""
+    used = {"event loop": 0.0, "other threads": 0.0}
+    for thread in psutil.Process(pid).threads():
+        used["event loop" if thread.id == pid else "other threads"] += thread.user_time + thread.system_time
+    return used
+
+
 def render(mode: str, run: dict[str, Any], summary: dict[str, Any]) -> str:
+    threads = summary["thread_cpu_us_per_request"]
     lines = [
         f"Hatchway plane under wrk at c={CONCURRENCY}, {mode}: {run['rps']:.0f} req/s while sampled "
         f"({run['duration_s']:.0f}s, py-spy --rate {RATE_HZ} --nonblocking, {summary['samples']} samples with a "
         "thread on CPU; % of those samples)",
+        "",
+        "CPU per request by thread (us, from /proc; 10 ms ticks): "
+        + ", ".join(f"{name} {us:.0f}" for name, us in threads.items()),
         "",
         "self time by function",
         *(f"  {pct:6.2f}%  {name}" for name, pct in summary["self"]),
@@ -111,12 +125,17 @@ async def profile_mode(
         *suite.pinning.load(argv), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
     await asyncio.sleep(0.5)  # attached before the load starts
+    before = thread_cpu(pid)
     result = await suite.closed_loop.run(request, CONCURRENCY, duration_s)
+    threads = {
+        name: round(1e6 * (seconds - before[name]) / max(result.ok, 1), 1) for name, seconds in thread_cpu(pid).items()
+    }
     output, _ = await spy.communicate()
     if spy.returncode != 0 or not raw.exists():
         raise BenchError(f"py-spy exited with {spy.returncode}: {output.decode(errors='replace')[-1500:]}")
     collapsed = raw.read_text()
     summary = summarise(collapsed)
+    summary["thread_cpu_us_per_request"] = threads
     run = {"rps": result.rps, "duration_s": result.duration_s}
     (out / f"profile-{mode}.txt").write_text(render(mode, run, summary))
     (out / f"profile-{mode}.collapsed").write_text(collapsed)
@@ -152,6 +171,8 @@ def format_table(report: dict[str, Any]) -> str:
     for mode in ("nonstream", "stream"):
         data = report[mode]
         lines.append(f"{mode} ({data['rps']:.0f} req/s, {data['samples']} samples): top self time")
+        threads = data.get("thread_cpu_us_per_request", {})
+        lines.append("  CPU us/request by thread: " + ", ".join(f"{name} {us:.0f}" for name, us in threads.items()))
         lines.extend(f"  {pct:6.2f}%  {name}" for name, pct in data["self"][:12])
         lines.append("  by file: " + ", ".join(f"{name} {pct:.1f}%" for name, pct in data["files"][:8]))
     lines.append("full summaries: " + ", ".join(p for p in report["files"] if p.endswith(".txt")))

@@ -202,7 +202,13 @@ class StreamAssembler:
         for raw in chunk.get("choices") or ():
             if not isinstance(raw, dict):
                 continue
-            choice = self.choices.setdefault(int(raw.get("index", 0)), _Choice())
+            index = raw.get("index", 0)
+            if not isinstance(index, int):
+                self.storable = False  # nothing to file this choice's text under
+                continue
+            choice = self.choices.get(index)
+            if choice is None:
+                choice = self.choices[index] = _Choice()
             if raw.get("finish_reason"):
                 choice.finish_reason = raw["finish_reason"]
             if self.chat:

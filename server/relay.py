@@ -200,11 +200,18 @@ class Relay:
                     attempt = Attempt(number=exchange.attempts)
                     stats.in_flight += 1
                     began = time.monotonic()
+                    # One timer per attempt: the request's deadline, or a stream's first-token limit if sooner.
+                    limit_s = exchange.time_left_s
+                    first_token_s = target.policy.ttft_timeout_s if exchange.streaming else None
                     try:
-                        async with asyncio.timeout(exchange.time_left_s):
+                        async with asyncio.timeout(min(limit_s, first_token_s or limit_s)):
                             result = await send(target, attempt)
                     except TimeoutError:
-                        failure: UpstreamError = UpstreamTimeoutError(f"{target.id}: request deadline reached")
+                        failure: UpstreamError = UpstreamTimeoutError(
+                            f"{target.id}: no first token within {first_token_s:g}s"
+                            if first_token_s is not None and first_token_s < limit_s
+                            else f"{target.id}: request deadline reached"
+                        )
                     except UpstreamError as exc:
                         failure = exc
                     except BaseException:
@@ -382,25 +389,21 @@ class Relay:
         exchange: Exchange,
         continuation: Continuation | None,
     ) -> OpenStream:
-        """Open a stream and read it up to its first content token (the pre-commit buffer), within the
-        target's time-to-first-token limit."""
+        """Open a stream and read it up to its first content token (the pre-commit buffer). Runs inside
+        `attempt`, whose timer holds it to the target's time-to-first-token limit."""
+        upstream = await target.stream(call, attempt)
+        opened = OpenStream(target, upstream, [], continuation)
         try:
-            async with asyncio.timeout(target.policy.ttft_timeout_s):
-                upstream = await target.stream(call, attempt)
-                opened = OpenStream(target, upstream, [], continuation)
-                try:
-                    async for payload in upstream:
-                        item = self._prepare(exchange, opened, payload)
-                        if item is None:
-                            continue
-                        opened.buffered.append(item)
-                        if _substantive(item[1]):
-                            return opened
-                except BaseException:
-                    await upstream.aclose()
-                    raise
-        except TimeoutError as exc:
-            raise UpstreamTimeoutError(f"{target.id}: no first token within {target.policy.ttft_timeout_s:g}s") from exc
+            async for payload in upstream:
+                item = self._prepare(exchange, opened, payload)
+                if item is None:
+                    continue
+                opened.buffered.append(item)
+                if _substantive(item[1]):
+                    return opened
+        except BaseException:
+            await upstream.aclose()
+            raise
         if upstream.done:
             return opened  # an empty answer is still an answer
         await upstream.aclose()
