@@ -56,8 +56,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "overload_lag_ms",
         float,
-        50.0,
+        30.0,
         "Event-loop lag (smoothed) past which new API requests get 503 at once; 0 turns it off.",
+    ),
+    Setting(
+        "overload_lag_floor",
+        int,
+        160,
+        "Requests in flight below which a late event loop sheds nothing (a fixed pool of clients is served).",
     ),
     Setting("cache_max_bytes", int, 64 * 1024 * 1024, "Memory bound of the response cache (0 turns it off)."),
     Setting(
@@ -106,7 +112,8 @@ class Config:
     usage_flush_interval_s: float = 0.2
     usage_queue_size: int = 10_000
     max_in_flight: int = 4096
-    overload_lag_ms: float = 50.0
+    overload_lag_ms: float = 30.0
+    overload_lag_floor: int = 160
     cache_max_bytes: int = 64 * 1024 * 1024
     completion_estimate_tokens: int = 1024
     grpc_port: int = 8443

@@ -6,7 +6,10 @@ Two signals, either of which turns new API requests away with a 503 and `Retry-A
     loop lag     the event loop runs late: a watcher that should wake every `TICK_S` measures how late it
                  wakes, smoothed; past `lag_limit_s`, requests are already waiting for the CPU, and each one
                  admitted makes every other one later. Refusing costs a fraction of serving, so the loop
-                 catches up and the requests it does take keep their latency.
+                 catches up and the requests it does take keep their latency. Only with at least
+                 `lag_floor` requests in flight: a fixed pool of clients (a closed loop of 128, say) keeps a
+                 busy loop late without its queue growing, and is served; a queue that grows, which is what
+                 overload is, passes the floor within moments.
 
 Only `/v1/` requests are shed: health checks, metrics and the admin API stay reachable under overload.
 """
@@ -22,13 +25,21 @@ from server.errors import ServiceUnavailableError
 
 TICK_S = 0.02
 # Weight of the newest lag sample in the running average: about the last 10 ticks (200 ms).
-SMOOTHING = 0.1
+SMOOTHING = 0.3
 
 
 class LoadShedder:
-    def __init__(self, *, max_in_flight: int, lag_limit_s: float, on_shed: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        *,
+        max_in_flight: int,
+        lag_limit_s: float,
+        lag_floor: int = 0,
+        on_shed: Callable[[], None] = lambda: None,
+    ) -> None:
         self.max_in_flight = max_in_flight
         self.lag_limit_s = lag_limit_s
+        self.lag_floor = lag_floor
         self.on_shed = on_shed
         self.in_flight = 0
         self.lag_s = 0.0
@@ -57,7 +68,7 @@ class LoadShedder:
         thread (server.acceptor): it only reads two numbers the loop writes."""
         if self.in_flight >= self.max_in_flight:
             return overloaded(f"{self.in_flight} requests in flight, the most this plane takes")
-        if self.lag_limit_s > 0 and self.lag_s > self.lag_limit_s:
+        if self.lag_limit_s > 0 and self.lag_s > self.lag_limit_s and self.in_flight >= self.lag_floor:
             return overloaded(f"the plane's event loop runs {self.lag_s * 1000:.0f} ms late")
         return None
 

@@ -63,6 +63,7 @@ class Plane:
         self.shedder = LoadShedder(
             max_in_flight=config.max_in_flight,
             lag_limit_s=config.overload_lag_ms / 1000,
+            lag_floor=config.overload_lag_floor,
             on_shed=self.metrics.requests_shed.inc,
         )
         self.metrics.watch(self.shedder)

@@ -12,6 +12,8 @@ import openai
 import pytest
 
 from server.config import Config
+from server.errors import ServiceUnavailableError
+from server.overload import LoadShedder
 from tests.conftest import MODEL, Gateway
 
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
@@ -19,7 +21,7 @@ BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
 @pytest.fixture
 def plane_config(plane_config: Config) -> Config:
-    return plane_config.replace(max_in_flight=2, overload_lag_ms=50)
+    return plane_config.replace(max_in_flight=2, overload_lag_ms=50, overload_lag_floor=0)
 
 
 async def test_requests_beyond_max_in_flight_get_503_before_the_admitted_ones_finish(gateway: Gateway) -> None:
@@ -80,6 +82,20 @@ def test_a_late_event_loop_sheds_api_requests_until_it_catches_up(gateway: Gatew
         time.sleep(0.05)
     served = httpx.post(f"{gateway.plane.v1}/chat/completions", json=BODY, headers=gateway.auth(), timeout=30)
     assert served.status_code == 200
+
+
+def test_a_late_event_loop_sheds_only_once_the_floor_of_requests_in_flight_is_reached() -> None:
+    shedder = LoadShedder(max_in_flight=100, lag_limit_s=0.03, lag_floor=2)
+    shedder.lag_s = 0.5  # far later than the limit
+    shedder.admit()
+    shedder.admit()  # a fixed pool of two clients is served, however late the loop
+    assert shedder.in_flight == 2
+    with pytest.raises(ServiceUnavailableError, match="event loop runs 500 ms late"):
+        shedder.admit()
+    shedder.release()
+    shedder.lag_s = 0.0
+    shedder.admit()
+    assert shedder.in_flight == 2
 
 
 def test_new_connections_of_an_overloaded_plane_are_refused_by_the_acceptor_without_the_loop(
