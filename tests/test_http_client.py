@@ -10,12 +10,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import uvloop
 
-from server.targets.http import ConnectError, DisconnectedError, Endpoint, HTTPClient, ProtocolError
+from server.nodes.tls import load_or_create
+from server.targets.http import (
+    READ_AHEAD_BYTES,
+    ConnectError,
+    DisconnectedError,
+    Endpoint,
+    HTTPClient,
+    ProtocolError,
+)
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
@@ -47,10 +57,11 @@ class Server:
 
 
 @contextlib.asynccontextmanager
-async def serving(script: Callable[[Server], Script]) -> AsyncIterator[Server]:
+async def serving(script: Callable[[Server], Script], tls: ssl.SSLContext | None = None) -> AsyncIterator[Server]:
     server = Server(lambda r, w: script(server)(r, w))
-    listener = await asyncio.start_server(server._serve, "127.0.0.1", 0)
-    server.url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}/v1/chat/completions"
+    listener = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=tls)
+    port = listener.sockets[0].getsockname()[1]
+    server.url = f"{'https' if tls else 'http'}://{'localhost' if tls else '127.0.0.1'}:{port}/v1/chat/completions"
     try:
         yield server
     finally:
@@ -62,8 +73,8 @@ async def serving(script: Callable[[Server], Script]) -> AsyncIterator[Server]:
 
 
 @contextlib.asynccontextmanager
-async def client(limit_per_origin: int = 256) -> AsyncIterator[HTTPClient]:
-    http = HTTPClient(limit_per_origin=limit_per_origin)
+async def client(limit_per_origin: int = 256, tls: ssl.SSLContext | None = None) -> AsyncIterator[HTTPClient]:
+    http = HTTPClient(limit_per_origin=limit_per_origin, tls=tls)
     try:
         yield http
     finally:
@@ -313,6 +324,44 @@ async def test_a_header_value_with_a_line_break_is_refused_before_sending() -> N
                 connect_timeout_s=5,
                 header_timeout_s=5,
             )
+    assert server.requests == []
+
+
+async def test_a_body_larger_than_the_read_ahead_bound_is_read_whole() -> None:
+    big = b"x" * (4 * READ_AHEAD_BYTES + 17)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big
+    async with serving(answering(answer, OK)) as server, client() as http:
+        assert await post(http, server.url) == (200, big)
+        assert (await post(http, server.url))[0] == 200  # read to the end: the connection is reused
+    assert server.connections == 1
+
+
+def certificate(tmp_path: Path) -> Path:
+    """A self-signed certificate for localhost (the one the plane makes for its node service)."""
+    load_or_create(tmp_path)
+    return tmp_path / "node-ca.pem"
+
+
+async def test_https_upstreams_are_reached_over_verified_tls(tmp_path: Path) -> None:
+    cert = certificate(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, tmp_path / "node-ca.key")
+    async with (
+        serving(answering(OK, OK), tls=server_tls) as server,
+        client(tls=ssl.create_default_context(cafile=str(cert))) as http,
+    ):
+        assert await post(http, server.url) == (200, b'{"ok":true}')
+        assert (await post(http, server.url))[0] == 200
+    assert server.connections == 1
+
+
+async def test_a_certificate_nobody_vouches_for_is_a_connect_error(tmp_path: Path) -> None:
+    cert = certificate(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, tmp_path / "node-ca.key")
+    async with serving(answering(OK), tls=server_tls) as server, client() as http:
+        with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            await post(http, server.url)
     assert server.requests == []
 
 

@@ -93,9 +93,13 @@ class Response:
 
     async def read(self, idle_timeout_s: float | None) -> bytes:
         connection = self._connection
+        parts: list[bytes] = []
         while not connection.complete:
+            if connection.buffered > READ_AHEAD_BYTES:
+                parts.append(connection.take())  # which resumes a socket paused for the read-ahead bound
             await connection.wait(idle_timeout_s)
-        return connection.take()
+        parts.append(connection.take())
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def chunks(self, idle_timeout_s: float | None) -> AsyncIterator[bytes]:
         """The body as it arrives: whatever was read since the last step, joined."""
@@ -381,13 +385,17 @@ class _Pool:
 class HTTPClient:
     """Pools of keep-alive connections per origin, shared by every provider target."""
 
-    def __init__(self, *, limit_per_origin: int = 256, keepalive_s: float = 15.0) -> None:
+    def __init__(
+        self, *, limit_per_origin: int = 256, keepalive_s: float = 15.0, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.limit_per_origin = limit_per_origin
         # Idle connections older than this are not reused: servers close theirs after 5 to 75 s of quiet, and a
         # request written on a connection the server is closing fails for nothing.
         self.keepalive_s = keepalive_s
         self._pools: dict[Origin, _Pool] = {}
-        self._tls: ssl.SSLContext | None = None
+        # Certificates are verified against the system's CAs (SSL_CERT_FILE / SSL_CERT_DIR apply) unless a context
+        # is given; built on first use, as a plane that serves only from nodes never needs it.
+        self._tls = tls
 
     def tls_context(self) -> ssl.SSLContext:
         if self._tls is None:
