@@ -76,6 +76,8 @@ class Contender:
     ready_s: float | None = None
     version: str | None = None
     note: str = ""
+    # Hatchway's /metrics, which tells what a run's errors were.
+    metrics_url: str | None = None
 
 
 @dataclass
@@ -178,7 +180,14 @@ async def start_contenders(
         await wait_ready(session, plane)
         key = await configure(session, plane, upstream, policy=policy)
         contenders.append(
-            Contender(name, _requests(f"{plane.url}/v1", key, MODELS), plane.pid, plane.ready_s, note=str(plane.setup))
+            Contender(
+                name,
+                _requests(f"{plane.url}/v1", key, MODELS),
+                plane.pid,
+                plane.ready_s,
+                note=str(plane.setup),
+                metrics_url=f"{plane.url}/metrics",
+            )
         )
     if "litellm" in settings.contenders:
         litellm = await asyncio.to_thread(start_litellm, stack, suite.subdir("gateway"), suite.pinning, upstream)
@@ -220,14 +229,43 @@ async def _ready_after_start(session: aiohttp.ClientSession, child: Child, url: 
 
 async def measure_once(suite: Suite, contender: Contender, mode: str, concurrency: int, duration_s: float) -> Run:
     mock_pid = suite.upstream.child.pid
+    statuses_before = await _statuses(contender)
     sut_before = sample_process(contender.pid).cpu_s
     mock_before = sample_process(mock_pid).cpu_s
     async with PeakSampler(contender.pid) as peak:
         result = await suite.closed_loop.run(contender.requests[mode], concurrency, duration_s)
     sut_cpu = sample_process(contender.pid).cpu_s - sut_before
     mock_cpu = sample_process(mock_pid).cpu_s - mock_before
+    if result.errors and contender.metrics_url:
+        # wrk counts non-2xx answers without saying which: the plane's own counters do.
+        for code, count in (await _statuses(contender)).items():
+            if code != "200" and count > statuses_before.get(code, 0):
+                result.statuses[code] = count - statuses_before.get(code, 0)
     # For the direct call the process under test is the mock itself, so it shows on both sides.
     return Run(result, sut_cpu, result.generator_cpu_s + mock_cpu, peak.peak_rss)
+
+
+_REQUESTS_TOTAL = re.compile(r'^hatchway_requests_total\{route="/v1/chat/completions",status="(\d+)"\} (\S+)$', re.M)
+
+
+async def _statuses(contender: Contender) -> dict[str, int]:
+    """The plane's count of chat answers by status so far (none for contenders without Hatchway's metrics)."""
+    if not contender.metrics_url:
+        return {}
+    async with aiohttp.ClientSession() as session, session.get(contender.metrics_url) as response:
+        text = await response.text()
+    return {status: int(float(count)) for status, count in _REQUESTS_TOTAL.findall(text)}
+
+
+async def wait_until_quiet(pids: list[int], limit_s: float = 10.0) -> None:
+    """Until the processes under test use under 5% of a core together over 100 ms (at most `limit_s`): a
+    contender still working off its backlog (LiteLLM, after a c=128 run) would take the next one's CPU."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        before = sum(sample_process(pid).cpu_s for pid in pids)
+        await asyncio.sleep(0.1)
+        if sum(sample_process(pid).cpu_s for pid in pids) - before < 0.005:
+            return
 
 
 async def measure(
@@ -243,6 +281,7 @@ async def measure(
             for index in range(settings.rounds):
                 shift = index % len(contenders)
                 for contender in contenders[shift:] + contenders[:shift]:
+                    await wait_until_quiet([c.pid for c in contenders if c.name != "direct"])
                     run = await measure_once(suite, contender, mode, concurrency, settings.duration_s)
                     runs.setdefault((contender.name, mode, concurrency), []).append(run)
                     _progress(contender.name, mode, concurrency, index, run)
@@ -256,6 +295,7 @@ def _progress(name: str, mode: str, concurrency: int, index: int, run: Run) -> N
         f"p50 {r.p50_ms:7.2f}  p99 {r.p99_ms:8.2f} ms  {run.cpu_us_per_request:6.0f} us CPU/req  "
         f"SUT {run.cpu_percent(run.sut_cpu_s):3.0f}%  load side {run.cpu_percent(run.load_cpu_s):3.0f}%"
         + (f"  errors {r.errors}" if r.errors else "")
+        + (f" answered {r.statuses}" if r.statuses else "")
     )
 
 

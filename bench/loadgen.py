@@ -73,6 +73,8 @@ class LoadResult:
     max_ms: float
     generator_cpu_s: float = 0.0
     samples_ms: list[float] = field(default_factory=list, repr=False)
+    # The non-200 answers by status, where the server under test counts them (Hatchway's /metrics).
+    statuses: dict[str, int] = field(default_factory=dict)
 
     @property
     def rps(self) -> float:
@@ -89,6 +91,7 @@ class LoadResult:
             "duration_s": round(self.duration_s, 3),
             "ok": self.ok,
             "errors": self.errors,
+            **({"statuses": self.statuses} if self.statuses else {}),
             "rps": round(self.rps, 1),
             "mean_ms": round(self.mean_ms, 3),
             "p50_ms": round(self.p50_ms, 3),
