@@ -314,6 +314,51 @@ async def test_a_stream_that_stalls_times_out() -> None:
         response.release()
 
 
+def stream_ending_late(end_after_s: float) -> Callable[[Server], Script]:
+    """The first request gets a chunked stream whose terminating chunk comes `end_after_s` after its last event;
+    later ones get OK."""
+
+    def script(server: Server) -> Script:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                await server.read_request(reader)
+                if len(server.requests) > 1:
+                    writer.write(OK)
+                    await writer.drain()
+                    continue
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nlast\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(end_after_s)
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+
+        return run
+
+    return script
+
+
+async def read_first_chunk_and_finish(http: HTTPClient, url: str, grace_s: float) -> None:
+    response = await http.post(Endpoint.parse(url), [], b"{}", connect_timeout_s=5, header_timeout_s=5)
+    async for chunk in response.chunks(5.0):
+        assert chunk == b"last\n"
+        break
+    response.finish(grace_s)
+
+
+async def test_a_finished_stream_whose_end_comes_late_keeps_its_connection() -> None:
+    async with serving(stream_ending_late(0.1)) as server, client(limit_per_origin=1) as http:
+        await read_first_chunk_and_finish(http, server.url, grace_s=2.0)
+        assert (await post(http, server.url))[0] == 200  # waited for the connection, then reused it
+    assert server.connections == 1
+
+
+async def test_a_finished_stream_whose_end_never_comes_closes_and_frees_its_place() -> None:
+    async with serving(stream_ending_late(30)) as server, client(limit_per_origin=1) as http:
+        await read_first_chunk_and_finish(http, server.url, grace_s=0.1)
+        assert (await post(http, server.url))[0] == 200
+    assert server.connections == 2
+
+
 async def test_a_header_value_with_a_line_break_is_refused_before_sending() -> None:
     async with serving(answering(OK)) as server, client() as http:
         with pytest.raises(ValueError, match="line break"):

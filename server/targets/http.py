@@ -9,7 +9,8 @@ JSON body, an answer delimited by Content-Length, chunks or the end of the conne
 Timeouts are per wait, on the connection's single timer: `connect_timeout_s` for opening a connection,
 `header_timeout_s` until the status line and headers, and a caller's `idle_timeout_s` between two reads of the
 body. A connection goes back to its pool only when its answer was read to the end and both sides allow
-keep-alive; everything else (an error, a cancelled wait, an abandoned answer) closes it.
+keep-alive (or, after `Response.finish`, once that end arrives); everything else (an error, a cancelled wait,
+an abandoned answer) closes it. No proxy support (the plane never read proxy variables for upstreams).
 """
 
 from __future__ import annotations
@@ -123,6 +124,15 @@ class Response:
         self._done = True
         self._connection.discard()
 
+    def finish(self, grace_s: float) -> None:
+        """Done with an answer whose content is all in though the end of its body may not be (a stream's last
+        event read, its chunked body's terminator still on the way): the connection goes back to the pool if
+        that end arrives within `grace_s`, and closes otherwise. Closing it at once would cost the next request
+        a new connection (a TLS handshake, with a real provider)."""
+        if not self._done:
+            self._done = True
+            self._connection.drain(grace_s)
+
 
 class _Connection(asyncio.Protocol):
     """One keep-alive connection: parses what arrives and wakes whoever waits for it."""
@@ -150,6 +160,8 @@ class _Connection(asyncio.Protocol):
         self.body: list[bytes] = []
         self.buffered = 0
         self.paused = False
+        # Set while the rest of an answer nobody reads any more is awaited (see Response.finish).
+        self.draining: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
@@ -171,6 +183,10 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
+        if self.draining is not None:
+            self.draining.cancel()
+            self.draining = None
+            self.pool.done_with(self)
         if not self.complete and self.error is None:
             if self.headers_done and self._delimited_by_close():
                 self.complete = True
@@ -200,6 +216,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.draining is not None:
+            return  # nobody reads it
         self.body.append(body)
         self.buffered += len(body)
         if self.buffered > READ_AHEAD_BYTES and not self.paused and self.transport is not None:
@@ -210,6 +228,10 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.complete = True
         self.keep_alive = self.parser.should_keep_alive()
+        if self.draining is not None:
+            self.draining.cancel()
+            self.draining = None
+            self.release()
         self._wake()
 
     # -- used by the pool and the response ----------------------------------------------------------
@@ -273,6 +295,21 @@ class _Connection(asyncio.Protocol):
     def discard(self) -> None:
         self.close()
         self.pool.done_with(self)
+
+    def drain(self, grace_s: float) -> None:
+        self.body = []
+        self.buffered = 0
+        if self.complete or self.closed or self.error is not None:
+            self.release()
+            return
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        self.draining = self.loop.call_later(grace_s, self._drain_expired)
+
+    def _drain_expired(self) -> None:
+        self.draining = None
+        self.discard()
 
     def close(self) -> None:
         if not self.closed:

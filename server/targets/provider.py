@@ -175,6 +175,10 @@ class ProviderTarget(Target):
         return ProviderStream(self.id, response, self.policy.idle_timeout_s)
 
 
+# After a stream's [DONE], how long the end of its chunked body may take to arrive for its connection to be kept.
+DRAIN_GRACE_S = 1.0
+
+
 class ProviderStream(TargetStream):
     def __init__(self, target_id: str, response: Response, idle_timeout_s: float) -> None:
         self.target_id = target_id
@@ -203,8 +207,9 @@ class ProviderStream(TargetStream):
 
     async def aclose(self) -> None:
         await self._payloads.aclose()
-        if not self.done:
+        if self.done:
+            self.response.finish(DRAIN_GRACE_S)
+        else:
             # An unfinished stream must not go back to the pool half-read; closing also tells the upstream
             # to stop generating.
             self.response.close()
-        self.response.release()
