@@ -24,7 +24,9 @@ from collections.abc import Callable
 from server.errors import ServiceUnavailableError
 
 TICK_S = 0.02
-# Weight of the newest lag sample in the running average: about the last 10 ticks (200 ms).
+# Weight of the newest lag sample in the running average: about the last 3 ticks (60 ms). With 0.1 (200 ms) a
+# queue of hundreds of ms built up at twice the plane's capacity before the first refusal (served p99 826 ms,
+# against 300-460 ms with 0.3, in the same day's runs).
 SMOOTHING = 0.3
 
 
