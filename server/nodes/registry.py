@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from proto.hatchway.node.v1 import node_pb2 as pb
 from server.errors import UpstreamConnectError, UpstreamError
+from server.waiters import Waiters
 
 log = logging.getLogger(__name__)
 
@@ -137,27 +138,14 @@ class NodeSession:
             self.outbound.put_nowait(message)
 
 
-class Pool:
-    """Waiters for one (org, model), woken in arrival order as slots free up."""
-
-    def __init__(self) -> None:
-        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    def wake_one(self) -> None:
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-
-
 class NodeRegistry:
     def __init__(self, *, queue_size: int, queue_timeout_s: float, cancel_timeout_s: float) -> None:
         self.queue_size = queue_size
         self.queue_timeout_s = queue_timeout_s
         self.cancel_timeout_s = cancel_timeout_s
         self.sessions: dict[str, NodeSession] = {}
-        self._pools: dict[tuple[str, str], Pool] = collections.defaultdict(Pool)
+        # Requests queued for a slot of one (org, model), woken in arrival order as slots free up.
+        self._pools: dict[tuple[str, str], Waiters] = collections.defaultdict(Waiters)
         # Conversation prefix -> the node that served it last, so a follow-up reuses its prompt cache.
         self._affinity: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._job_ids = itertools.count(1)
@@ -242,7 +230,7 @@ class NodeRegistry:
         return job
 
     async def _claim(self, org_id: str, model: str, affinity: str | None) -> NodeSession:
-        pool = self._pools[(org_id, model)]
+        waiters = self._pools[(org_id, model)]
         deadline = time.monotonic() + self.queue_timeout_s
         while True:
             session = self._pick(org_id, model, affinity)
@@ -251,18 +239,13 @@ class NodeRegistry:
                 return session
             if not self.serves(org_id, model):
                 raise UpstreamConnectError(f"no node serves '{model}' any more")
-            if len(pool.waiters) >= self.queue_size:
+            if len(waiters) >= self.queue_size:
                 raise NodesBusyError(f"every node slot for '{model}' is busy and the queue is full")
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            pool.waiters.append(waiter)
             try:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    await waiter
+                    await waiters.wait()
             except TimeoutError:
                 raise NodesBusyError(f"no node slot for '{model}' freed up in time") from None
-            finally:
-                if waiter in pool.waiters:
-                    pool.waiters.remove(waiter)
 
     def _pick(self, org_id: str, model: str, affinity: str | None) -> NodeSession | None:
         candidates = [s for s in self.sessions_for(org_id) if s.free_slots(model) > 0]

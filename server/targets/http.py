@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from server.waiters import Waiters
+
 
 class HTTPClientError(Exception):
     """The upstream could not be talked to as HTTP/1.1."""
@@ -332,7 +334,7 @@ class _Pool:
         self.loop = asyncio.get_running_loop()
         self.idle: deque[_Connection] = deque()
         self.busy = 0
-        self.waiting: deque[asyncio.Future[None]] = deque()
+        self.waiting = Waiters()
 
     async def acquire(self, connect_timeout_s: float | None) -> _Connection:
         while True:
@@ -346,23 +348,13 @@ class _Pool:
             if self.busy < self.client.limit_per_origin:
                 break
             # Every connection is lent out: wait for one to come back (or to close, freeing its place).
-            waiter = self.loop.create_future()
-            self.waiting.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake_one()  # this wake-up was ours: pass it on
-                raise
-            finally:
-                if waiter in self.waiting:
-                    self.waiting.remove(waiter)
+            await self.waiting.wait()
         self.busy += 1
         try:
             connection = await self._connect(connect_timeout_s)
         except BaseException:
             self.busy -= 1
-            self._wake_one()
+            self.waiting.wake_one()
             raise
         connection.lent = True
         return connection
@@ -400,19 +392,12 @@ class _Pool:
         if connection.lent:
             connection.lent = False
             self.busy -= 1
-            self._wake_one()
+            self.waiting.wake_one()
 
     def forget(self, connection: _Connection) -> None:
         """A connection closed: drop it from the idle list (a lent one is accounted when released)."""
         if connection in self.idle:
             self.idle.remove(connection)
-
-    def _wake_one(self) -> None:
-        while self.waiting:
-            waiter = self.waiting.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
 
     def close(self) -> None:
         while self.idle:
