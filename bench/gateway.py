@@ -176,7 +176,7 @@ async def start_contenders(
     for name, policy, source in planes:
         if name not in settings.contenders and source is None:
             continue
-        plane = start_plane(stack, suite.subdir("gateway"), suite.pinning, name=_safe(name), source=source)
+        plane = start_plane(stack, suite.subdir("gateway"), suite.pinning, name=name, source=source)
         await wait_ready(session, plane)
         key = await configure(session, plane, upstream, policy=policy)
         contenders.append(
@@ -205,10 +205,6 @@ async def start_contenders(
         else:
             suite.results.setdefault("notes", {})["litellm"] = litellm.error or "unavailable"
     return contenders
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 async def _ready_after_start(session: aiohttp.ClientSession, child: Child, url: str) -> float:

@@ -66,6 +66,7 @@ def start_plane(
     """Start `hatchway serve` (on the SUT CPU when pinned); `settings` become HATCHWAY_* variables. `source`: a
     checkout of another version to run instead of the installed one, with this virtualenv's packages (`-m server`
     from that folder imports its `server` before the installed one)."""
+    name = file_name(name)
     data_dir = workdir / f"{name}-data"
     data_dir.mkdir()
     program = [sys.executable, "-m", "server"] if source is not None else [str(hatchway_binary())]
@@ -80,9 +81,14 @@ def start_plane(
     return Plane(child, f"http://{HOST}:{port}", f"{HOST}:{grpc_port}")
 
 
+def file_name(text: str) -> str:
+    """`text` (a contender's name, a git ref) made safe to put in a file name."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+
+
 def checkout(stack: contextlib.ExitStack, workdir: Path, ref: str) -> Path:
     """A detached git worktree of `ref` under `workdir`, removed again when `stack` closes."""
-    path = workdir / f"checkout-{re.sub(r'[^A-Za-z0-9._-]', '_', ref)}"
+    path = workdir / f"checkout-{file_name(ref)}"
     git = ["git", "-C", str(REPO_ROOT)]
     done = subprocess.run([*git, "worktree", "add", "--detach", "--quiet", str(path), ref], capture_output=True)
     if done.returncode != 0:

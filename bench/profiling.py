@@ -93,6 +93,10 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return used
 
 
+def _per_thread(us_per_request: dict[str, float]) -> str:
+    return ", ".join(f"{name} {us:.0f} us" for name, us in us_per_request.items())
+
+
 def render(mode: str, run: dict[str, Any], summary: dict[str, Any]) -> str:
     threads = summary["thread_cpu_us_per_request"]
     lines = [
@@ -100,8 +104,7 @@ def render(mode: str, run: dict[str, Any], summary: dict[str, Any]) -> str:
         f"({run['duration_s']:.0f}s, py-spy --rate {RATE_HZ} --nonblocking, {summary['samples']} samples with a "
         "thread on CPU; % of those samples)",
         "",
-        "CPU per request by thread (us, from /proc; 10 ms ticks): "
-        + ", ".join(f"{name} {us:.0f}" for name, us in threads.items()),
+        f"CPU per request by thread (from /proc; 10 ms ticks): {_per_thread(threads)}",
         "",
         "self time by function",
         *(f"  {pct:6.2f}%  {name}" for name, pct in summary["self"]),
@@ -171,8 +174,7 @@ def format_table(report: dict[str, Any]) -> str:
     for mode in ("nonstream", "stream"):
         data = report[mode]
         lines.append(f"{mode} ({data['rps']:.0f} req/s, {data['samples']} samples): top self time")
-        threads = data.get("thread_cpu_us_per_request", {})
-        lines.append("  CPU us/request by thread: " + ", ".join(f"{name} {us:.0f}" for name, us in threads.items()))
+        lines.append(f"  CPU per request by thread: {_per_thread(data.get('thread_cpu_us_per_request', {}))}")
         lines.extend(f"  {pct:6.2f}%  {name}" for name, pct in data["self"][:12])
         lines.append("  by file: " + ", ".join(f"{name} {pct:.1f}%" for name, pct in data["files"][:8]))
     lines.append("full summaries: " + ", ".join(p for p in report["files"] if p.endswith(".txt")))
