@@ -27,7 +27,8 @@ from server.targets.http import (
     ProtocolError,
 )
 
-Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+# What a scripted server does with each connection: the server (to read requests, count them), then the streams.
+Script = Callable[["Server", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
 
 
@@ -45,7 +46,7 @@ class Server:
         self.connections += 1
         self.writers.append(writer)
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await self.script(reader, writer)
+            await self.script(self, reader, writer)
         writer.close()
 
     async def read_request(self, reader: asyncio.StreamReader) -> bytes:
@@ -57,8 +58,8 @@ class Server:
 
 
 @contextlib.asynccontextmanager
-async def serving(script: Callable[[Server], Script], tls: ssl.SSLContext | None = None) -> AsyncIterator[Server]:
-    server = Server(lambda r, w: script(server)(r, w))
+async def serving(script: Script, tls: ssl.SSLContext | None = None) -> AsyncIterator[Server]:
+    server = Server(script)
     listener = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=tls)
     port = listener.sockets[0].getsockname()[1]
     server.url = f"{'https' if tls else 'http'}://{'localhost' if tls else '127.0.0.1'}:{port}/v1/chat/completions"
@@ -95,19 +96,16 @@ async def post(http: HTTPClient, url: str, header_timeout_s: float = 5.0) -> tup
         response.release()
 
 
-def answering(*answers: bytes) -> Callable[[Server], Script]:
+def answering(*answers: bytes) -> Script:
     """Answer each request, on whichever connection it comes, with the next of `answers`; keep connections open."""
     queue = list(answers)
 
-    def script(server: Server) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while queue:
-                await server.read_request(reader)
-                writer.write(queue.pop(0))
-                await writer.drain()
-            await reader.read()
-
-        return run
+    async def script(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while queue:
+            await server.read_request(reader)
+            writer.write(queue.pop(0))
+            await writer.drain()
+        await reader.read()
 
     return script
 
@@ -140,14 +138,11 @@ async def test_a_chunked_answer_is_read_whole() -> None:
 
 
 async def test_an_answer_without_length_ends_where_the_connection_does() -> None:
-    def script(server: Server) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            writer.write(b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"till":')
-            await writer.drain()
-            writer.write(b'"close"}')
-
-        return run
+    async def script(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"till":')
+        await writer.drain()
+        writer.write(b'"close"}')
 
     async with serving(script) as server, client() as http:
         assert await post(http, server.url) == (200, b'{"till":"close"}')
@@ -158,13 +153,10 @@ async def test_an_answer_without_length_ends_where_the_connection_does() -> None
 async def test_a_body_cut_short_is_an_error_not_an_answer() -> None:
     cut = b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"partial":'
 
-    def script(server: Server) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            writer.write(cut)
-            await writer.drain()
-
-        return run
+    async def script(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(cut)
+        await writer.drain()
 
     async with serving(script) as server, client() as http:
         with pytest.raises(DisconnectedError):
@@ -172,11 +164,8 @@ async def test_a_body_cut_short_is_an_error_not_an_answer() -> None:
 
 
 async def test_a_connection_closed_before_any_answer_is_a_disconnect() -> None:
-    def script(server: Server) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-
-        return run
+    async def script(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
 
     async with serving(script) as server, client() as http:
         with pytest.raises(DisconnectedError, match="before the answer's headers"):
@@ -192,13 +181,10 @@ async def test_bytes_that_are_not_http_are_a_protocol_error() -> None:
 async def test_headers_that_do_not_come_in_time_time_out_and_close_the_connection() -> None:
     closed = asyncio.Event()
 
-    def script(server: Server) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            await reader.read()  # until the client closes
-            closed.set()
-
-        return run
+    async def script(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        await reader.read()  # until the client closes
+        closed.set()
 
     async with serving(script) as server, client() as http:
         with pytest.raises(TimeoutError):
@@ -228,13 +214,11 @@ async def test_an_answer_given_up_half_read_closes_its_connection() -> None:
 
 
 async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
-    def script(server: Server) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            writer.write(OK)
-            await writer.drain()
-
-        return run  # and close: the server's keep-alive timeout, at its shortest
+    # Answers, then closes: the server's keep-alive timeout, at its shortest.
+    async def script(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(OK)
+        await writer.drain()
 
     async with serving(script) as server, client() as http:
         assert (await post(http, server.url))[0] == 200
@@ -251,17 +235,14 @@ async def test_requests_beyond_the_connection_limit_wait_for_a_connection() -> N
 
 
 async def test_a_cancelled_request_gives_its_place_in_the_pool_back() -> None:
-    def script(server: Server) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            if server.connections == 1:
-                await reader.read()  # the first request never gets an answer
-                return
-            writer.write(OK)
-            await writer.drain()
-            await reader.read()
-
-        return run
+    async def script(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        if server.connections == 1:
+            await reader.read()  # the first request never gets an answer
+            return
+        writer.write(OK)
+        await writer.drain()
+        await reader.read()
 
     async with serving(script) as server, client(limit_per_origin=1) as http:
         stuck = asyncio.create_task(post(http, server.url))
@@ -275,16 +256,13 @@ async def test_a_cancelled_request_gives_its_place_in_the_pool_back() -> None:
 async def test_a_stream_arrives_as_it_is_sent() -> None:
     release = asyncio.Event()
 
-    def script(server: Server) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst\n\r\n")
-            await writer.drain()
-            await release.wait()
-            writer.write(b"7\r\nsecond\n\r\n0\r\n\r\n")
-            await writer.drain()
-
-        return run
+    async def script(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst\n\r\n")
+        await writer.drain()
+        await release.wait()
+        writer.write(b"7\r\nsecond\n\r\n0\r\n\r\n")
+        await writer.drain()
 
     async with serving(script) as server, client() as http:
         response = await http.post(Endpoint.parse(server.url), [], b"{}", connect_timeout_s=5, header_timeout_s=5)
@@ -297,14 +275,11 @@ async def test_a_stream_arrives_as_it_is_sent() -> None:
 
 
 async def test_a_stream_that_stalls_times_out() -> None:
-    def script(server: Server) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await server.read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst\n\r\n")
-            await writer.drain()
-            await reader.read()
-
-        return run
+    async def script(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst\n\r\n")
+        await writer.drain()
+        await reader.read()
 
     async with serving(script) as server, client() as http:
         response = await http.post(Endpoint.parse(server.url), [], b"{}", connect_timeout_s=5, header_timeout_s=5)
@@ -314,25 +289,22 @@ async def test_a_stream_that_stalls_times_out() -> None:
         response.release()
 
 
-def stream_ending_late(end_after_s: float) -> Callable[[Server], Script]:
+def stream_ending_late(end_after_s: float) -> Script:
     """The first request gets a chunked stream whose terminating chunk comes `end_after_s` after its last event;
     later ones get OK."""
 
-    def script(server: Server) -> Script:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while True:
-                await server.read_request(reader)
-                if len(server.requests) > 1:
-                    writer.write(OK)
-                    await writer.drain()
-                    continue
-                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nlast\n\r\n")
+    async def script(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            if len(server.requests) > 1:
+                writer.write(OK)
                 await writer.drain()
-                await asyncio.sleep(end_after_s)
-                writer.write(b"0\r\n\r\n")
-                await writer.drain()
-
-        return run
+                continue
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nlast\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(end_after_s)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
 
     return script
 
