@@ -157,7 +157,7 @@ class OpenStream:
 
     target: Target
     upstream: TargetStream
-    # Chunks read before the commit point, to relay first: the raw bytes when relayed unchanged.
+    # Chunks of the batches read up to the commit point, to relay first: the raw bytes when relayed unchanged.
     buffered: list[tuple[bytes | None, dict[str, Any]]]
     # Set when this stream continues a rescued answer: its text is trimmed to what the client lacks.
     continuation: Continuation | None = None
@@ -389,17 +389,19 @@ class Relay:
         exchange: Exchange,
         continuation: Continuation | None,
     ) -> OpenStream:
-        """Open a stream and read it up to its first content token (the pre-commit buffer). Runs inside
-        `attempt`, whose timer holds it to the target's time-to-first-token limit."""
+        """Open a stream and read it up to the batch holding its first content token (the pre-commit buffer).
+        Runs inside `attempt`, whose timer holds it to the target's time-to-first-token limit."""
         upstream = await target.stream(call, attempt)
         opened = OpenStream(target, upstream, [], continuation)
         try:
-            async for payload in upstream:
-                item = self._prepare(exchange, opened, payload)
-                if item is None:
-                    continue
-                opened.buffered.append(item)
-                if _substantive(item[1]):
+            async for batch in upstream:
+                committed = False
+                for payload in batch:
+                    item = self._prepare(exchange, opened, payload)
+                    if item is not None:
+                        opened.buffered.append(item)
+                        committed = committed or _substantive(item[1])
+                if committed:
                     return opened
         except BaseException:
             await upstream.aclose()
@@ -439,19 +441,21 @@ class Relay:
     ) -> bytes:
         """Relay the buffered chunks, then the rest; return when the answer is complete, raise when it broke.
 
-        Events that arrived in one read of the upstream leave in one write (one chunk of the response, not one
-        per event); an event is never held back waiting for the upstream. The events of the last read are
-        returned unwritten, for the caller to send with the end of the stream."""
+        A batch (the events that arrived together) leaves in one write, one chunk of the response rather than
+        one per event; an event is never held back waiting for the upstream. The last batch is returned
+        unwritten, for the caller to send with the end of the stream."""
+        upstream = opened.upstream
         frames = [f for payload, chunk in opened.buffered if (f := self._frame(exchange, progress, payload, chunk))]
         opened.buffered.clear()
         try:
-            if frames and not opened.upstream.pending:
+            if not upstream.done:
                 await self._write(response, frames)
-            async for raw in opened.upstream:
-                item = self._prepare(exchange, opened, raw)
-                if item is not None and (frame := self._frame(exchange, progress, *item)):
-                    frames.append(frame)
-                if frames and not opened.upstream.pending and not opened.upstream.done:
+            async for batch in upstream:
+                for raw in batch:
+                    item = self._prepare(exchange, opened, raw)
+                    if item is not None and (frame := self._frame(exchange, progress, *item)):
+                        frames.append(frame)
+                if not upstream.done:
                     await self._write(response, frames)
         except UpstreamError:
             # What the client was counted as having must reach it before the stream is given up or rescued.
@@ -460,7 +464,7 @@ class Relay:
         problem = None
         if opened.continuation is not None and not opened.continuation.passing:
             problem = "the regenerated answer is shorter than the delivered one"
-        elif not (opened.upstream.done or progress.finished):
+        elif not (upstream.done or progress.finished):
             problem = "stream ended before the answer finished"
         if problem is not None:
             await self._write(response, frames)

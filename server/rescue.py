@@ -30,7 +30,6 @@ class StreamProgress:
     rescuable: bool = True
     first_id: str | None = None
     first_created: int | None = None
-    usage: dict[str, Any] | None = None
 
     @property
     def delivered(self) -> str:
@@ -43,9 +42,6 @@ class StreamProgress:
             self.first_id = chunk["id"]
             created = chunk.get("created")
             self.first_created = created if isinstance(created, int) else None
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self.usage = usage
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             return False
@@ -58,12 +54,13 @@ class StreamProgress:
             if choice.get("finish_reason"):
                 self.finished = True
                 substantive = True
-            text = choice_text(choice)
-            if text:
+            # choice_text, inline: this runs for every event of every stream.
+            delta = choice.get("delta")
+            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+            if text and isinstance(text, str):
                 self.text.append(text)
                 self.content_chunks += 1
                 substantive = True
-            delta = choice.get("delta")
             if isinstance(delta, dict) and (delta.get("tool_calls") or delta.get("function_call")):
                 self.rescuable = False
                 substantive = True

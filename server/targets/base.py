@@ -38,15 +38,14 @@ class Attempt:
 
 
 class TargetStream(ABC):
-    """SSE data payloads (the bytes after `data: `) until the upstream's `[DONE]`, which is not yielded."""
+    """SSE data payloads (the bytes after `data: `) until the upstream's `[DONE]`, which is not yielded, in batches:
+    the payloads that arrived together, which a relay forwards in one write. Never an empty batch."""
 
     # True once the upstream sent `[DONE]`: a stream that ends without it may have been cut.
     done: bool = False
-    # Payloads that arrived with the one just yielded and follow it at once: a relay writes when this is 0.
-    pending: int = 0
 
     @abstractmethod
-    def __aiter__(self) -> AsyncIterator[bytes]: ...
+    def __aiter__(self) -> AsyncIterator[list[bytes]]: ...
 
     @abstractmethod
     async def aclose(self) -> None: ...

@@ -99,38 +99,44 @@ class NodeStream(TargetStream):
         self.job = job
         self.call = call
         self.idle_timeout_s = idle_timeout_s
-        self._payloads = self._read()
+        self._batches = self._read()
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._payloads
+    def __aiter__(self) -> AsyncIterator[list[bytes]]:
+        return self._batches
 
-    async def _read(self) -> AsyncGenerator[bytes, None]:
+    async def _read(self) -> AsyncGenerator[list[bytes], None]:
         chat = self.call.endpoint == "chat/completions"
         base = _chunk_base(self.call, self.job, chat)
-        if chat:
-            yield _chunk(base, {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-        while True:
-            event = await _next(self.job, self.idle_timeout_s)
+        role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        batch = [_chunk(base, role)] if chat else []
+        event: pb.JobEvent | None = await _next(self.job, self.idle_timeout_s)
+        while event is not None:
             kind = event.WhichOneof("kind")
             if kind == "tokens":
                 piece = {"content": event.tokens.text} if chat else None
                 choice = {"index": 0, "delta": piece} if chat else {"index": 0, "text": event.tokens.text}
-                # Events that came in behind this one (the last batch and the end, typically) leave in one write.
-                self.pending = self.job.events.qsize()
-                yield _chunk(base, {**choice, "finish_reason": None, "logprobs": None})
+                batch.append(_chunk(base, {**choice, "finish_reason": None, "logprobs": None}))
             elif kind == "end":
                 end = event.end
                 finish = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
-                self.pending = 1
-                yield _chunk(base, {**finish, "finish_reason": end.finish_reason, "logprobs": None})
-                self.pending, self.done = 0, True
-                yield orjson.dumps({**base, "choices": [], "usage": _usage(end)})
+                batch.append(_chunk(base, {**finish, "finish_reason": end.finish_reason, "logprobs": None}))
+                batch.append(orjson.dumps({**base, "choices": [], "usage": _usage(end)}))
+                self.done = True
+                yield batch
                 return
             else:
+                if batch:
+                    yield batch  # what the node sent before its error still reaches the client
                 raise _error(self.job, event.error)
+            # Events that came in behind this one (the last batch and the end, typically) leave in one write.
+            event = _queued(self.job)
+            if event is None:
+                yield batch
+                batch = []
+                event = await _next(self.job, self.idle_timeout_s)
 
     async def aclose(self) -> None:
-        await self._payloads.aclose()
+        await self._batches.aclose()
         self.registry.cancel(self.job)
 
 
@@ -140,6 +146,18 @@ async def _next(job: Job, timeout_s: float) -> pb.JobEvent:
             event = await job.events.get()
     except TimeoutError:
         raise UpstreamTimeoutError(f"node {job.session.name}: no token for {timeout_s:g}s") from None
+    return _arrived(job, event)
+
+
+def _queued(job: Job) -> pb.JobEvent | None:
+    """The job's next event if it is already in, else None."""
+    try:
+        return _arrived(job, job.events.get_nowait())
+    except asyncio.QueueEmpty:
+        return None
+
+
+def _arrived(job: Job, event: pb.JobEvent | SessionLost) -> pb.JobEvent:
     if isinstance(event, SessionLost):
         raise UpstreamConnectError(f"node {job.session.name} went away during the job")
     return event

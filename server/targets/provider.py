@@ -185,28 +185,37 @@ class ProviderStream(TargetStream):
         self.response = response
         self.idle_timeout_s = idle_timeout_s
         # One generator for the stream's life: it holds the SSE parser's buffer between iterations.
-        self._payloads = self._read()
+        self._batches = self._read()
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._payloads
+    def __aiter__(self) -> AsyncIterator[list[bytes]]:
+        return self._batches
 
-    async def _read(self) -> AsyncGenerator[bytes, None]:
+    async def _read(self) -> AsyncGenerator[list[bytes], None]:
+        events = sse.EventSplitter()
         try:
-            async for batch in sse.iter_batches(self.response.chunks(self.idle_timeout_s)):
-                for index, data in enumerate(batch):
-                    if data == sse.DONE:
-                        self.done = True
-                        self.pending = 0
-                        return
-                    self.pending = len(batch) - index - 1
-                    yield data
+            async for data in self.response.chunks(self.idle_timeout_s):
+                batch = events.feed(data)
+                if batch and (batch := self._until_done(batch)):
+                    yield batch
+                if self.done:
+                    return
+            batch = self._until_done(events.end())
+            if batch:
+                yield batch
         except TimeoutError as exc:
             raise UpstreamTimeoutError(f"{self.target_id}: stream stalled") from exc
         except HTTPClientError as exc:
             raise UpstreamConnectError(f"{self.target_id}: stream cut: {exc}") from exc
 
+    def _until_done(self, batch: list[bytes]) -> list[bytes]:
+        """The batch up to the upstream's `[DONE]`, if it holds it (nothing after it counts)."""
+        if sse.DONE in batch:
+            self.done = True
+            return batch[: batch.index(sse.DONE)]
+        return batch
+
     async def aclose(self) -> None:
-        await self._payloads.aclose()
+        await self._batches.aclose()
         if self.done:
             self.response.finish(DRAIN_GRACE_S)
         else:
