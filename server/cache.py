@@ -47,10 +47,13 @@ class Directives:
     ttl_s: int | None = None
 
 
+NO_DIRECTIVES = Directives()
+
+
 def parse_directives(header: str | None) -> Directives:
     """The X-Hatchway-Cache request header: comma-separated `bypass`, `no-store`, `ttl=SECONDS`."""
     if not header:
-        return Directives()
+        return NO_DIRECTIVES
     bypass = no_store = False
     ttl: int | None = None
     for raw in header.split(","):

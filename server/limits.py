@@ -44,13 +44,15 @@ class Limits:
     usd_per_day: float | None = None
     usd_per_month: float | None = None
 
-    # Derived once, for the request path: the quotas set, as (index in QUOTAS, name, unit, window, limit),
-    # and whether any limit is set at all.
-    quotas: tuple[tuple[int, str, str, str, float], ...] = field(default=(), init=False, repr=False, compare=False)
+    # Derived once, for the request path: the quotas set, as (index in QUOTAS, name, counts tokens (else USD),
+    # window, limit), and whether any limit is set at all.
+    quotas: tuple[tuple[int, str, bool, str, float], ...] = field(default=(), init=False, repr=False, compare=False)
     any: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        quotas = tuple((i, name, unit, window, getattr(self, name)) for i, (name, unit, window) in enumerate(QUOTAS))
+        quotas = tuple(
+            (i, name, unit == "tokens", window, getattr(self, name)) for i, (name, unit, window) in enumerate(QUOTAS)
+        )
         object.__setattr__(self, "quotas", tuple(q for q in quotas if q[4] is not None))
         object.__setattr__(self, "any", any(getattr(self, name) is not None for name in LIMIT_FIELDS))
 
@@ -249,8 +251,8 @@ class Limiter:
             if limits.tpm is not None:
                 assert state.tokens.level is not None
                 state.tokens.level -= estimate.tokens
-            for index, _, unit, _, _ in limits.quotas:
-                state.quotas[index].reserved += _amount(estimate, unit)
+            for index, _, by_tokens, _, _ in limits.quotas:
+                state.quotas[index].reserved += estimate.tokens if by_tokens else estimate.usd
         # The buckets were refilled to `now` by _check: the headers show them as charged.
         return Admission(self, held, estimate, _headers(held, now, refill=False))
 
@@ -264,10 +266,11 @@ class Limiter:
             if limits.tpm is not None:
                 level = state.tokens.refill(limits.tpm, now)
                 state.tokens.level = min(float(limits.tpm), level + reserved.tokens - tokens)
-            for index, _, unit, _, _ in limits.quotas:
+            for index, _, by_tokens, _, _ in limits.quotas:
                 quota = state.quotas[index]
-                quota.reserved = max(0.0, quota.reserved - _amount(reserved, unit))
-                quota.used += tokens if unit == "tokens" else usd
+                left = quota.reserved - (reserved.tokens if by_tokens else reserved.usd)
+                quota.reserved = left if left > 0.0 else 0.0
+                quota.used += tokens if by_tokens else usd
 
     def seed(self, used: Mapping[tuple[str, str], tuple[float, float]]) -> None:
         """Start-up: what each scope already used this window, {(scope, "day"|"month"): (tokens, usd)}."""
@@ -287,9 +290,9 @@ class Limiter:
             live["requests_remaining"] = max(0, math.floor(state.requests.refill(limits.rpm, now)))
         if limits.tpm is not None:
             live["tokens_remaining"] = max(0, math.floor(state.tokens.refill(limits.tpm, now)))
-        for index, name, unit, _, _ in limits.quotas:
+        for index, name, by_tokens, _, _ in limits.quotas:
             quota = state.quotas[index]
-            live[f"{name}_used"] = round(quota.used, 6) if unit == "usd" else int(quota.used)
+            live[f"{name}_used"] = int(quota.used) if by_tokens else round(quota.used, 6)
         return live
 
 
@@ -323,11 +326,11 @@ def _check(state: ScopeState, limits: Limits, estimate: Estimate, now: float) ->
                 f"may use up to {estimate.tokens}. Retry in {wait:.1f}s.",
                 headers=_retry_after(wait),
             )
-    for index, _, unit, window, limit in limits.quotas:
+    for index, _, by_tokens, window, limit in limits.quotas:
         quota = state.quotas[index]
-        wanted = _amount(estimate, unit)
+        wanted = estimate.tokens if by_tokens else estimate.usd
         if quota.used + quota.reserved + wanted > limit:
-            what = f"{limit:g} USD" if unit == "usd" else f"{limit} tokens"
+            what = f"{limit} tokens" if by_tokens else f"{limit:g} USD"
             raise QuotaExceededError(
                 f"This {state.subject} has used its quota of {what} per {window} (used {quota.used:g}, "
                 f"reserved {quota.reserved:g}, this request may need {wanted:g}). It resets at "
@@ -365,8 +368,3 @@ _TOKEN_HEADERS = ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x
 
 def _retry_after(wait_s: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(wait_s)))}
-
-
-def _amount(estimate: Estimate, unit: str) -> float:
-    """What an estimate reserves against a quota counting `unit`."""
-    return float(estimate.tokens) if unit == "tokens" else estimate.usd

@@ -98,7 +98,7 @@ class Router:
         return plans
 
     def order(self, targets: tuple[Target, ...], rule: RouteRule | None, *, streaming: bool) -> tuple[Target, ...]:
-        if rule is None:
+        if rule is None or len(targets) < 2:
             return targets
         if rule.strategy == "priority":
             rank = {name: i for i, name in enumerate(rule.targets)}
