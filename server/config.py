@@ -56,7 +56,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "overload_lag_ms",
         float,
-        30.0,
+        10.0,
         "Event-loop lag (smoothed) past which new API requests get 503 at once; 0 turns it off.",
     ),
     Setting(
@@ -112,7 +112,9 @@ class Config:
     usage_flush_interval_s: float = 0.2
     usage_queue_size: int = 10_000
     max_in_flight: int = 4096
-    overload_lag_ms: float = 30.0
+    # 10 rather than 30: at twice the capacity, refusals p50 25 ms against 76 ms, a fifth more served and the
+    # served p99 136 against 314 ms (quick runs, same day); the floor keeps a fixed pool of clients unshed.
+    overload_lag_ms: float = 10.0
     overload_lag_floor: int = 160
     cache_max_bytes: int = 64 * 1024 * 1024
     completion_estimate_tokens: int = 1024
