@@ -54,13 +54,12 @@ class StreamProgress:
             if choice.get("finish_reason"):
                 self.finished = True
                 substantive = True
-            # choice_text, inline: this runs for every event of every stream.
-            delta = choice.get("delta")
-            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-            if text and isinstance(text, str):
+            text = choice_text(choice)
+            if text:
                 self.text.append(text)
                 self.content_chunks += 1
                 substantive = True
+            delta = choice.get("delta")
             if isinstance(delta, dict) and (delta.get("tool_calls") or delta.get("function_call")):
                 self.rescuable = False
                 substantive = True
