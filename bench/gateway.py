@@ -40,6 +40,7 @@ from harness import (
     median,
     sample_process,
     wait_for_port,
+    wait_until_quiet,
 )
 from hatchway import MODELS, checkout, configure, start_plane, wait_ready
 from litellm_proxy import MASTER_KEY, start_litellm
@@ -251,17 +252,6 @@ async def _statuses(contender: Contender) -> dict[str, int]:
     async with aiohttp.ClientSession() as session, session.get(contender.metrics_url) as response:
         text = await response.text()
     return {status: int(float(count)) for status, count in _REQUESTS_TOTAL.findall(text)}
-
-
-async def wait_until_quiet(pids: list[int], limit_s: float = 10.0) -> None:
-    """Until the processes under test use under 5% of a core together over 100 ms (at most `limit_s`): a
-    contender still working off its backlog (LiteLLM, after a c=128 run) would take the next one's CPU."""
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        before = sum(sample_process(pid).cpu_s for pid in pids)
-        await asyncio.sleep(0.1)
-        if sum(sample_process(pid).cpu_s for pid in pids) - before < 0.005:
-            return
 
 
 async def measure(

@@ -255,6 +255,18 @@ def cpu_seconds(pid: int) -> float:
     return sample_process(pid).cpu_s
 
 
+async def wait_until_quiet(pids: list[int], limit_s: float = 10.0) -> None:
+    """Until the processes use under 5% of a core together over 100 ms (at most `limit_s`): a process still
+    finishing the last measurement (LiteLLM working off a c=128 backlog, llama.cpp's threads winding down)
+    would take the next one's CPU."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        before = sum(sample_process(pid).cpu_s for pid in pids)
+        await asyncio.sleep(0.1)
+        if sum(sample_process(pid).cpu_s for pid in pids) - before < 0.005:
+            return
+
+
 class PeakSampler:
     """Samples a process tree's RSS every `interval_s` while a block runs; `peak_rss` is the highest seen."""
 

@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import importlib.util
+import os
 import sys
 import threading
 import time
@@ -44,6 +45,7 @@ from harness import (
     percentile,
     sample_process,
     stop_process,
+    wait_until_quiet,
 )
 from hatchway import Plane, configure, node_token, start_plane, wait_for_model, wait_ready
 from suite import Suite
@@ -351,7 +353,7 @@ def _choice_text(chunk: dict[str, Any]) -> str:
 
 
 async def measure_llama(
-    session: aiohttp.ClientSession, plane: Plane, key: str, model: DirectModel, settings: Settings
+    session: aiohttp.ClientSession, plane: Plane, agent: Child, key: str, model: DirectModel, settings: Settings
 ) -> tuple[list[Generation], list[Generation]]:
     async def direct() -> Generation:
         return await model.run(settings.max_tokens)
@@ -368,6 +370,9 @@ async def measure_llama(
         # Alternate which side goes first, so neither always inherits the other's warm CPU caches.
         order = [("direct", direct), ("hatchway", hatchway)]
         for name, measure in order if index % 2 == 0 else reversed(order):
+            # Each side starts on quiet cores: not while the other side's llama.cpp threads wind down, or the
+            # plane writes the last request's usage (this process runs the direct model).
+            await wait_until_quiet([plane.pid, agent.pid, os.getpid()])
             result = await measure()
             (directs if name == "direct" else hatchways).append(result)
             print(
@@ -417,7 +422,7 @@ async def llama_part(
     model = await asyncio.to_thread(DirectModel, model_path(), settings.threads)
     try:
         await wait_for_model(session, plane, LLAMA_MODEL, agent)
-        directs, hatchways = await measure_llama(session, plane, key, model, settings)
+        directs, hatchways = await measure_llama(session, plane, agent, key, model, settings)
     finally:
         model.close()
     agent_memory = {"rss_mib": round(sample_process(agent.pid).rss_bytes / 2**20, 1)}
