@@ -98,6 +98,21 @@ def test_a_late_event_loop_sheds_only_once_the_floor_of_requests_in_flight_is_re
     assert shedder.in_flight == 2
 
 
+async def test_the_lag_watcher_looks_often_once_requests_in_flight_reach_half_the_floor() -> None:
+    shedder = LoadShedder(max_in_flight=100, lag_limit_s=0.01, lag_floor=4)
+    shedder.start()
+    try:
+        await asyncio.sleep(0.05)  # few requests: the watcher looks 4 times a second
+        shedder.admit()
+        shedder.admit()  # half the floor: it wakes, and looks every tick from now on
+        await asyncio.sleep(0)
+        time.sleep(0.1)  # noqa: ASYNC251 -- the loop stalls, long before the slow look would have come
+        await asyncio.sleep(0.05)
+        assert shedder.lag_s > shedder.lag_limit_s
+    finally:
+        await shedder.stop()
+
+
 def test_new_connections_of_an_overloaded_plane_are_refused_by_the_acceptor_without_the_loop(
     gateway: Gateway,
 ) -> None:
