@@ -150,7 +150,7 @@ class Agent:
         self._outbox: asyncio.Queue[_Outgoing | None] | None = None
         self._status_version = 0
         self._heartbeat_s = 5.0
-        self._batch_ms = 30
+        self._batch_ms = 50
         self._batch_max = 16
         self.connected = asyncio.Event()
 
