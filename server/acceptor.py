@@ -24,8 +24,10 @@ import time
 from collections.abc import Callable
 from typing import cast
 
+from aiohttp import web
+
 from server.errors import HatchwayError
-from server.overload import LoadShedder, overloaded
+from server.overload import LoadShedder
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +68,13 @@ class Acceptor:
         self,
         sock: socket.socket,
         loop: asyncio.AbstractEventLoop,
-        protocol_factory: Callable[[], asyncio.Protocol],
+        server: web.Server,
         shedder: LoadShedder,
         new_request_id: Callable[[], str],
     ) -> None:
         self.sock = sock
         self.loop = loop
-        self.protocol_factory = protocol_factory
+        self.server = server
         self.shedder = shedder
         self.new_request_id = new_request_id
         self.refused = 0
@@ -203,19 +205,15 @@ class Acceptor:
 
     def _refusal(self) -> HatchwayError | None:
         """Why a new API request is to be refused now, or None when the plane can take it."""
-        error = self.shedder.overload()
-        if error is None and self._loop_behind():
-            error = overloaded(f"the plane's event loop takes {self._loop_wait_s() * 1000:.0f} ms to take a connection")
-        return error
+        # The connections the loop holds count towards the floor here: requests queued on them, not yet read,
+        # are not in flight yet, and at twice the capacity most of the backlog is such requests.
+        return self.shedder.overload(self._loop_wait_s(), len(self.server.connections))
 
     def _loop_wait_s(self) -> float:
+        """How long a connection handed over now would wait for the loop: the last handover's wait, or longer
+        when one is still waiting."""
         handed_at = self._handed_at
         return max(self.handover_wait_s, time.monotonic() - handed_at if handed_at is not None else 0.0)
-
-    def _loop_behind(self) -> bool:
-        """Whether a connection handed over now would wait longer than the shedder's lag limit for the loop:
-        known at once, where the lag watcher's smoothed figure tells only after a while."""
-        return self.shedder.lag_limit_s > 0 and self._loop_wait_s() > self.shedder.lag_limit_s
 
     # -- the loop ---------------------------------------------------------------------------------------
 
@@ -232,7 +230,7 @@ class Acceptor:
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
-            await self.loop.connect_accepted_socket(self.protocol_factory, conn)
+            await self.loop.connect_accepted_socket(self.server, conn)
         except OSError as exc:
             log.debug("a connection closed before the loop took it: %s", exc)
             conn.close()

@@ -98,6 +98,26 @@ def test_a_late_event_loop_sheds_only_once_the_floor_of_requests_in_flight_is_re
     assert shedder.in_flight == 2
 
 
+def test_a_slow_connection_handover_refuses_only_once_the_floor_of_requests_in_flight_is_reached() -> None:
+    shedder = LoadShedder(max_in_flight=100, lag_limit_s=0.01, lag_floor=2)
+    shedder.admit()  # one client, on a loop busy enough that new connections wait 50 ms for it: served
+    assert shedder.overload(loop_wait_s=0.05) is None
+    shedder.admit()
+    refusal = shedder.overload(loop_wait_s=0.05)
+    assert refusal is not None
+    assert refusal.message == (
+        "The plane is overloaded (the plane's event loop takes 50 ms to take a connection); retry shortly."
+    )
+    assert shedder.overload(loop_wait_s=0.005) is None  # within the limit
+
+
+def test_connections_the_loop_holds_count_towards_the_floor_for_a_new_connection() -> None:
+    shedder = LoadShedder(max_in_flight=100, lag_limit_s=0.01, lag_floor=100)
+    # Nothing in flight yet: at twice the capacity the backlog is requests the loop has not read.
+    assert shedder.overload(loop_wait_s=0.05, connections=99) is None
+    assert shedder.overload(loop_wait_s=0.05, connections=100) is not None
+
+
 async def test_the_lag_watcher_looks_often_once_requests_in_flight_reach_half_the_floor() -> None:
     shedder = LoadShedder(max_in_flight=100, lag_limit_s=0.01, lag_floor=4)
     shedder.start()
