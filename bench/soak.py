@@ -195,6 +195,8 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     if report["tasks_note"]:
         lines.append(report["tasks_note"])
+    if report["unexpected"]:
+        lines.append("UNEXPECTED: " + ", ".join(f"{k} {v}" for k, v in report["unexpected"].items()))
     return "\n".join(lines)
 
 

@@ -119,6 +119,9 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         _check("soak: task growth after warm-up", soak.get("tasks_growth"), "0", lambda v: v <= 0, "tasks", 0)
         | ({"note": soak["tasks_note"]} if soak.get("tasks_note") else {})
     )
+    # A soak whose requests were refused measured an idle plane: its growth figures say nothing then.
+    unexpected = sum(soak["unexpected"].values()) if "unexpected" in soak else None
+    checks.append(_check("soak: unexpected answers", unexpected, "0", lambda v: v <= 0, "answers", 0))
     return checks
 
 
