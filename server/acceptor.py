@@ -206,8 +206,9 @@ class Acceptor:
     def _refusal(self) -> HatchwayError | None:
         """Why a new API request is to be refused now, or None when the plane can take it."""
         # The connections the loop holds count towards the floor here: requests queued on them, not yet read,
-        # are not in flight yet, and at twice the capacity most of the backlog is such requests.
-        return self.shedder.overload(self._loop_wait_s(), len(self.server.connections))
+        # are not in flight yet, and at twice the capacity most of the backlog is such requests. Counted only
+        # when the loop is late: `connections` copies the server's list.
+        return self.shedder.overload(self._loop_wait_s(), lambda: len(self.server.connections))
 
     def _loop_wait_s(self) -> float:
         """How long a connection handed over now would wait for the loop: the last handover's wait, or longer

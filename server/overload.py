@@ -67,9 +67,10 @@ class LoadShedder:
 
     async def _watch(self) -> None:
         while True:
-            tick = TICK_S if self.in_flight >= self._busy_from else IDLE_TICK_S
+            busy = self.in_flight >= self._busy_from
+            tick = TICK_S if busy else IDLE_TICK_S
             expected = time.monotonic() + tick
-            if tick == TICK_S:
+            if busy:
                 await asyncio.sleep(tick)
             else:
                 self._busy.clear()
@@ -80,21 +81,26 @@ class LoadShedder:
             late = max(0.0, time.monotonic() - expected)
             self.lag_s += SMOOTHING * (late - self.lag_s)
 
-    def overload(self, loop_wait_s: float = 0.0, connections: int = 0) -> ServiceUnavailableError | None:
+    def overload(
+        self, loop_wait_s: float = 0.0, connections: Callable[[], int] | None = None
+    ) -> ServiceUnavailableError | None:
         """The refusal for a new API request now, or None when the plane can take it. Also read by the acceptor
         thread (server.acceptor): it only reads numbers the loop writes. `loop_wait_s`: how long the loop took to
         take the acceptor's last connection, which shows a late loop at once where the watcher's smoothed lag
         shows it only after a few ticks; the same limit applies, and the same floor, reached by the requests
-        in flight or by the `connections` the loop holds."""
+        in flight or by the `connections` the loop holds (counted only when the loop is late)."""
         if self.in_flight >= self.max_in_flight:
             return overloaded(f"{self.in_flight} requests in flight, the most this plane takes")
-        if self.lag_limit_s <= 0 or max(self.in_flight, connections) < self.lag_floor:
+        if self.lag_limit_s <= 0:
             return None
-        if self.lag_s > self.lag_limit_s:
+        late = self.lag_s > self.lag_limit_s
+        if not (late or loop_wait_s > self.lag_limit_s):
+            return None
+        if max(self.in_flight, connections() if connections else 0) < self.lag_floor:
+            return None
+        if late:
             return overloaded(f"the plane's event loop runs {self.lag_s * 1000:.0f} ms late")
-        if loop_wait_s > self.lag_limit_s:
-            return overloaded(f"the plane's event loop takes {loop_wait_s * 1000:.0f} ms to take a connection")
-        return None
+        return overloaded(f"the plane's event loop takes {loop_wait_s * 1000:.0f} ms to take a connection")
 
     def admit(self) -> None:
         """Count a request in, or raise 503 when the plane is overloaded; pair with `release`."""

@@ -114,8 +114,8 @@ def test_a_slow_connection_handover_refuses_only_once_the_floor_of_requests_in_f
 def test_connections_the_loop_holds_count_towards_the_floor_for_a_new_connection() -> None:
     shedder = LoadShedder(max_in_flight=100, lag_limit_s=0.01, lag_floor=100)
     # Nothing in flight yet: at twice the capacity the backlog is requests the loop has not read.
-    assert shedder.overload(loop_wait_s=0.05, connections=99) is None
-    assert shedder.overload(loop_wait_s=0.05, connections=100) is not None
+    assert shedder.overload(loop_wait_s=0.05, connections=lambda: 99) is None
+    assert shedder.overload(loop_wait_s=0.05, connections=lambda: 100) is not None
 
 
 async def test_the_lag_watcher_looks_often_once_requests_in_flight_reach_half_the_floor() -> None:
