@@ -17,12 +17,13 @@ import click
 
 from agent import __version__
 from agent.config import MODES, AgentConfig, AgentConfigError, default_path, machine_id
-from agent.connection import Agent, CredentialRefused, EnrollmentError, enroll
+from agent.connection import Agent, CredentialRefused, EnrollmentError, enroll, previous_credential
 from agent.engine import Engine
 from agent.hardware import collect
 from agent.idle import file_probe, psutil_probe
 from agent.models import ModelConfig
 from agent.service import STOP_SWITCH, service
+from proto.contract import NODE_NAME_MAX_CHARS
 
 # Distinct exit codes, so a service manager can tell "do not restart me" from a crash.
 EXIT_CREDENTIAL_REFUSED = 2
@@ -73,12 +74,20 @@ def cli(log_level: str) -> None:
 @click.option("--insecure", is_flag=True, help="Plain TCP without TLS: loopback development only.")
 @config_option
 def enroll_command(plane: str, token: str, name: str, insecure: bool, config_path: Path | None) -> None:
-    """Trade a one-time token for this node's identity, and save it to the config file (0600)."""
+    """Trade a one-time token for this node's identity, and save it to the config file (0600).
+
+    Enrolling again with the same config file (same plane) keeps the node id: the agent proves it is that node
+    with the credential the file holds. Without it the plane makes a new node, unless the admin's token replaces
+    one (`hatchway admin nodes token create --replace NODE`)."""
     path, config = _load(config_path)
-    node_name = name or config.name or collect().hostname
+    # A hostname may be longer than a node name may be; a name given explicitly is the plane's to judge.
+    node_name = name or config.name or collect().hostname[:NODE_NAME_MAX_CHARS]
     machine = config.machine_id or machine_id(path)
+    previous = previous_credential(config, plane, token, insecure)
     try:
-        response, ca_pem = asyncio.run(enroll(plane, token, name=node_name, machine_id=machine, insecure=insecure))
+        response, ca_pem = asyncio.run(
+            enroll(plane, token, name=node_name, machine_id=machine, insecure=insecure, previous=previous)
+        )
     except EnrollmentError as exc:
         raise click.ClickException(str(exc)) from exc
     config = config.replace(

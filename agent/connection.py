@@ -28,7 +28,14 @@ from agent.config import AgentConfig
 from agent.engine import End, Engine, EngineError, Job, Result, Text
 from agent.hardware import Hardware, collect
 from agent.idle import IdleGate, LoadProbe
-from proto.contract import AUTHORIZATION, PLANE_TLS_NAME, certificate_fingerprint, split_enrollment_token
+from proto.contract import (
+    AUTHORIZATION,
+    NODE_MESSAGE_MAX_BYTES,
+    PLANE_MESSAGE_MAX_BYTES,
+    PLANE_TLS_NAME,
+    certificate_fingerprint,
+    split_enrollment_token,
+)
 from proto.hatchway.node.v1 import node_pb2 as pb
 from proto.hatchway.node.v1 import node_pb2_grpc
 
@@ -38,8 +45,16 @@ BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
 # How long a leaving agent waits for the plane to acknowledge the end of its stream.
 CLOSE_TIMEOUT_S = 5.0
-# Keepalive pings find a silently dead connection (a NAT that dropped it) long before TCP would.
-CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)]
+# Keepalive pings find a silently dead connection (a NAT that dropped it) long before TCP would. The message caps
+# match the plane's (proto/contract.py says why these sizes).
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_send_message_length", NODE_MESSAGE_MAX_BYTES),
+    ("grpc.max_receive_message_length", PLANE_MESSAGE_MAX_BYTES),
+]
+# Room in an agent message for what surrounds a job's result (job id, usage, protobuf framing).
+RESULT_OVERHEAD_BYTES = 4096
 
 
 class CredentialRefused(Exception):
@@ -90,14 +105,39 @@ def open_channel(plane: str, ca_pem: str, insecure: bool) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(plane, credentials, options=options)
 
 
+def previous_credential(config: AgentConfig, plane: str, token: str, insecure: bool) -> str:
+    """The credential `config` holds for the plane this token enrolls with, or "".
+
+    Sent with the enrollment as proof that this machine is the node it was, so it keeps its node id. Only to the
+    same plane: the one whose certificate the token pins (or, without TLS, the same address), so no other plane
+    ever learns a credential it could use against this one."""
+    if not config.credential:
+        return ""
+    if insecure or config.insecure:
+        return config.credential if insecure and config.insecure and config.plane == plane else ""
+    _, fingerprint = split_enrollment_token(token)
+    try:
+        same = bool(config.ca_pem) and certificate_fingerprint(config.ca_pem) == fingerprint
+    except ValueError:
+        same = False  # an unreadable certificate in the config pins nothing
+    return config.credential if same else ""
+
+
 async def enroll(
-    plane: str, token: str, *, name: str, machine_id: str, insecure: bool
+    plane: str, token: str, *, name: str, machine_id: str, insecure: bool, previous: str = ""
 ) -> tuple[pb.EnrollResponse, str]:
-    """Trade the token for a node id and credential; returns them with the plane's pinned certificate."""
+    """Trade the token (and `previous`, this machine's current credential, if any) for a node id and credential;
+    returns them with the plane's pinned certificate."""
     secret, fingerprint = split_enrollment_token(token)
     ca_pem = "" if insecure else await asyncio.to_thread(fetch_plane_certificate, plane, fingerprint)
     hardware = await asyncio.to_thread(collect)
-    request = pb.EnrollRequest(token=secret, name=name, machine_id=machine_id, hardware=hardware_message(hardware))
+    request = pb.EnrollRequest(
+        token=secret,
+        name=name,
+        machine_id=machine_id,
+        hardware=hardware_message(hardware),
+        previous_credential=previous,
+    )
     async with open_channel(plane, ca_pem, insecure) as channel:
         try:
             response = await node_pb2_grpc.NodeServiceStub(channel).Enroll(request, timeout=30)
@@ -237,6 +277,9 @@ class Agent:
 
     async def _tick(self) -> None:
         """Heartbeats, and the idle gate's readings, on the plane's interval."""
+        # The interval comes with Welcome: ticking before it, at the default 5 s, left a plane that asks for
+        # heartbeats more often counting this node unresponsive for its first seconds.
+        await self.connected.wait()
         while True:
             await asyncio.sleep(self._heartbeat_s)
             self._send(pb.AgentMessage(heartbeat=pb.Heartbeat(sent_unix_ms=int(time.time() * 1000))))
@@ -296,10 +339,15 @@ class Agent:
                     self._send(pb.AgentMessage(job=pb.JobEvent(job_id=job_id, end=end)))
                 elif isinstance(event, Result):
                     usage = event.body.get("usage") or {}
+                    result = json.dumps(event.body).encode()
+                    if len(result) > NODE_MESSAGE_MAX_BYTES - RESULT_OVERHEAD_BYTES:
+                        # Over the plane's message cap it would end the whole session, every other job with it.
+                        raise EngineError(
+                            "invalid_request",
+                            f"the result is {len(result)} bytes, more than a node may send: ask for fewer inputs",
+                        )
                     end = pb.JobEnd(
-                        finish_reason="stop",
-                        prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                        result=json.dumps(event.body).encode(),
+                        finish_reason="stop", prompt_tokens=int(usage.get("prompt_tokens", 0)), result=result
                     )
                     self._send(pb.AgentMessage(job=pb.JobEvent(job_id=job_id, end=end)))
         except EngineError as exc:

@@ -6,6 +6,8 @@
   dialled, so NAT, IPs and DNS aliases need no re-issued certificate. A certificate the operator provides
   instead is checked against the address dialled.
 - A node authenticates each `Connect` with the metadata `authorization: Bearer <node credential>`.
+- Messages have explicit size caps both ways (gRPC's defaults differ by direction and by library), and node
+  names a charset and length both sides check.
 """
 
 from __future__ import annotations
@@ -30,3 +32,30 @@ def split_enrollment_token(token: str) -> tuple[str, str]:
 def certificate_fingerprint(cert_pem: str | bytes) -> str:
     pem = cert_pem.decode() if isinstance(cert_pem, bytes) else cert_pem
     return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
+
+
+# Agent -> plane. A Hello or Status within the plane's bounds (server/nodes/bounds.py) is under 200 KB; the largest
+# legitimate message is a JobEnd carrying a whole embeddings result as JSON (about 1,000 inputs of 1,024
+# dimensions). The agent answers a larger result with a JobError instead of sending it: a message over the cap
+# ends the whole stream, every job on it included.
+NODE_MESSAGE_MAX_BYTES = 16 * 1024 * 1024
+# Plane -> agent. A JobRequest carries a client's request body, re-encoded (the plane's `max_body_bytes`, 8 MiB by
+# default); the plane sends no node a body above this cap (the attempt fails over to another target instead).
+PLANE_MESSAGE_MAX_BYTES = 64 * 1024 * 1024
+# Room in a JobRequest for what surrounds the body (job id, endpoint, protobuf framing).
+JOB_REQUEST_OVERHEAD_BYTES = 4096
+
+# A node's name is shown in listings, logs and error messages, and names the node in admin commands.
+NODE_NAME_MAX_CHARS = 64
+
+
+def node_name_problem(name: str) -> str:
+    """Why `name` cannot name a node, or "" when it can: 1 to 64 printable characters (no control characters,
+    NUL, line breaks or invisible format characters), not blank."""
+    if not name.strip():
+        return "a node name must not be empty"
+    if len(name) > NODE_NAME_MAX_CHARS:
+        return f"a node name has at most {NODE_NAME_MAX_CHARS} characters (this one has {len(name)})"
+    if not name.isprintable():
+        return "a node name may only hold printable characters (no control characters, NUL or line breaks)"
+    return ""

@@ -15,7 +15,7 @@ from proto.contract import join_enrollment_token
 from proto.hatchway.node.v1 import node_pb2 as pb
 from server.auth import authenticate_admin
 from server.credentials import ENROLLMENT_TOKEN_PREFIX, generate_key
-from server.errors import InvalidRequestError
+from server.errors import ConflictError, InvalidRequestError
 from server.failover import validate_overrides
 from server.limits import LIMIT_FIELDS
 from server.middleware import REQUEST_ID
@@ -23,6 +23,7 @@ from server.openai_api import read_body
 from server.plane import PLANE, Plane
 from server.reports import earnings_report, usage_report
 from server.storage.store import parse_models, parse_price
+from server.validation import bounded_int, bounded_number
 
 T = TypeVar("T")
 
@@ -148,6 +149,18 @@ async def revoke_key(request: web.Request) -> web.Response:
         return _find(plane.store.list_keys(), id=key_id)
 
     return web.json_response(await _mutate(request, "key.revoke", plane.store.revoke_key, key_id, before=before))
+
+
+async def rotate_admin_key(request: web.Request) -> web.Response:
+    """Replace the admin key with a new one, shown once in the answer; the key that called is refused from now on."""
+    plane = _plane(request)
+    if plane.config.admin_key:
+        raise ConflictError(
+            "this plane's admin key comes from its configuration (HATCHWAY_ADMIN_KEY): set a new value there and "
+            "restart the plane; the previous key is refused from then on"
+        )
+    rotated = await _mutate(request, "admin_key.rotate", plane.store.rotate_admin_key)
+    return web.json_response(rotated, status=201)
 
 
 async def add_provider(request: web.Request) -> web.Response:
@@ -314,18 +327,24 @@ async def usage(request: web.Request) -> web.Response:
 # -- nodes ---------------------------------------------------------------------------------------------
 
 
+# Tokens that expire within a second are for tests of expiry; nothing shorter could be used at all.
+NODE_TOKEN_MIN_TTL_S = 0.1
+NODE_TOKEN_MAX_TTL_S = 10 * 365 * 86400
+NODE_TOKEN_MAX_USES = 1_000_000
+
+
 async def create_node_token(request: web.Request) -> web.Response:
     plane = _plane(request)
     body = await _body(request, plane)
-    ttl = body.get("ttl_s")
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)):
-        raise InvalidRequestError("'ttl_s' must be a number of seconds", param="ttl_s")
-    uses = body.get("uses", 1)
-    if isinstance(uses, bool) or not isinstance(uses, int):
-        raise InvalidRequestError("'uses' must be an integer", param="uses")
+    # Bounded so that storage can hold them (a timedelta, a 32-bit column on PostgreSQL): 1e300 seconds or
+    # 2**63 uses were a 500.
+    ttl = bounded_number(body, "ttl_s", NODE_TOKEN_MIN_TTL_S, NODE_TOKEN_MAX_TTL_S)
+    uses = bounded_int(body, "uses", 1, NODE_TOKEN_MAX_USES, default=1)
     labels = body.get("labels") or {}
     if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
         raise InvalidRequestError("'labels' must be an object of strings", param="labels")
+    # A node (id or name) the enrolling machine takes over, keeping its id; its earlier credential stops working.
+    replace = _str(body, "replace", required=False) or None
     secret = generate_key(ENROLLMENT_TOKEN_PREFIX)
     created = await _mutate(
         request,
@@ -336,6 +355,7 @@ async def create_node_token(request: web.Request) -> web.Response:
         ttl_s=ttl,
         uses=uses,
         labels=labels,
+        replace=replace,
     )
     token = join_enrollment_token(secret, plane.tls.fingerprint)
     return web.json_response({**created, "token": token}, status=201)
@@ -538,10 +558,9 @@ async def clear_cache(request: web.Request) -> web.Response:
     if org_ref:
         org_id = (await _read(plane.policies.list_cache_policies, org_ref))[0]["org_id"]
 
-    def clear() -> dict[str, Any]:
-        return {"object": "cache_clear", "id": org_id or "*", "removed": plane.cache.clear(org_id)}
-
-    return web.json_response(await _mutate(request, "cache.clear", clear))
+    # On the loop, which is what stores and evicts entries: a worker thread would race it over the dict.
+    cleared = {"object": "cache_clear", "id": org_id or "*", "removed": plane.cache.clear(org_id)}
+    return web.json_response(await _mutate(request, "cache.clear", lambda: cleared))
 
 
 async def set_price(request: web.Request) -> web.Response:

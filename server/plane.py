@@ -12,6 +12,7 @@ import grpc
 from aiohttp import web
 from sqlalchemy import Engine
 
+from proto.contract import NODE_MESSAGE_MAX_BYTES, PLANE_MESSAGE_MAX_BYTES
 from proto.hatchway.node.v1 import node_pb2_grpc
 from server.audit import AuditLog
 from server.cache import ResponseCache
@@ -20,7 +21,7 @@ from server.config import Config
 from server.credentials import Vault
 from server.declarative import apply_declared
 from server.health import Health
-from server.limits import Limiter, key_scope, org_scope
+from server.limits import Limiter, key_scope, new_quotas, org_scope
 from server.metrics import Metrics
 from server.nodes.registry import NodeRegistry
 from server.nodes.service import NodeService
@@ -28,15 +29,19 @@ from server.nodes.tls import load_or_create, load_provided
 from server.overload import LoadShedder
 from server.relay import Relay
 from server.routing import Router
-from server.snapshot import SnapshotHolder
+from server.snapshot import Snapshot, SnapshotHolder
 from server.storage.db import make_engine, migrate
 from server.storage.nodes import NodeStore
 from server.storage.policy import PolicyStore
 from server.storage.store import Store
+from server.targets.node import pool_key
 from server.targets.provider import UpstreamPool
 from server.usage import UsageWriter
 
 log = logging.getLogger(__name__)
+
+# The audit log's actor for an admin key change made by the configuration (HATCHWAY_ADMIN_KEY) at startup.
+ADMIN_KEY_SETTING = "admin-key-setting"
 
 
 class Plane:
@@ -49,16 +54,19 @@ class Plane:
         self.engine = engine or make_engine(config.sqlalchemy_url)
         self.store = Store(self.engine, Vault.from_settings(config.secret_key, config.data_dir))
         self.metrics = Metrics()
-        self.pool = UpstreamPool()
+        self.pool = UpstreamPool(max_body_bytes=config.max_upstream_body_bytes)
         self.health = Health()
         self.router = Router(self.health)
-        self.snapshots = SnapshotHolder(self.store, self.pool, self.health, config.failover_policy())
+        self.snapshots = SnapshotHolder(
+            self.store, self.pool, self.health, config.failover_policy(), node_pools=self._node_pool_keys
+        )
         self.usage = UsageWriter(
             self.engine,
             self.metrics,
             queue_size=config.usage_queue_size,
             flush_interval_s=config.usage_flush_interval_s,
         )
+        self.snapshots.prepare = self.seed_new_quotas
         self.relay = Relay(self.metrics, self.usage, self.health, max_attempts=config.max_attempts)
         self.shedder = LoadShedder(
             max_in_flight=config.max_in_flight,
@@ -92,8 +100,28 @@ class Plane:
 
     def prepare_storage(self) -> None:
         migrate(self.engine)
-        self.generated_admin_key = self.store.ensure_admin_key(self.config.admin_key)
+        if self.config.admin_key:
+            self._configure_admin_key()
+        else:
+            self.generated_admin_key = self.store.ensure_admin_key()
         apply_declared(self.store, self.config.declared, self.config.config_file, self.audit)
+
+    def _configure_admin_key(self) -> None:
+        """The configured admin key replaces every other: a new value and a restart is how operators rotate."""
+        configured = self.store.configure_admin_key(self.config.admin_key)
+        if configured["revoked"]:
+            log.warning("a new admin key is configured: %d previous admin key(s) revoked", len(configured["revoked"]))
+            self.audit.append(
+                actor=ADMIN_KEY_SETTING,
+                action="admin_key.rotate",
+                target=configured["id"],
+                before={"admin_keys": configured["revoked"]},
+                after={"admin_keys": [configured["id"]]},
+                request_id="",
+            )
+
+    def _node_pool_keys(self) -> set[str]:
+        return {pool_key(s.org_id, model) for s in self.registry.sessions.values() for model in s.models}
 
     def catalog(self) -> Catalog:
         """What can serve requests right now; take one per request so it sees one snapshot throughout."""
@@ -101,6 +129,17 @@ class Plane:
 
     def seed_limits(self) -> None:
         """What quotas already used this day and month, so a restart does not hand them out again."""
+        self.limiter.seed(self.used_this_window())
+
+    async def seed_new_quotas(self, current: Snapshot, upcoming: Snapshot) -> None:
+        """Before a snapshot goes live: a quota it sets that was not set starts from the window's usage so far."""
+        added = new_quotas(current.limits, upcoming.limits) if self.snapshots.loaded else None
+        if added:  # at start-up, `seed_limits` did it
+            await self.usage.flush()  # the rows of requests already answered are counted too
+            self.limiter.reseed(await asyncio.to_thread(self.used_this_window), added)
+
+    def used_this_window(self) -> dict[tuple[str, str], tuple[float, float]]:
+        """{(scope, "day"|"month"): (tokens, USD)} served so far this UTC day and month, by the usage table."""
         now = datetime.fromtimestamp(self.limiter.clock(), UTC)
         day = now.replace(hour=0, minute=0, second=0, microsecond=0)
         used: dict[tuple[str, str], tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
@@ -109,7 +148,7 @@ class Plane:
                 for scope in (org_scope(org_id), key_scope(key_id)):
                     old_tokens, old_usd = used[(scope, window)]
                     used[(scope, window)] = (old_tokens + tokens, old_usd + usd)
-        self.limiter.seed(used)
+        return dict(used)
 
     async def startup(self) -> None:
         await asyncio.to_thread(self.prepare_storage)
@@ -120,7 +159,15 @@ class Plane:
         await self._start_node_service()
 
     async def _start_node_service(self) -> None:
-        server = grpc.aio.server(options=[("grpc.keepalive_permit_without_calls", 1)])
+        server = grpc.aio.server(
+            options=[
+                ("grpc.keepalive_permit_without_calls", 1),
+                # Explicit caps both ways (proto/contract.py says why these sizes): a message over the receive cap
+                # ends its stream with RESOURCE_EXHAUSTED before the plane parses it.
+                ("grpc.max_receive_message_length", NODE_MESSAGE_MAX_BYTES),
+                ("grpc.max_send_message_length", PLANE_MESSAGE_MAX_BYTES),
+            ]
+        )
         service = NodeService(
             self.registry,
             self.nodes,

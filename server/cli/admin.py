@@ -186,6 +186,23 @@ def key_revoke(ctx: Context, key_id: str) -> None:
     ctx.show(ctx.call(lambda c: c.post(f"/keys/{key_id}/revoke", {})), KEY_COLUMNS)
 
 
+# -- the admin key ---------------------------------------------------------------------------------
+
+
+@admin.command("rotate-admin-key")
+@pass_context
+def rotate_admin_key(ctx: Context) -> None:
+    """Replace the admin key with a new one, printed once; the key used here is refused from then on.
+
+    A plane whose admin key comes from HATCHWAY_ADMIN_KEY refuses: set a new value there and restart it."""
+    doc = ctx.call(lambda c: c.post("/admin-key/rotate", {}))
+    if ctx.as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo(f"Admin key (shown once, store it now): {doc['key']}")
+    click.echo("The previous admin key no longer works: use the new one (HATCHWAY_ADMIN_KEY or --admin-key).")
+
+
 # -- providers -------------------------------------------------------------------------------------
 
 PROVIDER_COLUMNS = ("id", "org", "name", "base_url", "api_keys", "models")
@@ -344,7 +361,7 @@ def route_remove(ctx: Context, model: str, org_ref: str) -> None:
 # -- nodes -----------------------------------------------------------------------------------------
 
 NODE_COLUMNS = ("id", "org", "name", "state", "models", "last_heartbeat_s", "agent_version")
-TOKEN_COLUMNS = ("id", "org", "uses_left", "expires_at", "revoked_at", "labels")
+TOKEN_COLUMNS = ("id", "org", "uses_left", "expires_at", "revoked_at", "labels", "replaces")
 
 
 def _node_rows(doc: Any) -> Any:
@@ -370,15 +387,35 @@ def node_token() -> None:
 @click.option("--ttl", default="1h", show_default=True, help="Validity: 30m, 1h, 7d...")
 @click.option("--uses", type=int, default=1, show_default=True, help="How many machines may enroll with it.")
 @click.option("--label", "labels", multiple=True, help="k=v label for the enrolled nodes (repeatable).")
+@click.option(
+    "--replace",
+    "replace",
+    default=None,
+    metavar="NODE",
+    help="The machine enrolling takes over this node (id or name): same id, its old credential stops working.",
+)
 @pass_context
-def node_token_create(ctx: Context, org_ref: str, ttl: str, uses: int, labels: tuple[str, ...]) -> None:
+def node_token_create(
+    ctx: Context, org_ref: str, ttl: str, uses: int, labels: tuple[str, ...], replace: str | None
+) -> None:
+    """A token to enroll machines as new nodes, or (--replace) as an existing node whose agent lost its config.
+
+    An agent re-enrolling with its config file keeps its node id without --replace: it proves who it is with
+    the credential it holds."""
     delta = parse_duration(ttl)
     if delta is None:
         raise click.BadParameter("use a duration like 30m, 1h or 7d", param_hint="--ttl")
     pairs = [label.partition("=") for label in labels]
     if any(not k or not sep for k, sep, _ in pairs):
         raise click.BadParameter("labels look like key=value", param_hint="--label")
-    body = {"org": org_ref, "ttl_s": delta.total_seconds(), "uses": uses, "labels": {k: v for k, _, v in pairs}}
+    body: dict[str, Any] = {
+        "org": org_ref,
+        "ttl_s": delta.total_seconds(),
+        "uses": uses,
+        "labels": {k: v for k, _, v in pairs},
+    }
+    if replace:
+        body["replace"] = replace
     ctx.show(ctx.call(lambda c: c.post("/node-tokens", body)), TOKEN_COLUMNS, secret="token")
 
 
@@ -463,8 +500,18 @@ def nodes_earnings(ctx: Context, org_ref: str | None, since: str | None, by: str
 
 USAGE_COLUMNS = (
     "requests", "errors", "failed_attempts", "cache_hits", "prompt_tokens", "completion_tokens", "cost_usd",
-    "latency_p50_ms", "latency_p95_ms",
+    "unpriced_requests", "latency_p50_ms", "latency_p95_ms",
 )  # fmt: skip
+
+
+def _usage_rows(doc: Any) -> Any:
+    """A cost of 0 beside unpriced requests is unknown, not free (a cache hit costs 0 but prices nothing):
+    the table shows it empty, as it shows a group that was all unpriced."""
+    if isinstance(doc, dict) and isinstance(doc.get("data"), list):
+        for row in doc["data"]:
+            if row.get("unpriced_requests") and not row.get("cost_usd"):
+                row["cost_usd"] = None
+    return doc
 
 
 @admin.command("usage")
@@ -477,7 +524,7 @@ def usage(ctx: Context, org_ref: str | None, since: str | None, groups: tuple[st
     by = list(groups) or ["model"]
     after = parse_since(since)
     doc = ctx.call(lambda c: c.get("/usage", org=org_ref, since=after, by=",".join(by)))
-    ctx.show(doc, (*by, *USAGE_COLUMNS))
+    ctx.show(doc if ctx.as_json else _usage_rows(doc), (*by, *USAGE_COLUMNS))
 
 
 # -- limits, cache, prices --------------------------------------------------------------------------

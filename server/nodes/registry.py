@@ -7,6 +7,11 @@ Node reports only change capacity. After any sequence of faults every counter is
 When every slot of a model is busy a request waits in a bounded per-pool queue, first come first served; when
 the queue is full or the wait times out the pool is busy, which the attempt loop treats like any other target
 failure (the next target, or a 503 with Retry-After).
+
+No loop here goes by a number a node chose: a slot frees up at most as many waiters as are queued, and every
+per-node loop is over its models (at most `bounds.MAX_MODELS`, checked at Hello). The events a node sends for a
+job are bounded too (`bounds.MAX_QUEUED_EVENTS_PER_JOB` waiting, `bounds.MAX_JOB_BYTES` in all): over either,
+`on_event` raises ProtocolViolation and the node's service ends its session.
 """
 
 from __future__ import annotations
@@ -19,8 +24,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import grpc
+
+from proto.contract import JOB_REQUEST_OVERHEAD_BYTES, PLANE_MESSAGE_MAX_BYTES
 from proto.hatchway.node.v1 import node_pb2 as pb
 from server.errors import UpstreamConnectError, UpstreamError
+from server.nodes.bounds import (
+    MAX_JOB_BYTES,
+    MAX_QUEUED_EVENTS_PER_JOB,
+    MessageRate,
+    ProtocolViolation,
+    clamp_job_event,
+    loggable,
+)
 from server.waiters import Waiters
 
 log = logging.getLogger(__name__)
@@ -74,6 +90,8 @@ class Job:
     finished: bool = False
     released: bool = False
     cancel_sent: bool = False
+    # Bytes of the events the node sent for this job so far (bounded by bounds.MAX_JOB_BYTES).
+    received_bytes: int = 0
 
 
 @dataclass(eq=False)
@@ -93,6 +111,8 @@ class NodeSession:
     last_seen: float = field(default_factory=time.monotonic)
     status: pb.Status = field(default_factory=pb.Status)
     closed: bool = False
+    # Status and Heartbeat messages this node may still send (bounds.STATUS_RATE_PER_S).
+    rate: MessageRate = field(default_factory=MessageRate)
 
     def __post_init__(self) -> None:
         self.models = {m.name: ModelSlots.from_info(m) for m in self.hello.models}
@@ -218,6 +238,9 @@ class NodeRegistry:
 
     async def dispatch(self, org_id: str, model: str, endpoint: str, body: bytes, affinity: str | None) -> Job:
         """Claim a slot (waiting in the pool's queue if need be), then send the job to that node."""
+        if len(body) > PLANE_MESSAGE_MAX_BYTES - JOB_REQUEST_OVERHEAD_BYTES:
+            # gRPC would refuse to send it and end the node's stream, every other job on it included.
+            raise UpstreamConnectError(f"the request body is too large for a node ({len(body)} bytes)")
         session = await self._claim(org_id, model, affinity)
         job = Job(job_id=f"job-{next(self._job_ids)}", session=session, model=model)
         session.jobs[job.job_id] = job
@@ -259,9 +282,21 @@ class NodeRegistry:
         return max(candidates, key=lambda s: s.free_slots(model))
 
     def on_event(self, session: NodeSession, event: pb.JobEvent) -> None:
+        """Queue a node's event for its job; raises ProtocolViolation when the job's events exceed their bounds."""
         job = session.jobs.get(event.job_id)
         if job is None:
             return  # a job already released (cancel timed out, or it ended)
+        job.received_bytes += event.ByteSize()
+        if job.received_bytes > MAX_JOB_BYTES:
+            raise ProtocolViolation(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"job {job.job_id}: events over {MAX_JOB_BYTES} bytes in all"
+            )
+        if job.events.qsize() >= MAX_QUEUED_EVENTS_PER_JOB:
+            raise ProtocolViolation(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"job {job.job_id}: more than {MAX_QUEUED_EVENTS_PER_JOB} events waiting to be read",
+            )
+        clamp_job_event(event)
         job.events.put_nowait(event)
         if event.WhichOneof("kind") in ("end", "error"):
             job.finished = True
@@ -280,7 +315,9 @@ class NodeRegistry:
     async def _release_after_timeout(self, job: Job) -> None:
         await asyncio.sleep(self.cancel_timeout_s)
         if not job.released:
-            log.warning("node %s did not confirm the cancel of %s; releasing its slot", job.session.name, job.job_id)
+            log.warning(
+                "node %s did not confirm the cancel of %s; releasing its slot", loggable(job.session.name), job.job_id
+            )
             self.release(job)
 
     def release(self, job: Job) -> None:
@@ -294,9 +331,12 @@ class NodeRegistry:
         self._wake(job.session)
 
     def _wake(self, session: NodeSession) -> None:
+        """Wake as many queued requests as this node has free slots, and never more than are queued."""
         for model in session.models:
-            for _ in range(max(0, session.free_slots(model))):
-                self._pools[(session.org_id, model)].wake_one()
+            waiters = self._pools.get((session.org_id, model))  # .get: a node's model names create no pools
+            if waiters:
+                for _ in range(min(session.free_slots(model), len(waiters))):
+                    waiters.wake_one()
 
     def busy_slots(self) -> int:
         """Slots claimed across all nodes: zero whenever no job is running."""

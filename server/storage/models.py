@@ -171,15 +171,16 @@ class EnrollmentToken(SQLModel, table=True):
     # JSON object of labels given to the nodes enrolled with it.
     labels: str = ""
     created_at: datetime = Field(default_factory=utcnow)
+    # The id of the node this token re-enrolls (an admin's `--replace NODE`): the machine enrolling with it takes
+    # over that node's id, and the node's earlier credential stops working.
+    replace_node_id: str | None = None
 
 
 class Node(SQLModel, table=True):
-    __table_args__ = (UniqueConstraint("org_id", "machine_id"),)
-
     id: str = Field(primary_key=True, default_factory=lambda: new_id("node"))
     org_id: str = Field(foreign_key="org.id", index=True)
     name: str
-    # Stable per machine: re-enrolling the same machine keeps its node id.
+    # What the agent says identifies its machine: recorded, never proof (see NodeStore.enroll).
     machine_id: str
     credential_hash: str = Field(unique=True, index=True)
     labels: str = ""

@@ -1,6 +1,12 @@
 """Admin operations for nodes: enrollment tokens, enrolling, listing, draining and revoking nodes.
 
 Tokens and credentials are bearer secrets; only their SHA-256 hashes are stored (see server.credentials).
+
+Who may take an existing node's id: a token lets a machine join an org, not become one of its nodes. A token
+enrolls a new node unless the agent proves it is an existing one, by sending that node's current credential
+(`previous_credential`, from its config file), or the token itself names the node (an admin's `--replace NODE`,
+for a machine that lost its config or a new machine in an old one's place). The machine id an agent reports is
+recorded but proves nothing: any agent can send any value.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ class EnrollmentRefused(Exception):
 class Enrolled:
     node: dict[str, Any]
     credential: str
+    # An existing node was enrolled again: its earlier credential no longer works.
+    superseded: bool = False
 
 
 class NodeStore:
@@ -36,20 +44,35 @@ class NodeStore:
     # -- enrollment tokens ------------------------------------------------------------------------
 
     def create_token(
-        self, org_ref: str, secret: str, *, ttl_s: float | None, uses: int, labels: dict[str, str]
+        self,
+        org_ref: str,
+        secret: str,
+        *,
+        ttl_s: float | None,
+        uses: int,
+        labels: dict[str, str],
+        replace: str | None = None,
     ) -> dict[str, Any]:
+        """A token for `org_ref`; with `replace` (a node's id or name), the machine enrolling with it takes over
+        that node."""
         if uses < 1:
             raise InvalidRequestError("uses must be at least 1", param="uses")
         if ttl_s is not None and ttl_s <= 0:
             raise InvalidRequestError("ttl must be positive", param="ttl_s")
+        if replace and uses != 1:
+            raise InvalidRequestError("a token that replaces a node enrolls one machine: uses must be 1", param="uses")
         with Session(self.engine) as session:
             org = find_org(session, org_ref)
+            replaced = self._find(session, replace)[0] if replace else None
+            if replaced is not None and replaced.org_id != org.id:
+                raise InvalidRequestError(f"node {replace!r} is not in org {org.name!r}", param="replace")
             row = EnrollmentToken(
                 org_id=org.id,
                 token_hash=hash_key(secret),
                 uses_left=uses,
                 expires_at=utcnow() + timedelta(seconds=ttl_s) if ttl_s else None,
                 labels=json.dumps(labels) if labels else "",
+                replace_node_id=replaced.id if replaced is not None else None,
             )
             session.add(row)
             session.commit()
@@ -85,13 +108,15 @@ class NodeStore:
             "expires_at": iso(row.expires_at),
             "revoked_at": iso(row.revoked_at),
             "labels": json.loads(row.labels) if row.labels else {},
+            "replaces": row.replace_node_id,
             "created_at": iso(row.created_at),
         }
 
     # -- enrolling --------------------------------------------------------------------------------
 
-    def enroll(self, secret: str, name: str, machine_id: str) -> Enrolled:
-        """Spend one use of the token; the same machine (org + machine id) keeps its node id."""
+    def enroll(self, secret: str, name: str, machine_id: str, previous_credential: str = "") -> Enrolled:
+        """Spend one use of the token. An existing node of the token's org is enrolled again (same id, a new
+        credential) when the token replaces it or `previous_credential` is its current one; otherwise a new node."""
         if not machine_id:
             raise EnrollmentRefused("the agent sent no machine id")
         credential = generate_key(NODE_CREDENTIAL_PREFIX)
@@ -112,10 +137,10 @@ class NodeStore:
             )
             if spent.rowcount != 1:
                 raise EnrollmentRefused("enrollment token has been used up")
-            node = session.exec(select(Node).where(Node.org_id == token.org_id, Node.machine_id == machine_id)).first()
-            if node is None:
-                node = Node(org_id=token.org_id, name=name, machine_id=machine_id, credential_hash="")
+            existing = self._enrollee(session, token, previous_credential)
+            node = existing or Node(org_id=token.org_id, name=name, machine_id=machine_id, credential_hash="")
             node.name = name or node.name
+            node.machine_id = machine_id
             node.credential_hash = hash_key(credential)
             node.labels = token.labels
             node.revoked_at = None
@@ -124,7 +149,25 @@ class NodeStore:
             session.commit()
             org = session.get(Org, node.org_id)
             assert org is not None
-            return Enrolled(self._node_dict(node, org), credential)
+            return Enrolled(self._node_dict(node, org), credential, superseded=existing is not None)
+
+    @staticmethod
+    def _enrollee(session: Session, token: EnrollmentToken, previous_credential: str) -> Node | None:
+        """The existing node this enrollment may take over, or None for a new node."""
+        if token.replace_node_id:
+            replaced = session.get(Node, token.replace_node_id)
+            # Revoked or not: the admin asked for this node by name.
+            return replaced if replaced is not None and replaced.org_id == token.org_id else None
+        if not previous_credential:
+            return None
+        # A revoked credential proves nothing any more; a credential of another org's node moves no node.
+        return session.exec(
+            select(Node).where(
+                Node.credential_hash == hash_key(previous_credential),
+                Node.org_id == token.org_id,
+                col(Node.revoked_at).is_(None),
+            )
+        ).first()
 
     # -- nodes ------------------------------------------------------------------------------------
 

@@ -17,16 +17,18 @@ MODE_ALWAYS_ON: Mode
 MODE_IDLE_ONLY: Mode
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("token", "name", "machine_id", "hardware")
+    __slots__ = ("token", "name", "machine_id", "hardware", "previous_credential")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MACHINE_ID_FIELD_NUMBER: _ClassVar[int]
     HARDWARE_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     token: str
     name: str
     machine_id: str
     hardware: Hardware
-    def __init__(self, token: _Optional[str] = ..., name: _Optional[str] = ..., machine_id: _Optional[str] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ...) -> None: ...
+    previous_credential: str
+    def __init__(self, token: _Optional[str] = ..., name: _Optional[str] = ..., machine_id: _Optional[str] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., previous_credential: _Optional[str] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
     __slots__ = ("node_id", "credential", "org")
