@@ -15,7 +15,10 @@ on one event loop that is atomic. Refusals are 429s: `rate_limit_error` with Ret
 `insufficient_quota` with `x-should-retry: false` when only a new window (or an admin) can.
 
 Counters live in this process; they survive snapshot rebuilds (limits are read from the snapshot at each
-admission) and are seeded from the usage table at start-up so a restart does not reset a day's quota.
+admission) and are seeded from the usage table at start-up so a restart does not reset a day's quota. A quota
+set later (a scope that had none) is seeded the same way before the snapshot that carries it goes live
+(`new_quotas`, `reseed`): it starts from the window's usage so far, not from 0. Requests already in flight when
+it is set were admitted without it and are not counted against it.
 """
 
 from __future__ import annotations
@@ -281,6 +284,18 @@ class Limiter:
                 if quota_window == window:
                     quota.used = tokens if unit == "tokens" else usd
 
+    def reseed(self, used: Mapping[tuple[str, str], tuple[float, float]], quotas: Mapping[str, Iterable[int]]) -> None:
+        """A quota just set: its counter starts from the window's usage so far, {(scope, window): (tokens, usd)},
+        as `seed` does at start-up. `quotas` names the new quotas (indices in QUOTAS) of each scope; the scope's
+        other counters are live and stay as they are."""
+        current = windows(self.clock())
+        for scope, indices in quotas.items():
+            state = self.state(scope, current)
+            for index in indices:
+                _, unit, window = QUOTAS[index]
+                tokens, usd = used.get((scope, window), (0.0, 0.0))
+                state.quotas[index].used = tokens if unit == "tokens" else usd
+
     def usage(self, scope: str, limits: Limits) -> dict[str, Any]:
         """The live state of a scope, for `limits show`."""
         now = self.clock()
@@ -294,6 +309,18 @@ class Limiter:
             quota = state.quotas[index]
             live[f"{name}_used"] = int(quota.used) if by_tokens else round(quota.used, 6)
         return live
+
+
+def new_quotas(old: Mapping[str, Limits], new: Mapping[str, Limits]) -> dict[str, list[int]]:
+    """The quotas (indices in QUOTAS) each scope has in `new` and did not have in `old`."""
+    added: dict[str, list[int]] = {}
+    for scope, limits in new.items():
+        before = old.get(scope)
+        had = {q[0] for q in before.quotas} if before is not None else set()
+        indices = [q[0] for q in limits.quotas if q[0] not in had]
+        if indices:
+            added[scope] = indices
+    return added
 
 
 def _check(state: ScopeState, limits: Limits, estimate: Estimate, now: float) -> None:

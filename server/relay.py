@@ -35,6 +35,7 @@ from server.errors import (
 )
 from server.failover import Move, decide, is_context_length_error, retry_after_seconds
 from server.health import Health, TargetStats, is_target_fault
+from server.metering import Delivery, Meter, MeteredRequest, bounded_usage
 from server.metrics import Metrics
 from server.rescue import (
     Continuation,
@@ -70,14 +71,19 @@ class Exchange:
     body: dict[str, Any]
     plans: list[ModelPlan]
     deadline_s: float
+    # The body's size as received (0: not known, measured when a usage claim needs it).
+    body_bytes: int = 0
     started: float = field(default_factory=time.monotonic)
     attempts: int = 0
     rescues: int = 0
     target: Target | None = None
     attempt: Attempt | None = None
     served_model: str | None = None
+    # The tokens billed: the serving target's claim, held to the plane's bounds (server.metering).
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # What the client was sent of the answer, counted by the plane.
+    delivery: Delivery = field(default_factory=Delivery)
     first_byte_at: float | None = None
     # The serving target's in-flight count, held until the answer is complete.
     holding: TargetStats | None = None
@@ -113,11 +119,6 @@ class Exchange:
     def time_left_s(self) -> float:
         return self.started + self.deadline_s - time.monotonic()
 
-    def take_usage(self, usage: Any) -> None:
-        if isinstance(usage, dict):
-            self.prompt_tokens = _int(usage.get("prompt_tokens"))
-            self.completion_tokens = _int(usage.get("completion_tokens"))
-
     def cost(self) -> float | None:
         if self.cache == HIT:
             return 0.0  # a cached answer is free, not unpriced
@@ -147,10 +148,6 @@ class Exchange:
         return headers
 
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
 @dataclass
 class OpenStream:
     """A target's stream, accepted (first content token in hand) but not yet relayed."""
@@ -169,6 +166,7 @@ class Relay:
         self.usage = usage
         self.health = health
         self.max_attempts = max_attempts
+        self.meter = Meter(metrics.usage_claims_clamped)
 
     # -- the attempt loop -------------------------------------------------------------------------
 
@@ -261,8 +259,11 @@ class Relay:
         self, exchange: Exchange, target: Target, attempt: Attempt, exc: UpstreamError, began: float
     ) -> None:
         now = self.health.clock()
+        breaker = self.health.stats(target.key).breaker
         if is_target_fault(exc):
-            self.health.stats(target.key).breaker.failed(now, target.policy.breaker_failures)
+            breaker.failed(now, target.policy.breaker_failures)
+        else:
+            breaker.succeeded()  # it answered, about the request: the target is up (and a probe has its verdict)
         if isinstance(exc, UpstreamStatusError) and exc.upstream_status in (401, 403, 429):
             hint = retry_after_seconds(exc.headers.get("Retry-After"))
             target.rest_key(attempt.key_id, hint if hint is not None else KEY_REST_S)
@@ -328,7 +329,12 @@ class Relay:
             raise UpstreamProtocolError(f"{target.id}: answer is not JSON") from exc
         if not isinstance(doc, dict) or "error" in doc:
             raise UpstreamProtocolError(f"{target.id}: answer is not an OpenAI object")
-        exchange.take_usage(doc.get("usage"))
+        exchange.delivery = Delivery()
+        exchange.delivery.observe_whole(doc)
+        usage = doc.get("usage")
+        if isinstance(usage, dict) and (shown := self._take_usage(exchange, target, attempt, usage)) is not None:
+            # The client sees what it is billed, not the claim.
+            return orjson.dumps({**doc, "usage": shown})
         return body
 
     # -- streams ----------------------------------------------------------------------------------
@@ -358,6 +364,8 @@ class Relay:
                     if not can_rescue(exchange.body, progress):
                         raise
                     log.info("request %s: rescuing a broken stream from %s", exchange.request_id, opened.target.id)
+                    # A rescuer that continues the answer reads what was delivered as part of its prompt.
+                    exchange.delivery.rescued_bytes = exchange.delivery.bytes
                     opened = await self._rescue(exchange, progress, failed=opened.target)
                     exchange.rescues += 1
             # The last events, [DONE] and the end of the chunked body leave in one write.
@@ -483,12 +491,17 @@ class Relay:
     ) -> bytes | None:
         """Account for one chunk and return its SSE frame, or None when the client is not to see it."""
         progress.observe(chunk)
+        exchange.delivery.observe(chunk)
+        if "usage" in chunk:
+            usage = chunk["usage"]
+            if isinstance(usage, dict) and exchange.target is not None:
+                shown = self._take_usage(exchange, exchange.target, exchange.attempt, usage)
+                if shown is not None:
+                    chunk, payload = {**chunk, "usage": shown}, None
         if exchange.collect is not None:
             exchange.collect.observe(chunk)
-        if "usage" in chunk:
-            exchange.take_usage(chunk["usage"])
-            if chunk.get("choices") == [] and not exchange.wants_usage:
-                return None  # the plane asked for usage for itself; the client did not
+        if "usage" in chunk and chunk.get("choices") == [] and not exchange.wants_usage:
+            return None  # the plane asked for usage for itself; the client did not
         if payload is None:
             if progress.first_id is not None:
                 chunk = {**chunk, "id": progress.first_id, "created": progress.first_created or chunk.get("created")}
@@ -520,6 +533,24 @@ class Relay:
         return await self.attempt(exchange, open_rescue, last=failed)
 
     # -- accounting -------------------------------------------------------------------------------
+
+    def _take_usage(
+        self, exchange: Exchange, target: Target, attempt: Attempt | None, usage: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Bill a target's usage claim within the plane's bounds; the usage to show instead when it was clamped."""
+        if not exchange.body_bytes:
+            exchange.body_bytes = len(orjson.dumps(exchange.body))
+        request = MeteredRequest(
+            exchange.endpoint,
+            exchange.body,
+            exchange.body_bytes,
+            target.kind,
+            attempt.context if attempt is not None else None,
+        )
+        label = attempt.route if attempt is not None and attempt.route else target.id
+        prompt, completion, clamped = self.meter.bill(request, exchange.delivery, usage, label)
+        exchange.prompt_tokens, exchange.completion_tokens = prompt, completion
+        return bounded_usage(usage, prompt, completion) if clamped else None
 
     def _release(self, exchange: Exchange) -> None:
         if exchange.holding is not None:

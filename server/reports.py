@@ -3,46 +3,59 @@
 Read from the usage rows the batch writer stored (never on the request path). A request counts once, by its
 final row; attempts that failed over have rows of their own and are reported apart as `failed_attempts`.
 A group whose served requests were all unpriced reports `cost_usd: null` ("unpriced"), never 0.
+
+The database does the grouping (GROUP BY with SUM and COUNT), so a report's memory is one row per group however
+many requests there were. Latency percentiles are exact: a window query ranks each group's latencies in the
+database and returns only the two rows around each percentile, which are interpolated here as
+`statistics.quantiles(method="inclusive")` does (SQLite has no percentile function; this works on both).
+Node earnings are the plane's own figures: the cost it recorded for each request a node served, from the
+tokens it billed (held to its bounds, server.metering) at the node's price (held to MAX_NODE_PRICE).
 """
 
 from __future__ import annotations
 
-import statistics
-from collections import defaultdict
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Engine
-from sqlmodel import Session, col, select
+from sqlalchemy import Engine, Table, and_, case, func, or_, select
+from sqlalchemy.sql.elements import ColumnElement
+from sqlmodel import Session
 
 from server.errors import InvalidRequestError
 from server.storage.models import ApiKey, Node, Org, UsageRecord
 from server.storage.store import find_org
 
 GROUPS = ("model", "route", "key", "node", "org", "day")
+PERCENTILES = (50, 95)
+
+_RECORDS: Table = UsageRecord.__table__  # type: ignore[attr-defined]
+_KEYS: Table = ApiKey.__table__  # type: ignore[attr-defined]
+_ORGS: Table = Org.__table__  # type: ignore[attr-defined]
+_NODES: Table = Node.__table__  # type: ignore[attr-defined]
+_record, _key, _org, _node = _RECORDS.c, _KEYS.c, _ORGS.c, _NODES.c
 
 
-def _group_value(row: UsageRecord, group: str, key_names: dict[str, str], org_names: dict[str, str]) -> str:
+def _group_column(group: str) -> ColumnElement[Any]:
+    """The SQL for one grouping, labelled as it is shown: names for keys and orgs, "-" for no route or node."""
     if group == "model":
-        return row.model
+        model: ColumnElement[Any] = _record.model
+        return model
     if group == "route":
-        return row.target or "-"
+        return func.coalesce(func.nullif(_record.target, ""), "-")
     if group == "key":
-        return key_names.get(row.key_id, row.key_id)
+        # A key's name, else its prefix; the key's id when the key is gone.
+        return func.coalesce(func.nullif(_key.name, ""), _key.prefix, _record.key_id)
     if group == "node":
-        return row.node_id or "-"
+        return func.coalesce(func.nullif(_record.node_id, ""), "-")
     if group == "org":
-        return org_names.get(row.org_id, row.org_id)
-    return row.created_at.date().isoformat()
+        return func.coalesce(_org.name, _record.org_id)
+    return func.date(_record.created_at)
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return round(values[0], 2)
-    return round(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1], 2)
+def _shown(value: Any) -> str:
+    # PostgreSQL's date() is a date; SQLite's a string.
+    return value.isoformat() if isinstance(value, date) else str(value)
 
 
 def usage_report(
@@ -51,80 +64,160 @@ def usage_report(
     unknown = [g for g in by if g not in GROUPS]
     if unknown:
         raise InvalidRequestError(f"cannot group by {', '.join(unknown)}; use {', '.join(GROUPS)}", param="by")
+    groups = [_group_column(g).label(f"g{i}") for i, g in enumerate(by)]
+    served = and_(_record.final, _record.status == 200)
     with Session(engine) as session:
-        query = select(UsageRecord)
-        if org_ref:
-            query = query.where(UsageRecord.org_id == find_org(session, org_ref).id)
-        if since is not None:
-            query = query.where(col(UsageRecord.created_at) >= since)
-        rows = list(session.exec(query))
-        key_names = {k.id: k.name or k.prefix for k in session.exec(select(ApiKey))}
-        org_names = {o.id: o.name for o in session.exec(select(Org))}
-    groups: dict[tuple[str, ...], list[UsageRecord]] = defaultdict(list)
-    for row in rows:
-        groups[tuple(_group_value(row, g, key_names, org_names) for g in by)].append(row)
-    return [_summarise(dict(zip(by, values, strict=True)), group) for values, group in sorted(groups.items())]
+        where = _filters(session, org_ref, since)
+        source = _record_source(by)
+        totals = select(
+            *groups,
+            func.count().label("rows"),
+            _count(_record.final).label("requests"),
+            _count(served).label("served"),
+            func.sum(case((served, _record.prompt_tokens), else_=0)).label("prompt_tokens"),
+            func.sum(case((served, _record.completion_tokens), else_=0)).label("completion_tokens"),
+            func.sum(case((served, _record.cost_usd))).label("cost"),
+            _count(and_(served, _record.cost_usd.is_not(None))).label("priced"),
+            _count(and_(served, _record.cache == "hit")).label("cache_hits"),
+        ).select_from(source)
+        if where is not None:
+            totals = totals.where(where)
+        if groups:
+            totals = totals.group_by(*groups)
+        summaries = {
+            tuple(_shown(v) for v in row[: len(by)]): _summary(row) for row in session.execute(totals) if row.rows
+        }
+        served_here = and_(served, where) if where is not None else served
+        for labels, latency in _percentiles(session, source, groups, served_here):
+            # Rows written between the two queries (each reads the table as it is then) are left out.
+            if labels in summaries:
+                summaries[labels].update(latency)
+    return [{**dict(zip(by, labels, strict=True)), **summaries[labels]} for labels in sorted(summaries)]
 
 
-def _cost(served: list[UsageRecord]) -> tuple[float | None, int]:
-    """USD of the served rows, None when none was priced (unpriced is not free), and how many were unpriced."""
-    costs = [r.cost_usd for r in served if r.cost_usd is not None]
-    return (round(sum(costs), 8) if costs else None), len(served) - len(costs)
+def _count(condition: ColumnElement[Any]) -> ColumnElement[Any]:
+    return func.sum(case((condition, 1), else_=0))
 
 
-def _summarise(labels: dict[str, str], rows: list[UsageRecord]) -> dict[str, Any]:
-    final = [r for r in rows if r.final]
-    served = [r for r in final if r.status == 200]
-    cost, unpriced = _cost(served)
-    latencies = [r.latency_ms for r in served]
+def _filters(session: Session, org_ref: str | None, since: datetime | None) -> ColumnElement[bool] | None:
+    conditions = []
+    if org_ref:
+        conditions.append(_record.org_id == find_org(session, org_ref).id)
+    if since is not None:
+        conditions.append(_record.created_at >= since)
+    return and_(*conditions) if conditions else None
+
+
+def _record_source(by: Sequence[str]) -> Any:
+    source: Any = _RECORDS
+    if "key" in by:
+        source = source.outerjoin(_KEYS, _key.id == _record.key_id)
+    if "org" in by:
+        source = source.outerjoin(_ORGS, _org.id == _record.org_id)
+    return source
+
+
+def _summary(row: Any) -> dict[str, Any]:
+    served, priced = int(row.served), int(row.priced)
     return {
-        **labels,
-        "requests": len(final),
-        "errors": len(final) - len(served),
-        "failed_attempts": len(rows) - len(final),
-        "prompt_tokens": sum(r.prompt_tokens for r in served),
-        "completion_tokens": sum(r.completion_tokens for r in served),
-        "cost_usd": cost,
-        "unpriced_requests": unpriced,
-        "cache_hits": sum(1 for r in served if r.cache == "hit"),
-        "latency_p50_ms": _percentile(latencies, 50),
-        "latency_p95_ms": _percentile(latencies, 95),
+        "requests": int(row.requests),
+        "errors": int(row.requests) - served,
+        "failed_attempts": int(row.rows) - int(row.requests),
+        "prompt_tokens": int(row.prompt_tokens or 0),
+        "completion_tokens": int(row.completion_tokens or 0),
+        "cost_usd": round(float(row.cost), 8) if priced else None,
+        "unpriced_requests": served - priced,
+        "cache_hits": int(row.cache_hits),
+        **{f"latency_p{q}_ms": None for q in PERCENTILES},
     }
 
 
+def _percentiles(
+    session: Session, source: Any, groups: list[Any], served: ColumnElement[Any]
+) -> list[tuple[tuple[str, ...], dict[str, float]]]:
+    """Each group's latency percentiles over its served requests, from the two ranked rows around each."""
+    partition = [g.element for g in groups]
+    ranked = (
+        select(
+            *groups,
+            _record.latency_ms.label("latency"),
+            (func.row_number().over(partition_by=partition or None, order_by=_record.latency_ms) - 1).label("pos"),
+            func.count().over(partition_by=partition or None).label("n"),
+        )
+        .select_from(source)
+        .where(served)
+        .subquery()
+    )
+    # The rows at j and j+1 for j = q * (n - 1) // 100, in integer arithmetic that every dialect agrees on.
+    around = or_(
+        *(
+            and_(ranked.c.pos * 100 + 100 > q * (ranked.c.n - 1), ranked.c.pos * 100 - 100 <= q * (ranked.c.n - 1))
+            for q in PERCENTILES
+        )
+    )
+    picked = select(*(ranked.c[f"g{i}"] for i in range(len(groups))), ranked.c.pos, ranked.c.n, ranked.c.latency)
+    found: dict[tuple[str, ...], tuple[int, dict[int, float]]] = {}
+    for row in session.execute(picked.where(around)):
+        labels = tuple(_shown(v) for v in row[: len(groups)])
+        found.setdefault(labels, (int(row.n), {}))[1][int(row.pos)] = float(row.latency)
+    return [(labels, _interpolated(n, at)) for labels, (n, at) in found.items()]
+
+
+def _interpolated(n: int, at: dict[int, float]) -> dict[str, float]:
+    """`statistics.quantiles(data, n=100, method="inclusive")[q - 1]`, from the ranked values it reads."""
+    result = {}
+    for q in PERCENTILES:
+        if n == 1:
+            value = at[0]
+        else:
+            j, delta = divmod(q * (n - 1), 100)
+            value = (at[j] * (100 - delta) + at[j + 1] * delta) / 100
+        result[f"latency_p{q}_ms"] = round(value, 2)
+    return result
+
+
 EARNINGS_GROUPS = ("node", "org")
+# Rows served by a node, with the node and the org that owns it (if it still exists).
+_NODE_ROWS = _RECORDS.join(_NODES, _node.id == _record.node_id).outerjoin(_ORGS, _org.id == _node.org_id)
 
 
 def earnings_report(engine: Engine, *, org_ref: str | None, since: datetime | None, by: str) -> list[dict[str, Any]]:
     """What nodes served and earned at their own prices, per node or per contributing org (the node's owner)."""
     if by not in EARNINGS_GROUPS:
         raise InvalidRequestError(f"earnings group by {', '.join(EARNINGS_GROUPS)}", param="by")
-    with Session(engine) as session:
-        query = select(UsageRecord, Node).join(Node, col(Node.id) == col(UsageRecord.node_id))
-        query = query.where(col(UsageRecord.final), UsageRecord.status == 200)
-        if org_ref:
-            query = query.where(Node.org_id == find_org(session, org_ref).id)
-        if since is not None:
-            query = query.where(col(UsageRecord.created_at) >= since)
-        pairs = list(session.exec(query))
-        org_names = {o.id: o.name for o in session.exec(select(Org))}
-    groups: dict[tuple[str, ...], list[UsageRecord]] = defaultdict(list)
-    for row, node in pairs:
-        owner = org_names.get(node.org_id, node.org_id)
-        label: tuple[str, ...] = (node.id, node.name, owner) if by == "node" else (owner,)
-        groups[label].append(row)
+    owner = func.coalesce(_org.name, _node.org_id)
+    labels: list[Any] = [_node.id, _node.name, owner] if by == "node" else [owner]
     columns = ("node_id", "node", "org") if by == "node" else ("org",)
+    with Session(engine) as session:
+        query = (
+            select(
+                *labels,
+                func.count().label("requests"),
+                func.sum(_record.prompt_tokens).label("prompt_tokens"),
+                func.sum(_record.completion_tokens).label("completion_tokens"),
+                func.sum(_record.cost_usd).label("earned"),
+                func.count(_record.cost_usd).label("priced"),
+            )
+            .select_from(_NODE_ROWS)
+            .where(_record.final, _record.status == 200)
+            .group_by(*labels)
+        )
+        if org_ref:
+            query = query.where(_node.org_id == find_org(session, org_ref).id)
+        if since is not None:
+            query = query.where(_record.created_at >= since)
+        rows = list(session.execute(query))
     result = []
-    for label, rows in sorted(groups.items()):
-        earned, unpriced = _cost(rows)
+    for row in sorted(rows, key=lambda r: tuple(r[: len(columns)])):
+        requests, priced = int(row.requests), int(row.priced)
         result.append(
             {
-                **dict(zip(columns, label, strict=True)),
-                "requests": len(rows),
-                "prompt_tokens": sum(r.prompt_tokens for r in rows),
-                "completion_tokens": sum(r.completion_tokens for r in rows),
-                "earned_usd": earned,
-                "unpriced_requests": unpriced,
+                **dict(zip(columns, row[: len(columns)], strict=True)),
+                "requests": requests,
+                "prompt_tokens": int(row.prompt_tokens or 0),
+                "completion_tokens": int(row.completion_tokens or 0),
+                "earned_usd": round(float(row.earned), 8) if priced else None,
+                "unpriced_requests": requests - priced,
             }
         )
     return result

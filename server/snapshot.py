@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -139,25 +140,42 @@ def build_snapshot(
 
 
 class SnapshotHolder:
-    """Owns the current snapshot; `reload` rebuilds it off the event loop and swaps it in atomically."""
+    """Owns the current snapshot; `reload` rebuilds it off the event loop and swaps it in atomically.
 
-    def __init__(self, store: Store, pool: UpstreamPool, health: Health, policy: FailoverPolicy) -> None:
+    `node_pools` names the health keys of the node pools connected now: they live outside the snapshot (they
+    come and go with their nodes' streams), and what was learnt about them must outlive a reload."""
+
+    def __init__(
+        self,
+        store: Store,
+        pool: UpstreamPool,
+        health: Health,
+        policy: FailoverPolicy,
+        node_pools: Callable[[], Iterable[str]] = lambda: (),
+    ) -> None:
         self.store = store
         self.pool = pool
         self.health = health
         self.policy = policy
+        self.node_pools = node_pools
         self.current = Snapshot()
         self.loaded = False
+        # Awaited with (current, next) before `next` goes live: the plane seeds a quota set since (server.plane).
+        self.prepare: Callable[[Snapshot, Snapshot], Awaitable[None]] | None = None
         self._versions = itertools.count(1)
         self._lock = asyncio.Lock()
 
     async def reload(self) -> Snapshot:
         async with self._lock:
             version = next(self._versions)
-            self.current = await asyncio.to_thread(self._build, version)
+            snapshot = await asyncio.to_thread(self._build, version)
+            if self.prepare is not None:
+                await self.prepare(self.current, snapshot)
+            self.current = snapshot
             self.loaded = True
             # On the loop, not in the builder's thread: the loop is what mutates the health records.
-            self.health.forget({t.key for targets in self.current.routes.values() for t in targets})
+            live = {t.key for targets in self.current.routes.values() for t in targets}
+            self.health.forget(live.union(self.node_pools()))
             return self.current
 
     def _build(self, version: int) -> Snapshot:

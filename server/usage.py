@@ -3,6 +3,12 @@
 A request only builds a row (a dict of `UsageRecord`'s columns) and puts it on the queue (no I/O); the writer
 flushes every `flush_interval_s` or when `batch_size` rows are waiting, in a worker thread, as one executemany
 of an INSERT compiled once for the engine's driver, and drains everything on stop.
+
+One bad row never costs the others their place: when the database refuses a batch for what is in it (a value
+out of range, a constraint), the writer splits the batch in halves and writes each in its own transaction,
+down to the single rows the database refuses, which are dropped, counted in `hatchway_usage_rows_dropped_total`
+and logged once per batch. When it refuses the batch for its own state (locked, unreachable), the batch is tried
+again once after RETRY_DELAY_S, then dropped and counted.
 """
 
 from __future__ import annotations
@@ -10,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import Engine, insert
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from server.metrics import Metrics
 from server.storage.models import UsageRecord
@@ -22,6 +30,11 @@ from server.storage.models import UsageRecord
 UsageRow = dict[str, Any]
 
 log = logging.getLogger(__name__)
+
+# How long the writer waits before trying a batch again when the database itself failed (locked, unreachable).
+RETRY_DELAY_S = 0.5
+# Request ids named in the log line about refused rows.
+LOGGED_ROWS = 5
 
 
 class UsageInsert:
@@ -70,6 +83,8 @@ class UsageWriter:
         self.rows_dropped = 0
         self._task: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
+        # Held while a batch is written, so `flush` returns only once every row taken so far is in the database.
+        self._writing = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"UsageWriter(written={self.rows_written}, dropped={self.rows_dropped}, queued={self.queue.qsize()})"
@@ -79,8 +94,19 @@ class UsageWriter:
             self.queue.put_nowait(row)
         except asyncio.QueueFull:
             # Never make a request wait for accounting; a dropped row is counted and visible in /metrics.
-            self.rows_dropped += 1
-            self.metrics.usage_dropped.inc()
+            self._dropped(1)
+
+    async def flush(self) -> None:
+        """Write every row recorded so far, including a batch being written now (off the request path: for a
+        reader that must see them, e.g. a quota set mid-day that starts from the day's usage)."""
+        while not self.queue.empty():
+            await self._flush()
+        async with self._writing:
+            pass  # a batch the writer took before the queue emptied is written once the lock is free
+
+    def _dropped(self, count: int) -> None:
+        self.rows_dropped += count
+        self.metrics.usage_dropped.inc(count)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="usage-writer")
@@ -92,7 +118,7 @@ class UsageWriter:
             await self._task
             self._task = None
         while not self.queue.empty():
-            await self._flush(self._take(self.batch_size))
+            await self._flush()
 
     async def _run(self) -> None:
         # Never cancelled: stopping is a flag, so a batch is never lost between the queue and the database.
@@ -100,7 +126,7 @@ class UsageWriter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), timeout=self.flush_interval_s)
             while not self.queue.empty():
-                await self._flush(self._take(self.batch_size))
+                await self._flush()
 
     def _take(self, limit: int) -> list[UsageRow]:
         batch: list[UsageRow] = []
@@ -108,17 +134,76 @@ class UsageWriter:
             batch.append(self.queue.get_nowait())
         return batch
 
-    async def _flush(self, batch: list[UsageRow]) -> None:
-        if not batch:
-            return
-        try:
-            await asyncio.to_thread(self._write, batch)
-        except Exception:
-            log.exception("usage writer: could not write %d rows", len(batch))
-            return
-        self.rows_written += len(batch)
-        self.metrics.usage_written.inc(len(batch))
+    async def _flush(self) -> None:
+        async with self._writing:
+            # Taken under the lock: once `flush` holds it with the queue empty, every row taken is written.
+            batch = self._take(self.batch_size)
+            if not batch:
+                return
+            try:
+                refused = await asyncio.to_thread(self._write, batch)
+            except Exception as exc:
+                self._dropped(len(batch))
+                log.error("usage writer: dropped %d rows, the database failed twice: %s", len(batch), _clip(exc))
+                return
+        written = len(batch) - len(refused)
+        self.rows_written += written
+        self.metrics.usage_written.inc(written)
+        if refused:
+            self._dropped(len(refused))
+            ids = ", ".join(str(row.get("request_id"))[:64] for row, _ in refused[:LOGGED_ROWS])
+            more = f" and {len(refused) - LOGGED_ROWS} more" if len(refused) > LOGGED_ROWS else ""
+            log.error(
+                "usage writer: the database refused %d of %d rows, dropped (requests %s%s): %s",
+                len(refused),
+                len(batch),
+                ids,
+                more,
+                _clip(refused[0][1]),
+            )
 
-    def _write(self, batch: list[UsageRow]) -> None:
+    def _write(self, batch: list[UsageRow]) -> list[tuple[UsageRow, BaseException]]:
+        """Write a batch (in the writer's thread); return the rows the database refused, each with its error.
+        Raises when the database itself failed twice."""
+        try:
+            self._insert(batch)
+            return []
+        except OperationalError:
+            # The database's state, not the rows (locked, gone): once more, then the batch is lost.
+            time.sleep(RETRY_DELAY_S)
+        except Exception as exc:
+            return self._isolate(batch, exc)
+        try:
+            self._insert(batch)
+            return []
+        except OperationalError:
+            raise
+        except Exception as exc:
+            return self._isolate(batch, exc)
+
+    def _isolate(self, batch: list[UsageRow], error: Exception) -> list[tuple[UsageRow, BaseException]]:
+        """Write what the database accepts of a batch it refused (with `error`): halves in their own transactions,
+        down to single rows. One bad row among N costs about 2*log2(N) transactions."""
+        if len(batch) == 1:
+            return [(batch[0], error)]
+        half = len(batch) // 2
+        refused: list[tuple[UsageRow, BaseException]] = []
+        for part in (batch[:half], batch[half:]):
+            try:
+                self._insert(part)
+            except OperationalError:
+                raise
+            except Exception as exc:
+                refused.extend(self._isolate(part, exc))
+        return refused
+
+    def _insert(self, rows: list[UsageRow]) -> None:
         with self.engine.begin() as connection:
-            connection.exec_driver_sql(self.insert.sql, self.insert.parameters(batch))
+            connection.exec_driver_sql(self.insert.sql, self.insert.parameters(rows))
+
+
+def _clip(error: BaseException) -> str:
+    """An error's message on one bounded line: it may quote a row's values."""
+    text = str(error.orig if isinstance(error, DBAPIError) and error.orig is not None else error)
+    text = " ".join(text.split())
+    return f"{type(error).__name__}: {text[:300]}"

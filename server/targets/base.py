@@ -35,6 +35,8 @@ class Attempt:
     route: str | None = None
     # USD per 1M tokens (in, out) of what served, when it differs from the target's own price.
     price: tuple[float | None, float | None] | None = None
+    # The served model's context in tokens, when the target knows it (a node says it): bounds reported usage.
+    context: int | None = None
 
 
 class TargetStream(ABC):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -24,11 +25,17 @@ from server.errors import (
     UpstreamTimeoutError,
 )
 from server.failover import FailoverPolicy
+from server.nodes.bounds import MAX_PRICE
 from server.nodes.registry import Job, NodeRegistry, SessionLost
 from server.targets.base import Attempt, Call, Target, TargetStream
 
 # The id routing rules use for "the org's nodes" (e.g. `route set m --targets nodes,openai`).
 NODES_TARGET = "nodes"
+
+
+def pool_key(org_id: str, model: str) -> str:
+    """The key of an org's node pool for one model in the plane's health records (server.health)."""
+    return f"{NODES_TARGET}/{org_id}/{model}"
 
 
 class NodePoolTarget(Target):
@@ -39,7 +46,7 @@ class NodePoolTarget(Target):
         self.registry = registry
         self.org_id = org_id
         self.upstream_model = model
-        self.key = f"nodes/{org_id}/{model}"
+        self.key = pool_key(org_id, model)
         self.policy = policy
 
     def __repr__(self) -> str:
@@ -68,7 +75,8 @@ class NodePoolTarget(Target):
         )
         slots = job.session.models[self.upstream_model]
         attempt.route = job.session.node_id
-        attempt.price = (slots.price_in, slots.price_out)
+        attempt.price = (bounded_price(slots.price_in), bounded_price(slots.price_out))
+        attempt.context = slots.context or None
         return job
 
     async def complete(self, call: Call, attempt: Attempt) -> bytes:
@@ -228,5 +236,13 @@ def _affinity(org_id: str, body: dict[str, Any]) -> str | None:
 
 
 def _cheapest(prices: Any) -> float | None:
-    known = [p for p in prices if p is not None]
+    known = [p for p in map(bounded_price, prices) if p is not None]
     return min(known) if known else None
+
+
+def bounded_price(price: float | None) -> float | None:
+    """A node's price as billed: within [0, MAX_PRICE], the bound a Hello is checked against (server.nodes.bounds),
+    held here again because the price is what a node earns; one that is not a number is no price at all."""
+    if price is None or math.isnan(price):
+        return None
+    return min(max(price, 0.0), MAX_PRICE)
