@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
@@ -9,6 +10,10 @@ from server.catalog import Catalog
 from server.credentials import hash_key
 from server.errors import AuthenticationError, ModelNotFoundError, PermissionDeniedError
 from server.snapshot import KeyEntry, Snapshot
+
+_PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
+# How much of a client's model name an error message quotes.
+_MODEL_QUOTE_CHARS = 100
 
 
 def bearer_token(headers: Mapping[str, str]) -> str:
@@ -21,7 +26,12 @@ def bearer_token(headers: Mapping[str, str]) -> str:
         )
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthenticationError("The Authorization header must be 'Bearer YOUR_KEY'.")
-    return token.strip()
+    token = token.strip()
+    # Every key the plane issues is printable ASCII. Anything else (aiohttp hands non-UTF-8 bytes over as
+    # surrogates) can match no key, and must not reach hashing or an error message as it is.
+    if not _PRINTABLE_ASCII.fullmatch(token):
+        raise AuthenticationError("Incorrect API key provided: the key must be printable ASCII.")
+    return token
 
 
 def authenticate(headers: Mapping[str, str], snapshot: Snapshot) -> KeyEntry:
@@ -45,7 +55,8 @@ def authenticate_admin(headers: Mapping[str, str], snapshot: Snapshot) -> str:
 
 def authorize_model(key: KeyEntry, catalog: Catalog, model: str) -> None:
     """404 for a model the org does not serve, 403 for one it serves but this key may not use."""
+    shown = model if len(model) <= _MODEL_QUOTE_CHARS else model[: _MODEL_QUOTE_CHARS - 3] + "..."
     if not catalog.serves(key.org_id, model):
-        raise ModelNotFoundError(f"The model '{model}' does not exist or you do not have access to it.", param="model")
+        raise ModelNotFoundError(f"The model '{shown}' does not exist or you do not have access to it.", param="model")
     if key.models is not None and model not in key.models:
-        raise PermissionDeniedError(f"This API key is not allowed to use the model '{model}'.", param="model")
+        raise PermissionDeniedError(f"This API key is not allowed to use the model '{shown}'.", param="model")

@@ -8,6 +8,8 @@
     value       the whole answer as the non-stream JSON body, whichever way it arrived: a stream is assembled
                 into one, and a hit for a streaming request is replayed from it as a proper SSE stream
     bound       total bytes, least recently used entries evicted first
+    owner       the event loop: every call runs on it (an admin's clear included), since lookups reorder and
+                stores evict; a worker thread iterating the entries would race them
 
 Only whole, successful answers are stored: a stream that broke, was rescued by another target or carried tool
 calls is not.
@@ -64,7 +66,8 @@ def parse_directives(header: str | None) -> Directives:
             no_store = True
         elif item.startswith("ttl="):
             value = item[4:]
-            if not value.isdigit():
+            # ASCII digits only, and few: int() refuses some Unicode digits ("²") and numbers past 4300 digits.
+            if not (value.isascii() and value.isdigit()) or len(value) > 9:
                 raise InvalidRequestError("X-Hatchway-Cache: ttl must be a whole number of seconds", param="ttl")
             ttl = int(value)
         elif item:
@@ -160,8 +163,13 @@ class ResponseCache:
             self.evictions += 1
 
     def clear(self, org_id: str | None = None) -> int:
-        """Drop every entry, or one org's; returns how many went."""
-        doomed = [k for k in self.entries if org_id is None or k.startswith(f"{org_id}:")]
+        """Drop every entry, or one org's; returns how many went. On the event loop, like every other call."""
+        if org_id is None:
+            removed = len(self.entries)
+            self.entries.clear()
+            self.size = 0
+            return removed
+        doomed = [k for k in self.entries if k.startswith(f"{org_id}:")]
         for key in doomed:
             self._drop(key)
         return len(doomed)

@@ -30,7 +30,9 @@ def generate_key(prefix: str) -> str:
 
 
 def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    # surrogatepass: a str from outside may carry lone surrogates (aiohttp decodes header bytes that are not
+    # UTF-8 to them); hashing must not fail on it, and such a key matches nothing anyway.
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class Vault:

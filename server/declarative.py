@@ -51,7 +51,10 @@ def apply_declared(store: Store, declared: Mapping[str, Any], origin: Path | Non
             record("org.create", None, created)
 
     for i, table in enumerate(_tables(declared, "orgs", origin)):
-        ensure_org(_text(table, "name", f"{origin}: orgs[{i}]"))
+        try:
+            ensure_org(_text(table, "name", f"{origin}: orgs[{i}]"))
+        except HatchwayError as exc:  # e.g. a name outside the charset (server.validation.check_name)
+            raise ConfigError(f"{origin}: orgs[{i}]: {exc.message}") from exc
     for i, provider in enumerate(_tables(declared, "providers", origin)):
         where = f"{origin}: providers[{i}]"
         try:

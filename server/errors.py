@@ -2,11 +2,13 @@
 
     HatchwayError                       status  type
     ├── InvalidRequestError              400    invalid_request_error
-    │   └── BodyTooLargeError            413    invalid_request_error
+    │   ├── BodyTooLargeError            413    invalid_request_error
+    │   └── UnsupportedMediaTypeError    415    invalid_request_error (code unsupported_media_type)
     ├── AuthenticationError              401    authentication_error
     ├── PermissionDeniedError            403    permission_error
     ├── NotFoundError                    404    invalid_request_error
     │   └── ModelNotFoundError           404    invalid_request_error (code model_not_found)
+    ├── RequestTimeoutError              408    invalid_request_error (the client sent its request too slowly)
     ├── ConflictError                    409    invalid_request_error
     ├── RateLimitError                   429    rate_limit_error      waiting helps (Retry-After)
     ├── QuotaExceededError               429    insufficient_quota    waiting does not (x-should-retry: false)
@@ -20,13 +22,22 @@
         └── UpstreamStatusError          (upstream's)            the upstream answered with an error status
 
 Every handler raises these; `render` is the only place that turns one into an HTTP response.
+
+An UpstreamError has two texts: `message`, what the tenant is shown (the target's name and what went wrong,
+never an internal address or the upstream's own words about our credentials), and `detail`, what the
+operator's log gets (`str(exc)`: the upstream's text, with secrets masked by server.redact).
 """
 
 from __future__ import annotations
 
+import http
+import re
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
+
+from server.redact import bounded, mask
 
 
 class HatchwayError(Exception):
@@ -64,6 +75,11 @@ class InvalidRequestError(HatchwayError):
 class BodyTooLargeError(InvalidRequestError):
     status = 413
     code = "request_too_large"
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    status = 415
+    code = "unsupported_media_type"
 
 
 class AuthenticationError(HatchwayError):
@@ -111,6 +127,14 @@ class QuotaExceededError(HatchwayError):
         super().__init__(message, headers={"x-should-retry": "false"})
 
 
+class RequestTimeoutError(HatchwayError):
+    """The client did not send its request (headers or body) within the plane's read timeouts."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class InternalError(HatchwayError):
     status = 500
     type = "api_error"
@@ -124,11 +148,32 @@ class ServiceUnavailableError(HatchwayError):
 
 
 class UpstreamError(HatchwayError):
-    """A target failed to serve; `server.failover.decide` tells what the attempt loop does next."""
+    """A target failed to serve; `server.failover.decide` tells what the attempt loop does next.
+
+    `message` is for the tenant; `detail` (the message when not given) for the operator's log, where `str(exc)`
+    puts it. Both are masked (server.redact) and bounded, whoever built them.
+    """
 
     status = 502
     type = "api_error"
     code = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        detail: str | None = None,
+        secrets: Iterable[str] = (),
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        secrets = tuple(secrets)
+        super().__init__(bounded(mask(message, secrets), _MESSAGE_CHARS), param=param, code=code, headers=headers)
+        self.detail = self.message if detail is None else bounded(mask(detail, secrets), _DETAIL_CHARS)
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class UpstreamConnectError(UpstreamError):
@@ -149,22 +194,72 @@ class UpstreamProtocolError(UpstreamError):
 
 
 class UpstreamStatusError(UpstreamError):
-    """The upstream answered with an error status; its own envelope is passed through when it has one."""
+    """The upstream answered with an error status.
 
-    # Statuses that describe the client's request and so reach the client as they are; anything else
-    # (an upstream 401 means *our* provider key is wrong, a 5xx is the upstream's fault) becomes a 502.
+    Statuses that describe the client's request (PASSED_THROUGH) reach the client with the upstream's own
+    envelope, secrets masked: OpenAI's words are what a developer needs to fix the request. Anything else is
+    the operator's problem (an upstream 401/403 means *our* provider key is refused, a 5xx is the upstream's
+    fault): the tenant gets a 502 naming the target and the status, the upstream's text goes to the log only.
+    """
+
     PASSED_THROUGH = frozenset({400, 404, 413, 422, 429})
 
-    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        *,
+        target: str = "the upstream",
+        secrets: Iterable[str] = (),
+    ) -> None:
         self.upstream_status = status
         self.status = status if status in self.PASSED_THROUGH else 502
         parsed = _parse_envelope(body)
-        message = str(parsed.get("message") or f"HTTP {status}")
+        text = parsed.get("message")
+        if not isinstance(text, str) or not text:
+            text = None
+        raw = text or body[:_DETAIL_CHARS].decode("utf-8", "replace") or "(no body)"
+        detail = f"{target} answered HTTP {status}: {raw}"
         if self.status == status:
-            super().__init__(message, param=parsed.get("param"), code=parsed.get("code"), headers=headers)
-            self.type = parsed["type"] if isinstance(parsed.get("type"), str) else "invalid_request_error"
+            param = parsed.get("param")
+            super().__init__(
+                text or f"{target} answered HTTP {status}",
+                detail=detail,
+                secrets=secrets,
+                param=param if isinstance(param, str) else None,
+                code=_token(parsed.get("code")),
+                headers=headers,
+            )
+            self.type = _token(parsed.get("type")) or "invalid_request_error"
         else:
-            super().__init__(f"upstream answered HTTP {status}: {message}", headers=headers)
+            super().__init__(
+                f"{target} answered HTTP {status} ({_failure(status)}); the plane's log has the details",
+                detail=detail,
+                secrets=secrets,
+                headers=headers,
+            )
+
+
+# How much of an upstream's text a tenant's message and an operator's log line carry.
+_MESSAGE_CHARS = 4000
+_DETAIL_CHARS = 1000
+# An upstream's `code` and `type` become metric labels and usage rows: only short identifiers are kept.
+_TOKEN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_FAILURES = {401: "authentication failed upstream", 403: "permission denied upstream"}
+
+
+def _token(value: Any) -> str | None:
+    return value if isinstance(value, str) and _TOKEN.fullmatch(value) else None
+
+
+def _failure(status: int) -> str:
+    if status in _FAILURES:
+        return _FAILURES[status]
+    try:
+        return http.HTTPStatus(status).phrase.lower()
+    except ValueError:
+        return "an error status"
 
 
 def _parse_envelope(body: bytes) -> dict[str, Any]:

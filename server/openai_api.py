@@ -21,7 +21,14 @@ from server.middleware import RATE_LIMIT_HEADERS, REQUEST_ID
 from server.plane import PLANE, Plane
 from server.relay import Exchange
 from server.routing import ModelPlan
-from server.validation import Validator, parse_body, validate_chat, validate_completion, validate_embedding
+from server.validation import (
+    Validator,
+    check_content_type,
+    parse_body,
+    validate_chat,
+    validate_completion,
+    validate_embedding,
+)
 
 # Per-request cache control: `bypass`, `no-store`, `ttl=SECONDS` (server.cache.parse_directives).
 CACHE_HEADER = "X-Hatchway-Cache"
@@ -40,6 +47,8 @@ EMBEDDINGS = Endpoint("embeddings", validate_embedding, streamable=False)
 
 
 async def read_body(request: web.Request, limit: int) -> dict[str, Any]:
+    """The JSON body of an OpenAI or admin request: declared as JSON, within the size limit, parsed."""
+    check_content_type(request.headers.get("Content-Type"))
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLargeError(f"Request body is {request.content_length} bytes; the limit is {limit}.")
     return parse_body(await request.read())
@@ -97,6 +106,9 @@ def estimate(plane: Plane, endpoint: Endpoint, body: dict[str, Any], plans: list
     """What to reserve against token and spend limits: the tokens the request may use, priced at the dearest
     target it may be served by."""
     prompt, completion = estimate_tokens(endpoint.path, body, plane.config.completion_estimate_tokens)
+    # The schema lets `max_tokens` be any integer and leaves its range to the upstream: a negative one must not
+    # make a reservation that hands tokens back.
+    completion = max(0, completion)
     usd = 0.0
     for plan in plans:
         for target in plan.targets:

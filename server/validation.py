@@ -1,20 +1,48 @@
-"""Request-body checks for the OpenAI endpoints, before anything is sent anywhere.
+"""Request-body checks, before anything is sent anywhere.
 
-Only what the plane must rely on, or what a client would rather hear about from us than from an upstream's
-opaque 400, is checked; unknown fields pass through untouched so new OpenAI parameters keep working.
-Every failure is an `InvalidRequestError` naming the offending parameter.
+    content type  application/json (any parameters), or none at all    else 415
+    JSON          UTF-8, an object, nested at most MAX_JSON_DEPTH deep   else 400
+    schema        OpenAI's published request schema for the endpoint    else 400 naming the param (server.schema)
+    plane rules   only what the plane itself relies on                  else 400 naming the param
+
+A body the schema accepts goes to the upstream as it came: values and cross-field rules the schema does not
+state (a legacy completion with `max_tokens: 0, echo: true`, the prompt-scoring request of evaluation
+harnesses) are the upstream's to judge, and its 4xx reaches the client. The plane's own rules: `model` is a
+non-empty string (it routes on it), `tool_choice` needs `tools`, and embeddings are not streamed (checked
+where streaming is decided, server.openai_api). Every failure is an `InvalidRequestError` naming the parameter.
+
+Also here, for the admin API: names (orgs) and bounded numbers.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 
-from server.errors import InvalidRequestError
+from server.errors import InvalidRequestError, UnsupportedMediaTypeError
+from server.schema import RequestSchema, clip, kind_of
 
 Validator = Callable[[dict[str, Any]], None]
+
+# Deep enough for any request the API describes (a tool's JSON Schema nests a few levels per property), and far
+# below what the plane's own recursive steps take: orjson's encoder stops at 254 levels, Python at ~1000.
+MAX_JSON_DEPTH = 64
+
+
+def check_content_type(header: str | None) -> None:
+    """415 unless the body is declared as JSON. No Content-Type at all is accepted: the body must still parse
+    as JSON, and every OpenAI SDK sends the header anyway; what a form post or text/plain says is refused."""
+    if not header or not header.strip():
+        return
+    media_type = header.partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        shown = header if len(header) <= 80 and header.isprintable() else "(unreadable)"
+        raise UnsupportedMediaTypeError(
+            f"Unsupported content type {shown!r}: this endpoint only accepts 'application/json' bodies."
+        )
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -23,203 +51,150 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        # orjson stops at 1024 levels; say which limit was passed, ours, as for any body nested too deep.
+        field = _too_deep_field(raw) if "depth" in str(exc) or "recursion" in str(exc) else None
+        if field is not None:
+            raise _too_deep(field) from exc
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
-        raise InvalidRequestError(f"request body must be a JSON object, not {_kind(body)}")
+        raise InvalidRequestError(f"request body must be a JSON object, not {kind_of(body)}")
+    # Fewer brackets than the limit cannot nest deeper than it, so most bodies skip the walk. Counting costs
+    # about what walking does on a large body, so a large one is walked straight away.
+    if len(raw) > 4096 or raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
+        _check_depth(body)
     return body
 
 
-def _kind(value: Any) -> str:
-    return {
-        dict: "an object",
-        list: "an array",
-        str: "a string",
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        type(None): "null",
-    }.get(type(value), type(value).__name__)
+def _check_depth(body: dict[str, Any]) -> None:
+    """Level by level, without recursion: the point is to refuse what would exhaust recursion elsewhere."""
+    for field, value in body.items():
+        if _depth_exceeds(value, MAX_JSON_DEPTH - 1):
+            raise _too_deep(field)
 
 
-def _fail(param: str, expected: str, value: Any) -> InvalidRequestError:
-    return InvalidRequestError(f"'{param}' must be {expected}, got {_kind(value)}", param=param)
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether `value` nests more than `limit` containers deep (itself counted)."""
+    level = [value] if type(value) in _CONTAINERS else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        # Exact types: orjson makes only dict and list, and this is the cost of every body with many brackets.
+        level = [
+            child
+            for node in level
+            for child in (node.values() if type(node) is dict else node)
+            if type(child) in _CONTAINERS
+        ]
+    return False
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+_CONTAINERS = (dict, list)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def _too_deep(field: str) -> InvalidRequestError:
+    param = clip(field, 64) or None
+    where = f"'{param}'" if param else "request body"
+    return InvalidRequestError(
+        f"{where} nests JSON deeper than {MAX_JSON_DEPTH} levels, the most this API accepts", param=param
+    )
 
 
-def _require_model(body: dict[str, Any]) -> None:
-    model = body.get("model")
-    if model is None:
-        raise InvalidRequestError("'model' is required", param="model")
-    if not isinstance(model, str) or not model.strip():
-        raise _fail("model", "a non-empty string", model)
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}:]')
 
 
-def _optional_number(body: dict[str, Any], param: str, low: float, high: float) -> None:
-    value = body.get(param)
-    if value is None:
-        return
-    if not _is_number(value):
-        raise _fail(param, "a number", value)
-    if not low <= value <= high:
-        raise InvalidRequestError(f"'{param}' must be between {low:g} and {high:g}, got {value}", param=param)
+def _too_deep_field(raw: bytes) -> str | None:
+    """The top-level field of a body that nests deeper than the limit, read from the raw text (a body orjson
+    refused for its depth never became objects). "" when the body is too deep outside any field."""
+    depth, key, last = 0, "", b""
+    for match in _JSON_TOKEN.finditer(raw):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return key
+        elif token in (b"]", b"}"):
+            depth -= 1
+        elif token == b":" and depth == 1:
+            key = _json_string(last)
+        last = token
+    return None
 
 
-def _optional_int(body: dict[str, Any], param: str, low: int, high: int | None = None) -> None:
-    value = body.get(param)
-    if value is None:
-        return
-    if not _is_int(value):
-        raise _fail(param, "an integer", value)
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise InvalidRequestError(f"'{param}' must be {bound}, got {value}", param=param)
+def _json_string(token: bytes) -> str:
+    try:
+        value = orjson.loads(token)
+    except orjson.JSONDecodeError:
+        return ""
+    return value if isinstance(value, str) else ""
 
 
-def _optional_bool(body: dict[str, Any], param: str) -> None:
-    value = body.get(param)
-    if value is not None and not isinstance(value, bool):
-        raise _fail(param, "a boolean", value)
+# -- the OpenAI endpoints ------------------------------------------------------------------------------
+
+_CHAT = RequestSchema.load("chat/completions")
+_COMPLETIONS = RequestSchema.load("completions")
+_EMBEDDINGS = RequestSchema.load("embeddings")
 
 
-def _stop(body: dict[str, Any]) -> None:
-    stop = body.get("stop")
-    if stop is None or isinstance(stop, str):
-        return
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise _fail("stop", "a string or an array of strings", stop)
-    if len(stop) > 4:
-        raise InvalidRequestError("'stop' takes at most 4 sequences", param="stop")
+def _model_named(body: dict[str, Any]) -> None:
+    # The schema takes any string; the plane routes on it, so an empty one is refused here.
+    if not body["model"].strip():
+        raise InvalidRequestError("'model' must be a non-empty string", param="model")
 
 
-def _stream_options(body: dict[str, Any]) -> None:
-    options = body.get("stream_options")
-    if options is None:
-        return
-    if not isinstance(options, dict):
-        raise _fail("stream_options", "an object", options)
-    if not body.get("stream"):
-        raise InvalidRequestError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-    if "include_usage" in options and not isinstance(options["include_usage"], bool):
-        raise _fail("stream_options.include_usage", "a boolean", options["include_usage"])
-
-
-def _sampling(body: dict[str, Any]) -> None:
-    _optional_number(body, "temperature", 0, 2)
-    _optional_number(body, "top_p", 0, 1)
-    _optional_number(body, "presence_penalty", -2, 2)
-    _optional_number(body, "frequency_penalty", -2, 2)
-    _optional_int(body, "n", 1, 128)
-    _optional_int(body, "max_tokens", 1)
-    _optional_int(body, "max_completion_tokens", 1)
-    _optional_int(body, "seed", -(2**63), 2**63 - 1)
-    _optional_bool(body, "stream")
-    _stop(body)
-    _stream_options(body)
-
-
-_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-
-
-def _messages(body: dict[str, Any]) -> None:
-    messages = body.get("messages")
-    if messages is None:
-        raise InvalidRequestError("'messages' is required", param="messages")
-    if not isinstance(messages, list):
-        raise _fail("messages", "an array", messages)
-    if not messages:
-        raise InvalidRequestError("'messages' must not be empty", param="messages")
-    for i, message in enumerate(messages):
-        param = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise _fail(param, "an object", message)
-        role = message.get("role")
-        if role not in _ROLES:
-            raise InvalidRequestError(
-                f"'{param}.role' must be one of {', '.join(sorted(_ROLES))}, got {role!r}",
-                param=f"{param}.role",
-            )
-        content = message.get("content")
-        if content is None:
-            # Assistant turns that only call tools carry no content; every other turn must say something.
-            if role != "assistant" or not message.get("tool_calls"):
-                raise InvalidRequestError(f"'{param}.content' is required", param=f"{param}.content")
-        elif not isinstance(content, str | list):
-            raise _fail(f"{param}.content", "a string or an array of content parts", content)
-        elif isinstance(content, list) and not all(isinstance(p, dict) and "type" in p for p in content):
-            raise InvalidRequestError(
-                f"'{param}.content' parts must be objects with a 'type'", param=f"{param}.content"
-            )
-
-
-def _tools(body: dict[str, Any]) -> None:
-    tools = body.get("tools")
-    if tools is None:
-        return
-    if not isinstance(tools, list):
-        raise _fail("tools", "an array", tools)
-    for i, tool in enumerate(tools):
-        param = f"tools[{i}]"
-        if not isinstance(tool, dict):
-            raise _fail(param, "an object", tool)
-        if tool.get("type") != "function":
-            raise InvalidRequestError(f"'{param}.type' must be 'function'", param=f"{param}.type")
-        function = tool.get("function")
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-            raise InvalidRequestError(f"'{param}.function.name' is required", param=f"{param}.function.name")
-    choice = body.get("tool_choice")
-    if choice is not None and not isinstance(choice, str | dict):
-        raise _fail("tool_choice", "a string or an object", choice)
+def _tool_choice_needs_tools(body: dict[str, Any]) -> None:
+    if body.get("tool_choice") is not None and not body.get("tools"):
+        raise InvalidRequestError("'tool_choice' is only allowed when 'tools' are specified", param="tool_choice")
 
 
 def validate_chat(body: dict[str, Any]) -> None:
-    _require_model(body)
-    _messages(body)
-    _sampling(body)
-    _optional_int(body, "max_completion_tokens", 1)
-    _tools(body)
+    _CHAT.check(body)
+    _model_named(body)
+    _tool_choice_needs_tools(body)
 
 
 def validate_completion(body: dict[str, Any]) -> None:
-    _require_model(body)
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise InvalidRequestError("'prompt' is required", param="prompt")
-    if not isinstance(prompt, str | list):
-        raise _fail("prompt", "a string or an array", prompt)
-    _sampling(body)
-    _optional_int(body, "logprobs", 0, 5)
-    _optional_bool(body, "echo")
+    _COMPLETIONS.check(body)
+    _model_named(body)
 
 
 def validate_embedding(body: dict[str, Any]) -> None:
-    _require_model(body)
-    data = body.get("input")
-    if data is None:
-        raise InvalidRequestError("'input' is required", param="input")
-    if isinstance(data, str):
-        if not data:
-            raise InvalidRequestError("'input' must not be empty", param="input")
-    elif isinstance(data, list):
-        if not data:
-            raise InvalidRequestError("'input' must not be empty", param="input")
-        if not (
-            all(isinstance(x, str) for x in data)
-            or all(_is_int(x) for x in data)
-            or all(isinstance(x, list) and all(_is_int(t) for t in x) for x in data)
-        ):
-            raise _fail("input", "a string, an array of strings, or token arrays", data)
-    else:
-        raise _fail("input", "a string or an array", data)
-    fmt = body.get("encoding_format")
-    if fmt is not None and fmt not in ("float", "base64"):
-        raise InvalidRequestError("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
-    _optional_int(body, "dimensions", 1)
-    if body.get("stream"):
-        raise InvalidRequestError("embeddings cannot be streamed", param="stream")
+    _EMBEDDINGS.check(body)
+    _model_named(body)
+
+
+# -- the admin API -------------------------------------------------------------------------------------
+
+NAME_MAX_CHARS = 64
+_NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{NAME_MAX_CHARS}}}")
+
+
+def check_name(value: str, param: str = "name", what: str = "name") -> str:
+    """A name that is safe to show, log and put in a URL: 1-64 of A-Z a-z 0-9 . _ -"""
+    if not _NAME.fullmatch(value):
+        raise InvalidRequestError(
+            f"{what} must be 1-{NAME_MAX_CHARS} characters of A-Z, a-z, 0-9, '.', '_' and '-'", param=param
+        )
+    return value
+
+
+def bounded_int(body: dict[str, Any], param: str, low: int, high: int, default: int) -> int:
+    value = body.get(param, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"'{param}' must be an integer", param=param)
+    if not low <= value <= high:
+        raise InvalidRequestError(f"'{param}' must be between {low} and {high}", param=param)
+    return value
+
+
+def bounded_number(body: dict[str, Any], param: str, low: float, high: float) -> float | None:
+    """An optional number within [low, high]; None when absent."""
+    value = body.get(param)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequestError(f"'{param}' must be a number", param=param)
+    if not low <= value <= high:
+        raise InvalidRequestError(f"'{param}' must be between {low:g} and {high:g}", param=param)
+    return value

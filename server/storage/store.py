@@ -38,6 +38,7 @@ from server.storage.models import (
     split_list,
     utcnow,
 )
+from server.validation import check_name
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,16 @@ def find_provider(session: Session, ref: str, org_ref: str | None) -> tuple[Prov
     return found[0]
 
 
+def _revoke_admin_keys(session: Session, *, keep: str) -> list[str]:
+    """Revoke every valid admin key but the one whose hash is `keep`; returns their ids."""
+    now = utcnow()
+    rows = session.exec(select(AdminKey).where(AdminKey.key_hash != keep, col(AdminKey.revoked_at).is_(None))).all()
+    for row in rows:
+        row.revoked_at = now
+        session.add(row)
+    return [row.id for row in rows]
+
+
 class Store:
     def __init__(self, engine: Engine, vault: Vault) -> None:
         self.engine = engine
@@ -106,15 +117,10 @@ class Store:
 
     # -- admin keys -------------------------------------------------------------------------------
 
-    def ensure_admin_key(self, configured: str) -> str | None:
-        """Make sure an admin key exists. Returns a newly generated key (to print once), else None."""
+    def ensure_admin_key(self) -> str | None:
+        """Make sure an admin key exists when none is configured. Returns a newly generated key (to print once),
+        else None: the key generated on the first start, or the last one rotated, stays valid."""
         with Session(self.engine) as session:
-            if configured:
-                digest = hash_key(configured)
-                if session.exec(select(AdminKey).where(AdminKey.key_hash == digest)).first() is None:
-                    session.add(AdminKey(name="configured", key_hash=digest))
-                    session.commit()
-                return None
             if session.exec(select(AdminKey).where(col(AdminKey.revoked_at).is_(None))).first():
                 return None
             key = generate_key(ADMIN_KEY_PREFIX)
@@ -122,12 +128,43 @@ class Store:
             session.commit()
             return key
 
+    def configure_admin_key(self, key: str) -> dict[str, Any]:
+        """Make the configured key (HATCHWAY_ADMIN_KEY) the one admin key: every other is revoked, the previously
+        configured, generated or rotated one included. Setting a new value and restarting is how an operator
+        rotates; a value set again after it was replaced is valid again, since the configuration is the
+        authority. Returns the key's id and the ids of the keys it revoked."""
+        digest = hash_key(key)
+        with Session(self.engine) as session:
+            row = session.exec(select(AdminKey).where(AdminKey.key_hash == digest)).first()
+            if row is None:
+                row = AdminKey(name="configured", key_hash=digest)
+            row.revoked_at = None
+            session.add(row)
+            revoked = _revoke_admin_keys(session, keep=digest)
+            session.commit()
+            return {"id": row.id, "revoked": revoked}
+
+    def rotate_admin_key(self) -> dict[str, Any]:
+        """Replace every admin key with a new generated one, returned once; the previous keys are refused."""
+        key = generate_key(ADMIN_KEY_PREFIX)
+        row = AdminKey(name="rotated", key_hash=hash_key(key))
+        with Session(self.engine) as session:
+            revoked = _revoke_admin_keys(session, keep=row.key_hash)
+            session.add(row)
+            session.commit()
+            session.refresh(row)
+            return {
+                "id": row.id,
+                "object": "admin_key",
+                "key": key,
+                "created_at": iso(row.created_at),
+                "revoked": revoked,
+            }
+
     # -- orgs -------------------------------------------------------------------------------------
 
     def create_org(self, name: str) -> dict[str, Any]:
-        name = name.strip()
-        if not name:
-            raise InvalidRequestError("org name must not be empty", param="name")
+        name = check_name(name.strip(), what="org name")
         with Session(self.engine) as session:
             if session.exec(select(Org).where(Org.name == name)).first():
                 raise ConflictError(f"org {name!r} already exists", param="name")
@@ -145,7 +182,7 @@ class Store:
         with Session(self.engine) as session:
             if session.exec(select(Org).where(Org.name == name)).first() is not None:
                 return None
-            org = Org(name=name)
+            org = Org(name=check_name(name, what="org name"))
             session.add(org)
             session.commit()
             return self._org_dict(org)
