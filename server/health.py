@@ -26,20 +26,30 @@ class BreakerState(enum.Enum):
 @dataclass
 class Breaker:
     """closed -> open after `threshold` consecutive failures -> half-open after `cooldown_s`, where a single
-    probe request may pass -> closed when it succeeds, open again when it fails."""
+    probe request may pass -> closed when the target answers, open again when it fails.
+
+    Every attempt ends in one of three calls, the probe's included:
+        failed      a target fault (`is_target_fault`: 5xx, 408, 429, timeout, refused or reset connection,
+                    a broken or garbled stream)
+        succeeded   any other answer, a 4xx about the request included: the target is up
+        released    no verdict (the client left, the request's budget ran out): the next request probes
+    A probe that never reports back holds the half-open state for one cooldown at most, then another request
+    probes: a lost verdict must not retire a target until the plane restarts.
+    """
 
     state: BreakerState = BreakerState.CLOSED
     failures: int = 0
     opened_at: float = 0.0
     probing: bool = False
+    probe_started: float = 0.0
 
     def admits(self, now: float, cooldown_s: float) -> bool:
         if self.state is BreakerState.CLOSED:
             return True
         if self.state is BreakerState.OPEN and now - self.opened_at >= cooldown_s:
             self.state = BreakerState.HALF_OPEN
-        if self.state is BreakerState.HALF_OPEN and not self.probing:
-            self.probing = True
+        if self.state is BreakerState.HALF_OPEN and (not self.probing or now - self.probe_started >= cooldown_s):
+            self.probing, self.probe_started = True, now
             return True
         return False
 
@@ -104,7 +114,8 @@ class Health:
         self._key_rest[key_id] = self.clock() + seconds
 
     def forget(self, live_keys: set[str]) -> None:
-        """Drop what belongs to targets that no longer exist, so removed providers do not leak memory."""
+        """Drop what belongs to targets that no longer exist, so removed providers do not leak memory.
+        `live_keys` names every target that can serve now: the snapshot's and the connected node pools'."""
         for key in set(self._targets) - live_keys:
             if self._targets[key].in_flight == 0:
                 del self._targets[key]

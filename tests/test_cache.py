@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import threading
 from typing import Any
 
 import httpx
@@ -292,3 +294,39 @@ def test_cache_cli_sets_shows_and_clears(gateway: Gateway) -> None:
     assert shown[0].split() == ["ORG", "MODE", "TTL_S", "ENTRIES", "BYTES"]
     assert shown[1].split()[:4] == ["acme", "all", "60", "1"]
     assert admin("cache", "clear", "--org", "acme").splitlines()[1].split()[1] == "1"
+
+
+def test_clearing_the_cache_while_answers_are_being_stored_never_fails(gateway: Gateway) -> None:
+    plane = plane_of(gateway)
+    org_id = gateway.plane.admin.get("/cache", org="acme")["data"][0]["org_id"]
+
+    async def fill() -> None:
+        # Enough entries that one pass over them outlasts many thread switches.
+        for i in range(100_000):
+            plane.cache.put(f"{org_id}:filler-{i}", b"{}", 300)
+
+    statuses: list[int] = []
+
+    def store_answers(worker: int) -> None:
+        with httpx.Client(headers={"Authorization": f"Bearer {gateway.api_key}"}, timeout=30) as client:
+            for i in range(40):
+                body = {**DETERMINISTIC, "messages": [{"role": "user", "content": f"question {worker}-{i}"}]}
+                statuses.append(client.post(f"{gateway.plane.v1}/chat/completions", json=body).status_code)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads take turns as often as they can: a race shows at once
+    workers = [threading.Thread(target=store_answers, args=(w,)) for w in range(4)]
+    for worker in workers:
+        worker.start()
+    cleared = []
+    try:
+        for _ in range(3):
+            gateway.plane.loop_thread.run(fill())
+            cleared.append(gateway.plane.admin.delete("/cache", org="acme")["removed"])
+    finally:
+        for worker in workers:
+            worker.join()
+        sys.setswitchinterval(switch)
+    assert statuses and set(statuses) == {200}
+    assert all(removed >= 100_000 for removed in cleared)
+    assert plane.cache.size == sum(e.size for e in plane.cache.entries.values())

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import pytest
 from click.testing import CliRunner, Result
 
 from server.cli import cli
-from tests.conftest import ADMIN_KEY, RunningPlane
+from tests.conftest import ADMIN_KEY, MODEL, RunningPlane, usage_report
 from tests.mock_upstream import MockUpstream
 
 
@@ -157,3 +158,19 @@ def test_provider_set_changes_failover_limits_and_keeps_the_others(run, upstream
     updated = json_of(run("provider", "set", "a", "--breaker-failures", "2", "--prefill", "no", "--json"))
     assert updated["policy"] == {"ttft_timeout_s": 5.0, "max_retries": 0, "breaker_failures": 2}
     assert updated["prefill"] == "no"
+
+
+def test_usage_by_org_shows_no_cost_for_unpriced_requests_even_beside_free_cache_hits(
+    run, plane: RunningPlane, upstream: MockUpstream
+) -> None:
+    plane.create_org("acme")
+    plane.add_provider("unpriced", upstream)
+    key = plane.create_key("acme")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    for _ in range(2):  # a miss served by the unpriced provider, then a hit (free, but not a price)
+        httpx.post(f"{plane.v1}/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    usage_report(plane, 2)
+    header, row = run("usage", "--by", "org").output.splitlines()
+    cells = dict(zip(header.lower().split(), row.split(), strict=True))
+    assert (cells["org"], cells["requests"], cells["cache_hits"]) == ("acme", "2", "1")
+    assert cells["cost_usd"] == "-" and cells["unpriced_requests"] == "1"
