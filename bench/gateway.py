@@ -42,7 +42,7 @@ from harness import (
     wait_for_port,
     wait_until_quiet,
 )
-from hatchway import MODELS, checkout, configure, start_plane, wait_ready
+from hatchway import ADMIN_HEADERS, MODELS, checkout, configure, start_plane, wait_ready
 from litellm_proxy import MASTER_KEY, start_litellm
 from loadgen import LoadResult, Request, chat_body, probe
 from suite import Suite
@@ -249,7 +249,10 @@ async def _statuses(contender: Contender) -> dict[str, int]:
     """The plane's count of chat answers by status so far (none for contenders without Hatchway's metrics)."""
     if not contender.metrics_url:
         return {}
-    async with aiohttp.ClientSession() as session, session.get(contender.metrics_url) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(contender.metrics_url, headers=ADMIN_HEADERS) as response,
+    ):
         text = await response.text()
     return {status: int(float(count)) for status, count in _REQUESTS_TOTAL.findall(text)}
 

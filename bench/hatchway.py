@@ -24,6 +24,8 @@ from harness import HOST, REPO_ROOT, BenchError, Child, Pinning, child_env, chil
 from upstream import UPSTREAM_MODEL, Upstream
 
 ADMIN_KEY = "hwa-bench-admin-key"
+# /metrics takes the admin key.
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
 ORG = "bench"
 MOCK_KEY = "sk-mock"
 # The model a client names for each answer of the mock upstream (see bench/upstream.py).
@@ -71,7 +73,8 @@ def start_plane(
     data_dir.mkdir()
     program = [sys.executable, "-m", "server"] if source is not None else [str(hatchway_binary())]
     argv = [*program, "serve", "--host", HOST, "--port", "0", "--grpc-port", "0", "--data-dir", str(data_dir)]
-    env = child_env(HATCHWAY_ADMIN_KEY=ADMIN_KEY, HATCHWAY_LOG_LEVEL="warning")
+    # The load generator is one address standing in for many clients: no cap on connections per address.
+    env = child_env(HATCHWAY_ADMIN_KEY=ADMIN_KEY, HATCHWAY_LOG_LEVEL="warning", HATCHWAY_MAX_CONNECTIONS_PER_IP="0")
     env.update({f"HATCHWAY_{key.upper()}": value for key, value in settings.items()})
     argv = pinning.sut(argv) if pinning is not None else argv
     log_path = workdir / f"{name}.log"
@@ -214,7 +217,7 @@ async def wait_for_model(
 
 
 async def metrics_text(session: aiohttp.ClientSession, plane: Plane) -> str:
-    async with session.get(f"{plane.url}/metrics") as resp:
+    async with session.get(f"{plane.url}/metrics", headers=ADMIN_HEADERS) as resp:
         return await resp.text()
 
 

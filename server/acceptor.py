@@ -9,6 +9,10 @@ each new connection's request line: an API request (`/v1/...`) gets the 503 enve
 this thread, without the loop; anything else (health, metrics, admin) goes to the loop as usual.
 
 Requests on connections already handed over are shed by the middleware, as before.
+
+The acceptor also caps the connections one client address holds open (`max_per_ip`): one past the cap is
+closed as soon as it is accepted, before it costs the loop anything. A connection counts from its accept until
+it closes, whoever closes it (this thread, or the loop's protocol, through the `on_lost` it is built with).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Callable
 from typing import cast
 
 from aiohttp import web
+from prometheus_client import Counter
 
 from server.errors import HatchwayError
 from server.overload import LoadShedder
@@ -63,21 +68,42 @@ def refusal(error: HatchwayError, request_id: str) -> bytes:
     return head.encode("latin-1") + b"\r\n" + body
 
 
+# Builds the protocol of a handed-over connection; the argument is to be called once it is gone.
+ProtocolFactory = Callable[[Callable[[], None]], asyncio.Protocol]
+
+
 class Acceptor:
+    """Parameters: the listening `sock`; the `loop` that serves; aiohttp's `server`, whose connections count
+    towards overload; `protocol`, which builds a connection's protocol; the `shedder`; `new_request_id`;
+    `max_per_ip`, the connections one address may hold (0: no cap), and `capped`, counting those closed
+    for it."""
+
     def __init__(
         self,
         sock: socket.socket,
         loop: asyncio.AbstractEventLoop,
         server: web.Server,
+        protocol: ProtocolFactory,
         shedder: LoadShedder,
         new_request_id: Callable[[], str],
+        *,
+        max_per_ip: int = 0,
+        capped: Counter | None = None,
     ) -> None:
         self.sock = sock
         self.loop = loop
         self.server = server
+        self.protocol = protocol
         self.shedder = shedder
         self.new_request_id = new_request_id
+        self.max_per_ip = max_per_ip
+        self.capped = capped
         self.refused = 0
+        # Open connections by client address; taken by this thread, given back by either thread.
+        self._per_ip: dict[str, int] = {}
+        self._per_ip_lock = threading.Lock()
+        # The address of each connection this thread still holds, so that closing it gives its place back.
+        self._address_of: dict[socket.socket, str] = {}
         self._stopping = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._thread = threading.Thread(target=self._run, name="hatchway-acceptor", daemon=True)
@@ -129,6 +155,8 @@ class Acceptor:
                     conn = cast(socket.socket, key.fileobj)
                     if key.data is _LISTENING:
                         for accepted in self._accept_all():
+                            if not self._take_place(accepted):
+                                continue
                             if self._refusal() is not None:
                                 hold(accepted, _PEEKING, PEEK_WAIT_S)
                             else:
@@ -139,7 +167,7 @@ class Acceptor:
                             hold(conn, _CLOSING, CLOSE_WAIT_S)
                     elif key.data is _CLOSING and not _drain(conn):
                         release(conn)
-                        conn.close()
+                        self._close(conn)
                 now = time.monotonic()
                 for conn, deadline in list(held.items()):
                     if deadline <= now:
@@ -148,23 +176,24 @@ class Acceptor:
                         if state is _PEEKING:
                             handover.append(conn)  # a slow client: the loop deals with it as with any other
                         else:
-                            conn.close()
+                            self._close(conn)
                 if handover:
                     if self._handed_at is None:
                         self._handed_at = time.monotonic()
-                    self.loop.call_soon_threadsafe(self._adopt, handover, time.monotonic())
+                    handed = [(conn, self._address_of.pop(conn, "")) for conn in handover]
+                    self.loop.call_soon_threadsafe(self._adopt, handed, time.monotonic())
         except Exception:
             log.exception("the acceptor thread failed; no new connection will be accepted")
         finally:
             for conn in held:
-                conn.close()
+                self._close(conn)
             selector.close()
 
     def _accept_all(self) -> list[socket.socket]:
         accepted: list[socket.socket] = []
         while True:
             try:
-                conn, _ = self.sock.accept()
+                conn, address = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return accepted
             except OSError as exc:  # out of file descriptors, say: the next round may do better
@@ -173,7 +202,46 @@ class Acceptor:
             conn.setblocking(False)
             with contextlib.suppress(OSError):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._address_of[conn] = str(address[0]) if isinstance(address, tuple) else str(address)
             accepted.append(conn)
+
+    # -- connections per client address ----------------------------------------------------------
+
+    def _take_place(self, conn: socket.socket) -> bool:
+        """Count `conn` against its address; False (and `conn` closed) when the address is at its cap."""
+        if not self.max_per_ip:
+            return True
+        address = self._address_of[conn]
+        with self._per_ip_lock:
+            count = self._per_ip.get(address, 0)
+            if count < self.max_per_ip:
+                self._per_ip[address] = count + 1
+                return True
+        del self._address_of[conn]
+        conn.close()
+        if self.capped is not None:
+            self.capped.inc()
+        return False
+
+    def _give_place(self, address: str) -> None:
+        """A connection of `address` closed (called from either thread)."""
+        if not self.max_per_ip:
+            return
+        with self._per_ip_lock:
+            count = self._per_ip.get(address, 0) - 1
+            if count > 0:
+                self._per_ip[address] = count
+            else:
+                self._per_ip.pop(address, None)
+
+    def connections_of(self, address: str) -> int:
+        with self._per_ip_lock:
+            return self._per_ip.get(address, 0)
+
+    def _close(self, conn: socket.socket) -> None:
+        """Close a connection this thread still holds, giving its place back."""
+        self._give_place(self._address_of.pop(conn, ""))
+        conn.close()
 
     def _triage(self, conn: socket.socket, handover: list[socket.socket]) -> bool:
         """Refuse an API request while the plane is overloaded (True: refused, the client is to close); hand
@@ -183,7 +251,7 @@ class Acceptor:
         except OSError:
             head = b""
         if not head:
-            conn.close()  # the client left already
+            self._close(conn)  # the client left already
             return False
         target = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
         error = self._refusal() if target.startswith(b"/v1/") else None
@@ -199,7 +267,7 @@ class Acceptor:
             conn.send(refusal(error, self.new_request_id()))
             conn.shutdown(socket.SHUT_WR)
         except OSError:
-            conn.close()
+            self._close(conn)
             return False
         return True
 
@@ -218,22 +286,32 @@ class Acceptor:
 
     # -- the loop ---------------------------------------------------------------------------------------
 
-    def _adopt(self, conns: list[socket.socket], handed_at: float) -> None:
+    def _adopt(self, conns: list[tuple[socket.socket, str]], handed_at: float) -> None:
         self._handed_at = None
         self.handover_wait_s = time.monotonic() - handed_at
-        for conn in conns:
+        for conn, address in conns:
             if self._stopping:
+                self._give_place(address)
                 conn.close()
                 continue
-            task = self.loop.create_task(self._connect(conn))
+            task = self.loop.create_task(self._connect(conn, address))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _connect(self, conn: socket.socket) -> None:
+    async def _connect(self, conn: socket.socket, address: str) -> None:
+        given_back = False
+
+        def on_lost() -> None:
+            nonlocal given_back
+            if not given_back:  # once, whether the protocol saw the connection go or never got it
+                given_back = True
+                self._give_place(address)
+
         try:
-            await self.loop.connect_accepted_socket(self.server, conn)
+            await self.loop.connect_accepted_socket(lambda: self.protocol(on_lost), conn)
         except OSError as exc:
             log.debug("a connection closed before the loop took it: %s", exc)
+            on_lost()
             conn.close()
 
 

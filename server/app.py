@@ -30,6 +30,7 @@ def _routes(app: web.Application) -> None:
     app.router.add_get("/admin/v1/keys", admin_api.list_keys)
     app.router.add_post("/admin/v1/keys", admin_api.create_key)
     app.router.add_post("/admin/v1/keys/{id}/revoke", admin_api.revoke_key)
+    app.router.add_post("/admin/v1/admin-key/rotate", admin_api.rotate_admin_key)
     app.router.add_get("/admin/v1/providers", admin_api.list_providers)
     app.router.add_post("/admin/v1/providers", admin_api.add_provider)
     app.router.add_patch("/admin/v1/providers/{ref}", admin_api.update_provider)
@@ -75,6 +76,7 @@ def create_app(plane: Plane) -> web.Application:
         client_max_size=plane.config.max_body_bytes,
     )
     app[PLANE] = plane
+    app[ops.METRICS_ACCESS] = ops.MetricsAccess.from_config(plane.config)
     app.cleanup_ctx.append(_plane_lifetime)
     app.on_response_prepare.append(stamp_response)
     _routes(app)

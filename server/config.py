@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.credentials import hash_key
 from server.failover import FailoverPolicy
+
+# How a setting holding a token's hash rather than the token says so (metrics_token).
+TOKEN_HASH_PREFIX = "sha256:"
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,34 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin_key", str, "", "Admin key to accept; empty means one is generated on first start."),
     Setting("secret_key", str, "", "Secret that encrypts provider keys at rest; empty: data_dir/secret.key."),
     Setting("max_body_bytes", int, 8 * 1024 * 1024, "Largest request body accepted (413 above)."),
+    Setting(
+        "header_read_timeout_s",
+        float,
+        10.0,
+        "Time a client has to send a request's headers, from connecting or the request's first byte (0: none).",
+    ),
+    Setting("body_read_timeout_s", float, 30.0, "Longest silence while a client sends a request body (0: none)."),
+    Setting("body_read_deadline_s", float, 300.0, "Longest time a client may take to send one body (0: none)."),
+    Setting("keepalive_timeout_s", float, 75.0, "How long an idle keep-alive client connection stays open."),
+    Setting(
+        "max_connections_per_ip",
+        int,
+        256,
+        "Connections one client address may hold open; more are closed at once (0: no cap).",
+    ),
+    Setting(
+        "max_upstream_body_bytes",
+        int,
+        64 * 1024 * 1024,
+        "Largest whole (non-stream) answer read from a provider; a larger one fails over.",
+    ),
+    Setting("metrics_public", bool, False, "Serve /metrics without authentication."),
+    Setting(
+        "metrics_token",
+        str,
+        "",
+        "A bearer token that may read /metrics, besides the admin key; or its hash, as sha256:HEX.",
+    ),
     Setting("shutdown_grace_s", float, 30.0, "How long in-flight requests may finish after SIGTERM."),
     Setting("upstream_connect_timeout_s", float, 10.0, "Connect timeout towards a provider."),
     Setting("upstream_header_timeout_s", float, 120.0, "Time a provider has to send response headers."),
@@ -97,6 +129,16 @@ class Config:
     admin_key: str = ""
     secret_key: str = ""
     max_body_bytes: int = 8 * 1024 * 1024
+    header_read_timeout_s: float = 10.0
+    body_read_timeout_s: float = 30.0
+    body_read_deadline_s: float = 300.0
+    # Longer than the keep-alive of the reverse proxies that may sit in front (nginx: 60 s), so that the plane
+    # never closes a connection a proxy is about to reuse.
+    keepalive_timeout_s: float = 75.0
+    max_connections_per_ip: int = 256
+    max_upstream_body_bytes: int = 64 * 1024 * 1024
+    metrics_public: bool = False
+    metrics_token: str = ""
     shutdown_grace_s: float = 30.0
     upstream_connect_timeout_s: float = 10.0
     upstream_header_timeout_s: float = 120.0
@@ -130,6 +172,12 @@ class Config:
     # The declarative part of the TOML file (orgs, providers, models), applied at start-up.
     declared: Mapping[str, Any] = field(default_factory=dict)
     config_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        # Only the metrics token's hash is kept, which is all server.ops compares: the token itself is in no
+        # dump of the config nor of the process. An operator may give the hash in the first place.
+        if self.metrics_token and not self.metrics_token.startswith(TOKEN_HASH_PREFIX):
+            object.__setattr__(self, "metrics_token", TOKEN_HASH_PREFIX + hash_key(self.metrics_token))
 
     @classmethod
     def load(

@@ -51,12 +51,35 @@ class Metrics:
         )
         self.usage_dropped = Counter(
             "hatchway_usage_rows_dropped",
-            "Usage rows dropped because the writer queue was full.",
+            "Usage rows dropped: the writer queue was full, or the database refused the row.",
+            registry=self.registry,
+        )
+        self.usage_claims_clamped = Counter(
+            "hatchway_usage_claims_clamped",
+            "Usage reported by a target beyond what the request allowed or received, billed only up to the bound.",
+            ("target_kind",),
             registry=self.registry,
         )
         self.requests_shed = Counter(
             "hatchway_requests_shed",
             "API requests refused with 503 at once because the plane was overloaded.",
+            registry=self.registry,
+        )
+        self.protocol_errors = Counter(
+            "hatchway_http_protocol_errors",
+            "Malformed HTTP requests (bad request line, header or URL too long, invalid framing), by status.",
+            ("status",),
+            registry=self.registry,
+        )
+        self.connections_timed_out = Counter(
+            "hatchway_connections_timed_out",
+            "Client connections closed for sending a request too slowly, by phase (header, body).",
+            ("phase",),
+            registry=self.registry,
+        )
+        self.connections_capped = Counter(
+            "hatchway_connections_capped",
+            "Connections closed at accept: their client address held max_connections_per_ip already.",
             registry=self.registry,
         )
         self.usage_written = Counter(

@@ -1,4 +1,8 @@
-"""The outer layer of every request: request id, metrics, and rendering every error as the OpenAI envelope."""
+"""The outer layer of every request: request id, metrics, and rendering every error as the OpenAI envelope.
+
+It also tells the request's connection (server.connections) when a request begins and ends, which is what
+that connection's read timeouts are measured against.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from server.connections import Connection
 from server.errors import BodyTooLargeError, HatchwayError, InternalError, InvalidRequestError, NotFoundError
 from server.metrics import Metrics
 from server.overload import LoadShedder
@@ -62,6 +67,9 @@ def make_middleware(metrics: Metrics, shedder: LoadShedder) -> Middleware:
         started = time.perf_counter()
         # Health checks, metrics and the admin API are never shed: they must stay reachable under overload.
         shed = route.startswith("/v1/")
+        connection = request.protocol
+        if type(connection) is Connection:
+            connection.request_began(request.content)
         metrics.in_flight += 1
         response: web.StreamResponse
         try:
@@ -77,11 +85,21 @@ def make_middleware(metrics: Metrics, shedder: LoadShedder) -> Middleware:
             response = render(exc)
         except web.HTTPException as exc:
             response = render(_from_http_exception(exc))
+        except web.RequestPayloadError:
+            # Its message may quote the body: not logged. The connection cannot be trusted to carry another request.
+            response = render(
+                InvalidRequestError(
+                    "The request body is not validly framed (Content-Length or chunked encoding).", code="bad_framing"
+                )
+            )
+            response.force_close()
         except Exception:
             log.exception("request %s: unhandled error", request[REQUEST_ID])
             response = render(InternalError("The plane failed to handle this request; it has been logged."))
         finally:
             metrics.in_flight -= 1
+            if type(connection) is Connection:
+                connection.request_ended()
         metrics.served(route, response.status, time.perf_counter() - started)
         return response
 

@@ -1,7 +1,8 @@
 """Running the plane: start, wait for a signal, and shut down in named steps.
 
 Connections are accepted by a thread of their own (server.acceptor), which hands them to aiohttp on the loop,
-or refuses API requests at once while the plane is overloaded.
+or refuses API requests at once while the plane is overloaded, and closes those past the cap per client
+address. Each connection's protocol is server.connections', which bounds how slowly a client may send.
 
 Shutdown: stop accepting connections, let in-flight requests finish within `shutdown_grace_s`, cancel what
 is left, then flush the usage queue and close storage (the acceptor stops first; aiohttp's runner does the
@@ -22,6 +23,7 @@ from aiohttp import web
 from server.acceptor import Acceptor, listening_socket
 from server.app import create_app
 from server.config import Config
+from server.connections import ConnectionLimits, Connections, ProtocolErrorLog
 from server.middleware import new_request_id
 from server.plane import Plane
 
@@ -44,6 +46,7 @@ class Server:
         )
         self.port = 0
         self.acceptor: Acceptor | None = None
+        self.connections: Connections | None = None
         self.should_exit = asyncio.Event()
 
     @property
@@ -56,12 +59,29 @@ class Server:
             # Printed once, on stdout, for the operator; only its hash is stored.
             print(f"Admin key (shown once, store it now): {self.plane.generated_admin_key}", flush=True)
         assert self.runner.server is not None  # set up above
+        config, metrics = self.config, self.plane.metrics
+        self.connections = Connections(
+            self.runner.server,
+            ConnectionLimits(
+                header_timeout_s=config.header_read_timeout_s,
+                body_timeout_s=config.body_read_timeout_s,
+                body_deadline_s=config.body_read_deadline_s,
+                keepalive_timeout_s=config.keepalive_timeout_s,
+            ),
+            ProtocolErrorLog(metrics.protocol_errors),
+            metrics.connections_timed_out,
+            new_request_id,
+        )
+        self.connections.start()
         self.acceptor = Acceptor(
-            listening_socket(self.config.host, self.config.port),
+            listening_socket(config.host, config.port),
             asyncio.get_running_loop(),
             self.runner.server,
+            self.connections.protocol,
             self.plane.shedder,
             new_request_id,
+            max_per_ip=config.max_connections_per_ip,
+            capped=metrics.connections_capped,
         )
         self.acceptor.start()
         self.port = self.acceptor.port
@@ -79,6 +99,8 @@ class Server:
         if self.acceptor is not None:
             self.acceptor.stop()
         await self.runner.cleanup()
+        if self.connections is not None:
+            await self.connections.stop()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

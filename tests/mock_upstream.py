@@ -174,6 +174,9 @@ class MockUpstream:
         self.models: list[str] = ["gpt-4o-mini"] if models is None else list(models)
         self.delay_s = 0.0
         self.fail_status: int | None = None
+        # The message of a ``fail_status`` answer; ``{key}`` becomes the bearer token the request carried, as
+        # providers that quote the key they refused do.
+        self.fail_message: str | None = None
         self.chunk_delay_s = 0.0
         # llama.cpp continues a final assistant message; providers that refuse it answer 400 instead.
         self.accepts_prefill = True
@@ -188,6 +191,8 @@ class MockUpstream:
         self.requests: list[RecordedRequest] = []
         # Added to every answer (a CDN's Set-Cookie, say).
         self.response_headers: dict[str, str] = {}
+        # Sent as the `usage` of every answer instead of the counted one: an upstream that lies about its usage.
+        self.forged_usage: dict[str, Any] | None = None
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self._host = "127.0.0.1"
@@ -279,7 +284,9 @@ class MockUpstream:
         if self.delay_s > 0:
             await asyncio.sleep(self.delay_s)
         if self.fail_status is not None:
-            return error_response(self.fail_status, f"mock upstream {self.name} configured to fail")
+            message = self.fail_message or f"mock upstream {self.name} configured to fail"
+            token = request.headers.get("Authorization", "").partition(" ")[2]
+            return error_response(self.fail_status, message.replace("{key}", token))
         if not _has_bearer(request):
             return error_response(401, "You didn't provide an API key.")
         return await handler(request, body)
@@ -333,7 +340,7 @@ class MockUpstream:
         if prefill is not None and not self.accepts_prefill:
             return error_response(400, _PREFILL_UNSUPPORTED, param="messages")
         reply = _continuation(self.reply, prefill)
-        usage = _usage(_messages_words(body["messages"]), _word_count(reply))
+        usage = self.forged_usage or _usage(_messages_words(body["messages"]), _word_count(reply))
         ident, created, model = self._next_id("chatcmpl"), int(time.time()), body["model"]
         if body.get("stream") is True:
             frames = _chat_frames(ident, created, model, reply, usage, _include_usage(body))
@@ -356,7 +363,7 @@ class MockUpstream:
         if problem is not None:
             return error_response(400, problem)
         reply = self.reply
-        usage = _usage(max(1, _prompt_words(body["prompt"])), _word_count(reply))
+        usage = self.forged_usage or _usage(max(1, _prompt_words(body["prompt"])), _word_count(reply))
         ident, created, model = self._next_id("cmpl"), int(time.time()), body["model"]
         if body.get("stream") is True:
             frames = _text_frames(ident, created, model, reply, usage, _include_usage(body))
@@ -384,7 +391,7 @@ class MockUpstream:
             {"object": "embedding", "index": index, "embedding": _encode_vector(embed(text, dims), as_base64)}
             for index, text in enumerate(texts)
         ]
-        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        usage = self.forged_usage or {"prompt_tokens": tokens, "total_tokens": tokens}
         return json_response({"object": "list", "data": data, "model": body["model"], "usage": usage})
 
     async def _list_models(self, request: web.Request, body: Any) -> web.StreamResponse:

@@ -14,10 +14,12 @@ import httpx
 import pytest
 
 from server.config import Config
-from tests.conftest import MODEL, RunningPlane, abandon_request
+from tests.conftest import ADMIN_KEY, MODEL, RunningPlane, abandon_request
 from tests.mock_upstream import Fault, MockUpstream
 
 REPLY = "The quick brown fox jumps over the lazy dog"
+# /metrics takes the admin key.
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 @pytest.fixture
@@ -30,6 +32,8 @@ def plane_config(plane_config: Config) -> Config:
         retry_after_cap_s=2.0,
         breaker_cooldown_s=1.0,
         request_deadline_s=20.0,
+        # Far above this module's answers; test_a_whole_answer_past_the_body_cap_fails_over goes past it.
+        max_upstream_body_bytes=256 * 1024,
     )
 
 
@@ -309,7 +313,7 @@ def test_malformed_chunk_is_skipped_counted_and_the_stream_goes_on(pair: Pair) -
     pair.primary.faults.append(Fault("garbage", after_chunks=2))
     stream = read_stream(pair.chat(stream=True))
     assert stream.text == REPLY and stream.done
-    metrics = httpx.get(f"{pair.plane.url}/metrics").text
+    metrics = httpx.get(f"{pair.plane.url}/metrics", headers=ADMIN).text
     assert 'hatchway_malformed_chunks_total{target="primary"} 1.0' in metrics
 
 
@@ -318,6 +322,15 @@ def test_whole_answer_that_is_not_json_fails_over(pair: Pair) -> None:
     response = pair.chat()
     assert response.status_code == 200
     assert response.headers["x-hatchway-route"] == "backup"
+
+
+def test_a_whole_answer_past_the_body_cap_fails_over(pair: Pair) -> None:
+    pair.primary.reply = "word " * 200_000  # a 1 MB answer, four times max_upstream_body_bytes
+    response = pair.chat()
+    assert response.status_code == 200
+    assert response.headers["x-hatchway-route"] == "backup"
+    failed = pair.usage_rows(2)[0]
+    assert failed["status"] == 502 and failed["error_code"] == "upstream_protocol_error"
 
 
 # 11 -----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import uvloop
 from server.nodes.tls import load_or_create
 from server.targets.http import (
     READ_AHEAD_BYTES,
+    BodyTooLargeError,
     ConnectError,
     DisconnectedError,
     Endpoint,
@@ -351,6 +352,36 @@ async def test_a_body_larger_than_the_read_ahead_bound_is_read_whole() -> None:
         assert await post(http, server.url) == (200, big)
         assert (await post(http, server.url))[0] == 200  # read to the end: the connection is reused
     assert server.connections == 1
+
+
+async def read_limited(http: HTTPClient, url: str, limit: int) -> bytes:
+    response = await http.post(Endpoint.parse(url), [], b"{}", connect_timeout_s=5, header_timeout_s=5)
+    try:
+        return await response.read(5.0, limit=limit)
+    finally:
+        response.release()
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "until-close"])
+async def test_a_body_past_the_readers_limit_is_refused_and_its_connection_closed(framing: str) -> None:
+    big = b"x" * (4 * READ_AHEAD_BYTES)
+    if framing == "content-length":
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big
+    elif framing == "chunked":
+        answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % len(big) + big + b"\r\n0\r\n\r\n"
+    else:
+        answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + big
+    async with serving(answering(answer, OK)) as server, client() as http:
+        with pytest.raises(BodyTooLargeError):
+            await read_limited(http, server.url, limit=READ_AHEAD_BYTES)
+        assert (await post(http, server.url))[0] == 200
+    assert server.connections == 2
+
+
+async def test_a_body_within_the_readers_limit_is_read_whole() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n" + b'{"ok":true}'
+    async with serving(answering(answer)) as server, client() as http:
+        assert await read_limited(http, server.url, limit=11) == b'{"ok":true}'
 
 
 def certificate(tmp_path: Path) -> Path:

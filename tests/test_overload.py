@@ -14,8 +14,10 @@ import pytest
 from server.config import Config
 from server.errors import ServiceUnavailableError
 from server.overload import LoadShedder
-from tests.conftest import MODEL, Gateway
+from tests.conftest import ADMIN_KEY, MODEL, Gateway
 
+# /metrics takes the admin key.
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -58,7 +60,7 @@ def test_health_metrics_and_admin_stay_reachable_while_api_requests_are_shed(gat
             time.sleep(0.02)
         assert client.post(f"{gateway.plane.v1}/chat/completions", json=BODY, headers=gateway.auth()).status_code == 503
         assert client.get(f"{gateway.plane.url}/healthz").status_code == 200
-        metrics = client.get(f"{gateway.plane.url}/metrics").text
+        metrics = client.get(f"{gateway.plane.url}/metrics", headers=ADMIN).text
         assert "hatchway_requests_shed_total 1.0" in metrics
         assert gateway.plane.admin.get("/orgs")["data"]
         for thread in threads:
@@ -157,7 +159,8 @@ def test_new_connections_of_an_overloaded_plane_are_refused_by_the_acceptor_with
     assert server.acceptor.refused == 1
     # Not an API request: handed to the loop, which answers once it is free again.
     assert httpx.get(f"{gateway.plane.url}/healthz", timeout=30).status_code == 200
-    assert "hatchway_requests_shed_total 1.0" in httpx.get(f"{gateway.plane.url}/metrics", timeout=30).text
+    metrics = httpx.get(f"{gateway.plane.url}/metrics", headers=ADMIN, timeout=30).text
+    assert "hatchway_requests_shed_total 1.0" in metrics
     server.plane.shedder.max_in_flight = 4096
     deadline = time.monotonic() + 30
     while server.plane.shedder.lag_s > server.plane.shedder.lag_limit_s:  # the stall showed as loop lag

@@ -16,12 +16,13 @@ an abandoned answer) closes it. No proxy support (the plane never read proxy var
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import NoReturn, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -34,7 +35,13 @@ class HTTPClientError(Exception):
 
 
 class ConnectError(HTTPClientError):
-    """No connection: refused, unreachable, a name that does not resolve, a TLS handshake that failed."""
+    """No connection: refused, unreachable, a name that does not resolve, a TLS handshake that failed.
+
+    `reason` says which in a few words and names no address: it is what a tenant may be told."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class DisconnectedError(HTTPClientError):
@@ -45,10 +52,16 @@ class ProtocolError(HTTPClientError):
     """The upstream's bytes are not a valid HTTP/1.1 answer."""
 
 
+class BodyTooLargeError(ProtocolError):
+    """The answer's body is larger than the reader allows (`Response.read`'s `limit`)."""
+
+
 # An answer's body is read ahead up to this much while nobody consumes it; then the socket is paused.
 READ_AHEAD_BYTES = 256 * 1024
 # Status line plus headers, at most: an upstream that sends more is not one we want to talk to.
 MAX_HEAD_BYTES = 64 * 1024
+# A whole (non-stream) answer's body, at most, unless the client is told otherwise (max_upstream_body_bytes).
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -94,15 +107,30 @@ class Response:
         self.headers = headers
         self._done = False
 
-    async def read(self, idle_timeout_s: float | None) -> bytes:
+    async def read(self, idle_timeout_s: float | None, limit: int | None = None) -> bytes:
+        """The whole body; past `limit` bytes the connection is closed and BodyTooLargeError raised, so that an
+        upstream cannot make the plane hold more than that (plus the read-ahead) for one answer."""
         connection = self._connection
+        declared = self.headers.get("content-length", "")
+        if limit is not None and declared.isdigit() and int(declared) > limit:
+            self._too_large(f"declares {declared}", limit)
         parts: list[bytes] = []
+        size = 0
         while not connection.complete:
             if connection.buffered > READ_AHEAD_BYTES:
                 parts.append(connection.take())  # which resumes a socket paused for the read-ahead bound
+                size += len(parts[-1])
+                if limit is not None and size > limit:
+                    self._too_large(f"sent more than {size}", limit)
             await connection.wait(idle_timeout_s)
         parts.append(connection.take())
+        if limit is not None and size + len(parts[-1]) > limit:
+            self._too_large(f"sent {size + len(parts[-1])}", limit)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _too_large(self, how: str, limit: int) -> NoReturn:
+        self.close()
+        raise BodyTooLargeError(f"the answer's body {how} bytes; the limit is {limit}")
 
     async def chunks(self, idle_timeout_s: float | None) -> AsyncIterator[bytes]:
         """The body as it arrives: whatever was read since the last step, joined."""
@@ -320,6 +348,17 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
 
 
+def _reason(exc: OSError) -> str:
+    """What kept a connection from opening, in words that name no address."""
+    if isinstance(exc, ssl.SSLError):
+        return "TLS handshake failed"
+    if isinstance(exc, socket.gaierror):
+        return "name does not resolve"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return "cannot connect"
+
+
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
@@ -379,7 +418,7 @@ class _Pool:
         except TimeoutError:
             raise  # an OSError too, but the caller tells a timeout from a refusal
         except (OSError, ssl.SSLError) as exc:
-            raise ConnectError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from exc
+            raise ConnectError(f"cannot connect to {origin.host}:{origin.port}: {exc}", _reason(exc)) from exc
         return connection
 
     def put_back(self, connection: _Connection) -> None:
@@ -408,9 +447,16 @@ class HTTPClient:
     """Pools of keep-alive connections per origin, shared by every provider target."""
 
     def __init__(
-        self, *, limit_per_origin: int = 256, keepalive_s: float = 15.0, tls: ssl.SSLContext | None = None
+        self,
+        *,
+        limit_per_origin: int = 256,
+        keepalive_s: float = 15.0,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.limit_per_origin = limit_per_origin
+        # The most a whole answer (`Response.read`) may hold; streams are consumed as they come and need none.
+        self.max_body_bytes = max_body_bytes
         # Idle connections older than this are not reused: servers close theirs after 5 to 75 s of quiet, and a
         # request written on a connection the server is closing fails for nothing.
         self.keepalive_s = keepalive_s

@@ -19,20 +19,32 @@ from server.errors import (
 from server.failover import FailoverPolicy
 from server.health import Health
 from server.targets.base import Attempt, Call, Target, TargetStream
-from server.targets.http import ConnectError, Endpoint, HTTPClient, HTTPClientError, Response
+from server.targets.http import (
+    DEFAULT_MAX_BODY_BYTES,
+    BodyTooLargeError,
+    ConnectError,
+    Endpoint,
+    HTTPClient,
+    HTTPClientError,
+    Response,
+)
+
+# An error answer is read only for its envelope: more than this is not an OpenAI error.
+ERROR_BODY_BYTES = 64 * 1024
 
 
 class UpstreamPool:
     """Owns the HTTP client every provider target shares (keep-alive pools per origin)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self._client: HTTPClient | None = None
+        self.max_body_bytes = max_body_bytes
 
     @property
     def client(self) -> HTTPClient:
         if self._client is None:
             # No cookie jar, no redirects: an upstream's cookies must never travel with another tenant's request.
-            self._client = HTTPClient(limit_per_origin=256)
+            self._client = HTTPClient(limit_per_origin=256, max_body_bytes=self.max_body_bytes)
         return self._client
 
     async def close(self) -> None:
@@ -77,6 +89,16 @@ class ProviderTarget(Target):
 
     def __repr__(self) -> str:
         return f"ProviderTarget({self.id!r}, model={self.upstream_model!r})"
+
+    @property
+    def name(self) -> str:
+        """How tenants' error messages name this target: never by its address."""
+        return f"provider '{self.id}'"
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """What an upstream's text must never carry on to a tenant or a log: this provider's keys."""
+        return tuple(secret for _, secret in self.api_keys)
 
     # -- credentials ------------------------------------------------------------------------------
 
@@ -136,21 +158,36 @@ class ProviderTarget(Target):
                 header_timeout_s=self.policy.header_timeout_s,
             )
         except TimeoutError as exc:
-            raise UpstreamTimeoutError(f"{self.id}: no response headers in time") from exc
+            raise UpstreamTimeoutError(f"{self.name} sent no response headers in time") from exc
         except ConnectError as exc:
-            raise UpstreamRefusedError(f"{self.id}: {exc}") from exc
-        except (HTTPClientError, ValueError) as exc:
-            raise UpstreamConnectError(f"{self.id}: {exc}") from exc
+            # The detail names the address; the tenant's message only the provider.
+            raise UpstreamRefusedError(
+                f"{self.name} is unreachable ({exc.reason})", detail=f"{self.id}: {exc}", secrets=self.secrets
+            ) from exc
+        except HTTPClientError as exc:
+            raise UpstreamConnectError(
+                f"{self.name}: the connection broke before the answer's headers",
+                detail=f"{self.id}: {exc}",
+                secrets=self.secrets,
+            ) from exc
+        except ValueError as exc:  # a URL the client cannot use, or a key that cannot be a header
+            raise UpstreamConnectError(
+                f"{self.name} is misconfigured", detail=f"{self.id}: {exc}", secrets=self.secrets
+            ) from exc
         if response.status != 200:
             try:
-                body = await response.read(self.policy.header_timeout_s)
+                body = await response.read(self.policy.header_timeout_s, limit=ERROR_BODY_BYTES)
             except (HTTPClientError, TimeoutError):
                 body = b""
             finally:
                 response.release()
             retry_after = response.headers.get("retry-after")
             raise UpstreamStatusError(
-                response.status, body, headers={"Retry-After": retry_after} if retry_after else None
+                response.status,
+                body,
+                headers={"Retry-After": retry_after} if retry_after else None,
+                target=self.name,
+                secrets=self.secrets,
             )
         return response
 
@@ -158,11 +195,19 @@ class ProviderTarget(Target):
         response = await self._post(call, attempt, stream=False)
         try:
             # A whole answer's body may pause for as long as its headers could take.
-            return await response.read(self.policy.header_timeout_s)
+            return await response.read(self.policy.header_timeout_s, limit=self.pool.client.max_body_bytes)
         except TimeoutError as exc:
-            raise UpstreamTimeoutError(f"{self.id}: response body stalled") from exc
+            raise UpstreamTimeoutError(f"{self.name}: the answer's body stalled") from exc
+        except BodyTooLargeError as exc:
+            raise UpstreamProtocolError(
+                f"{self.name} sent an answer larger than the plane accepts", detail=f"{self.id}: {exc}"
+            ) from exc
         except HTTPClientError as exc:
-            raise UpstreamConnectError(f"{self.id}: body cut: {exc}") from exc
+            raise UpstreamConnectError(
+                f"{self.name}: the connection broke during the answer",
+                detail=f"{self.id}: body cut: {exc}",
+                secrets=self.secrets,
+            ) from exc
         finally:
             response.release()
 
@@ -171,7 +216,10 @@ class ProviderTarget(Target):
         content_type = response.headers.get("content-type", "")
         if not content_type.startswith("text/event-stream"):
             response.close()
-            raise UpstreamProtocolError(f"{self.id}: expected an SSE stream, got {content_type or 'no type'}")
+            raise UpstreamProtocolError(
+                f"{self.name} answered a stream request with no SSE stream",
+                detail=f"{self.id}: expected an SSE stream, got {content_type or 'no type'}",
+            )
         return ProviderStream(self.id, response, self.policy.idle_timeout_s)
 
 
@@ -203,9 +251,11 @@ class ProviderStream(TargetStream):
             if batch:
                 yield batch
         except TimeoutError as exc:
-            raise UpstreamTimeoutError(f"{self.target_id}: stream stalled") from exc
+            raise UpstreamTimeoutError(f"provider '{self.target_id}': the stream stalled") from exc
         except HTTPClientError as exc:
-            raise UpstreamConnectError(f"{self.target_id}: stream cut: {exc}") from exc
+            raise UpstreamConnectError(
+                f"provider '{self.target_id}': the stream was cut", detail=f"{self.target_id}: stream cut: {exc}"
+            ) from exc
 
     def _until_done(self, batch: list[bytes]) -> list[bytes]:
         """The batch up to the upstream's `[DONE]`, if it holds it (nothing after it counts)."""
