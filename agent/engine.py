@@ -11,7 +11,8 @@ Usage:
 A job borrows a free slot (never waits for one) and runs llama.cpp on a worker thread, which hands events to the event
 loop. The slot goes back when that thread is done with it, whether the job finished, failed, was cancelled through
 `Job.cancel`, or its consumer walked away. Worker threads outlive their jobs, so that llama.cpp's OpenMP team is not
-started anew before every first token (see `_Workers`).
+started anew before every first token (see `_Workers`). A job takes the free slot that holds the longest prefix of its
+prompt, and evaluates the rest of its prompt in chunks that a cancel stops between (see agent.slots).
 
 Generated text reaches the event loop in batches (`Job.batch_s`, `Job.batch_max`): the first piece at once, then
 what accumulated, so that a steady generation wakes the loop about twice per batch (its first piece, its deadline)
@@ -53,6 +54,7 @@ from llama_cpp import LLAMA_POOLING_TYPE_MEAN, LLAMA_POOLING_TYPE_NONE, Llama, S
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from agent.models import ModelConfig
+from agent.slots import Lease, Slots, keep_prefix, prefill
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +118,7 @@ class GenerationFailed(EngineError):
 class Job:
     """One request: `endpoint` is "chat/completions", "completions" or "embeddings"; `body` the OpenAI body.
 
-    Setting `cancel` (from any thread) stops generation before the next token.
+    Setting `cancel` (from any thread) stops the job before the next token, or the next chunk of its prompt.
 
     Text is handed over in batches: the first piece at once; after that, what accumulated every `batch_s` seconds,
     or as soon as `batch_max` pieces wait. With the defaults every piece is its own Text.
@@ -144,11 +146,15 @@ class Text:
 
 @dataclass(frozen=True)
 class End:
-    """The last event of a generation job: finish_reason is "stop", "length" or "cancelled"."""
+    """The last event of a generation job: finish_reason is "stop", "length" or "cancelled".
+
+    `cached_tokens`: of the prompt tokens, how many the slot already held and did not evaluate again (OpenAI's
+    usage.prompt_tokens_details.cached_tokens)."""
 
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -242,15 +248,14 @@ class Engine:
         model = self._find(job.body)
         work = model.prepare(job.endpoint, job.body)
         channel = _Channel(asyncio.get_running_loop(), job.cancel, job.batch_s, job.batch_max, job.first_sent)
-        llama = model.slots.acquire()
-        if llama is None:
+        if not model.slots.reserve():
             raise Busy(f"all {model.slots.total} slots of model {model.config.name} are busy")
         self._running.add(channel)
         try:
-            self._workers.run(functools.partial(self._work, model.slots, llama, work, channel))
+            self._workers.run(functools.partial(self._work, Lease(model.slots), work, channel))
         except RuntimeError:
             self._running.discard(channel)
-            model.slots.release(llama)
+            model.slots.release(None)
             raise
         finished = False
         try:
@@ -267,15 +272,15 @@ class Engine:
                 while await channel.queue.get() is not None:
                     pass
 
-    def _work(self, slots: _Slots, llama: Llama, work: _Work, channel: _Channel) -> Callable[[], None]:
+    def _work(self, lease: Lease, work: _Work, channel: _Channel) -> Callable[[], None]:
         """On a worker thread: run the job and give the slot back; returns the report of its end, which the thread
         sends once it is free for the next job too, so that a reported end means a free slot and a free thread."""
         outcome: Event | EngineError
         try:
             try:
-                outcome = work(llama, channel)
+                outcome = work(lease, channel)
             finally:
-                slots.release(llama)
+                lease.release()
         except EngineError as exc:
             outcome = exc
         except Exception as exc:
@@ -305,7 +310,7 @@ class Engine:
         except Exception as exc:
             self._report(Issue("load_failed", f"llama.cpp could not load {config.path}: {exc}", config.name))
             return None
-        model = _Model(config, _Slots(llamas), None, config.path.stat().st_size)
+        model = _Model(config, Slots(llamas), None, config.path.stat().st_size)
         if config.embeddings:
             return model
         template = select_chat_template(config.chat_template, llamas[0].metadata)
@@ -519,36 +524,6 @@ class _Worker:
         self.thread = threading.Thread(target=serve, args=(self,), name=name, daemon=True)
 
 
-class _Slots:
-    """A model's llama.cpp contexts; each is lent to one job at a time because they are not thread-safe."""
-
-    def __init__(self, llamas: list[Llama]) -> None:
-        self._all = list(llamas)
-        self._free = list(llamas)
-        self._lock = threading.Lock()  # released by worker threads, taken on the event loop
-
-    @property
-    def total(self) -> int:
-        return len(self._all)
-
-    @property
-    def busy(self) -> int:
-        with self._lock:
-            return len(self._all) - len(self._free)
-
-    def acquire(self) -> Llama | None:
-        with self._lock:
-            return self._free.pop() if self._free else None
-
-    def release(self, llama: Llama) -> None:
-        with self._lock:
-            self._free.append(llama)
-
-    def close(self) -> None:
-        for llama in self._all:
-            llama.close()
-
-
 def _open_slots(config: ModelConfig) -> list[Llama]:
     llamas: list[Llama] = []
     try:
@@ -603,13 +578,13 @@ def _formatter(llama: Llama, template: str) -> Jinja2ChatFormatter:
 
 # --- turning a request body into work for a slot ------------------------------------------------------------------
 
-_Work = Callable[[Llama, _Channel], Event]
+_Work = Callable[[Lease, _Channel], Event]
 
 
 @dataclass
 class _Model:
     config: ModelConfig
-    slots: _Slots
+    slots: Slots
     formatter: Jinja2ChatFormatter | None
     size_bytes: int
 
@@ -810,9 +785,9 @@ def _encoding(body: Mapping[str, Any]) -> str:
 # --- the work itself, run in the job's worker thread ---------------------------------------------------------------
 
 
-def _complete(llama: Llama, channel: _Channel, *, prompt: str | list[int], add_bos: bool, sampling: _Sampling) -> End:
-    tokens = _tokenize(llama, prompt, add_bos)
-    context = llama.n_ctx()
+def _complete(lease: Lease, channel: _Channel, *, prompt: str | list[int], add_bos: bool, sampling: _Sampling) -> End:
+    tokens = _tokenize(lease.tokenizer, prompt, add_bos)
+    context = lease.tokenizer.n_ctx()
     if not tokens:
         raise InvalidRequest("the prompt is empty")
     if len(tokens) >= context:
@@ -821,6 +796,12 @@ def _complete(llama: Llama, channel: _Channel, *, prompt: str | list[int], add_b
         )
     if channel.should_stop():
         return End("cancelled", len(tokens), 0)
+    llama = lease.take(tokens)
+    cached = keep_prefix(llama, tokens)
+    # create_completion would evaluate the prompt in one call that no cancel reaches; it finds all of it but the
+    # last token evaluated here, and evaluates only that one.
+    if not prefill(llama, tokens, channel.should_stop):
+        return End("cancelled", len(tokens), 0, cached)
     stream = llama.create_completion(
         prompt=tokens,
         stream=True,
@@ -861,7 +842,7 @@ def _complete(llama: Llama, channel: _Channel, *, prompt: str | list[int], add_b
     # an end-of-generation token ends the run without being counted, like llama-cpp-python's own usage.
     evaluated = max(0, llama.n_tokens - len(tokens))
     pending = 1 if interrupted or finish == "length" else 0
-    return End(finish or "stop", len(tokens), evaluated + pending)
+    return End(finish or "stop", len(tokens), evaluated + pending, cached)
 
 
 def _tokenize(llama: Llama, prompt: str | list[int], add_bos: bool) -> list[int]:
@@ -912,7 +893,8 @@ class _StopScanner:
         return longest
 
 
-def _embed(llama: Llama, channel: _Channel, *, inputs: list[str], model: str, encoding: str) -> Event:
+def _embed(lease: Lease, channel: _Channel, *, inputs: list[str], model: str, encoding: str) -> Event:
+    llama = lease.take(())  # embedding keeps no cache worth choosing a slot for
     limit = min(llama.n_ctx(), llama.n_batch)
     data: list[dict[str, Any]] = []
     total = 0

@@ -94,6 +94,12 @@ async def fails(engine: Engine, endpoint: str, **body: Any) -> EngineError:
     return caught.value
 
 
+def counts(event: Event) -> tuple[str, int, int]:
+    """An End without its cached_tokens, which depends on what the slot held before."""
+    assert isinstance(event, End)
+    return event.finish_reason, event.prompt_tokens, event.completion_tokens
+
+
 def busy_slots(engine: Engine, name: str = "smol") -> int:
     return next(status.slots_busy for status in engine.status() if status.name == name)
 
@@ -160,7 +166,7 @@ async def test_text_comes_in_batches_after_the_first_piece(engine: Engine) -> No
     assert sum(b.pieces for b in batches) == sum(p.pieces for p in pieces) > 8
     assert batches[0].pieces == 1
     assert all(b.pieces >= 4 for b in batches[1:-1])
-    assert batched[-1] == single[-1]
+    assert counts(batched[-1]) == counts(single[-1])
     assert busy_slots(engine) == 0
 
 
@@ -209,7 +215,7 @@ async def test_generation_waits_for_the_first_text_to_leave_but_not_forever(engi
     plain = [event async for event in engine.generate(Job(COMPLETIONS, body))]
     # Nobody sets first_sent here: the hold ends on its own, and nothing else changes.
     held = [event async for event in engine.generate(Job(COMPLETIONS, body, first_sent=threading.Event()))]
-    assert [e.text for e in held if isinstance(e, Text)] and held[-1] == plain[-1]
+    assert [e.text for e in held if isinstance(e, Text)] and counts(held[-1]) == counts(plain[-1])
     assert "".join(e.text for e in held if isinstance(e, Text)) == "".join(e.text for e in plain if isinstance(e, Text))
 
 
