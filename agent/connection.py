@@ -45,14 +45,27 @@ BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
 # How long a leaving agent waits for the plane to acknowledge the end of its stream.
 CLOSE_TIMEOUT_S = 5.0
-# Keepalive pings find a silently dead connection (a NAT that dropped it) long before TCP would. The message caps
-# match the plane's (proto/contract.py says why these sizes).
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.max_send_message_length", NODE_MESSAGE_MAX_BYTES),
-    ("grpc.max_receive_message_length", PLANE_MESSAGE_MAX_BYTES),
-]
+# Keepalive pings find a silently dead connection (a NAT that forgot it, a plane gone without a reset) long before
+# TCP would: one every KEEPALIVE_S, and a ping unanswered for as long closes the channel, so the agent reconnects
+# within about twice that. The plane accepts pings down to one a second (server.plane).
+KEEPALIVE_S = 5.0
+
+
+def channel_options(keepalive_s: float = KEEPALIVE_S) -> list[tuple[str, int]]:
+    """The channel's options: keepalive, and message caps that match the plane's (proto/contract.py says why)."""
+    return [
+        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive_s * 1000)),
+        # gRPC times a ping out after this (default 60 s) whatever keepalive_timeout_ms says.
+        ("grpc.http2.ping_timeout_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Pings go on however long the agent has nothing to send (gRPC stops after 2 otherwise).
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_send_message_length", NODE_MESSAGE_MAX_BYTES),
+        ("grpc.max_receive_message_length", PLANE_MESSAGE_MAX_BYTES),
+    ]
+
+
 # Room in an agent message for what surrounds a job's result (job id, usage, protobuf framing).
 RESULT_OVERHEAD_BYTES = 4096
 
@@ -96,12 +109,13 @@ def tls_name(cert_pem: str) -> str:
     return PLANE_TLS_NAME if PLANE_TLS_NAME in names.value.get_values_for_type(x509.DNSName) else ""
 
 
-def open_channel(plane: str, ca_pem: str, insecure: bool) -> grpc.aio.Channel:
+def open_channel(plane: str, ca_pem: str, insecure: bool, keepalive_s: float = KEEPALIVE_S) -> grpc.aio.Channel:
+    options: list[tuple[str, int | str]] = [*channel_options(keepalive_s)]
     if insecure:
-        return grpc.aio.insecure_channel(plane, options=CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(plane, options=options)
     credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem.encode())
-    name = tls_name(ca_pem)
-    options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", name)] if name else CHANNEL_OPTIONS
+    if name := tls_name(ca_pem):
+        options.append(("grpc.ssl_target_name_override", name))
     return grpc.aio.secure_channel(plane, credentials, options=options)
 
 
@@ -179,8 +193,10 @@ class Agent:
         *,
         probe: LoadProbe | None = None,
         drain_timeout_s: float = 30.0,
+        keepalive_s: float = KEEPALIVE_S,
     ) -> None:
         self.config = config
+        self.keepalive_s = keepalive_s
         self.engine = engine
         self.gate = IdleGate(config.idle, probe) if config.mode == "idle-only" and probe is not None else None
         self.drain_timeout_s = drain_timeout_s
@@ -200,6 +216,14 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a session open until `stop` is set; then drain running jobs and leave."""
+        watcher = asyncio.create_task(self._watch_owner(self.gate)) if self.gate is not None else None
+        try:
+            await self._keep_session(stop)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    async def _keep_session(self, stop: asyncio.Event) -> None:
         backoff = BACKOFF_FIRST_S
         while not stop.is_set():
             started = time.monotonic()
@@ -232,7 +256,9 @@ class Agent:
         self._outbox = outbox
         self._send(pb.AgentMessage(hello=self._hello()))
         metadata = ((AUTHORIZATION, f"Bearer {self.config.credential}"),)
-        async with open_channel(self.config.plane, self.config.ca_pem, self.config.insecure) as channel:
+        async with open_channel(
+            self.config.plane, self.config.ca_pem, self.config.insecure, self.keepalive_s
+        ) as channel:
             call = node_pb2_grpc.NodeServiceStub(channel).Connect(_drain_queue(outbox), metadata=metadata)
             ticker = asyncio.create_task(self._tick())
             try:
@@ -242,6 +268,9 @@ class Agent:
                 ticker.cancel()
                 self.connected.clear()
                 self._outbox = None
+                # Ends the request iterator gRPC may still be reading: a stream that died (a ping timeout) would
+                # leave it waiting on a queue no one fills any more.
+                outbox.put_nowait(None)
 
     def _send(self, message: pb.AgentMessage, written: threading.Event | None = None) -> None:
         """Queue `message` for the plane; `written` is set once gRPC has written it (or it never will be)."""
@@ -276,19 +305,22 @@ class Agent:
             self._send_status()
 
     async def _tick(self) -> None:
-        """Heartbeats, and the idle gate's readings, on the plane's interval."""
+        """Heartbeats, on the plane's interval."""
         # The interval comes with Welcome: ticking before it, at the default 5 s, left a plane that asks for
         # heartbeats more often counting this node unresponsive for its first seconds.
         await self.connected.wait()
         while True:
             await asyncio.sleep(self._heartbeat_s)
             self._send(pb.AgentMessage(heartbeat=pb.Heartbeat(sent_unix_ms=int(time.time() * 1000))))
-            if self.gate is not None and await asyncio.to_thread(self.gate.update):
-                log.info(
-                    "owner %s: %s jobs",
-                    "busy" if self.gate.paused else "idle",
-                    "pausing" if self.gate.paused else "resuming",
-                )
+
+    async def _watch_owner(self, gate: IdleGate) -> None:
+        """idle-only: read the owner's load on the gate's own cadence (about a second, agent.idle), connected or
+        not, and tell the plane at once when the node pauses or resumes. On the heartbeat (5 s), a 1 s delay took
+        up to 7.6 s and a 3 s spike could pass unseen."""
+        while True:
+            await asyncio.sleep(gate.due_in())
+            if await asyncio.to_thread(gate.update):
+                log.info("owner %s: %s jobs", *(("busy", "pausing") if gate.paused else ("idle", "resuming")))
                 self._send_status()
 
     # -- jobs ---------------------------------------------------------------------------------------

@@ -3,6 +3,11 @@
 A `LoadProbe` reports the owner's load (the machine's, minus the agent's own work); `IdleGate` turns a series of
 readings into paused / not paused with hysteresis. Probes are pluggable: `psutil_probe` reads the machine,
 `file_probe` reads a JSON file (`{"cpu_percent": 80, "gpu_percent": 0}`) so tests and scripts can drive it.
+
+The agent reads the gate on its own cadence, not the plane's heartbeat: every `SAMPLE_INTERVAL_S`, and at the
+moment a pending change's delay runs out (`due_in`). So a pause comes between `pause_after_s` and
+`pause_after_s + SAMPLE_INTERVAL_S` after the owner's load went over a threshold, and a resume likewise; a spike
+shorter than `pause_after_s` (or one that falls between two readings) changes nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from pathlib import Path
 import psutil
 
 from agent.config import IdleThresholds
+
+# How often the owner's load is read (psutil's CPU figure is the average since the previous reading).
+SAMPLE_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,13 @@ class IdleGate:
         self.clock = clock
         self.paused = False
         self._since: float | None = None
+
+    def due_in(self) -> float:
+        """Seconds until the next reading: the sampling interval, or sooner when a pending change's delay ends."""
+        if self._since is None:
+            return SAMPLE_INTERVAL_S
+        needed = self.thresholds.resume_after_s if self.paused else self.thresholds.pause_after_s
+        return max(0.0, min(SAMPLE_INTERVAL_S, self._since + needed - self.clock()))
 
     def update(self) -> bool:
         """Read the probe once; True when the paused state changed."""

@@ -6,6 +6,7 @@ that connection's read timeouts are measured against.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import re
@@ -19,6 +20,7 @@ from server.connections import Connection
 from server.errors import BodyTooLargeError, HatchwayError, InternalError, InvalidRequestError, NotFoundError
 from server.metrics import Metrics
 from server.overload import LoadShedder
+from server.relay import CLIENT_CLOSED
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,11 @@ def make_middleware(metrics: Metrics, shedder: LoadShedder) -> Middleware:
         except Exception:
             log.exception("request %s: unhandled error", request[REQUEST_ID])
             response = render(InternalError("The plane failed to handle this request; it has been logged."))
+        except asyncio.CancelledError:
+            # The client left (aiohttp cancels the handler): no response goes out, but the request was served
+            # as far as it got and is counted, as the usage row counts it.
+            metrics.served(route, CLIENT_CLOSED, time.perf_counter() - started)
+            raise
         finally:
             metrics.in_flight -= 1
             if type(connection) is Connection:

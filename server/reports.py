@@ -2,12 +2,14 @@
 
 Read from the usage rows the batch writer stored (never on the request path). A request counts once, by its
 final row; attempts that failed over have rows of their own and are reported apart as `failed_attempts`.
-A group whose served requests were all unpriced reports `cost_usd: null` ("unpriced"), never 0.
+A group whose served requests were all unpriced reports `cost_usd: null` ("unpriced"), never 0; cache hits are
+free, neither priced nor unpriced, so a group of unpriced requests and cache hits is unpriced too.
 
 The database does the grouping (GROUP BY with SUM and COUNT), so a report's memory is one row per group however
 many requests there were. Latency percentiles are exact: a window query ranks each group's latencies in the
 database and returns only the two rows around each percentile, which are interpolated here as
 `statistics.quantiles(method="inclusive")` does (SQLite has no percentile function; this works on both).
+Tokens, cost and earnings count every billed request: served, or left by its client after tokens were generated.
 Node earnings are the plane's own figures: the cost it recorded for each request a node served, from the
 tokens it billed (held to its bounds, server.metering) at the node's price (held to MAX_NODE_PRICE).
 """
@@ -34,6 +36,11 @@ _KEYS: Table = ApiKey.__table__  # type: ignore[attr-defined]
 _ORGS: Table = Org.__table__  # type: ignore[attr-defined]
 _NODES: Table = Node.__table__  # type: ignore[attr-defined]
 _record, _key, _org, _node = _RECORDS.c, _KEYS.c, _ORGS.c, _NODES.c
+# Requests billed: served, or left by their client (499) after tokens were generated for them (server.relay).
+_BILLED = and_(
+    _record.final,
+    or_(_record.status == 200, and_(_record.status == 499, _record.prompt_tokens + _record.completion_tokens > 0)),
+)
 
 
 def _group_column(group: str) -> ColumnElement[Any]:
@@ -74,10 +81,12 @@ def usage_report(
             func.count().label("rows"),
             _count(_record.final).label("requests"),
             _count(served).label("served"),
-            func.sum(case((served, _record.prompt_tokens), else_=0)).label("prompt_tokens"),
-            func.sum(case((served, _record.completion_tokens), else_=0)).label("completion_tokens"),
-            func.sum(case((served, _record.cost_usd))).label("cost"),
-            _count(and_(served, _record.cost_usd.is_not(None))).label("priced"),
+            func.sum(case((_BILLED, _record.prompt_tokens), else_=0)).label("prompt_tokens"),
+            func.sum(case((_BILLED, _record.completion_tokens), else_=0)).label("completion_tokens"),
+            func.sum(case((_BILLED, _record.cost_usd))).label("cost"),
+            # A cache hit is recorded at 0.0: free, which says nothing about the price of what it replays.
+            _count(and_(served, _record.cost_usd.is_not(None), _record.cache != "hit")).label("priced"),
+            _count(and_(served, _record.cost_usd.is_(None))).label("unpriced"),
             _count(and_(served, _record.cache == "hit")).label("cache_hits"),
         ).select_from(source)
         if where is not None:
@@ -118,15 +127,18 @@ def _record_source(by: Sequence[str]) -> Any:
 
 
 def _summary(row: Any) -> dict[str, Any]:
-    served, priced = int(row.served), int(row.priced)
+    served, priced, unpriced = int(row.served), int(row.priced), int(row.unpriced)
+    # No cost when nothing was served, or when what was served is unpriced and the rest free: its sum of 0.0 would
+    # read as "cost nothing". Free cache hits alone do cost nothing.
+    known = row.cost is not None and not (unpriced and not priced)
     return {
         "requests": int(row.requests),
         "errors": int(row.requests) - served,
         "failed_attempts": int(row.rows) - int(row.requests),
         "prompt_tokens": int(row.prompt_tokens or 0),
         "completion_tokens": int(row.completion_tokens or 0),
-        "cost_usd": round(float(row.cost), 8) if priced else None,
-        "unpriced_requests": served - priced,
+        "cost_usd": round(float(row.cost), 8) if known else None,
+        "unpriced_requests": unpriced,
         "cache_hits": int(row.cache_hits),
         **{f"latency_p{q}_ms": None for q in PERCENTILES},
     }
@@ -199,7 +211,7 @@ def earnings_report(engine: Engine, *, org_ref: str | None, since: datetime | No
                 func.count(_record.cost_usd).label("priced"),
             )
             .select_from(_NODE_ROWS)
-            .where(_record.final, _record.status == 200)
+            .where(_BILLED)
             .group_by(*labels)
         )
         if org_ref:

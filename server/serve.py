@@ -119,7 +119,26 @@ class Server:
             await self.shutdown()
 
 
+class PortUnavailableError(OSError):
+    """A port the plane is to listen on is taken: found before anything is created (data dir, admin key)."""
+
+
+def check_ports(config: Config) -> None:
+    """Bind and release each configured port (HTTP, then the node service's), so a plane that could not listen
+    fails before it creates its data dir or prints a fresh admin key for it. Port 0 is always free."""
+    for service, port in (("HTTP", config.port), ("node service (gRPC)", config.grpc_port)):
+        if port:
+            try:
+                listening_socket(config.host, port).close()
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                raise PortUnavailableError(
+                    f"the {service} port {config.host}:{port} is not available: {reason}"
+                ) from exc
+
+
 def run(config: Config) -> None:
+    check_ports(config)
     if sys.platform != "win32":
         import uvloop
 

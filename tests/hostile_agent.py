@@ -56,10 +56,12 @@ class Session:
         self.channel = channel
         self.call = call  # the generated stubs are untyped
         self.jobs: asyncio.Queue[pb.JobRequest] = asyncio.Queue()
+        # The job ids the plane cancelled.
+        self.cancels: asyncio.Queue[str] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
 
     async def start_reading(self) -> None:
-        """Collect the jobs the plane sends (in `jobs`) until the stream ends."""
+        """Collect the jobs the plane sends (in `jobs`) and the cancels (in `cancels`) until the stream ends."""
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
@@ -67,6 +69,8 @@ class Session:
             while (message := await self.call.read()) is not grpc.aio.EOF:
                 if message.HasField("job"):
                     self.jobs.put_nowait(message.job)
+                elif message.HasField("cancel"):
+                    self.cancels.put_nowait(message.cancel.job_id)
 
     async def send(self, message: pb.AgentMessage) -> None:
         await self.call.write(message)

@@ -8,7 +8,7 @@ import pytest
 
 from proto.hatchway.node.v1 import node_pb2 as pb
 from server.errors import UpstreamConnectError
-from server.nodes.registry import NodeRegistry, NodesBusyError, NodeSession, SessionLost
+from server.nodes.registry import NodeRegistry, NodesBusyError, NodeSession, NodesUnavailableError, SessionLost
 
 MODEL = "m"
 
@@ -115,3 +115,30 @@ async def test_paused_or_drained_nodes_get_no_jobs() -> None:
         await nodes.dispatch("org", MODEL, "chat/completions", b"{}", None)
     nodes.update_status(node, pb.Status(version=0, idle_paused=False))  # older than what was applied: ignored
     assert node.status.idle_paused
+
+
+async def test_a_pool_whose_only_node_is_paused_is_unavailable_at_once() -> None:
+    nodes, node = registry(queue_timeout_s=30), session()
+    nodes.register(node)
+    nodes.update_status(node, pb.Status(version=1, idle_paused=True))
+    assert not nodes.has_capacity("org", MODEL)
+    with pytest.raises(NodesUnavailableError):
+        await asyncio.wait_for(nodes.dispatch("org", MODEL, "chat/completions", b"{}", None), 5)
+
+
+@pytest.mark.parametrize("leaves", ["drained", "paused", "gone"])
+async def test_requests_waiting_for_a_slot_fail_over_at_once_when_the_pool_stops_taking_jobs(leaves: str) -> None:
+    nodes, node = registry(queue_timeout_s=30), session()
+    nodes.register(node)
+    await nodes.dispatch("org", MODEL, "chat/completions", b"{}", None)
+    waiting = asyncio.create_task(nodes.dispatch("org", MODEL, "chat/completions", b"{}", None))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    if leaves == "drained":
+        nodes.set_drained(node.node_id, True)
+    elif leaves == "paused":
+        nodes.update_status(node, pb.Status(version=1, idle_paused=True))
+    else:
+        nodes.unregister(node)
+    with pytest.raises(NodesUnavailableError if leaves != "gone" else UpstreamConnectError):
+        await asyncio.wait_for(waiting, 5)

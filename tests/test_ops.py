@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 
 from server.credentials import hash_key
-from tests.conftest import ADMIN_KEY, MODEL, Gateway, RunningPlane
+from tests.conftest import ADMIN_KEY, MODEL, Gateway, RunningPlane, abandon_request
 
 # /metrics takes the admin key.
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -63,3 +65,32 @@ def test_the_metrics_token_is_kept_only_as_its_hash_and_may_be_given_as_one(plan
 def test_metrics_public_opens_them_to_anyone(plane: RunningPlane) -> None:
     plane.restart(plane.server.config.replace(metrics_public=True))
     assert httpx.get(f"{plane.url}/metrics").status_code == 200
+
+
+def metrics_once_counted(gateway: Gateway, sample: str) -> str:
+    """/metrics, once `sample` shows in it (the plane counts a request when its handler ends)."""
+    deadline = time.monotonic() + 10
+    while sample not in (text := httpx.get(f"{gateway.plane.url}/metrics", headers=ADMIN).text):
+        assert time.monotonic() < deadline, text
+        time.sleep(0.05)
+    return text
+
+
+CLIENT_CLOSED = 'hatchway_requests_total{route="/v1/chat/completions",status="499"} 1.0'
+
+
+def test_metrics_count_a_request_whose_client_left_as_a_499(gateway: Gateway) -> None:
+    gateway.upstream.delay_s = 5.0  # the answer is still on its way when the client gives up
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    abandon_request(f"{gateway.plane.v1}/chat/completions", body, gateway.api_key, after_s=0.5)
+    text = metrics_once_counted(gateway, CLIENT_CLOSED)
+    assert 'hatchway_request_duration_seconds_count{route="/v1/chat/completions"} 1.0' in text
+    assert "hatchway_requests_in_flight 1.0" in text  # the scrape itself
+
+
+def test_metrics_count_a_stream_whose_client_left_as_a_499(gateway: Gateway) -> None:
+    gateway.upstream.chunk_delay_s = 1.0  # one word a second: the client leaves in the middle
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    abandon_request(f"{gateway.plane.v1}/chat/completions", body, gateway.api_key, after_s=1.5)
+    text = metrics_once_counted(gateway, CLIENT_CLOSED)
+    assert 'hatchway_request_duration_seconds_count{route="/v1/chat/completions"} 1.0' in text

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
+import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -129,3 +134,22 @@ def test_the_plane_keeps_tooling_it_does_not_serve_with_out_of_memory(tmp_path: 
     assert loaded_at_startup(tmp_path, *tooling) == set(), "first start, new database"
     # cryptography makes the first start's certificate, and decrypts provider keys: a restart with none needs none.
     assert loaded_at_startup(tmp_path, *tooling, "cryptography") == set(), "restart, no provider keys"
+
+
+@pytest.mark.parametrize("taken", ["--port", "--grpc-port"])
+def test_a_port_in_use_fails_at_once_with_one_line_and_creates_nothing(tmp_path: Path, taken: str) -> None:
+    data_dir = tmp_path / "plane"
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        ports = {"--port": "0", "--grpc-port": "0", taken: str(holder.getsockname()[1])}
+        proc = subprocess.run(
+            [sys.executable, "-m", "server", "serve", "--data-dir", str(data_dir), *itertools.chain(*ports.items())],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "HATCHWAY_GRPC_PORT": "0"},
+        )
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout == "" and "Admin key" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert ports[taken] in line and "in use" in line, line
+    assert not data_dir.exists()

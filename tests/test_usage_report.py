@@ -122,3 +122,26 @@ def test_prices_cli_sets_and_lists_versions(routes: tuple[RunningPlane, str]) ->
     lines = listing.output.strip().splitlines()
     assert lines[0].split()[:5] == ["ORG", "PROVIDER", "MODEL", "PRICE_IN", "PRICE_OUT"]
     assert [line.split()[3:5] for line in lines[1:]] == [["3.0", "3.0"], ["2.0", "4.0"]]
+
+
+def test_a_group_of_unpriced_requests_and_free_cache_hits_reports_no_cost_rather_than_zero(
+    routes: tuple[RunningPlane, str],
+) -> None:
+    plane, key = routes
+    deterministic = {**PROMPT, "model": "free-model", "temperature": 0}
+    assert [ask(plane, key, deterministic).headers["x-hatchway-cache"] for _ in range(2)] == ["miss", "hit"]
+    (row,) = usage_report(plane, 2, by="model")
+    assert row["model"] == "free-model" and row["cache_hits"] == 1
+    assert row["cost_usd"] is None and row["unpriced_requests"] == 1
+
+
+def test_a_group_of_priced_requests_and_free_cache_hits_costs_what_the_priced_ones_cost(
+    routes: tuple[RunningPlane, str],
+) -> None:
+    plane, key = routes
+    plane.admin.put("/routes", {"org": "acme", "model": MODEL, "targets": ["provider-a"]})
+    deterministic = {**PROMPT, "temperature": 0}
+    paid = float(ask(plane, key, deterministic).headers["x-hatchway-cost-usd"])
+    assert ask(plane, key, deterministic).headers["x-hatchway-cache"] == "hit"
+    (row,) = usage_report(plane, 2, by="model")
+    assert row["cost_usd"] == pytest.approx(paid) and row["unpriced_requests"] == 0 and row["cache_hits"] == 1

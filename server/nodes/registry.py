@@ -4,9 +4,12 @@ The plane never trusts a node's report to decide whether a slot is free: it clai
 a job and releases it when the job ends, is cancelled (or its cancel times out), or the node's stream drops.
 Node reports only change capacity. After any sequence of faults every counter is back at zero.
 
-When every slot of a model is busy a request waits in a bounded per-pool queue, first come first served; when
-the queue is full or the wait times out the pool is busy, which the attempt loop treats like any other target
-failure (the next target, or a 503 with Retry-After).
+When every slot of a model is busy a request waits in a bounded per-pool queue, first come first served, for at
+most `queue_timeout_s` (about a second: the attempt loop only lets a pool wait when no target after it can start
+at once, `has_capacity`); when the queue is full or the wait times out the pool is busy, which the attempt loop
+treats like any other target failure (the next target, or a 503 with Retry-After). A pool none of whose nodes takes
+jobs (draining, paused by its owner, unresponsive) is not waited on at all: NodesUnavailableError at once, and
+requests already waiting are woken to hear it.
 
 No loop here goes by a number a node chose: a slot frees up at most as many waiters as are queued, and every
 per-node loop is over its models (at most `bounds.MAX_MODELS`, checked at Hello). The events a node sends for a
@@ -53,6 +56,12 @@ class NodesBusyError(UpstreamError):
         super().__init__(message, headers={"Retry-After": "1"})
 
 
+class NodesUnavailableError(NodesBusyError):
+    """No node of the pool takes jobs now (drained, paused by its owner, unresponsive): no slot will free up."""
+
+    code = "nodes_unavailable"
+
+
 class SessionLost:
     """Put on a job's queue when the node's stream dropped."""
 
@@ -92,6 +101,11 @@ class Job:
     cancel_sent: bool = False
     # Bytes of the events the node sent for this job so far (bounded by bounds.MAX_JOB_BYTES).
     received_bytes: int = 0
+    # UTF-8 bytes of the text the node generated for this job, read or not: what bounds its token count.
+    text_bytes: int = 0
+    # The node's JobEnd (its own token counts), once it came; and set once the job's slot is released.
+    end: pb.JobEnd | None = None
+    over: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(eq=False)
@@ -191,6 +205,7 @@ class NodeRegistry:
         for job in list(session.jobs.values()):
             job.events.put_nowait(SessionLost())
             self.release(job)
+        self._wake(session)  # requests waiting for a slot of a pool it leaves without a node fail over now
 
     def disconnect(self, node_id: str) -> None:
         """Close a node's stream (revoked): its jobs fail over, its agent is refused on reconnect."""
@@ -207,7 +222,7 @@ class NodeRegistry:
             session.send(pb.PlaneMessage(drain=pb.Drain(reason="drained by an admin")))
         else:
             session.send(pb.PlaneMessage(resume=pb.Resume()))
-            self._wake(session)
+        self._wake(session)
 
     def touch(self, session: NodeSession) -> None:
         session.last_seen = time.monotonic()
@@ -226,6 +241,14 @@ class NodeRegistry:
 
     def serves(self, org_id: str, model: str) -> bool:
         return any(model in s.models for s in self.sessions_for(org_id))
+
+    def accepting(self, org_id: str, model: str) -> bool:
+        """Whether a node of the pool takes jobs, free or busy: a slot of it may free up."""
+        return any(s.accepting and model in s.models for s in self.sessions_for(org_id))
+
+    def has_capacity(self, org_id: str, model: str) -> bool:
+        """Whether a job would get a slot now, without waiting."""
+        return any(s.free_slots(model) > 0 for s in self.sessions_for(org_id))
 
     def prices(self, org_id: str, model: str) -> list[tuple[float | None, float | None]]:
         return [
@@ -262,6 +285,8 @@ class NodeRegistry:
                 return session
             if not self.serves(org_id, model):
                 raise UpstreamConnectError(f"no node serves '{model}' any more")
+            if not self.accepting(org_id, model):
+                raise NodesUnavailableError(f"no node for '{model}' takes jobs now (draining, paused or unresponsive)")
             if len(waiters) >= self.queue_size:
                 raise NodesBusyError(f"every node slot for '{model}' is busy and the queue is full")
             try:
@@ -298,7 +323,12 @@ class NodeRegistry:
             )
         clamp_job_event(event)
         job.events.put_nowait(event)
-        if event.WhichOneof("kind") in ("end", "error"):
+        kind = event.WhichOneof("kind")
+        if kind == "tokens":
+            job.text_bytes += len(event.tokens.text.encode("utf-8", "surrogatepass"))
+        elif kind == "end":
+            job.end = event.end  # read by the bill of a job whose client left (server.targets.node)
+        if kind in ("end", "error"):
             job.finished = True
             self.release(job)
 
@@ -324,6 +354,7 @@ class NodeRegistry:
         if job.released:
             return
         job.released = True
+        job.over.set()
         job.session.jobs.pop(job.job_id, None)
         slots = job.session.models.get(job.model)
         if slots is not None:
@@ -331,11 +362,13 @@ class NodeRegistry:
         self._wake(job.session)
 
     def _wake(self, session: NodeSession) -> None:
-        """Wake as many queued requests as this node has free slots, and never more than are queued."""
+        """Wake as many queued requests as this node has free slots, and never more than are queued; all of them
+        when no node of the pool takes jobs any more, so that they fail over now rather than at their timeout."""
         for model in session.models:
             waiters = self._pools.get((session.org_id, model))  # .get: a node's model names create no pools
             if waiters:
-                for _ in range(min(session.free_slots(model), len(waiters))):
+                closed = not self.accepting(session.org_id, model)
+                for _ in range(len(waiters) if closed else min(session.free_slots(model), len(waiters))):
                     waiters.wake_one()
 
     def busy_slots(self) -> int:
