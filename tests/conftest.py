@@ -55,7 +55,8 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
     for name in list(os.environ):
-        if name.startswith("HATCHWAY_") or name.startswith("OPENAI_"):
+        # Proxy variables too: the plane's upstream client honours them (server.targets.egress).
+        if name.startswith("HATCHWAY_") or name.startswith("OPENAI_") or name.lower().endswith("_proxy"):
             monkeypatch.delenv(name)
 
 

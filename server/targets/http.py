@@ -10,7 +10,12 @@ Timeouts are per wait, on the connection's single timer: `connect_timeout_s` for
 `header_timeout_s` until the status line and headers, and a caller's `idle_timeout_s` between two reads of the
 body. A connection goes back to its pool only when its answer was read to the end and both sides allow
 keep-alive (or, after `Response.finish`, once that end arrives); everything else (an error, a cancelled wait,
-an abandoned answer) closes it. No proxy support (the plane never read proxy variables for upstreams).
+an abandoned answer) closes it.
+
+Pools are per origin and egress settings (server.targets.egress): a provider's proxy, CA file and client
+certificate, or the environment's proxies, decided when the pool is made. A pool reached through a proxy opens its
+connections through a CONNECT tunnel (https) or sends absolute-form requests to the proxy (http); a direct pool's
+requests cost exactly what they did before proxies existed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,17 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from server.targets.egress import (
+    Egress,
+    EnvironmentProxies,
+    Proxy,
+    TLSContexts,
+    TLSSettingsError,
+    TunnelRefusedError,
+    authority,
+    choose_proxy,
+    open_tunnel,
+)
 from server.waiters import Waiters
 
 
@@ -66,9 +82,13 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Origin:
+    """Where connections go, and how: requests to one origin with other egress settings use other connections."""
+
     scheme: str
     host: str
     port: int
+    # None: the plane's (the environment's proxies, the system's CAs).
+    egress: Egress | None = None
 
 
 @dataclass(frozen=True)
@@ -79,7 +99,7 @@ class Endpoint:
     head: bytes
 
     @classmethod
-    def parse(cls, url: str) -> Endpoint:
+    def parse(cls, url: str, egress: Egress | None = None) -> Endpoint:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -92,7 +112,7 @@ class Endpoint:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         # No Accept-Encoding: the body is relayed to the client byte for byte, so it must arrive uncompressed.
         head = f"POST {target} HTTP/1.1\r\nHost: {host_header}\r\nAccept-Encoding: identity\r\n"
-        return cls(Origin(parts.scheme, host, port), head.encode("ascii"))
+        return cls(Origin(parts.scheme, host, port, egress), head.encode("ascii"))
 
 
 class Response:
@@ -348,15 +368,21 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
 
 
-def _reason(exc: OSError) -> str:
+def _reason(exc: Exception, proxy: Proxy | None) -> str:
     """What kept a connection from opening, in words that name no address."""
+    if isinstance(exc, TLSSettingsError):
+        return "TLS settings unusable"
+    if isinstance(exc, TunnelRefusedError):
+        return f"the proxy refused the tunnel: {exc.status}"
     if isinstance(exc, ssl.SSLError):
         return "TLS handshake failed"
+    # Through a proxy, only the proxy's own address is resolved and connected to here.
+    where = "proxy: " if proxy is not None else ""
     if isinstance(exc, socket.gaierror):
-        return "name does not resolve"
+        return f"{where}name does not resolve"
     if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    return "cannot connect"
+        return f"{where}connection refused"
+    return f"{where}cannot connect"
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -365,7 +391,8 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 
 
 class _Pool:
-    """The connections to one origin: idle ones newest first, and how many are lent out."""
+    """The connections to one origin (with one set of egress settings): idle ones newest first, and how many are
+    lent out."""
 
     def __init__(self, client: HTTPClient, origin: Origin) -> None:
         self.client = client
@@ -374,6 +401,25 @@ class _Pool:
         self.idle: deque[_Connection] = deque()
         self.busy = 0
         self.waiting = Waiters()
+        self.proxy = choose_proxy(client.proxies, origin.egress, origin.scheme, origin.host, origin.port)
+        # Set for an http origin reached through a proxy: each request names the origin in full (absolute form)
+        # and carries the proxy's credentials; None keeps a direct or tunnelled request as its endpoint made it.
+        self.forward: dict[bytes, bytes] | None = {} if self.proxy is not None and origin.scheme == "http" else None
+
+    def forwarded(self, head: bytes) -> bytes:
+        """An endpoint's first lines in absolute form, made once per endpoint."""
+        assert self.forward is not None and self.proxy is not None
+        rewritten = self.forward.get(head)
+        if rewritten is None:
+            origin = self.origin
+            host = authority(origin.host, origin.port).removesuffix(":80")
+            credentials = self.proxy.authorization
+            # The endpoint's head starts with `POST /`: the origin goes between the two.
+            rewritten = b"POST http://" + host.encode("ascii") + head[5:]
+            if credentials:
+                rewritten += f"Proxy-Authorization: {credentials}\r\n".encode("latin-1")
+            self.forward[head] = rewritten
+        return rewritten
 
     async def acquire(self, connect_timeout_s: float | None) -> _Connection:
         while True:
@@ -404,21 +450,45 @@ class _Pool:
         return connection
 
     async def _connect(self, timeout_s: float | None) -> _Connection:
-        origin = self.origin
-        tls = self.client.tls_context() if origin.scheme == "https" else None
+        origin, proxy = self.origin, self.proxy
         try:
+            tls = self.client.tls.get(origin.egress) if origin.scheme == "https" else None
+            # One timeout for all of it: the proxy's CONNECT answer and the TLS handshake are part of connecting.
             async with asyncio.timeout(timeout_s):
-                _, connection = await self.loop.create_connection(
-                    lambda: _Connection(self),
-                    origin.host,
-                    origin.port,
-                    ssl=tls,
-                    server_hostname=origin.host if tls else None,
-                )
+                if proxy is None:
+                    _, connection = await self.loop.create_connection(
+                        lambda: _Connection(self),
+                        origin.host,
+                        origin.port,
+                        ssl=tls,
+                        server_hostname=origin.host if tls else None,
+                    )
+                elif tls is None:
+                    _, connection = await self.loop.create_connection(lambda: _Connection(self), proxy.host, proxy.port)
+                else:
+                    connection = await self._tunnel(proxy, tls)
         except TimeoutError:
             raise  # an OSError too, but the caller tells a timeout from a refusal
-        except (OSError, ssl.SSLError) as exc:
-            raise ConnectError(f"cannot connect to {origin.host}:{origin.port}: {exc}", _reason(exc)) from exc
+        except (OSError, ssl.SSLError, TLSSettingsError) as exc:
+            via = f" through the proxy {proxy.address}" if proxy is not None else ""
+            raise ConnectError(
+                f"cannot connect to {origin.host}:{origin.port}{via}: {exc}", _reason(exc, proxy)
+            ) from exc
+        return connection
+
+    async def _tunnel(self, proxy: Proxy, tls: ssl.SSLContext) -> _Connection:
+        """A connection through the proxy's CONNECT tunnel, TLS end to end with the origin inside it."""
+        raw = await open_tunnel(self.loop, proxy, self.origin.host, self.origin.port)
+        connection = _Connection(self)
+        try:
+            transport = await self.loop.start_tls(raw, connection, tls, server_hostname=self.origin.host)
+        except BaseException:
+            raw.close()
+            raise
+        if transport is None:  # the loop says so when the connection closed during the handshake
+            raise ConnectionResetError("the connection closed during the TLS handshake")
+        # start_tls hands the protocol its new transport without calling connection_made.
+        connection.connection_made(transport)
         return connection
 
     def put_back(self, connection: _Connection) -> None:
@@ -453,6 +523,7 @@ class HTTPClient:
         keepalive_s: float = 15.0,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         tls: ssl.SSLContext | None = None,
+        proxies: EnvironmentProxies | None = None,
     ) -> None:
         self.limit_per_origin = limit_per_origin
         # The most a whole answer (`Response.read`) may hold; streams are consumed as they come and need none.
@@ -462,13 +533,11 @@ class HTTPClient:
         self.keepalive_s = keepalive_s
         self._pools: dict[Origin, _Pool] = {}
         # Certificates are verified against the system's CAs (SSL_CERT_FILE / SSL_CERT_DIR apply) unless a context
-        # is given; built on first use, as a plane that serves only from nodes never needs it.
-        self._tls = tls
-
-    def tls_context(self) -> ssl.SSLContext:
-        if self._tls is None:
-            self._tls = ssl.create_default_context()
-        return self._tls
+        # is given or a provider names its own CA file; built on first use, as a plane that serves only from nodes
+        # never needs one.
+        self.tls = TLSContexts(tls)
+        # Read once: HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY (raises ValueError naming a bad variable).
+        self.proxies = EnvironmentProxies.from_environ() if proxies is None else proxies
 
     async def post(
         self,
@@ -483,7 +552,7 @@ class HTTPClient:
         pool = self._pools.get(endpoint.origin)
         if pool is None:
             pool = self._pools[endpoint.origin] = _Pool(self, endpoint.origin)
-        head = [endpoint.head]
+        head = [endpoint.head if pool.forward is None else pool.forwarded(endpoint.head)]
         for name, value in headers:
             if "\r" in value or "\n" in value:
                 raise ValueError(f"header {name} holds a line break")
