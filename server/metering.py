@@ -23,6 +23,15 @@ only up to the bound. A negative or non-integer figure counts as 0.
 
 `Delivery` is the plane's own count of what left for the client (bytes, content chunks, tool calls): the bound
 above, and the figure a request can be billed from when no claim arrives (a client that left before the end).
+
+A client that leaves mid-answer is billed what was generated for it (server.relay): the target's claim when it
+arrived (an upstream's usage chunk, a node's JobEnd, which a node sends when it stops for a cancel), held to the
+bounds above (for a node, to the text it sent, delivered or not: `Generated`); else the delivered estimate,
+`delivered_tokens`: max(content chunks, ceil(delivered UTF-8 bytes / BYTES_PER_TOKEN)), within what the request
+allowed, with the prompt estimated as at admission (server.limits.estimate_tokens). The plane ships no tokenizer
+for providers' models, so this is an estimate: about 4 bytes a token is what OpenAI's and Llama's BPE vocabularies
+average on English prose (less on code and digits, about the same on CJK text, 3 bytes a character); streams that
+send one token a chunk, as OpenAI's do, are counted exactly by the chunk floor.
 """
 
 from __future__ import annotations
@@ -61,6 +70,8 @@ LOG_INTERVAL_S = 60.0
 _TEXT_FIELDS = frozenset({"content", "text", "refusal", "reasoning_content", "reasoning"})
 # Figures shown in a log line are capped: a claim is whatever a peer sent.
 _SHOWN_MAX = (1 << 64) - 1
+# Delivered UTF-8 bytes per token when an answer no usage came for is billed (see the module doc).
+BYTES_PER_TOKEN = 4
 
 
 class Delivery:
@@ -80,6 +91,13 @@ class Delivery:
 
     def observe(self, chunk: dict[str, Any]) -> None:
         self._choices(chunk, "delta")
+
+    def covering(self, text_bytes: int) -> Delivery:
+        """A copy that counts at least `text_bytes` of generated text: what a target sent, delivered or not."""
+        copy = Delivery()
+        copy.bytes, copy.chunks = max(self.bytes, text_bytes), self.chunks
+        copy.tool_calls, copy.rescued_bytes = self.tool_calls, self.rescued_bytes
+        return copy
 
     def observe_whole(self, doc: dict[str, Any]) -> None:
         self._choices(doc, "message")
@@ -112,6 +130,20 @@ class Delivery:
         if size:
             self.bytes += size
             self.chunks += 1
+
+
+def delivered_tokens(delivery: Delivery) -> int:
+    """The completion tokens an answer is billed from what was delivered of it, when no claim came (module doc)."""
+    return max(delivery.chunks, -(-delivery.bytes // BYTES_PER_TOKEN))
+
+
+@dataclass(frozen=True, slots=True)
+class Generated:
+    """A target's own final count of an attempt the plane stopped reading (a node's JobEnd after a cancel): its
+    usage claim, None when none came, and the UTF-8 bytes of text it sent, delivered or not (the claim's bound)."""
+
+    usage: dict[str, Any] | None
+    text_bytes: int
 
 
 def _utf8_len(text: str) -> int:

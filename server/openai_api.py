@@ -99,7 +99,8 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
             plane.cache.put(lookup.key, exchange.answer, lookup.ttl_s)
         return response
     finally:
-        admission.settle(*exchange.billed())
+        # A client that left is billed what was generated for it; a node's own count may still be on its way.
+        plane.relay.settle_limits(exchange, admission.settle)
 
 
 def estimate(plane: Plane, endpoint: Endpoint, body: dict[str, Any], plans: list[ModelPlan]) -> Estimate:
