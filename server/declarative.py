@@ -11,6 +11,7 @@
     price_in = 0.15                          # USD per 1M tokens, for every model below unless it sets its own
     price_out = 0.60
     models = ["gpt-4o-mini", "fast=gpt-4o-mini", { alias = "big", upstream = "gpt-4o", price_in = 2.5 }]
+    continuation = "regenerate"              # how it rescues a broken stream (server.rescue); left out: unchanged
 
 What the file declares wins at start-up (a provider is replaced in place, keeping its routing order);
 what was created from the CLI and is not in the file is left alone. What a start actually changes is written
@@ -63,7 +64,13 @@ def apply_declared(store: Store, declared: Mapping[str, Any], origin: Path | Non
             ensure_org(org)
             before = next((p for p in store.list_providers(org) if p["name"] == name), None)
             after = store.add_provider(
-                org, name, _text(provider, "base_url", where), _api_keys(provider, where), models, replace=True
+                org,
+                name,
+                _text(provider, "base_url", where),
+                _api_keys(provider, where),
+                models,
+                continuation=_optional_text(provider, "continuation", where),
+                replace=True,
             )
         except HatchwayError as exc:
             raise ConfigError(f"{where}: {exc.message}") from exc
@@ -79,6 +86,7 @@ def _declared_view(provider: dict[str, Any]) -> dict[str, Any]:
         "base_url": provider["base_url"],
         "models": provider["models"],
         "api_keys": [k["hint"] for k in provider["api_keys"]],
+        "continuation": provider["continuation"],
     }
 
 
@@ -94,6 +102,10 @@ def _text(table: Mapping[str, Any], key: str, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: '{key}' must be a non-empty string")
     return value
+
+
+def _optional_text(table: Mapping[str, Any], key: str, where: str) -> str | None:
+    return _text(table, key, where) if key in table else None
 
 
 def _list(table: Mapping[str, Any], key: str, where: str) -> list[Any]:

@@ -129,17 +129,17 @@ def test_a_probe_whose_client_left_lets_the_next_request_probe() -> None:
 
 
 def test_regenerated_text_is_forwarded_only_past_the_delivered_text() -> None:
-    continuation = Continuation("Hello wor", regenerate=True)
+    continuation = Continuation("Hello wor", "regenerate")
     assert continuation.feed("Hello") == ""
     assert continuation.feed(" world") == "ld"
     assert continuation.feed("!") == "!"
 
 
 def test_regenerated_text_that_differs_is_refused() -> None:
-    continuation = Continuation("Hello world", regenerate=True)
+    continuation = Continuation("Hello world", "regenerate")
     with pytest.raises(ContinuationMismatch):
         continuation.feed("Goodbye")
 
 
 def test_prefill_continuation_passes_everything_through() -> None:
-    assert Continuation("Hello", regenerate=False).feed(" world") == " world"
+    assert Continuation("Hello", "verify").feed(" world") == " world"
