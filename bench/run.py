@@ -11,6 +11,9 @@ Benchmarks (NAMES, comma-separated; all of them but `profile` by default):
     soak       4. RSS, open fds (and tasks, when /metrics has them) over a long mixed run
     fleet      3. N simulated agents over gRPC: plane memory per agent, heartbeat CPU, dispatch latency
     node       2. llama.cpp through plane + agent vs in-process: TTFT and tokens/s
+    conversations  6. a node's slots: interleaved conversations' follow-up TTFT, cancel during a long prompt
+                   (with --baseline REF, the engine of REF too)
+    failover   7. a stalled stream's rescue time, and a 20 s first token with and without hedging
     profile    py-spy on the plane at c=32, non-stream and stream: bench/results/profile-*.txt
 
 Results: one JSON per benchmark plus summary.json (machine, versions, git commit, durations, targets) in
@@ -30,6 +33,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import conversations
+import failover
 import fleet
 import gateway
 import node
@@ -41,8 +46,8 @@ import targets
 from harness import BENCH_DIR, RESULTS_DIR, BenchError, Pinning, log, machine_info, run_async, write_json
 from suite import Suite
 
-BENCHMARKS = ("gateway", "overload", "soak", "fleet", "node", "profile")
-DEFAULT = ("gateway", "overload", "soak", "fleet", "node")
+BENCHMARKS = ("gateway", "overload", "soak", "fleet", "node", "conversations", "failover", "profile")
+DEFAULT = ("gateway", "overload", "soak", "fleet", "node", "conversations", "failover")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,6 +94,8 @@ def _runners(args: argparse.Namespace) -> dict[str, Callable[[Suite], Awaitable[
         "soak": soak.run,
         "fleet": fleet.run,
         "node": node.run,
+        "conversations": conversations.run,
+        "failover": failover.run,
         "profile": profiling.run,
     }
 
@@ -99,6 +106,8 @@ FORMATTERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "soak": soak.format_table,
     "fleet": fleet.format_table,
     "node": node.format_table,
+    "conversations": conversations.format_table,
+    "failover": failover.format_table,
     "profile": profiling.format_table,
 }
 
@@ -108,6 +117,8 @@ TITLES = {
     "fleet": "3. Fleet",
     "soak": "4. Soak",
     "overload": "5. Overload",
+    "conversations": "6. A node's slots",
+    "failover": "7. Failover timings",
     "profile": "Profile of the plane (py-spy)",
 }
 
@@ -136,8 +147,9 @@ async def run_all(suite: Suite, args: argparse.Namespace) -> dict[str, float]:
         log(f"== {TITLES[name]} ({'quick' if suite.quick else 'full'})")
         started = time.perf_counter()
         try:
-            # The node benchmark compares llama.cpp on all cores; everything else keeps the load on its own core.
-            pin = contextlib.nullcontext() if name == "node" else suite.pinning.runner_on_load_cpu()
+            # llama.cpp benchmarks run on all cores; everything else keeps the load on its own core.
+            llama = name in ("node", "conversations")
+            pin = contextlib.nullcontext() if llama else suite.pinning.runner_on_load_cpu()
             with pin:
                 if name == "node" and not args.in_process:
                     report = await node_in_child(suite, args)

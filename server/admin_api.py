@@ -89,6 +89,16 @@ def _str(body: dict[str, Any], name: str, *, required: bool = True) -> str:
     return value
 
 
+def _hedge(body: dict[str, Any]) -> str | None:
+    """A route's `hedge`: off, auto or seconds (a string or a number); absent or null: the plane's default."""
+    value = body.get("hedge")
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return _str(body, "hedge")
+
+
 def _str_list(body: dict[str, Any], name: str) -> list[str]:
     value = body.get(name, [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -182,9 +192,27 @@ async def add_provider(request: web.Request) -> web.Response:
         _str_list(body, "api_keys"),
         models,
         policy=_policy(body),
-        prefill=_str(body, "prefill", required=False) or "auto",
+        continuation=_continuation(body),
+        egress=_egress(body),
     )
     return web.json_response(provider, status=201)
+
+
+def _continuation(body: dict[str, Any]) -> str | None:
+    if "prefill" in body:
+        # An older client's setting, whose "auto" learnt from answers that prove nothing: say what replaced it.
+        raise InvalidRequestError(
+            "'prefill' was replaced by 'continuation' (regenerate, prefill, vllm or none)", param="prefill"
+        )
+    return _str(body, "continuation", required=False) or None
+
+
+# A provider's egress settings (server.targets.egress), each a string: given ones change, "" removes one.
+EGRESS_FIELDS = ("proxy", "ca_file", "client_cert", "client_key")
+
+
+def _egress(body: dict[str, Any]) -> dict[str, str]:
+    return {name: _str(body, name, required=False) for name in EGRESS_FIELDS if body.get(name) is not None}
 
 
 def _policy(body: dict[str, Any]) -> dict[str, float | int]:
@@ -206,7 +234,8 @@ async def update_provider(request: web.Request) -> web.Response:
         org,
         before=lambda: _find_provider(plane, ref, org),
         policy=_policy(body),
-        prefill=_str(body, "prefill", required=False) or None,
+        continuation=_continuation(body),
+        egress=_egress(body),
     )
     return web.json_response(provider)
 
@@ -247,6 +276,7 @@ async def set_route(request: web.Request) -> web.Response:
         _str(body, "strategy", required=False) or "priority",
         _str_list(body, "targets"),
         _str_list(body, "fallbacks"),
+        _hedge(body),
         before=lambda: _find(plane.store.list_routes(org), model=model),
     )
     return web.json_response(route)

@@ -17,6 +17,7 @@ from typing import Any
 
 from server.credentials import hash_key
 from server.failover import FailoverPolicy
+from server.hedge import parse_hedge
 
 # How a setting holding a token's hash rather than the token says so (metrics_token).
 TOKEN_HASH_PREFIX = "sha256:"
@@ -75,6 +76,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upstream_header_timeout_s", float, 120.0, "Time a provider has to send response headers."),
     Setting("stream_idle_timeout_s", float, 60.0, "Longest silence between two stream chunks (a stall)."),
     Setting("ttft_timeout_s", float, 60.0, "Time to the first content token before a stream fails over."),
+    Setting("stream_stall_floor_s", float, 5.0, "Silence a committed stream may always keep before it is a stall."),
+    Setting("stream_stall_factor", float, 4.0, "A stall is a silence this many times the stream's longest gap so far."),
+    Setting("stream_stall_ceiling_s", float, 10.0, "Longest silence of a committed stream, whatever its pace."),
+    Setting("hedge", str, "auto", "Hedging of a slow first token where a route does not say: off, auto or seconds."),
+    Setting("hedge_floor_s", float, 1.0, "Least hedge delay under auto (the target's TTFT p95 otherwise)."),
+    Setting("hedge_unmeasured_s", float, 2.0, "Hedge delay under auto until the target's TTFT p95 is known."),
     Setting("max_retries", int, 1, "Extra tries of the same target after a 5xx or a reset connection."),
     Setting("max_rate_limit_retries", int, 2, "Extra tries of the same target after a 429."),
     Setting("retry_after_cap_s", float, 10.0, "Longest upstream Retry-After the plane waits for."),
@@ -110,8 +117,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("grpc_tls_key", str, "", "PEM private key of grpc_tls_cert."),
     Setting("node_heartbeat_s", float, 5.0, "Heartbeat interval asked of agents; 3 missed stop dispatching."),
     Setting("node_queue_size", int, 64, "Requests that may wait for a busy model's node slot (then 503)."),
-    Setting("node_queue_timeout_s", float, 30.0, "Longest wait for a node slot before failing over."),
+    Setting(
+        "node_queue_timeout_s", float, 1.0, "Longest wait for a busy node pool's slot when no other target can serve."
+    ),
     Setting("node_cancel_timeout_s", float, 10.0, "Time a node has to confirm a cancel before its slot is freed."),
+    Setting("node_keepalive_s", float, 5.0, "Ping each node's link this often; unanswered as long, it is dropped."),
     Setting("log_level", str, "info", "Logging level: debug, info, warning, error."),
 )
 
@@ -144,6 +154,13 @@ class Config:
     upstream_header_timeout_s: float = 120.0
     stream_idle_timeout_s: float = 60.0
     ttft_timeout_s: float = 60.0
+    stream_stall_floor_s: float = 5.0
+    stream_stall_factor: float = 4.0
+    # Well under the 30 s a client typically waits for a silent stream: the rescue must come before it gives up.
+    stream_stall_ceiling_s: float = 10.0
+    hedge: str = "auto"
+    hedge_floor_s: float = 1.0
+    hedge_unmeasured_s: float = 2.0
     max_retries: int = 1
     max_rate_limit_retries: int = 2
     retry_after_cap_s: float = 10.0
@@ -166,8 +183,9 @@ class Config:
     grpc_tls_key: str = ""
     node_heartbeat_s: float = 5.0
     node_queue_size: int = 64
-    node_queue_timeout_s: float = 30.0
+    node_queue_timeout_s: float = 1.0
     node_cancel_timeout_s: float = 10.0
+    node_keepalive_s: float = 5.0
     log_level: str = "info"
     # The declarative part of the TOML file (orgs, providers, models), applied at start-up.
     declared: Mapping[str, Any] = field(default_factory=dict)
@@ -178,6 +196,10 @@ class Config:
         # dump of the config nor of the process. An operator may give the hash in the first place.
         if self.metrics_token and not self.metrics_token.startswith(TOKEN_HASH_PREFIX):
             object.__setattr__(self, "metrics_token", TOKEN_HASH_PREFIX + hash_key(self.metrics_token))
+        try:
+            object.__setattr__(self, "hedge", parse_hedge(self.hedge))
+        except ValueError as exc:
+            raise ConfigError(f"hedge: {exc}") from None
 
     @classmethod
     def load(
@@ -226,6 +248,11 @@ class Config:
             header_timeout_s=self.upstream_header_timeout_s,
             ttft_timeout_s=self.ttft_timeout_s,
             idle_timeout_s=self.stream_idle_timeout_s,
+            stall_floor_s=self.stream_stall_floor_s,
+            stall_factor=self.stream_stall_factor,
+            stall_ceiling_s=self.stream_stall_ceiling_s,
+            hedge_floor_s=self.hedge_floor_s,
+            hedge_unmeasured_s=self.hedge_unmeasured_s,
             max_retries=self.max_retries,
             max_rate_limit_retries=self.max_rate_limit_retries,
             retry_after_cap_s=self.retry_after_cap_s,

@@ -1,14 +1,17 @@
 """What the plane learns about its targets while serving, kept across snapshot rebuilds.
 
-Per target (provider + upstream model): a circuit breaker, EWMAs of latency and time to first token, and the
-requests in flight. Per provider: whether it accepts an assistant-prefill continuation. Per provider key: a
-cool-down after a 429 or a 401, so the next request uses another key.
+Per target (provider + upstream model): a circuit breaker, EWMAs of latency and time to first token, the recent
+times to first token (their p95 is `--hedge auto`'s delay, server.hedge), and the requests in flight. Per
+provider key: a cool-down after a 429 or a 401, so the next request uses another key.
+Nothing here says how a target continues a broken stream: that is declared, never learnt (server.rescue).
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,6 +73,11 @@ class Breaker:
         self.probing = False
 
 
+# The recent times to first token kept per target for its p95 (`--hedge auto`), and how many make a p95 at all.
+TTFT_SAMPLES = 100
+TTFT_SAMPLES_NEEDED = 5
+
+
 @dataclass
 class TargetStats:
     breaker: Breaker = field(default_factory=Breaker)
@@ -77,12 +85,24 @@ class TargetStats:
     # EWMAs in seconds; None until measured, which the `fastest` strategy treats as worth trying.
     latency_s: float | None = None
     ttft_s: float | None = None
+    # The last TTFT_SAMPLES times to first token (s). Only answers that won count: a hedged attempt cancelled
+    # while waiting says only that it was slower than its rival, and counting that wait would raise the delay
+    # by the rival's time to first token on every hedge.
+    ttft_samples: deque[float] = field(default_factory=lambda: deque(maxlen=TTFT_SAMPLES))
 
     def observe(self, latency_s: float | None = None, ttft_s: float | None = None, alpha: float = 0.2) -> None:
         if latency_s is not None:
             self.latency_s = latency_s if self.latency_s is None else (1 - alpha) * self.latency_s + alpha * latency_s
         if ttft_s is not None:
             self.ttft_s = ttft_s if self.ttft_s is None else (1 - alpha) * self.ttft_s + alpha * ttft_s
+            self.ttft_samples.append(ttft_s)
+
+    def ttft_p95(self) -> float | None:
+        """The 95th percentile of the recent times to first token; None until enough were seen."""
+        if len(self.ttft_samples) < TTFT_SAMPLES_NEEDED:
+            return None
+        ordered = sorted(self.ttft_samples)
+        return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
 
 
 def is_target_fault(exc: UpstreamError) -> bool:
@@ -96,8 +116,6 @@ class Health:
     def __init__(self, clock: Clock = time.monotonic) -> None:
         self.clock = clock
         self._targets: dict[str, TargetStats] = {}
-        # provider id -> accepts an assistant-prefill continuation (absent: not known yet).
-        self.prefill: dict[str, bool] = {}
         # provider key id -> monotonic time until which it rests.
         self._key_rest: dict[str, float] = {}
 

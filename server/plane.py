@@ -40,6 +40,8 @@ from server.usage import UsageWriter
 
 log = logging.getLogger(__name__)
 
+# The shortest interval between an agent's keepalive pings the node service accepts (agents ping every 5 s).
+NODE_MIN_PING_INTERVAL_MS = 1000
 # The audit log's actor for an admin key change made by the configuration (HATCHWAY_ADMIN_KEY) at startup.
 ADMIN_KEY_SETTING = "admin-key-setting"
 
@@ -67,7 +69,7 @@ class Plane:
             flush_interval_s=config.usage_flush_interval_s,
         )
         self.snapshots.prepare = self.seed_new_quotas
-        self.relay = Relay(self.metrics, self.usage, self.health, max_attempts=config.max_attempts)
+        self.relay = Relay(self.metrics, self.usage, self.health, max_attempts=config.max_attempts, hedge=config.hedge)
         self.shedder = LoadShedder(
             max_in_flight=config.max_in_flight,
             lag_limit_s=config.overload_lag_ms / 1000,
@@ -159,9 +161,25 @@ class Plane:
         await self._start_node_service()
 
     async def _start_node_service(self) -> None:
+        keepalive_ms = int(self.config.node_keepalive_s * 1000)
         server = grpc.aio.server(
             options=[
+                # Pings both ways find a node gone without a reset (NAT, lid shut, cable) within seconds: the plane
+                # pings every node_keepalive_s and drops a link whose ping goes unanswered as long; its session
+                # ends and its jobs fail over. Pings go on however long the plane has nothing to send.
+                ("grpc.keepalive_time_ms", keepalive_ms),
+                ("grpc.keepalive_timeout_ms", keepalive_ms),
+                # gRPC times a ping out after this (default 60 s) whatever keepalive_timeout_ms says.
+                ("grpc.http2.ping_timeout_ms", keepalive_ms),
                 ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0),
+                # An agent's own pings (every agent.connection.KEEPALIVE_S) are welcome down to one a second;
+                # faster, three times over with nothing sent between, is a flood that ends the connection.
+                ("grpc.http2.min_ping_interval_without_data_ms", NODE_MIN_PING_INTERVAL_MS),
+                ("grpc.http2.max_ping_strikes", 2),
+                # No second process may share the port (gRPC's default on Linux): agents would be split between
+                # two planes.
+                ("grpc.so_reuseport", 0),
                 # Explicit caps both ways (proto/contract.py says why these sizes): a message over the receive cap
                 # ends its stream with RESOURCE_EXHAUSTED before the plane parses it.
                 ("grpc.max_receive_message_length", NODE_MESSAGE_MAX_BYTES),
@@ -189,6 +207,7 @@ class Plane:
         # Each step logged: a shutdown that takes long should say where it waits.
         await self.shedder.stop()
         await self.registry.close()
+        await self.relay.close()  # bills waiting on a node's count: every job was just released
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=1.0)
         log.info("node service stopped; flushing %d queued usage rows", self.usage.queue.qsize())

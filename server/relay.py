@@ -2,12 +2,15 @@
 
 attempt     walk the plan (the model's targets in rule order, then its fallback models'), skipping
             targets whose breaker is open; after each failure `failover.decide` says: retry the same
-            target (after a delay), go to the next target, skip to the fallback model, or stop
+            target (after a delay), go to the next target, skip to the fallback model, or stop. A stream
+            whose first content token is late is hedged: the next target starts alongside and the first
+            to produce a content token wins (server.hedge)
 complete    non-stream: the serving target's JSON body goes back byte for byte
 stream      nothing reaches the client until the first content token (every failure before it fails
-            over invisibly); then chunks are relayed as they come. A committed stream that breaks is
-            rescued by a fallback that continues the same answer (`rescue`); when nothing can rescue
-            it, it ends with an SSE error event and no `[DONE]`, never as a success
+            over invisibly); then chunks are relayed as they come. A committed stream that breaks (cut, or
+            silent for longer than its own pace allows: server.pace) is rescued by a fallback that
+            continues the same answer (`rescue`), the target that broke it tried last of all; when
+            nothing can rescue it, it ends with an SSE error event and no `[DONE]`, never as a success
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import orjson
@@ -33,17 +37,28 @@ from server.errors import (
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
-from server.failover import Move, decide, is_context_length_error, retry_after_seconds
-from server.health import Health, TargetStats, is_target_fault
-from server.metering import Delivery, Meter, MeteredRequest, bounded_usage
+from server.failover import Decision, Move, decide, is_context_length_error, retry_after_seconds
+from server.health import BreakerState, Health, TargetStats, is_target_fault
+from server.hedge import AUTO, hedge_delay
+from server.limits import estimate_tokens
+from server.metering import (
+    Delivery,
+    Generated,
+    Meter,
+    MeteredRequest,
+    bounded_usage,
+    completion_allowed,
+    delivered_tokens,
+)
 from server.metrics import Metrics
+from server.pace import PacedStream
 from server.rescue import (
     Continuation,
     ContinuationMismatch,
     StreamProgress,
     can_rescue,
     choice_text,
-    prefill_body,
+    rescue_request,
 )
 from server.routing import ModelPlan
 from server.snapshot import KeyEntry
@@ -59,6 +74,9 @@ T = TypeVar("T")
 CLIENT_CLOSED = 499
 # How long a provider key rests after the upstream refused it (401/403) or rate-limited it without a hint.
 KEY_REST_S = 60.0
+# The error code of an attempt cancelled because a hedged rival produced a content token first.
+HEDGE_LOST = "hedge_lost"
+FIRST = asyncio.FIRST_COMPLETED
 
 
 @dataclass
@@ -79,9 +97,16 @@ class Exchange:
     target: Target | None = None
     attempt: Attempt | None = None
     served_model: str | None = None
-    # The tokens billed: the serving target's claim, held to the plane's bounds (server.metering).
+    # The tokens billed: the serving target's claim, held to the plane's bounds (server.metering), or the
+    # delivered estimate when the client left before a claim came.
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Whether the serving target's claim arrived.
+    usage_reported: bool = False
+    # The bill of a request whose client left, while it waits for a node's own count (Relay.settle_limits waits too).
+    pending: asyncio.Task[None] | None = None
+    # The last try of a whole answer to start: what worked on it when the client left (`Relay.complete`).
+    underway: tuple[Target, Attempt] | None = None
     # What the client was sent of the answer, counted by the plane.
     delivery: Delivery = field(default_factory=Delivery)
     first_byte_at: float | None = None
@@ -124,9 +149,17 @@ class Exchange:
             return 0.0  # a cached answer is free, not unpriced
         return self.target.cost(self.prompt_tokens, self.completion_tokens, self.attempt) if self.target else None
 
+    @property
+    def charged(self) -> bool:
+        """Whether tokens are billed: an answer served upstream, or one its client left (499) after tokens were
+        generated for it. A cached answer is free; a failed one is not billed."""
+        if self.cache == HIT:
+            return False
+        return self.status == 200 or (self.status == CLIENT_CLOSED and self.prompt_tokens + self.completion_tokens > 0)
+
     def billed(self) -> tuple[int, float]:
-        """(tokens, USD) this request consumed, to settle its limits: nothing unless it was served upstream."""
-        if self.status != 200 or self.cache == HIT:
+        """(tokens, USD) this request consumed, to settle its limits: nothing unless it was charged."""
+        if not self.charged:
             return 0, 0.0
         return self.prompt_tokens + self.completion_tokens, self.cost() or 0.0
 
@@ -160,13 +193,88 @@ class OpenStream:
     continuation: Continuation | None = None
 
 
+class _OutOfBudget(Exception):
+    """The request has no attempt or time left for another try."""
+
+
+@dataclass
+class _Try:
+    """One attempt of one target, underway."""
+
+    plan: ModelPlan
+    target: Target
+    stats: TargetStats
+    attempt: Attempt
+    # Earlier retries of this target for this request, and the wait before this one (backoff, Retry-After).
+    tries: int
+    delay_s: float
+    began: float = field(default_factory=time.monotonic)
+    # A rival was started because this try's first token was late (server.hedge): it is not hedged twice.
+    rivalled: bool = False
+
+
+class _Walk:
+    """The order one request's targets are tried in: each plan's targets in turn, then `last` (the target that
+    just cut or stalled the stream being rescued), so that every other target of every model comes first. A
+    retry goes to the front; NEXT_MODEL drops what is left of that model's targets; a node pool with no free slot
+    goes behind the rest once while one of them can start at once (`defer`)."""
+
+    def __init__(self, plans: list[ModelPlan], last: Target | None) -> None:
+        entries = [(p, t) for p in plans for t in p.targets if t is not last]
+        entries += [(p, t) for p in plans for t in p.targets if t is last]
+        # (plan, target, earlier retries of it, delay before trying)
+        self.queue: deque[tuple[ModelPlan, Target, int, float]] = deque((p, t, 0, 0.0) for p, t in entries)
+        self.skipped: set[int] = set()
+        self.deferred: set[int] = set()
+
+    def next(self) -> tuple[ModelPlan, Target, int, float] | None:
+        while self.queue:
+            entry = self.queue.popleft()
+            if id(entry[0]) not in self.skipped:
+                return entry
+        return None
+
+    def has_next(self) -> bool:
+        return any(id(entry[0]) not in self.skipped for entry in self.queue)
+
+    def defer(self, entry: tuple[ModelPlan, Target, int, float], can_start: Callable[[Target], bool]) -> bool:
+        """Put a target that cannot start at once (a full, draining or paused node pool) behind the rest, once,
+        when a target still to be tried can (`can_start`): a pool is waited on only when nothing else can serve."""
+        target = entry[1]
+        if id(target) in self.deferred:
+            return False
+        if not any(id(p) not in self.skipped and t is not target and can_start(t) for p, t, _, _ in self.queue):
+            return False
+        self.deferred.add(id(target))
+        self.queue.append(entry)
+        return True
+
+    def after(self, tried: _Try, decision: Decision) -> None:
+        if decision.move is Move.RETRY:
+            self.queue.appendleft((tried.plan, tried.target, tried.tries + 1, decision.delay_s))
+        elif decision.move is Move.NEXT_MODEL:
+            self.skipped.add(id(tried.plan))
+
+
+async def _discard(result: object) -> None:
+    """Close what a try that did not win opened: a stream with its first token already read."""
+    if isinstance(result, OpenStream):
+        await result.upstream.aclose()
+
+
 class Relay:
-    def __init__(self, metrics: Metrics, usage: UsageWriter, health: Health, *, max_attempts: int) -> None:
+    def __init__(
+        self, metrics: Metrics, usage: UsageWriter, health: Health, *, max_attempts: int, hedge: str = AUTO
+    ) -> None:
         self.metrics = metrics
         self.usage = usage
         self.health = health
         self.max_attempts = max_attempts
+        # How a slow first token is hedged where the route does not say (server.hedge).
+        self.hedge = hedge
         self.meter = Meter(metrics.usage_claims_clamped)
+        # Bills of requests whose client left, waiting for a node's own count (`_bill_node`).
+        self._pending: set[asyncio.Task[None]] = set()
 
     # -- the attempt loop -------------------------------------------------------------------------
 
@@ -177,76 +285,79 @@ class Relay:
         *,
         last: Target | None = None,
     ) -> T:
-        """Try the plan's targets until one serves. `last` (a target that just failed) is tried after the rest."""
+        """Try the plan's targets until one serves. `last` (a target that just broke the stream) is tried after
+        every other target of every plan. A stream whose first token is late is hedged (server.hedge): the next
+        target starts alongside, the first to produce a content token wins and the other is cancelled."""
+        walk = _Walk(exchange.plans, last)
         error: HatchwayError | None = None
         resting: list[float] = []
-        for plan in exchange.plans:
-            targets = [t for t in plan.targets if t is not last] + [t for t in plan.targets if t is last]
-            skip_model = False
-            for target in targets:
-                stats = self.health.stats(target.key)
-                breaker = stats.breaker
-                if not breaker.admits(self.health.clock(), target.policy.breaker_cooldown_s):
-                    resting.append(breaker.retry_in(self.health.clock(), target.policy.breaker_cooldown_s))
-                    continue
-                tries = 0
-                while True:
-                    if exchange.attempts >= self.max_attempts or exchange.time_left_s <= 0:
-                        breaker.released()
-                        raise error or UpstreamTimeoutError("no attempt left within the request's budget")
-                    exchange.attempts += 1
-                    attempt = Attempt(number=exchange.attempts)
-                    stats.in_flight += 1
-                    began = time.monotonic()
-                    # One timer per attempt: the request's deadline, or a stream's first-token limit if sooner.
-                    limit_s = exchange.time_left_s
-                    first_token_s = target.policy.ttft_timeout_s if exchange.streaming else None
-                    try:
-                        async with asyncio.timeout(min(limit_s, first_token_s or limit_s)):
-                            result = await send(target, attempt)
-                    except TimeoutError:
-                        failure: UpstreamError = UpstreamTimeoutError(
-                            f"{target.id}: no first token within {first_token_s:g}s"
-                            if first_token_s is not None and first_token_s < limit_s
-                            else f"{target.id}: request deadline reached"
-                        )
-                    except UpstreamError as exc:
-                        failure = exc
-                    except BaseException:
-                        stats.in_flight -= 1
-                        breaker.released()
-                        raise
-                    else:
-                        breaker.succeeded()
-                        elapsed = time.monotonic() - began
-                        stats.observe(ttft_s=elapsed) if exchange.streaming else stats.observe(latency_s=elapsed)
-                        self._release(exchange)
-                        exchange.target, exchange.attempt, exchange.holding = target, attempt, stats
-                        exchange.served_model = plan.model
+        racing: dict[asyncio.Task[T], _Try] = {}
+        try:
+            while True:
+                if not racing:
+                    tried = self._next_try(exchange, walk, resting)
+                    if tried is None:
+                        break
+                    if self._hedge_after(exchange, tried, walk) is None:
+                        # Nothing to hedge with: the attempt runs in this task, as cheap as it can be.
+                        try:
+                            result = await self._run_try(exchange, tried, send)
+                        except UpstreamError as exc:
+                            error = exc
+                            self._settle(exchange, walk, tried, exc)
+                            continue
+                        except BaseException:
+                            self._abandon(tried)
+                            raise
+                        self._won(exchange, tried)
                         return result
-                    stats.in_flight -= 1
-                    error = failure
-                    self._attempt_failed(exchange, target, attempt, failure, began)
-                    decision = decide(
-                        failure,
-                        tries=tries,
-                        policy=target.policy,
-                        time_left_s=exchange.time_left_s,
-                        other_key=target.has_other_key(attempt.key_id),
-                    )
-                    if decision.move is Move.RETRY:
-                        tries += 1
-                        if decision.delay_s:
-                            await asyncio.sleep(decision.delay_s)
-                        if not breaker.admits(self.health.clock(), target.policy.breaker_cooldown_s):
-                            break
-                        continue
-                    if decision.move is Move.STOP:
+                    racing[asyncio.create_task(self._run_try(exchange, tried, send))] = tried
+                done, _ = await asyncio.wait(
+                    racing, timeout=self._hedge_timer(exchange, racing, walk), return_when=FIRST
+                )
+                if not done:
+                    leader = next(iter(racing.values()))
+                    leader.rivalled = True
+                    rival = self._next_try(exchange, walk, resting, hedge=True)
+                    if rival is not None:
+                        log.info(
+                            "request %s: no first token from %s after %.3gs; hedging with %s",
+                            exchange.request_id,
+                            leader.target.id,
+                            time.monotonic() - leader.began,
+                            rival.target.id,
+                        )
+                        racing[asyncio.create_task(self._run_try(exchange, rival, send))] = rival
+                    continue
+                for task in done:
+                    tried = racing.pop(task)
+                    failure = task.exception()
+                    if failure is None:
+                        self._won(exchange, tried)
+                        await self._drop_rivals(exchange, racing)
+                        return task.result()
+                    if not isinstance(failure, UpstreamError):
+                        self._abandon(tried)
                         raise failure
-                    skip_model = decision.move is Move.NEXT_MODEL
-                    break
-                if skip_model:
-                    break
+                    error = failure
+                    for other in racing.values():
+                        other.rivalled = False  # its rival is gone: it may be hedged again, at once
+                    try:
+                        self._settle(exchange, walk, tried, failure)
+                    except UpstreamError:
+                        await self._drop_rivals(exchange, racing)
+                        raise
+        except _OutOfBudget:
+            raise error or UpstreamTimeoutError("no attempt left within the request's budget") from None
+        finally:
+            if racing:  # the client left, or something unexpected: no verdict on what was still running
+                for task in racing:
+                    task.cancel()
+                await asyncio.wait(racing)
+                for task, tried in racing.items():
+                    if not task.cancelled() and task.exception() is None:
+                        await _discard(task.result())
+                    self._abandon(tried)
         if error is not None:
             raise error
         retry_in = max(1, round(min(resting))) if resting else 1
@@ -254,6 +365,119 @@ class Relay:
             f"every target for '{exchange.model}' is failing; retry in {retry_in}s",
             headers={"Retry-After": str(retry_in)},
         )
+
+    def _next_try(self, exchange: Exchange, walk: _Walk, resting: list[float], *, hedge: bool = False) -> _Try | None:
+        """The next target whose breaker admits it, as a try underway; None when none is left. Out of attempts
+        or time, raises _OutOfBudget, or returns None for a hedge (what runs already may still serve)."""
+        while (entry := walk.next()) is not None:
+            plan, target, tries, delay_s = entry
+            if not target.has_capacity() and walk.defer(entry, self._can_start):
+                continue
+            stats = self.health.stats(target.key)
+            if not stats.breaker.admits(self.health.clock(), target.policy.breaker_cooldown_s):
+                resting.append(stats.breaker.retry_in(self.health.clock(), target.policy.breaker_cooldown_s))
+                continue
+            if exchange.attempts >= self.max_attempts or exchange.time_left_s <= 0:
+                stats.breaker.released()
+                if hedge:
+                    return None
+                raise _OutOfBudget
+            exchange.attempts += 1
+            stats.in_flight += 1
+            return _Try(plan, target, stats, Attempt(number=exchange.attempts), tries, delay_s)
+        return None
+
+    def _can_start(self, target: Target) -> bool:
+        """Whether an attempt of `target` would start now: it has capacity and its breaker is closed."""
+        return target.has_capacity() and self.health.stats(target.key).breaker.state is BreakerState.CLOSED
+
+    async def _run_try(self, exchange: Exchange, tried: _Try, send: Callable[[Target, Attempt], Awaitable[T]]) -> T:
+        if tried.delay_s:
+            await asyncio.sleep(tried.delay_s)
+        tried.began = time.monotonic()
+        # One timer per attempt: the request's deadline, or a stream's first-token limit if sooner.
+        limit_s = exchange.time_left_s
+        first_token_s = tried.target.policy.ttft_timeout_s if exchange.streaming else None
+        try:
+            async with asyncio.timeout(min(limit_s, first_token_s or limit_s)):
+                return await send(tried.target, tried.attempt)
+        except TimeoutError:
+            raise UpstreamTimeoutError(
+                f"{tried.target.id}: no first token within {first_token_s:g}s"
+                if first_token_s is not None and first_token_s < limit_s
+                else f"{tried.target.id}: request deadline reached"
+            ) from None
+
+    def _hedge_after(self, exchange: Exchange, tried: _Try, walk: _Walk) -> float | None:
+        """Seconds after its start at which a try is hedged; None when it is not (no stream, hedging off, no
+        other target, or a delay its own first-token limit would beat)."""
+        if not exchange.streaming or not walk.has_next():
+            return None
+        delay_s = hedge_delay(tried.plan.hedge or self.hedge, tried.target.policy, tried.stats)
+        if delay_s is None or delay_s >= tried.target.policy.ttft_timeout_s:
+            return None
+        return delay_s + tried.delay_s
+
+    def _hedge_timer(self, exchange: Exchange, racing: dict[asyncio.Task[T], _Try], walk: _Walk) -> float | None:
+        """How long to wait for the tries underway before the lone one is hedged; None: until one ends."""
+        if len(racing) != 1:
+            return None
+        leader = next(iter(racing.values()))
+        if leader.rivalled or (after_s := self._hedge_after(exchange, leader, walk)) is None:
+            return None
+        return max(0.0, leader.began - leader.delay_s + after_s - time.monotonic())
+
+    def _won(self, exchange: Exchange, tried: _Try) -> None:
+        tried.stats.breaker.succeeded()
+        elapsed = time.monotonic() - tried.began
+        tried.stats.observe(ttft_s=elapsed) if exchange.streaming else tried.stats.observe(latency_s=elapsed)
+        self._release(exchange)
+        exchange.target, exchange.attempt, exchange.holding = tried.target, tried.attempt, tried.stats
+        exchange.served_model = tried.plan.model
+
+    def _settle(self, exchange: Exchange, walk: _Walk, tried: _Try, failure: UpstreamError) -> None:
+        """Account for a failed try and queue what comes next; raises the failure when nothing can do better."""
+        tried.stats.in_flight -= 1
+        self._attempt_failed(exchange, tried.target, tried.attempt, failure, tried.began)
+        decision = decide(
+            failure,
+            tries=tried.tries,
+            policy=tried.target.policy,
+            time_left_s=exchange.time_left_s,
+            other_key=tried.target.has_other_key(tried.attempt.key_id),
+        )
+        if decision.move is Move.STOP:
+            raise failure
+        walk.after(tried, decision)
+
+    def _abandon(self, tried: _Try) -> None:
+        """A try given up without a verdict on its target: the next request may probe it."""
+        tried.stats.in_flight -= 1
+        tried.stats.breaker.released()
+
+    async def _drop_rivals(self, exchange: Exchange, racing: dict[asyncio.Task[T], _Try]) -> None:
+        """Cancel the tries still racing the one that won (their upstream requests closed, node jobs cancelled)
+        and record each as a failed attempt: what they cost upstream is theirs, never billed as the answer."""
+        if not racing:
+            return
+        for task in racing:
+            task.cancel()
+        await asyncio.wait(racing)
+        for task, tried in racing.items():
+            if not task.cancelled() and task.exception() is None:
+                await _discard(task.result())  # it, too, had its first token in the same instant
+            self._abandon(tried)
+            log.info("request %s: cancelled %s, which lost the hedge", exchange.request_id, tried.target.id)
+            self._record(
+                exchange,
+                tried.target,
+                tried.attempt,
+                status=CLIENT_CLOSED,
+                code=HEDGE_LOST,
+                final=False,
+                began=tried.began,
+            )
+        racing.clear()
 
     def _attempt_failed(
         self, exchange: Exchange, target: Target, attempt: Attempt, exc: UpstreamError, began: float
@@ -281,6 +505,11 @@ class Relay:
             self._finish(exchange, exc.status, exc.code)
             raise
         except asyncio.CancelledError:
+            underway = exchange.underway
+            if exchange.target is None and underway is not None and underway[1].number == exchange.attempts:
+                # The client left while this target worked on the answer (not in a pause between tries): the row
+                # names it, and what it generated by its own count (a node's) is billed.
+                exchange.target, exchange.attempt = underway
             self._finish(exchange, CLIENT_CLOSED, "client_closed")
             raise
         exchange.answer = body
@@ -322,6 +551,7 @@ class Relay:
         self._finish(exchange, error.status, error.code)
 
     async def _complete_one(self, target: Target, attempt: Attempt, exchange: Exchange) -> bytes:
+        exchange.underway = (target, attempt)
         body = await target.complete(exchange.call, attempt)
         try:
             doc = orjson.loads(body)
@@ -458,7 +688,8 @@ class Relay:
         try:
             if not upstream.done:
                 await self._write(response, frames)
-            async for batch in upstream:
+            # Committed: a silence long for this stream's own pace is a stall (server.pace), rescued as a cut is.
+            async for batch in PacedStream(upstream, opened.target.policy, opened.target.id):
                 for raw in batch:
                     item = self._prepare(exchange, opened, raw)
                     if item is not None and (frame := self._frame(exchange, progress, *item)):
@@ -509,48 +740,92 @@ class Relay:
         return sse.frame(payload)
 
     async def _rescue(self, exchange: Exchange, progress: StreamProgress, *, failed: Target) -> OpenStream:
-        """Find a target that continues the delivered answer (prefill, else regeneration)."""
-        delivered = progress.delivered
+        """Find a target that continues the delivered answer, each in its declared form (server.rescue)."""
 
         async def open_rescue(target: Target, attempt: Attempt) -> OpenStream:
-            body = prefill_body(exchange.body, progress) if target.accepts_prefill() is not False else None
-            if body is not None:
-                call = Call(exchange.endpoint, body, exchange.request_id)
-                try:
-                    opened = await self._open(
-                        target, attempt, call, exchange, Continuation(delivered, regenerate=False)
-                    )
-                except UpstreamStatusError as exc:
-                    if exc.upstream_status not in (400, 422) or is_context_length_error(exc):
-                        raise
-                    log.info("%s rejected an assistant prefill; regenerating instead", target.id)
-                    target.learn_prefill(False)
-                else:
-                    target.learn_prefill(True)
-                    return opened
-            return await self._open(target, attempt, exchange.call, exchange, Continuation(delivered, regenerate=True))
+            body, continuation = rescue_request(exchange.body, progress, target.continuation)
+            try:
+                return await self._open(
+                    target, attempt, Call(exchange.endpoint, body, exchange.request_id), exchange, continuation
+                )
+            except UpstreamStatusError as exc:
+                if not continuation.prefilled or exc.upstream_status not in (400, 422) or is_context_length_error(exc):
+                    raise
+            # Declared wrongly, or the model's template refuses it: a new answer can still be checked.
+            log.warning(
+                "request %s: %s refused a continuation by prefill; regenerating (declare it --continuation regenerate)",
+                exchange.request_id,
+                target.id,
+            )
+            _, continuation = rescue_request(exchange.body, progress, "regenerate")
+            return await self._open(target, attempt, exchange.call, exchange, continuation)
 
-        return await self.attempt(exchange, open_rescue, last=failed)
+        everyone = exchange.plans
+        rescuers = [
+            replace(plan, targets=tuple(t for t in plan.targets if t.continuation != "none")) for plan in everyone
+        ]
+        if not any(plan.targets for plan in rescuers):
+            raise UpstreamError(f"no target for '{exchange.model}' may continue a broken stream")
+        exchange.plans = rescuers
+        try:
+            return await self.attempt(exchange, open_rescue, last=failed)
+        finally:
+            exchange.plans = everyone
 
     # -- accounting -------------------------------------------------------------------------------
 
     def _take_usage(
-        self, exchange: Exchange, target: Target, attempt: Attempt | None, usage: dict[str, Any]
+        self,
+        exchange: Exchange,
+        target: Target,
+        attempt: Attempt | None,
+        usage: dict[str, Any],
+        delivery: Delivery | None = None,
     ) -> dict[str, Any] | None:
-        """Bill a target's usage claim within the plane's bounds; the usage to show instead when it was clamped."""
-        if not exchange.body_bytes:
-            exchange.body_bytes = len(orjson.dumps(exchange.body))
-        request = MeteredRequest(
-            exchange.endpoint,
-            exchange.body,
-            exchange.body_bytes,
-            target.kind,
-            attempt.context if attempt is not None else None,
-        )
+        """Bill a target's usage claim within the plane's bounds (set by `delivery`, else what the client was
+        sent); the usage to show instead when it was clamped."""
         label = attempt.route if attempt is not None and attempt.route else target.id
-        prompt, completion, clamped = self.meter.bill(request, exchange.delivery, usage, label)
+        request = _metered(exchange, target, attempt)
+        prompt, completion, clamped = self.meter.bill(request, delivery or exchange.delivery, usage, label)
         exchange.prompt_tokens, exchange.completion_tokens = prompt, completion
+        exchange.usage_reported = True
         return bounded_usage(usage, prompt, completion) if clamped else None
+
+    def _bill_delivered(self, exchange: Exchange) -> None:
+        """Bill an answer its client left before any claim came: the prompt as estimated at admission, the
+        delivered text's estimate (server.metering.delivered_tokens); nothing when nothing was delivered."""
+        if exchange.usage_reported or exchange.target is None or not exchange.delivery.bytes:
+            return
+        allowed = completion_allowed(_metered(exchange, exchange.target, exchange.attempt))
+        exchange.prompt_tokens = estimate_tokens(exchange.endpoint, exchange.body, 0)[0]
+        exchange.completion_tokens = min(delivered_tokens(exchange.delivery), allowed)
+
+    async def _bill_node(
+        self, exchange: Exchange, generated: Callable[[], Awaitable[Generated]], code: str | None
+    ) -> None:
+        """Bill a node's answer its client left, by the node's own count (bounded by the text it sent) once it
+        stopped, else by the delivered estimate; then record the request."""
+        try:
+            count = await generated()
+            if count.usage is not None and exchange.target is not None:
+                sent = exchange.delivery.covering(count.text_bytes)
+                self._take_usage(exchange, exchange.target, exchange.attempt, count.usage, sent)
+        finally:
+            self._bill_delivered(exchange)
+            self._record_final(exchange, code)
+
+    def settle_limits(self, exchange: Exchange, settle: Callable[[int, float], None]) -> None:
+        """Settle the request's limits on what it was billed: now, or once a node's own count is in."""
+        if exchange.pending is None:
+            settle(*exchange.billed())
+        else:
+            exchange.pending.add_done_callback(lambda _: settle(*exchange.billed()))
+
+    async def close(self) -> None:
+        """Wait for the bills still waiting on a node's count: each within the registry's cancel timeout, and at
+        once when the registry closed first (every job is released)."""
+        if self._pending:
+            await asyncio.wait(set(self._pending))
 
     def _release(self, exchange: Exchange) -> None:
         if exchange.holding is not None:
@@ -560,8 +835,28 @@ class Relay:
     def _finish(self, exchange: Exchange, status: int, code: str | None = None) -> None:
         exchange.status = status
         self._release(exchange)
+        if status == CLIENT_CLOSED and not exchange.usage_reported and exchange.cache != HIT:
+            generated = exchange.attempt.generated if exchange.attempt is not None else None
+            if generated is not None:
+                # A node generates on until it sees the cancel, then reports its count: the bill waits for it in a
+                # task the relay owns (the handler is being cancelled, and the client is gone anyway).
+                task = asyncio.get_running_loop().create_task(self._bill_node(exchange, generated, code))
+                exchange.pending = task
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
+                return
+            self._bill_delivered(exchange)
+        self._record_final(exchange, code)
+
+    def _record_final(self, exchange: Exchange, code: str | None) -> None:
         self._record(
-            exchange, exchange.target, exchange.attempt, status=status, code=code, final=True, began=exchange.started
+            exchange,
+            exchange.target,
+            exchange.attempt,
+            status=exchange.status or 0,
+            code=code,
+            final=True,
+            began=exchange.started,
         )
 
     def _record(
@@ -576,7 +871,8 @@ class Relay:
         began: float,
     ) -> None:
         now = time.monotonic()
-        served = final and status == 200
+        # A cache hit's row shows its cost, 0.0: free, not unpriced.
+        served = final and (status == 200 or exchange.charged)
         price_in, price_out = target.price(attempt) if target else (None, None)
         # A plain dict of UsageRecord's columns: the batch writer inserts it as is, without an ORM object per row.
         self.usage.record(
@@ -607,6 +903,14 @@ class Relay:
                 price_out=price_out,
             )
         )
+
+
+def _metered(exchange: Exchange, target: Target, attempt: Attempt | None) -> MeteredRequest:
+    """What bounds the request's usage (server.metering)."""
+    if not exchange.body_bytes:
+        exchange.body_bytes = len(orjson.dumps(exchange.body))
+    context = attempt.context if attempt is not None else None
+    return MeteredRequest(exchange.endpoint, exchange.body, exchange.body_bytes, target.kind, context)
 
 
 def _no_target(exchange: Exchange) -> str:
@@ -659,7 +963,7 @@ def _continue(chunk: dict[str, Any], continuation: Continuation, chat: bool) -> 
         rest = continuation.feed(choice_text(choice))
         finish = choice.get("finish_reason")
         if finish:
-            continuation.finish()
+            rest += continuation.finish()
         if not rest and not finish:
             continue  # the role chunk, or text the client already has
         if chat:

@@ -8,7 +8,8 @@ An org's routing rule for a model (an exact name or a glob, the exact one winnin
     least-busy  by requests in flight
     weighted    a weighted random order (weights from `--targets a=3,b=1`, default 1)
 
-and a fallback chain of other models, tried after every target of the first (e.g. a larger-context model).
+and a fallback chain of other models, tried after every target of the first (e.g. a larger-context model), and
+how a slow first token is hedged (`hedge`, server.hedge).
 Without a rule, targets are tried in the order they were added.
 """
 
@@ -33,6 +34,8 @@ class RouteRule:
     targets: tuple[str, ...] = ()
     weights: dict[str, float] = field(default_factory=dict)
     fallbacks: tuple[str, ...] = ()
+    # Hedging of a slow first token (server.hedge): off, auto or seconds; None takes the plane's `hedge` setting.
+    hedge: str | None = None
 
     def matches(self, model: str) -> bool:
         return fnmatch.fnmatchcase(model, self.pattern)
@@ -72,6 +75,8 @@ def find_rule(rules: Sequence[RouteRule], model: str) -> RouteRule | None:
 class ModelPlan:
     model: str
     targets: tuple[Target, ...]
+    # The model's rule's hedging (server.hedge); None: the plane's default.
+    hedge: str | None = None
 
 
 class Router:
@@ -94,7 +99,9 @@ class Router:
         for name in dict.fromkeys(chain):  # ordered and without repeats
             targets = targets_for(name)
             if targets:
-                plans.append(ModelPlan(name, self.order(targets, find_rule(rules, name), streaming=streaming)))
+                own = find_rule(rules, name)
+                ordered = self.order(targets, own, streaming=streaming)
+                plans.append(ModelPlan(name, ordered, own.hedge if own else None))
         return plans
 
     def order(self, targets: tuple[Target, ...], rule: RouteRule | None, *, streaming: bool) -> tuple[Target, ...]:

@@ -18,6 +18,7 @@ from server.cache import CachePolicy
 from server.failover import FailoverPolicy
 from server.health import Health
 from server.limits import LIMIT_FIELDS, Limits, key_scope, org_scope
+from server.rescue import provider_continuation
 from server.routing import RouteRule, parse_targets
 from server.storage.models import split_list
 from server.storage.store import SnapshotRows, Store
@@ -93,6 +94,8 @@ def build_snapshot(
     for pm in rows.provider_models:
         models_by_provider[pm.provider_id].append(pm)
 
+    # Once per provider: its proxy credentials are decrypted here, like its keys.
+    egress_by_provider = {provider.id: store.provider_egress(provider) for provider in rows.providers}
     routes: dict[tuple[str, str], list[Target]] = defaultdict(list)
     for provider in rows.providers:  # already in the order they were added
         provider_policy = policy.with_overrides(json.loads(provider.policy)) if provider.policy else policy
@@ -109,7 +112,8 @@ def build_snapshot(
                     price_in=pm.price_in,
                     price_out=pm.price_out,
                     policy=provider_policy,
-                    prefill=provider.prefill,
+                    continuation=provider_continuation(provider.continuation),
+                    egress=egress_by_provider[provider.id],
                 )
             )
     models_by_org: dict[str, set[str]] = defaultdict(set)
@@ -119,7 +123,7 @@ def build_snapshot(
     for rule in rows.routes:
         names, weights = parse_targets(split_list(rule.targets))
         fallbacks = tuple(split_list(rule.fallbacks))
-        rules[rule.org_id].append(RouteRule(rule.pattern, rule.strategy, names, weights, fallbacks))
+        rules[rule.org_id].append(RouteRule(rule.pattern, rule.strategy, names, weights, fallbacks, rule.hedge))
     return Snapshot(
         version=version,
         keys=keys,

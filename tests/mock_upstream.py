@@ -1,9 +1,10 @@
 """An OpenAI-compatible fake provider served on a real loopback socket.
 
 Tests point Hatchway (or the openai SDK) at ``MockUpstream.url`` and inspect ``requests``; the knobs
-(``reply``, ``delay_s``, ``fail_status``, ``chunk_delay_s``, ``models``, ``accepts_prefill``) may be changed
-between requests. Scripted misbehaviour goes in ``faults`` (one per generation request, first in first out)
-or ``always``; ``disconnects`` and ``completed`` tell whether a caller hung up or got its whole answer.
+(``reply``, ``delay_s``, ``fail_status``, ``chunk_delay_s``, ``models``, ``accepts_prefill``, ``ignores_prefill``,
+``vllm_prefill``) may be changed between requests. Scripted misbehaviour goes in ``faults`` (one per generation
+request, first in first out) or ``always``; ``disconnects`` and ``completed`` tell whether a caller hung up or got
+its whole answer.
 tests/upstream_process.py serves it in a process of its own, so the hot path avoids logging and uses orjson.
 """
 
@@ -15,6 +16,7 @@ import hashlib
 import itertools
 import re
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -82,6 +84,7 @@ _CONTENT_POLICY_MESSAGE = (
     "Your prompt may contain text that is not allowed by our safety system."
 )
 _PREFILL_UNSUPPORTED = "assistant prefill (a final assistant message) is not supported"
+_VLLM_BOTH_FLAGS = "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
 
 _DONE = b"data: [DONE]\n\n"
 # Truncated mid-token, as a buggy or cut-off proxy would forward it; no JSON parser accepts either.
@@ -178,8 +181,15 @@ class MockUpstream:
         # providers that quote the key they refused do.
         self.fail_message: str | None = None
         self.chunk_delay_s = 0.0
+        # Silence between a stream's last event and its [DONE]: a client can read the whole answer and leave first.
+        self.done_delay_s = 0.0
         # llama.cpp continues a final assistant message; providers that refuse it answer 400 instead.
         self.accepts_prefill = True
+        # OpenAI's API takes a final assistant message as context and answers anew (the whole reply), with a 200.
+        self.ignores_prefill = False
+        # vLLM continues it only when asked with `continue_final_message: true, add_generation_prompt: false`;
+        # without them it opens a new assistant turn (answers anew), and both true is a 400.
+        self.vllm_prefill = False
         # Consumed one per generation request, oldest first; ``always`` applies once the list is empty.
         self.faults: list[Fault] = []
         self.always: Fault | None = None
@@ -193,6 +203,8 @@ class MockUpstream:
         self.response_headers: dict[str, str] = {}
         # Sent as the `usage` of every answer instead of the counted one: an upstream that lies about its usage.
         self.forged_usage: dict[str, Any] | None = None
+        # Serve HTTPS with this context (a private CA's certificate for localhost, say) instead of HTTP.
+        self.tls: ssl.SSLContext | None = None
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self._host = "127.0.0.1"
@@ -207,7 +219,7 @@ class MockUpstream:
         # or streaming handler would never learn of the disconnect that ``disconnects`` counts.
         runner = web.AppRunner(self._build_app(), access_log=None, handler_cancellation=True)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=self.tls)
         await site.start()
         self._runner = runner
         self._host = host
@@ -237,6 +249,8 @@ class MockUpstream:
     @property
     def url(self) -> str:
         """The base URL including ``/v1``, as passed to ``openai.OpenAI(base_url=...)``."""
+        if self.tls is not None:  # the certificate names localhost, not the address
+            return f"https://localhost:{self.port}/v1"
         return f"http://{self._host}:{self.port}/v1"
 
     def _build_app(self) -> web.Application:
@@ -339,6 +353,11 @@ class MockUpstream:
         prefill = _assistant_prefill(body["messages"])
         if prefill is not None and not self.accepts_prefill:
             return error_response(400, _PREFILL_UNSUPPORTED, param="messages")
+        continues = body.get("continue_final_message") is True
+        if self.vllm_prefill and continues and body.get("add_generation_prompt", True) is not False:
+            return error_response(400, _VLLM_BOTH_FLAGS)
+        if self.ignores_prefill or (self.vllm_prefill and not continues):
+            prefill = None  # a new assistant turn after the final assistant message
         reply = _continuation(self.reply, prefill)
         usage = self.forged_usage or _usage(_messages_words(body["messages"]), _word_count(reply))
         ident, created, model = self._next_id("chatcmpl"), int(time.time()), body["model"]
@@ -431,6 +450,9 @@ class MockUpstream:
             # chunk_delay_s separates data chunks; [DONE] follows the last one at once, as before.
             if sent_any and step is not _DONE and self.chunk_delay_s > 0:
                 await asyncio.sleep(self.chunk_delay_s)
+            if step is _DONE and self.done_delay_s > 0:
+                await _flush(request)
+                await asyncio.sleep(self.done_delay_s)
             await response.write(step)
             sent_any = True
 

@@ -155,9 +155,9 @@ def test_provider_set_changes_failover_limits_and_keeps_the_others(run, upstream
         "provider", "add", "a", "--org", "acme", "--base-url", upstream.url, "--model", "m",
         "--ttft-timeout", "5", "--max-retries", "0",
     )  # fmt: skip
-    updated = json_of(run("provider", "set", "a", "--breaker-failures", "2", "--prefill", "no", "--json"))
+    updated = json_of(run("provider", "set", "a", "--breaker-failures", "2", "--continuation", "vllm", "--json"))
     assert updated["policy"] == {"ttft_timeout_s": 5.0, "max_retries": 0, "breaker_failures": 2}
-    assert updated["prefill"] == "no"
+    assert updated["continuation"] == "vllm"
 
 
 def test_usage_by_org_shows_no_cost_for_unpriced_requests_even_beside_free_cache_hits(

@@ -16,8 +16,8 @@ from server.cache import CACHE_MODES
 from server.cli.client import AdminAPIError, AdminClient
 from server.failover import FailoverPolicy
 from server.reports import EARNINGS_GROUPS, GROUPS
+from server.rescue import PROVIDER_CONTINUATIONS
 from server.routing import STRATEGIES
-from server.storage.store import PREFILL_MODES
 
 
 class Context:
@@ -221,21 +221,44 @@ def _provider_rows(doc: Any) -> Any:
 
 
 def policy_options(fn: Callable[..., None]) -> Callable[..., None]:
-    """One option per FailoverPolicy field (`ttft_timeout_s` -> `--ttft-timeout`), plus `--prefill`."""
+    """One option per FailoverPolicy field (`ttft_timeout_s` -> `--ttft-timeout`), plus `--continuation`."""
     for spec in reversed(fields(FailoverPolicy)):
         flag = "--" + spec.name.removesuffix("_s").replace("_", "-")
         kind = int if spec.type in (int, "int") else float
         fn = click.option(flag, spec.name, type=kind, default=None, help=spec.metadata["help"])(fn)
     return click.option(
-        "--prefill",
-        type=click.Choice(PREFILL_MODES),
+        "--continuation",
+        type=click.Choice(PROVIDER_CONTINUATIONS),
         default=None,
-        help="Does the provider continue a final assistant message? auto: try, and learn from a rejection.",
+        help="How the provider continues a broken stream for a rescue: regenerate (default: a new answer, used "
+        "only past the delivered text when it begins with exactly that text), prefill (it continues a final "
+        "assistant message), vllm (prefill with continue_final_message), none (never asked to rescue).",
     )(fn)
 
 
 def _policy(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k in FailoverPolicy.field_names() and v is not None}
+
+
+EGRESS_OPTIONS = {
+    "proxy": "HTTP proxy for this provider, http://[user:password@]host[:port] (credentials are stored encrypted), "
+    "`none` to connect directly, or `env` for HTTPS_PROXY/HTTP_PROXY/NO_PROXY (the default).",
+    "ca_file": "PEM CA bundle to verify this provider with instead of the system's (a path on the plane's "
+    "machine; '' removes it).",
+    "client_cert": "PEM client certificate for mutual TLS (a path on the plane's machine; '' removes it).",
+    "client_key": "PEM key of --client-cert, unencrypted, when the certificate file does not hold it.",
+}
+
+
+def egress_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """`--proxy`, `--ca-file`, `--client-cert`, `--client-key`: how the plane reaches the provider."""
+    for name, help_text in reversed(EGRESS_OPTIONS.items()):
+        fn = click.option("--" + name.replace("_", "-"), name, default=None, help=help_text)(fn)
+    return fn
+
+
+def _egress(options: dict[str, Any]) -> dict[str, str]:
+    return {k: v for k, v in options.items() if k in EGRESS_OPTIONS and v is not None}
 
 
 @admin.group()
@@ -252,6 +275,7 @@ def provider() -> None:
 @click.option("--price-in", type=float, default=None, help="USD per 1M prompt tokens.")
 @click.option("--price-out", type=float, default=None, help="USD per 1M completion tokens.")
 @policy_options
+@egress_options
 @pass_context
 def provider_add(
     ctx: Context,
@@ -262,7 +286,7 @@ def provider_add(
     models: tuple[str, ...],
     price_in: float | None,
     price_out: float | None,
-    prefill: str | None,
+    continuation: str | None,
     **limits: Any,
 ) -> None:
     """Add a provider; its failover limits default to the plane's settings."""
@@ -275,7 +299,8 @@ def provider_add(
         "price_in": price_in,
         "price_out": price_out,
         "policy": _policy(limits),
-        "prefill": prefill or "auto",
+        "continuation": continuation,
+        **_egress(limits),
     }
     doc = ctx.call(lambda c: c.post("/providers", body))
     ctx.show(doc if ctx.as_json else _provider_rows(doc), PROVIDER_COLUMNS)
@@ -285,12 +310,13 @@ def provider_add(
 @click.argument("name")
 @click.option("--org", "org_ref", default=None, help="Org, when the name exists in several.")
 @policy_options
+@egress_options
 @pass_context
-def provider_set(ctx: Context, name: str, org_ref: str | None, prefill: str | None, **limits: Any) -> None:
-    """Change a provider's failover limits or prefill capability (other limits keep their values)."""
-    body: dict[str, Any] = {"policy": _policy(limits)}
-    if prefill:
-        body["prefill"] = prefill
+def provider_set(ctx: Context, name: str, org_ref: str | None, continuation: str | None, **limits: Any) -> None:
+    """Change a provider's failover limits or how it continues a broken stream (other settings keep their values)."""
+    body: dict[str, Any] = {"policy": _policy(limits), **_egress(limits)}
+    if continuation:
+        body["continuation"] = continuation
     doc = ctx.call(lambda c: c.patch(f"/providers/{name}", body, org=org_ref))
     ctx.show(doc if ctx.as_json else _provider_rows(doc), PROVIDER_COLUMNS)
 
@@ -314,7 +340,7 @@ def provider_remove(ctx: Context, name: str, org_ref: str | None) -> None:
 
 # -- routing rules ---------------------------------------------------------------------------------
 
-ROUTE_COLUMNS = ("org", "model", "strategy", "targets", "fallbacks")
+ROUTE_COLUMNS = ("org", "model", "strategy", "targets", "fallbacks", "hedge")
 
 
 @admin.group()
@@ -330,8 +356,23 @@ def route() -> None:
 )
 @click.option("--targets", default="", help="Providers in priority order, e.g. a,b (weighted: a=3,b=1).")
 @click.option("--fallback", "fallbacks", multiple=True, help="Model to try after every target failed (repeatable).")
+@click.option(
+    "--hedge",
+    default=None,
+    metavar="off|auto|SECONDS",
+    help="When a stream's first token is this late, start the next target alongside; the first token wins "
+    "(auto: the target's TTFT p95; default: the plane's `hedge` setting).",
+)
 @pass_context
-def route_set(ctx: Context, model: str, org_ref: str, strategy: str, targets: str, fallbacks: tuple[str, ...]) -> None:
+def route_set(
+    ctx: Context,
+    model: str,
+    org_ref: str,
+    strategy: str,
+    targets: str,
+    fallbacks: tuple[str, ...],
+    hedge: str | None,
+) -> None:
     """Set the org's rule for MODEL (a name or a glob such as 'gpt-4o*')."""
     body = {
         "org": org_ref,
@@ -339,6 +380,7 @@ def route_set(ctx: Context, model: str, org_ref: str, strategy: str, targets: st
         "strategy": strategy,
         "targets": [t for t in targets.split(",") if t.strip()],
         "fallbacks": [f for item in fallbacks for f in item.split(",") if f.strip()],
+        "hedge": hedge,
     }
     ctx.show(ctx.call(lambda c: c.put("/routes", body)), ROUTE_COLUMNS)
 

@@ -78,8 +78,12 @@ class Provider(SQLModel, table=True):
     position: int = Field(default=0, index=True)
     # JSON object of FailoverPolicy overrides (timeouts, retries, breaker); empty uses the plane's defaults.
     policy: str = Field(default="", sa_column_kwargs=server_default(""))
-    # Does the provider continue an assistant-prefill? "auto" learns it from the first rejection.
-    prefill: str = Field(default="auto", sa_column_kwargs=server_default("auto"))
+    # How it continues a broken stream for a rescue (server.rescue): regenerate, prefill, vllm or none. Declared by
+    # the operator: a provider's answers cannot prove it continues a final assistant message.
+    continuation: str = Field(default="regenerate", sa_column_kwargs=server_default("regenerate"))
+    # JSON object of its own egress settings (proxy, ca_file, client_cert, client_key; server.targets.egress); empty
+    # uses the plane's. A proxy URL with credentials is shown redacted and kept Fernet-encrypted (proxy_ciphertext).
+    egress: str = Field(default="", sa_column_kwargs=server_default(""))
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -119,6 +123,8 @@ class RouteRule(SQLModel, table=True):
     targets: str = ""
     # Comma-separated models to fall back to after every target of this one failed.
     fallbacks: str = ""
+    # Hedging of a slow first token (server.hedge): off, auto or seconds; None takes the plane's `hedge` setting.
+    hedge: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 

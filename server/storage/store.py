@@ -4,7 +4,8 @@ never on the request path of the OpenAI API (which reads only the in-memory snap
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -22,6 +23,8 @@ from server.credentials import (
     hash_key,
 )
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
+from server.hedge import parse_hedge
+from server.rescue import PROVIDER_CONTINUATIONS
 from server.routing import STRATEGIES, parse_targets
 from server.storage.models import (
     AdminKey,
@@ -37,6 +40,15 @@ from server.storage.models import (
     iso,
     split_list,
     utcnow,
+)
+from server.targets.egress import (
+    DIRECT,
+    FROM_ENVIRONMENT,
+    Egress,
+    Proxy,
+    TLSSettingsError,
+    redact,
+    tls_context,
 )
 from server.validation import check_name
 
@@ -259,10 +271,12 @@ class Store:
         models: Sequence[ModelSpec],
         *,
         policy: dict[str, float | int] | None = None,
-        prefill: str = "auto",
+        continuation: str | None = None,
+        egress: Mapping[str, str] | None = None,
         replace: bool = False,
     ) -> dict[str, Any]:
-        """Add a provider; with `replace`, an existing one of that name is updated in place (keeps its order)."""
+        """Add a provider; with `replace`, an existing one of that name is updated in place (keeps its order).
+        `continuation` None: the default for a new provider, the current one for a replaced one."""
         name = name.strip()
         if not name:
             raise InvalidRequestError("provider name must not be empty", param="name")
@@ -271,7 +285,8 @@ class Store:
             raise InvalidRequestError(f"base_url must be an http(s) URL, got {base_url!r}", param="base_url")
         if not models:
             raise InvalidRequestError("a provider needs at least one model", param="models")
-        _check_prefill(prefill)
+        if continuation is not None:
+            _check_continuation(continuation)
         aliases = [m.alias for m in models]
         if len(set(aliases)) != len(aliases):
             raise InvalidRequestError("a model alias is listed twice", param="models")
@@ -293,7 +308,10 @@ class Store:
                 }
                 self._delete_children(session, provider.id)
             provider.policy = json.dumps(policy) if policy else ""
-            provider.prefill = prefill
+            if continuation is not None:
+                provider.continuation = continuation
+            if egress:
+                provider.egress = self._egress_column(provider.egress, egress)
             session.add(provider)
             session.flush()
             for key in api_keys:
@@ -328,16 +346,20 @@ class Store:
         org_ref: str | None,
         *,
         policy: dict[str, float | int] | None = None,
-        prefill: str | None = None,
+        continuation: str | None = None,
+        egress: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Change a provider's failover policy (merged into its overrides) or its prefill capability."""
+        """Change a provider's failover policy (merged into its overrides), how it continues a broken stream, or
+        its egress settings (those named change, see `_egress_column`)."""
         with Session(self.engine) as session:
             provider, org = find_provider(session, ref, org_ref)
             if policy:
                 provider.policy = json.dumps({**(json.loads(provider.policy) if provider.policy else {}), **policy})
-            if prefill is not None:
-                _check_prefill(prefill)
-                provider.prefill = prefill
+            if continuation is not None:
+                _check_continuation(continuation)
+                provider.continuation = continuation
+            if egress:
+                provider.egress = self._egress_column(provider.egress, egress)
             session.add(provider)
             session.commit()
             return self._provider_dict(session, provider, org)
@@ -357,6 +379,61 @@ class Store:
             session.delete(provider)
             session.commit()
             return result
+
+    def _egress_column(self, current: str, changes: Mapping[str, str]) -> str:
+        """A provider's stored egress settings with `changes` applied, checked: `proxy` is a URL, `none` or `env`
+        (the environment's, the default); the files are absolute paths on the plane's machine that it can use
+        now. An empty value removes a setting. A proxy URL with credentials is stored encrypted, as provider keys
+        are, and shown redacted."""
+        settings: dict[str, str] = json.loads(current) if current else {}
+        for name, raw in changes.items():
+            value = raw.strip()
+            if name == "proxy":
+                settings.pop("proxy", None)
+                settings.pop("proxy_ciphertext", None)
+                if value in ("", FROM_ENVIRONMENT):
+                    continue
+                if value != DIRECT:
+                    try:
+                        Proxy.parse(value)
+                    except ValueError as exc:
+                        raise InvalidRequestError(str(exc), param="proxy") from None
+                    if redact(value) != value:
+                        settings["proxy_ciphertext"] = self.vault.encrypt(value)
+                settings["proxy"] = redact(value)
+            elif not value:
+                settings.pop(name, None)
+            elif not os.path.isabs(value):
+                raise InvalidRequestError(f"{name} must be an absolute path on the plane's machine", param=name)
+            else:
+                settings[name] = value
+        own = Egress(
+            ca_file=settings.get("ca_file"),
+            client_cert=settings.get("client_cert"),
+            client_key=settings.get("client_key"),
+        )
+        if own.files:
+            try:
+                tls_context(own)
+            except TLSSettingsError as exc:
+                raise InvalidRequestError(str(exc), param=exc.param) from None
+        return json.dumps(settings, sort_keys=True) if settings else ""
+
+    def provider_egress(self, provider: Provider) -> Egress | None:
+        """The provider's own egress settings, its proxy's credentials decrypted; None when it has none."""
+        if not provider.egress:
+            return None
+        settings = json.loads(provider.egress)
+        proxy = settings.get("proxy")
+        if "proxy_ciphertext" in settings:
+            proxy = self.vault.decrypt(settings["proxy_ciphertext"])
+        return Egress(
+            proxy=Proxy.parse(proxy) if proxy and proxy != DIRECT else None,
+            direct=proxy == DIRECT,
+            ca_file=settings.get("ca_file"),
+            client_cert=settings.get("client_cert"),
+            client_key=settings.get("client_key"),
+        )
 
     @staticmethod
     def _delete_children(session: Session, provider_id: str) -> None:
@@ -388,18 +465,31 @@ class Store:
                 for m in models
             ],
             "policy": json.loads(provider.policy) if provider.policy else {},
-            "prefill": provider.prefill,
+            "continuation": provider.continuation,
+            # Never the proxy's credentials: the URL shows `***` in their place.
+            "egress": {k: v for k, v in json.loads(provider.egress or "{}").items() if k != "proxy_ciphertext"},
             "created_at": iso(provider.created_at),
         }
 
     # -- routing rules ----------------------------------------------------------------------------
 
     def set_route(
-        self, org_ref: str, pattern: str, strategy: str, targets: Sequence[str], fallbacks: Sequence[str]
+        self,
+        org_ref: str,
+        pattern: str,
+        strategy: str,
+        targets: Sequence[str],
+        fallbacks: Sequence[str],
+        hedge: str | None = None,
     ) -> dict[str, Any]:
-        """Create or replace the org's rule for a model name or glob."""
+        """Create or replace the org's rule for a model name or glob (`hedge` None: the plane's default)."""
         if not pattern.strip():
             raise InvalidRequestError("the model (or glob) must not be empty", param="model")
+        if hedge is not None:
+            try:
+                hedge = parse_hedge(hedge)
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc), param="hedge") from exc
         if strategy not in STRATEGIES:
             raise InvalidRequestError(f"strategy must be one of {', '.join(STRATEGIES)}", param="strategy")
         try:
@@ -421,6 +511,7 @@ class Store:
             rule.strategy = strategy
             rule.targets = ",".join(t.strip() for t in targets)
             rule.fallbacks = ",".join(f.strip() for f in fallbacks if f.strip())
+            rule.hedge = hedge
             session.add(rule)
             session.commit()
             return self._route_dict(rule, org)
@@ -456,6 +547,7 @@ class Store:
             "strategy": rule.strategy,
             "targets": split_list(rule.targets),
             "fallbacks": split_list(rule.fallbacks),
+            "hedge": rule.hedge,
             "created_at": iso(rule.created_at),
         }
 
@@ -493,12 +585,11 @@ class SnapshotRows:
     limits: list[LimitPolicy]
 
 
-PREFILL_MODES = ("auto", "yes", "no")
-
-
-def _check_prefill(prefill: str) -> None:
-    if prefill not in PREFILL_MODES:
-        raise InvalidRequestError(f"prefill must be one of {', '.join(PREFILL_MODES)}", param="prefill")
+def _check_continuation(continuation: str) -> None:
+    if continuation not in PROVIDER_CONTINUATIONS:
+        raise InvalidRequestError(
+            f"continuation must be one of {', '.join(PROVIDER_CONTINUATIONS)}", param="continuation"
+        )
 
 
 def parse_models(raw: Iterable[Any], price_in: float | None, price_out: float | None) -> list[ModelSpec]:

@@ -9,11 +9,13 @@ iterator.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from server.failover import FailoverPolicy
+from server.metering import Generated
+from server.rescue import ContinuationForm
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,9 @@ class Attempt:
     price: tuple[float | None, float | None] | None = None
     # The served model's context in tokens, when the target knows it (a node says it): bounds reported usage.
     context: int | None = None
+    # For a target that generates on after the plane stopped reading (a node, until it sees the cancel): waits,
+    # bounded, for its own final count, which a client that left is billed (server.relay).
+    generated: Callable[[], Awaitable[Generated]] | None = None
 
 
 class TargetStream(ABC):
@@ -63,6 +68,8 @@ class Target(ABC):
     price_in: float | None
     price_out: float | None
     policy: FailoverPolicy
+    # How the target continues a broken stream for a rescue (server.rescue): declared, never learnt.
+    continuation: ContinuationForm
 
     @abstractmethod
     async def complete(self, call: Call, attempt: Attempt) -> bytes:
@@ -72,12 +79,10 @@ class Target(ABC):
     async def stream(self, call: Call, attempt: Attempt) -> TargetStream:
         """Return once the target accepted the stream (headers received)."""
 
-    @abstractmethod
-    def accepts_prefill(self) -> bool | None:
-        """Whether the target continues a final assistant message (None: not known yet)."""
-
-    @abstractmethod
-    def learn_prefill(self, accepted: bool) -> None: ...
+    def has_capacity(self) -> bool:
+        """Whether an attempt could start now without queueing: a node pool says whether a slot is free; a provider
+        is taken to have capacity (its limits show as 429s, which fail over)."""
+        return True
 
     def has_other_key(self, key_id: str | None) -> bool:
         """Whether another credential could be tried after `key_id` was refused or rate-limited."""

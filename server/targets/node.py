@@ -8,6 +8,8 @@ otherwise, so the relay treats a node exactly like a provider.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import math
 import time
@@ -25,8 +27,10 @@ from server.errors import (
     UpstreamTimeoutError,
 )
 from server.failover import FailoverPolicy
+from server.metering import Generated
 from server.nodes.bounds import MAX_PRICE
 from server.nodes.registry import Job, NodeRegistry, SessionLost
+from server.rescue import ContinuationForm
 from server.targets.base import Attempt, Call, Target, TargetStream
 
 # The id routing rules use for "the org's nodes" (e.g. `route set m --targets nodes,openai`).
@@ -41,6 +45,8 @@ def pool_key(org_id: str, model: str) -> str:
 class NodePoolTarget(Target):
     kind = "node"
     id = NODES_TARGET
+    # The agent renders the chat template itself, without the generation prompt, and appends the delivered text.
+    continuation: ContinuationForm = "exact"
 
     def __init__(self, registry: NodeRegistry, org_id: str, model: str, policy: FailoverPolicy) -> None:
         self.registry = registry
@@ -62,11 +68,8 @@ class NodePoolTarget(Target):
     def price_out(self) -> float | None:  # type: ignore[override]
         return _cheapest(p[1] for p in self.registry.prices(self.org_id, self.upstream_model))
 
-    def accepts_prefill(self) -> bool | None:
-        return True  # the agent renders the chat template itself and continues a final assistant message
-
-    def learn_prefill(self, accepted: bool) -> None:
-        pass
+    def has_capacity(self) -> bool:
+        return self.registry.has_capacity(self.org_id, self.upstream_model)
 
     async def _dispatch(self, call: Call, attempt: Attempt) -> Job:
         body = orjson.dumps({**call.body, "model": self.upstream_model})
@@ -77,7 +80,16 @@ class NodePoolTarget(Target):
         attempt.route = job.session.node_id
         attempt.price = (bounded_price(slots.price_in), bounded_price(slots.price_out))
         attempt.context = slots.context or None
+        attempt.generated = functools.partial(self._generated, job)
         return job
+
+    async def _generated(self, job: Job) -> Generated:
+        """The node's own count of a job the plane stopped reading: its JobEnd (an agent sends one when it stops
+        for a cancel) once the slot is released, which the registry does within its cancel timeout."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.registry.cancel_timeout_s + 1):
+                await job.over.wait()
+        return Generated(_usage(job.end) if job.end is not None else None, job.text_bytes)
 
     async def complete(self, call: Call, attempt: Attempt) -> bytes:
         job = await self._dispatch(call, attempt)

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from server import sse
+from server.config import ConfigError
 from server.errors import (
     UpstreamConnectError,
     UpstreamProtocolError,
@@ -18,7 +19,9 @@ from server.errors import (
 )
 from server.failover import FailoverPolicy
 from server.health import Health
+from server.rescue import DEFAULT_CONTINUATION, ContinuationForm
 from server.targets.base import Attempt, Call, Target, TargetStream
+from server.targets.egress import Egress, EnvironmentProxies
 from server.targets.http import (
     DEFAULT_MAX_BODY_BYTES,
     BodyTooLargeError,
@@ -34,17 +37,22 @@ ERROR_BODY_BYTES = 64 * 1024
 
 
 class UpstreamPool:
-    """Owns the HTTP client every provider target shares (keep-alive pools per origin)."""
+    """Owns the HTTP client every provider target shares (keep-alive pools per origin and egress settings)."""
 
     def __init__(self, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self._client: HTTPClient | None = None
         self.max_body_bytes = max_body_bytes
+        # Read when the plane starts, so that a proxy variable it cannot use stops the start, not a request.
+        try:
+            self.proxies = EnvironmentProxies.from_environ()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def client(self) -> HTTPClient:
         if self._client is None:
             # No cookie jar, no redirects: an upstream's cookies must never travel with another tenant's request.
-            self._client = HTTPClient(limit_per_origin=256, max_body_bytes=self.max_body_bytes)
+            self._client = HTTPClient(limit_per_origin=256, max_body_bytes=self.max_body_bytes, proxies=self.proxies)
         return self._client
 
     async def close(self) -> None:
@@ -69,7 +77,8 @@ class ProviderTarget(Target):
         price_in: float | None,
         price_out: float | None,
         policy: FailoverPolicy,
-        prefill: str = "auto",
+        continuation: ContinuationForm = DEFAULT_CONTINUATION,
+        egress: Egress | None = None,
     ) -> None:
         self.pool = pool
         self.health = health
@@ -82,8 +91,12 @@ class ProviderTarget(Target):
         self.price_in = price_in
         self.price_out = price_out
         self.policy = policy
-        self.prefill = prefill
+        # Declared by the operator (`--continuation`): whether and how this provider continues a broken stream.
+        self.continuation = continuation
         self._turn = itertools.count()
+        # The provider's own proxy, CA file and client certificate; None (also for settings that set nothing)
+        # shares the plane's pools.
+        self.egress = egress if egress != Egress() else None
         # Parsed once: parsing a URL on every request showed in the profile.
         self._endpoints: dict[str, Endpoint] = {}
 
@@ -118,17 +131,6 @@ class ProviderTarget(Target):
         if key_id is not None:
             self.health.rest_key(key_id, seconds)
 
-    # -- prefill capability -----------------------------------------------------------------------
-
-    def accepts_prefill(self) -> bool | None:
-        if self.prefill != "auto":
-            return self.prefill == "yes"
-        return self.health.prefill.get(self.provider_id)
-
-    def learn_prefill(self, accepted: bool) -> None:
-        if self.prefill == "auto":
-            self.health.prefill[self.provider_id] = accepted
-
     # -- requests ---------------------------------------------------------------------------------
 
     def _body(self, call: Call, stream: bool) -> bytes:
@@ -149,7 +151,9 @@ class ProviderTarget(Target):
         try:
             endpoint = self._endpoints.get(call.endpoint)
             if endpoint is None:
-                endpoint = self._endpoints[call.endpoint] = Endpoint.parse(f"{self.base_url}/{call.endpoint}")
+                endpoint = self._endpoints[call.endpoint] = Endpoint.parse(
+                    f"{self.base_url}/{call.endpoint}", self.egress
+                )
             response = await self.pool.client.post(
                 endpoint,
                 headers,
