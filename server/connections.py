@@ -123,6 +123,7 @@ class Connection(web_protocol.RequestHandler):
         "body_started",
         "body_timed_out_at",
         "head_heard",
+        "head_overdue",
         "head_since",
         "leftover",
         "on_lost",
@@ -145,6 +146,8 @@ class Connection(web_protocol.RequestHandler):
         # whether any of it arrived.
         self.head_since: float | None = None
         self.head_heard = False
+        # Past the header timeout with nothing heard, at one sweep so far (see `check`).
+        self.head_overdue = False
         self.serving = False
         # The body being received, how much of it had arrived at the last look, and when it last grew.
         self.body: StreamReader | None = None
@@ -187,7 +190,7 @@ class Connection(web_protocol.RequestHandler):
     def request_began(self, content: StreamReader) -> None:
         self.serving = True
         self.head_since = None
-        self.head_heard = False
+        self.head_heard = self.head_overdue = False
         if not content.is_eof():
             self.body = content
             self.body_seen = content.total_bytes
@@ -207,7 +210,12 @@ class Connection(web_protocol.RequestHandler):
         limits = self.owner.limits
         if self.head_since is not None:
             if limits.header_timeout_s and now - self.head_since > limits.header_timeout_s:
-                self.head_since = None
+                if not (self.head_heard or self.head_overdue):
+                    # Bytes may wait in the socket that a busy loop has not read yet: look once more at the next
+                    # sweep before deciding that nothing was asked (a silent close instead of a 408).
+                    self.head_overdue = True
+                    return None
+                self.head_since, self.head_overdue = None, False
                 if self.head_heard:
                     self._refuse(RequestTimeoutError("The request's headers did not arrive in time."))
                 else:
