@@ -7,10 +7,8 @@ that connection's read timeouts are measured against.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import re
-import secrets
 import time
 
 from aiohttp import web
@@ -18,6 +16,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from server.connections import Connection
 from server.errors import BodyTooLargeError, HatchwayError, InternalError, InvalidRequestError, NotFoundError
+from server.ids import id_sequence
 from server.metrics import Metrics
 from server.overload import LoadShedder
 from server.relay import CLIENT_CLOSED
@@ -25,14 +24,8 @@ from server.relay import CLIENT_CLOSED
 log = logging.getLogger(__name__)
 
 REQUEST_ID = web.RequestKey("request_id", str)
-# Request ids: a random prefix per process and a counter, 32 hex characters like a UUID's. uuid4 reads the
-# kernel's random source once per request, which profiling showed as 9% of the plane's time in a sandbox.
-_ID_PREFIX = secrets.token_hex(8)
-_id_counter = itertools.count(1)
-
-
-def new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_id_counter):016x}"
+# A client's id is echoed when it is safe (below); else one of ours (server.ids).
+new_request_id = id_sequence()
 
 
 # A client's request id is echoed only when it is short and printable, so it cannot inject into logs or headers.

@@ -532,10 +532,13 @@ class Relay:
             return web.Response(body=cached, content_type="application/json", headers=self._answer_headers(exchange))
         response = _sse_response(exchange)
         status, code = 200, None
+        recorded = False
         try:
             await response.prepare(request)
             exchange.first_byte_at = time.monotonic()
             payloads = replay_chunks(cached, chat=exchange.chat, include_usage=exchange.wants_usage)
+            self._finish(exchange, 200)  # before [DONE] can reach the client (see `stream`)
+            recorded = True
             await response.write_eof(b"".join(map(sse.frame, payloads)) + sse.DONE_FRAME)
         except ConnectionResetError:
             status, code = CLIENT_CLOSED, "client_closed"
@@ -543,7 +546,8 @@ class Relay:
             status, code = CLIENT_CLOSED, "client_closed"
             raise
         finally:
-            self._finish(exchange, status, code)
+            if not recorded:
+                self._finish(exchange, status, code)
         return response
 
     def refuse(self, exchange: Exchange, error: HatchwayError) -> None:
@@ -581,6 +585,7 @@ class Relay:
         response = _sse_response(exchange)
         progress = StreamProgress(chat=exchange.chat)
         status, code = 200, None
+        recorded = False
         try:
             await response.prepare(request)
             exchange.first_byte_at = time.monotonic()
@@ -598,6 +603,10 @@ class Relay:
                     exchange.delivery.rescued_bytes = exchange.delivery.bytes
                     opened = await self._rescue(exchange, progress, failed=opened.target)
                     exchange.rescues += 1
+            # The row is recorded (on disk with the usage spool, server.spool) before [DONE] can reach the client: a
+            # plane killed once its client saw the request complete has the row to replay.
+            self._finish(exchange, 200)
+            recorded = True
             # The last events, [DONE] and the end of the chunked body leave in one write.
             await response.write_eof(last + sse.DONE_FRAME)
             if exchange.collect is not None and not exchange.rescues:
@@ -616,7 +625,8 @@ class Relay:
             raise
         finally:
             await opened.upstream.aclose()
-            self._finish(exchange, status, code)
+            if not recorded:
+                self._finish(exchange, status, code)
         return response
 
     async def _open(

@@ -247,3 +247,6 @@ class UsageRecord(SQLModel, table=True):
     # The price (USD per 1M tokens) the row was billed at: the one in force when it was served.
     price_in: float | None = None
     price_out: float | None = None
+    # The row's own id, made with the row: a row replayed from the usage spool (server.spool) after a crash is
+    # inserted only when no row has it yet. NULL for rows from before the spool (a unique index allows many).
+    row_id: str | None = Field(default=None, unique=True, index=True)
