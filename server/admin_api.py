@@ -501,10 +501,10 @@ def _subject(source: Mapping[str, Any]) -> tuple[str | None, str | None]:
     return org, key
 
 
-def _with_live_usage(plane: Plane, limits: dict[str, Any]) -> dict[str, Any]:
-    """Stored limits plus what the plane's counters say right now."""
+async def _with_live_usage(plane: Plane, limits: dict[str, Any]) -> dict[str, Any]:
+    """Stored limits plus what the plane's counters (or the shared ones) say right now."""
     live = plane.snapshots.current.limits.get(limits["scope"])
-    return {**limits, "usage": plane.limiter.usage(limits["scope"], live) if live else {}}
+    return {**limits, "usage": await plane.limiter.live_usage(limits["scope"], live) if live else {}}
 
 
 async def set_limits(request: web.Request) -> web.Response:
@@ -524,7 +524,7 @@ async def set_limits(request: web.Request) -> web.Response:
         values,
         before=lambda: plane.policies.get_limits(org, key),
     )
-    return web.json_response(_with_live_usage(plane, limits))
+    return web.json_response(await _with_live_usage(plane, limits))
 
 
 async def list_limits(request: web.Request) -> web.Response:
@@ -534,7 +534,7 @@ async def list_limits(request: web.Request) -> web.Response:
         rows = [found] if found else []
     else:
         rows = await _read(plane.policies.list_limits, request.query.get("org"))
-    return _listing([_with_live_usage(plane, r) for r in rows])
+    return _listing([await _with_live_usage(plane, r) for r in rows])
 
 
 async def remove_limits(request: web.Request) -> web.Response:

@@ -19,6 +19,10 @@ admission) and are seeded from the usage table at start-up so a restart does not
 set later (a scope that had none) is seeded the same way before the snapshot that carries it goes live
 (`new_quotas`, `reseed`): it starts from the window's usage so far, not from 0. Requests already in flight when
 it is set were admitted without it and are not counted against it.
+
+With a Redis configured, server.shared.redis_limits.SharedLimiter (a subclass) takes the same decisions in
+Redis, for every plane at once, with the refusals and headers built here; the request path calls `acquire`,
+which is `admit` here and one round trip there.
 """
 
 from __future__ import annotations
@@ -213,6 +217,9 @@ class Admission:
     # x-ratelimit-* headers describing the tightest scope after this admission.
     headers: dict[str, str]
     settled: bool = False
+    # Admitted by the shared limiter (server.shared): the lease it holds there, and the scopes it was charged to.
+    lease: str | None = None
+    shared: tuple[tuple[str, Limits], ...] = ()
 
     def settle(self, tokens: int, usd: float) -> None:
         if self.settled:
@@ -234,6 +241,17 @@ class Limiter:
             state = self.states[scope] = ScopeState(scope)
         state.roll(current)
         return state
+
+    async def start(self) -> None:
+        """Nothing to connect to: the counters are this process's (server.shared's limiter has a store)."""
+
+    async def close(self) -> None:
+        """Nothing to hand back: settlement here is synchronous."""
+
+    async def acquire(self, scopes: Iterable[tuple[str, Limits]], estimate: Estimate) -> Admission:
+        """The request path's admission: `admit`, with no await in between. The shared limiter (server.shared)
+        takes one round trip to its store here instead."""
+        return self.admit(scopes, estimate)
 
     def admit(self, scopes: Iterable[tuple[str, Limits]], estimate: Estimate) -> Admission:
         """Charge the request to every scope, or raise without charging any."""
@@ -284,7 +302,14 @@ class Limiter:
                 if quota_window == window:
                     quota.used = tokens if unit == "tokens" else usd
 
-    def reseed(self, used: Mapping[tuple[str, str], tuple[float, float]], quotas: Mapping[str, Iterable[int]]) -> None:
+    async def reseed(
+        self, used: Mapping[tuple[str, str], tuple[float, float]], quotas: Mapping[str, Iterable[int]]
+    ) -> None:
+        self.reseed_here(used, quotas)
+
+    def reseed_here(
+        self, used: Mapping[tuple[str, str], tuple[float, float]], quotas: Mapping[str, Iterable[int]]
+    ) -> None:
         """A quota just set: its counter starts from the window's usage so far, {(scope, window): (tokens, usd)},
         as `seed` does at start-up. `quotas` names the new quotas (indices in QUOTAS) of each scope; the scope's
         other counters are live and stay as they are."""
@@ -296,8 +321,12 @@ class Limiter:
                 tokens, usd = used.get((scope, window), (0.0, 0.0))
                 state.quotas[index].used = tokens if unit == "tokens" else usd
 
+    async def live_usage(self, scope: str, limits: Limits) -> dict[str, Any]:
+        """The live state of a scope, for `limits show`, wherever the counters are."""
+        return self.usage(scope, limits)
+
     def usage(self, scope: str, limits: Limits) -> dict[str, Any]:
-        """The live state of a scope, for `limits show`."""
+        """The live state of a scope in this process's counters."""
         now = self.clock()
         state = self.state(scope, windows(now))
         live: dict[str, Any] = {"in_flight": state.in_flight}
@@ -326,66 +355,100 @@ def new_quotas(old: Mapping[str, Limits], new: Mapping[str, Limits]) -> dict[str
 def _check(state: ScopeState, limits: Limits, estimate: Estimate, now: float) -> None:
     """Raise when the request does not fit one of the scope's limits; refills its buckets to `now`."""
     if limits.concurrency is not None and state.in_flight >= limits.concurrency:
-        raise RateLimitError(
-            f"Too many concurrent requests for this {state.subject}: the limit is {limits.concurrency}. "
-            "Retry when one of them has finished.",
-            headers={"Retry-After": "1"},
-        )
+        raise concurrency_refused(state.subject, limits.concurrency)
     if limits.rpm is not None and state.requests.refill(limits.rpm, now) < 1:
-        wait = state.requests.seconds_until(1, limits.rpm)
-        raise RateLimitError(
-            f"Rate limit reached for this {state.subject}: {limits.rpm} requests per minute. Retry in {wait:.1f}s.",
-            headers=_retry_after(wait),
-        )
+        raise requests_refused(state.subject, limits.rpm, state.requests.seconds_until(1, limits.rpm))
     if limits.tpm is not None:
         level = state.tokens.refill(limits.tpm, now)
         if estimate.tokens > limits.tpm:
-            raise RateLimitError(
-                f"This request may use up to {estimate.tokens} tokens (prompt estimate + max_tokens), more than "
-                f"this {state.subject}'s limit of {limits.tpm} tokens per minute. Lower max_tokens.",
-                code="tokens_exceed_limit",
-                headers={"x-should-retry": "false"},
-            )
+            raise tokens_exceed_limit(state.subject, limits.tpm, estimate.tokens)
         if level < estimate.tokens:
             wait = state.tokens.seconds_until(estimate.tokens, limits.tpm)
-            raise RateLimitError(
-                f"Rate limit reached for this {state.subject}: {limits.tpm} tokens per minute, and this request "
-                f"may use up to {estimate.tokens}. Retry in {wait:.1f}s.",
-                headers=_retry_after(wait),
-            )
-    for index, _, by_tokens, window, limit in limits.quotas:
+            raise tokens_refused(state.subject, limits.tpm, estimate.tokens, wait)
+    for index, _, by_tokens, _, limit in limits.quotas:
         quota = state.quotas[index]
         wanted = estimate.tokens if by_tokens else estimate.usd
         if quota.used + quota.reserved + wanted > limit:
-            what = f"{limit} tokens" if by_tokens else f"{limit:g} USD"
-            raise QuotaExceededError(
-                f"This {state.subject} has used its quota of {what} per {window} (used {quota.used:g}, "
-                f"reserved {quota.reserved:g}, this request may need {wanted:g}). It resets at "
-                f"{_window_end(window, now).isoformat()}."
-            )
+            raise quota_refused(state.subject, index, limit, quota.used, quota.reserved, wanted, now)
+
+
+# The refusals, one per limit, worded the same whichever limiter (this one or server.shared's) decided.
+
+
+def concurrency_refused(subject: str, limit: int) -> RateLimitError:
+    return RateLimitError(
+        f"Too many concurrent requests for this {subject}: the limit is {limit}. Retry when one of them has finished.",
+        headers={"Retry-After": "1"},
+    )
+
+
+def requests_refused(subject: str, rpm: int, wait: float) -> RateLimitError:
+    return RateLimitError(
+        f"Rate limit reached for this {subject}: {rpm} requests per minute. Retry in {wait:.1f}s.",
+        headers=_retry_after(wait),
+    )
+
+
+def tokens_exceed_limit(subject: str, tpm: int, tokens: int) -> RateLimitError:
+    return RateLimitError(
+        f"This request may use up to {tokens} tokens (prompt estimate + max_tokens), more than "
+        f"this {subject}'s limit of {tpm} tokens per minute. Lower max_tokens.",
+        code="tokens_exceed_limit",
+        headers={"x-should-retry": "false"},
+    )
+
+
+def tokens_refused(subject: str, tpm: int, tokens: int, wait: float) -> RateLimitError:
+    return RateLimitError(
+        f"Rate limit reached for this {subject}: {tpm} tokens per minute, and this request "
+        f"may use up to {tokens}. Retry in {wait:.1f}s.",
+        headers=_retry_after(wait),
+    )
+
+
+def quota_refused(
+    subject: str, index: int, limit: float, used: float, reserved: float, wanted: float, now: float
+) -> QuotaExceededError:
+    _, unit, window = QUOTAS[index]
+    what = f"{limit} tokens" if unit == "tokens" else f"{limit:g} USD"
+    return QuotaExceededError(
+        f"This {subject} has used its quota of {what} per {window} (used {used:g}, "
+        f"reserved {reserved:g}, this request may need {wanted:g}). It resets at "
+        f"{_window_end(window, now).isoformat()}."
+    )
+
+
+def window_end(kind: str, now: float) -> float:
+    """When the UTC day or month `now` falls in ends, in epoch seconds."""
+    return _window_end(kind, now).timestamp()
 
 
 def _headers(held: Held, now: float, *, refill: bool = True) -> dict[str, str]:
     """x-ratelimit-* for the tightest scope of each kind (fewest remaining), refilled to `now` unless told."""
-    headers: dict[str, str] = {}
-    requests: tuple[float, int, Bucket] | None = None
-    tokens: tuple[float, int, Bucket] | None = None
+    requests: list[tuple[float, int]] = []
+    tokens: list[tuple[float, int]] = []
     for state, limits in held:
         if limits.rpm is not None:
             level = state.requests.refill(limits.rpm, now) if refill else state.requests.level or 0.0
-            if requests is None or level < requests[0]:
-                requests = (level, limits.rpm, state.requests)
+            requests.append((level, limits.rpm))
         if limits.tpm is not None:
             level = state.tokens.refill(limits.tpm, now) if refill else state.tokens.level or 0.0
-            if tokens is None or level < tokens[0]:
-                tokens = (level, limits.tpm, state.tokens)
-    for names, tightest in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
+            tokens.append((level, limits.tpm))
+    return rate_headers(requests, tokens)
+
+
+def rate_headers(requests: Iterable[tuple[float, int]], tokens: Iterable[tuple[float, int]]) -> dict[str, str]:
+    """x-ratelimit-* for the tightest bucket of each kind (the lowest level), given as (level, capacity)."""
+    headers: dict[str, str] = {}
+    for names, buckets in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
+        tightest = min(buckets, default=None, key=lambda bucket: bucket[0])
         if tightest is not None:
-            level, capacity, bucket = tightest
+            level, capacity = tightest
             limit, remaining, reset = names
             headers[limit] = str(capacity)
             headers[remaining] = str(max(0, math.floor(level)))
-            headers[reset] = format_reset(bucket.seconds_until(capacity, capacity))
+            # Until the bucket is full again: what OpenAI's reset headers mean.
+            headers[reset] = format_reset(max(0.0, (capacity - level) * 60.0 / capacity))
     return headers
 
 

@@ -83,7 +83,7 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     # A cached answer costs nothing: it still counts as a request, but reserves no tokens and no spend.
     cost = Estimate() if lookup.value is not None else estimate(plane, endpoint, body, plans)
     try:
-        admission = plane.limiter.admit(catalog.snapshot.limit_scopes(key), cost)
+        admission = await plane.limiter.acquire(catalog.snapshot.limit_scopes(key), cost)
     except HatchwayError as exc:
         plane.relay.refuse(exchange, exc)
         raise

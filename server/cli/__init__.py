@@ -48,6 +48,7 @@ def cli() -> None:
 )
 @click.option("--grpc-port", type=int, default=None, help="Node service port (default 8443; 0 picks one).")
 @click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--redis-url", default=None, help="Redis for limits shared by several planes (redis://host:6379/0).")
 def serve(
     host: str | None,
     port: int | None,
@@ -55,6 +56,7 @@ def serve(
     config_file: Path | None,
     grpc_port: int | None,
     log_level: str | None,
+    redis_url: str | None,
 ) -> None:
     """Run the control plane."""
     from server.serve import run
@@ -67,6 +69,7 @@ def serve(
                 "grpc_port": grpc_port,
                 "data_dir": data_dir,
                 "log_level": log_level,
+                "redis_url": redis_url,
             },
             config_file=config_file,
         )
