@@ -7,7 +7,6 @@ key; the config keeps only that hash), unless `metrics_public` opens it to anyon
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 from dataclasses import dataclass
 
@@ -45,10 +44,9 @@ async def readyz(request: web.Request) -> web.Response:
     plane = request.app[PLANE]
     if not plane.snapshots.loaded:
         raise ServiceUnavailableError("snapshot not loaded yet")
-    try:
-        await asyncio.wait_for(asyncio.to_thread(plane.store.ping), timeout=5)
-    except Exception as exc:
-        raise ServiceUnavailableError(f"storage unreachable: {type(exc).__name__}") from exc
+    failure = await plane.storage_probe.failure()
+    if failure is not None:
+        raise ServiceUnavailableError(f"storage unreachable: {failure}")
     return web.json_response({"status": "ready", "snapshot_version": plane.snapshots.current.version})
 
 

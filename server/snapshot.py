@@ -1,7 +1,8 @@
 """The in-memory snapshot the request path reads instead of the database.
 
 Everything a request needs (keys, orgs, the model -> targets table, prices) is built once from the database
-and swapped in whole after each admin change commits, so serving a request never touches storage.
+and swapped in whole after each admin change commits, so serving a request never touches storage. A change
+committed through another plane on the same database is rebuilt here too (server.storage.notify).
 """
 
 from __future__ import annotations
@@ -166,6 +167,8 @@ class SnapshotHolder:
         self.loaded = False
         # Awaited with (current, next) before `next` goes live: the plane seeds a quota set since (server.plane).
         self.prepare: Callable[[Snapshot, Snapshot], Awaitable[None]] | None = None
+        # Called with each snapshot once it is live: the plane brings its live node sessions in line with it.
+        self.applied: Callable[[Snapshot], None] | None = None
         self._versions = itertools.count(1)
         self._lock = asyncio.Lock()
 
@@ -180,6 +183,8 @@ class SnapshotHolder:
             # On the loop, not in the builder's thread: the loop is what mutates the health records.
             live = {t.key for targets in self.current.routes.values() for t in targets}
             self.health.forget(live.union(self.node_pools()))
+            if self.applied is not None:
+                self.applied(snapshot)
             return self.current
 
     def _build(self, version: int) -> Snapshot:
