@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import socket
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,9 +33,12 @@ from server.overload import LoadShedder
 from server.relay import Relay
 from server.routing import Router
 from server.snapshot import Snapshot, SnapshotHolder
+from server.spool import SPOOL_DIR, UsageSpool
 from server.storage.db import make_engine, migrate
 from server.storage.nodes import NodeStore
+from server.storage.notify import ConfigWatcher, announce_changes, listen_url
 from server.storage.policy import PolicyStore
+from server.storage.probe import StorageProbe
 from server.storage.store import Store
 from server.targets.node import pool_key
 from server.targets.provider import UpstreamPool
@@ -67,8 +73,20 @@ class Plane:
             self.metrics,
             queue_size=config.usage_queue_size,
             flush_interval_s=config.usage_flush_interval_s,
+            spool=UsageSpool(config.data_dir / SPOOL_DIR) if config.usage_spool else None,
         )
         self.snapshots.prepare = self.seed_new_quotas
+        self.snapshots.applied = self.follow_node_changes
+        # This plane's name in the change announcements of a shared database (server.storage.notify).
+        self.origin = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        announce_changes(self.engine, self.origin)
+        self.config_watcher = ConfigWatcher(
+            self.snapshots.reload,
+            listen_url(self.engine),
+            origin=self.origin,
+            reload_interval_s=config.config_reload_s,
+        )
+        self.storage_probe = StorageProbe(self.store.ping)
         self.relay = Relay(self.metrics, self.usage, self.health, max_attempts=config.max_attempts, hedge=config.hedge)
         self.shedder = LoadShedder(
             max_in_flight=config.max_in_flight,
@@ -77,7 +95,8 @@ class Plane:
             on_shed=self.metrics.requests_shed.inc,
         )
         self.metrics.watch(self.shedder)
-        self.limiter = Limiter()
+        # Shared by every plane through Redis when one is configured (server.shared), this process's otherwise.
+        self.limiter = self._shared_limiter() if config.redis_url else Limiter()
         self.cache = ResponseCache(config.cache_max_bytes)
         self.policies = PolicyStore(self.engine)
         self.nodes = NodeStore(self.engine)
@@ -99,6 +118,18 @@ class Plane:
         self.admin_lock = asyncio.Lock()
         # Set on the first start when no admin key existed: shown once, never stored in clear.
         self.generated_admin_key: str | None = None
+
+    def _shared_limiter(self) -> Limiter:
+        # Imported here: the Redis client (and the cryptography it loads) is memory a plane without Redis never needs.
+        from server.shared.redis_limits import SharedLimiter
+
+        return SharedLimiter(
+            self.config.redis_url,
+            prefix=self.config.redis_prefix,
+            failure=self.config.redis_failure,
+            lease_s=self.config.request_deadline_s + 60,
+            usage_so_far=self.usage_so_far,
+        )
 
     def prepare_storage(self) -> None:
         migrate(self.engine)
@@ -129,6 +160,12 @@ class Plane:
         """What can serve requests right now; take one per request so it sees one snapshot throughout."""
         return Catalog(self.snapshots.current, self.registry, self.node_policy)
 
+    def recover_usage(self) -> None:
+        """Open this process's usage spool and insert what dead processes' spools hold (server.spool)."""
+        if self.usage.spool is not None:
+            self.usage.spool.open()
+            self.usage.replay()
+
     def seed_limits(self) -> None:
         """What quotas already used this day and month, so a restart does not hand them out again."""
         self.limiter.seed(self.used_this_window())
@@ -137,8 +174,22 @@ class Plane:
         """Before a snapshot goes live: a quota it sets that was not set starts from the window's usage so far."""
         added = new_quotas(current.limits, upcoming.limits) if self.snapshots.loaded else None
         if added:  # at start-up, `seed_limits` did it
-            await self.usage.flush()  # the rows of requests already answered are counted too
-            self.limiter.reseed(await asyncio.to_thread(self.used_this_window), added)
+            await self.limiter.reseed(await self.usage_so_far(), added)
+
+    async def usage_so_far(self) -> dict[tuple[str, str], tuple[float, float]]:
+        """`used_this_window`, the rows of requests already answered included."""
+        await self.usage.flush()
+        return await asyncio.to_thread(self.used_this_window)
+
+    def follow_node_changes(self, snapshot: Snapshot) -> None:
+        """A node revoked or drained through another plane: its session on this one ends or drains too."""
+        nodes = {node.id: node for node in snapshot.nodes.values()}
+        for node_id, session in list(self.registry.sessions.items()):
+            node = nodes.get(node_id)
+            if node is None:
+                self.registry.disconnect(node_id)
+            elif node.drained != session.drained:
+                self.registry.set_drained(node_id, node.drained)
 
     def used_this_window(self) -> dict[tuple[str, str], tuple[float, float]]:
         """{(scope, "day"|"month"): (tokens, USD)} served so far this UTC day and month, by the usage table."""
@@ -154,8 +205,12 @@ class Plane:
 
     async def startup(self) -> None:
         await asyncio.to_thread(self.prepare_storage)
+        # Rows a killed plane left in the spool count before quotas are read from the usage table.
+        await asyncio.to_thread(self.recover_usage)
         await asyncio.to_thread(self.seed_limits)
+        await self.limiter.start()
         await self.snapshots.reload()
+        self.config_watcher.start()
         self.usage.start()
         self.shedder.start()
         await self._start_node_service()
@@ -206,8 +261,10 @@ class Plane:
     async def cleanup(self) -> None:
         # Each step logged: a shutdown that takes long should say where it waits.
         await self.shedder.stop()
+        await self.config_watcher.stop()
         await self.registry.close()
         await self.relay.close()  # bills waiting on a node's count: every job was just released
+        await self.limiter.close()  # settlements on their way to a shared limiter's store
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=1.0)
         log.info("node service stopped; flushing %d queued usage rows", self.usage.queue.qsize())
