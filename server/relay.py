@@ -213,6 +213,11 @@ class _Try:
     rivalled: bool = False
 
 
+def _wait_until(tried: _Try, after_s: float) -> float:
+    """Seconds from now until `tried` is `after_s` past its start, as _hedge_after counts (delay included)."""
+    return max(0.0, tried.began - tried.delay_s + after_s - time.monotonic())
+
+
 class _Walk:
     """The order one request's targets are tried in: each plan's targets in turn, then `last` (the target that
     just cut or stalled the stream being rescued), so that every other target of every model comes first. A
@@ -284,11 +289,13 @@ class Relay:
         send: Callable[[Target, Attempt], Awaitable[T]],
         *,
         last: Target | None = None,
+        plans: list[ModelPlan] | None = None,
     ) -> T:
         """Try the plan's targets until one serves. `last` (a target that just broke the stream) is tried after
         every other target of every plan. A stream whose first token is late is hedged (server.hedge): the next
-        target starts alongside, the first to produce a content token wins and the other is cancelled."""
-        walk = _Walk(exchange.plans, last)
+        target starts alongside, the first to produce a content token wins and the other is cancelled. `plans`
+        narrows the request's plans (a rescue: the targets that may continue a stream)."""
+        walk = _Walk(exchange.plans if plans is None else plans, last)
         error: HatchwayError | None = None
         resting: list[float] = []
         racing: dict[asyncio.Task[T], _Try] = {}
@@ -298,7 +305,8 @@ class Relay:
                     tried = self._next_try(exchange, walk, resting)
                     if tried is None:
                         break
-                    if self._hedge_after(exchange, tried, walk) is None:
+                    after_s = self._hedge_after(exchange, tried, walk)
+                    if after_s is None:
                         # Nothing to hedge with: the attempt runs in this task, as cheap as it can be.
                         try:
                             result = await self._run_try(exchange, tried, send)
@@ -312,9 +320,11 @@ class Relay:
                         self._won(exchange, tried)
                         return result
                     racing[asyncio.create_task(self._run_try(exchange, tried, send))] = tried
-                done, _ = await asyncio.wait(
-                    racing, timeout=self._hedge_timer(exchange, racing, walk), return_when=FIRST
-                )
+                    # Its hedge delay, just worked out (what _hedge_timer would work out again).
+                    wait_s: float | None = _wait_until(tried, after_s)
+                else:
+                    wait_s = self._hedge_timer(exchange, racing, walk)
+                done, _ = await asyncio.wait(racing, timeout=wait_s, return_when=FIRST)
                 if not done:
                     leader = next(iter(racing.values()))
                     leader.rivalled = True
@@ -350,14 +360,8 @@ class Relay:
         except _OutOfBudget:
             raise error or UpstreamTimeoutError("no attempt left within the request's budget") from None
         finally:
-            if racing:  # the client left, or something unexpected: no verdict on what was still running
-                for task in racing:
-                    task.cancel()
-                await asyncio.wait(racing)
-                for task, tried in racing.items():
-                    if not task.cancelled() and task.exception() is None:
-                        await _discard(task.result())
-                    self._abandon(tried)
+            # The client left, or something unexpected: no verdict on what was still running.
+            await self._cancel_racing(racing)
         if error is not None:
             raise error
         retry_in = max(1, round(min(resting))) if resting else 1
@@ -425,7 +429,7 @@ class Relay:
         leader = next(iter(racing.values()))
         if leader.rivalled or (after_s := self._hedge_after(exchange, leader, walk)) is None:
             return None
-        return max(0.0, leader.began - leader.delay_s + after_s - time.monotonic())
+        return _wait_until(leader, after_s)
 
     def _won(self, exchange: Exchange, tried: _Try) -> None:
         tried.stats.breaker.succeeded()
@@ -458,15 +462,7 @@ class Relay:
     async def _drop_rivals(self, exchange: Exchange, racing: dict[asyncio.Task[T], _Try]) -> None:
         """Cancel the tries still racing the one that won (their upstream requests closed, node jobs cancelled)
         and record each as a failed attempt: what they cost upstream is theirs, never billed as the answer."""
-        if not racing:
-            return
-        for task in racing:
-            task.cancel()
-        await asyncio.wait(racing)
-        for task, tried in racing.items():
-            if not task.cancelled() and task.exception() is None:
-                await _discard(task.result())  # it, too, had its first token in the same instant
-            self._abandon(tried)
+        for tried in await self._cancel_racing(racing):
             log.info("request %s: cancelled %s, which lost the hedge", exchange.request_id, tried.target.id)
             self._record(
                 exchange,
@@ -477,7 +473,22 @@ class Relay:
                 final=False,
                 began=tried.began,
             )
+
+    async def _cancel_racing(self, racing: dict[asyncio.Task[T], _Try]) -> list[_Try]:
+        """Cancel the tries in `racing` and wait for them, without a verdict on their targets; empties `racing`
+        and returns the tries."""
+        if not racing:
+            return []
+        for task in racing:
+            task.cancel()
+        await asyncio.wait(racing)
+        for task, tried in racing.items():
+            if not task.cancelled() and task.exception() is None:
+                await _discard(task.result())  # it had its first token in the same instant as the winner
+            self._abandon(tried)
+        tries = list(racing.values())
         racing.clear()
+        return tries
 
     def _attempt_failed(
         self, exchange: Exchange, target: Target, attempt: Attempt, exc: UpstreamError, began: float
@@ -770,17 +781,12 @@ class Relay:
             _, continuation = rescue_request(exchange.body, progress, "regenerate")
             return await self._open(target, attempt, exchange.call, exchange, continuation)
 
-        everyone = exchange.plans
         rescuers = [
-            replace(plan, targets=tuple(t for t in plan.targets if t.continuation != "none")) for plan in everyone
+            replace(plan, targets=tuple(t for t in plan.targets if t.continuation != "none")) for plan in exchange.plans
         ]
         if not any(plan.targets for plan in rescuers):
             raise UpstreamError(f"no target for '{exchange.model}' may continue a broken stream")
-        exchange.plans = rescuers
-        try:
-            return await self.attempt(exchange, open_rescue, last=failed)
-        finally:
-            exchange.plans = everyone
+        return await self.attempt(exchange, open_rescue, last=failed, plans=rescuers)
 
     # -- accounting -------------------------------------------------------------------------------
 
