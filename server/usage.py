@@ -150,8 +150,7 @@ class UsageWriter:
         if self._task is not None:
             await self._task
             self._task = None
-        while not self.queue.empty():
-            await self._flush()
+        await self.flush()
         if self.spool is not None:
             self.spool.close()
 
@@ -259,21 +258,18 @@ class UsageWriter:
     def _write(self, batch: list[UsageRow]) -> list[tuple[UsageRow, BaseException]]:
         """Write a batch (in the writer's thread); return the rows the database refused, each with its error.
         Raises when the database itself failed twice."""
-        try:
-            self._insert(batch)
-            return []
-        except OperationalError:
-            # The database's state, not the rows (locked, gone): once more, then the batch is lost.
-            time.sleep(RETRY_DELAY_S)
-        except Exception as exc:
-            return self._isolate(batch, exc)
-        try:
-            self._insert(batch)
-            return []
-        except OperationalError:
-            raise
-        except Exception as exc:
-            return self._isolate(batch, exc)
+        for retry in (False, True):
+            try:
+                self._insert(batch)
+                return []
+            except OperationalError:
+                # The database's state, not the rows (locked, gone): once more, then the batch is lost.
+                if retry:
+                    raise
+                time.sleep(RETRY_DELAY_S)
+            except Exception as exc:
+                return self._isolate(batch, exc)
+        raise AssertionError("unreachable: the second try returns or raises")
 
     def _isolate(self, batch: list[UsageRow], error: Exception) -> list[tuple[UsageRow, BaseException]]:
         """Write what the database accepts of a batch it refused (with `error`): halves in their own transactions,
