@@ -23,6 +23,10 @@ from server.hedge import parse_hedge
 TOKEN_HASH_PREFIX = "sha256:"
 
 
+# What shared limits do while Redis is unreachable (server.shared.redis_limits); checked once, here.
+REDIS_FAILURE_MODES = ("open", "closed")
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -229,7 +233,7 @@ class Config:
             object.__setattr__(self, "hedge", parse_hedge(self.hedge))
         except ValueError as exc:
             raise ConfigError(f"hedge: {exc}") from None
-        if self.redis_failure not in ("open", "closed"):
+        if self.redis_failure not in REDIS_FAILURE_MODES:
             raise ConfigError(f"redis_failure: expected open or closed, got {self.redis_failure!r}")
 
     @classmethod

@@ -61,7 +61,6 @@ from server.shared.scripts import ADMIT, SEED, SETTLE
 
 log = logging.getLogger(__name__)
 
-FAILURE_MODES = ("open", "closed")
 # A command that takes longer than this is a Redis that cannot be reached: on loopback or a LAN a decision
 # takes well under a millisecond.
 TIMEOUT_S = 0.5
@@ -119,8 +118,6 @@ class SharedLimiter(Limiter):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(clock)
-        if failure not in FAILURE_MODES:
-            raise ValueError(f"redis_failure must be one of {', '.join(FAILURE_MODES)}, not {failure!r}")
         # A bounded pool that makes callers wait for a connection (an asyncio client runs one command at a time
         # on each): a burst of settlements must queue, not open a connection each.
         pool = aioredis.BlockingConnectionPool.from_url(

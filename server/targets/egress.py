@@ -83,13 +83,6 @@ def redact(url: str) -> str:
     return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
 
 
-def proxy_password(url: str) -> str | None:
-    """The password (or the user, when there is no password) of a proxy URL: what must never reach a log."""
-    parts = urlsplit(url)
-    secret = parts.password or parts.username
-    return unquote(secret) if secret else None
-
-
 @dataclass(frozen=True, slots=True)
 class Egress:
     """A provider's own egress settings; what it leaves unset is the plane's (the environment's proxies, the
