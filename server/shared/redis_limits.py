@@ -45,6 +45,7 @@ from server.errors import HatchwayError, ServiceUnavailableError
 from server.limits import (
     QUOTAS,
     Admission,
+    Bucket,
     Estimate,
     Limiter,
     Limits,
@@ -446,6 +447,7 @@ def _arg(value: float | None) -> str:
 
 
 def _refill(level: bytes | None, stamp: bytes | None, capacity: int, now: float) -> float:
+    """A bucket's level as Redis holds it (absent: full), refilled to `now` by the in-process bucket's rule."""
     if level is None or stamp is None:
-        return float(capacity)
-    return min(float(capacity), float(level) + max(0.0, now - float(stamp)) * capacity / 60.0)
+        return Bucket().refill(capacity, now)
+    return Bucket(float(level), float(stamp)).refill(capacity, now)

@@ -76,8 +76,6 @@ class BodyTooLargeError(ProtocolError):
 READ_AHEAD_BYTES = 256 * 1024
 # Status line plus headers, at most: an upstream that sends more is not one we want to talk to.
 MAX_HEAD_BYTES = 64 * 1024
-# A whole (non-stream) answer's body, at most, unless the client is told otherwise (max_upstream_body_bytes).
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -521,13 +519,10 @@ class HTTPClient:
         *,
         limit_per_origin: int = 256,
         keepalive_s: float = 15.0,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         tls: ssl.SSLContext | None = None,
         proxies: EnvironmentProxies | None = None,
     ) -> None:
         self.limit_per_origin = limit_per_origin
-        # The most a whole answer (`Response.read`) may hold; streams are consumed as they come and need none.
-        self.max_body_bytes = max_body_bytes
         # Idle connections older than this are not reused: servers close theirs after 5 to 75 s of quiet, and a
         # request written on a connection the server is closing fails for nothing.
         self.keepalive_s = keepalive_s

@@ -23,7 +23,6 @@ from server.rescue import DEFAULT_CONTINUATION, ContinuationForm
 from server.targets.base import Attempt, Call, Target, TargetStream
 from server.targets.egress import Egress, EnvironmentProxies
 from server.targets.http import (
-    DEFAULT_MAX_BODY_BYTES,
     BodyTooLargeError,
     ConnectError,
     Endpoint,
@@ -34,6 +33,9 @@ from server.targets.http import (
 
 # An error answer is read only for its envelope: more than this is not an OpenAI error.
 ERROR_BODY_BYTES = 64 * 1024
+# A whole (non-stream) answer's body, at most, unless the plane is told otherwise (max_upstream_body_bytes);
+# streams are consumed as they come and need none.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 class UpstreamPool:
@@ -52,7 +54,7 @@ class UpstreamPool:
     def client(self) -> HTTPClient:
         if self._client is None:
             # No cookie jar, no redirects: an upstream's cookies must never travel with another tenant's request.
-            self._client = HTTPClient(limit_per_origin=256, max_body_bytes=self.max_body_bytes, proxies=self.proxies)
+            self._client = HTTPClient(limit_per_origin=256, proxies=self.proxies)
         return self._client
 
     async def close(self) -> None:
@@ -199,7 +201,7 @@ class ProviderTarget(Target):
         response = await self._post(call, attempt, stream=False)
         try:
             # A whole answer's body may pause for as long as its headers could take.
-            return await response.read(self.policy.header_timeout_s, limit=self.pool.client.max_body_bytes)
+            return await response.read(self.policy.header_timeout_s, limit=self.pool.max_body_bytes)
         except TimeoutError as exc:
             raise UpstreamTimeoutError(f"{self.name}: the answer's body stalled") from exc
         except BodyTooLargeError as exc:
