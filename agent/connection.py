@@ -34,6 +34,7 @@ from proto.contract import (
     PLANE_MESSAGE_MAX_BYTES,
     PLANE_TLS_NAME,
     certificate_fingerprint,
+    keepalive_options,
     split_enrollment_token,
 )
 from proto.hatchway.node.v1 import node_pb2 as pb
@@ -54,13 +55,7 @@ KEEPALIVE_S = 5.0
 def channel_options(keepalive_s: float = KEEPALIVE_S) -> list[tuple[str, int]]:
     """The channel's options: keepalive, and message caps that match the plane's (proto/contract.py says why)."""
     return [
-        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(keepalive_s * 1000)),
-        # gRPC times a ping out after this (default 60 s) whatever keepalive_timeout_ms says.
-        ("grpc.http2.ping_timeout_ms", int(keepalive_s * 1000)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        # Pings go on however long the agent has nothing to send (gRPC stops after 2 otherwise).
-        ("grpc.http2.max_pings_without_data", 0),
+        *keepalive_options(keepalive_s),
         ("grpc.max_send_message_length", NODE_MESSAGE_MAX_BYTES),
         ("grpc.max_receive_message_length", PLANE_MESSAGE_MAX_BYTES),
     ]

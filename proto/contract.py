@@ -45,6 +45,22 @@ PLANE_MESSAGE_MAX_BYTES = 64 * 1024 * 1024
 # Room in a JobRequest for what surrounds the body (job id, endpoint, protobuf framing).
 JOB_REQUEST_OVERHEAD_BYTES = 4096
 
+
+def keepalive_options(interval_s: float) -> list[tuple[str, int]]:
+    """gRPC options for keepalive pings every `interval_s`, a link whose ping goes unanswered as long being
+    dropped, both ways of the node link: a peer gone without a reset (NAT, lid shut, cable) is found in seconds."""
+    interval_ms = int(interval_s * 1000)
+    return [
+        ("grpc.keepalive_time_ms", interval_ms),
+        ("grpc.keepalive_timeout_ms", interval_ms),
+        # gRPC times a ping out after this (default 60 s) whatever keepalive_timeout_ms says.
+        ("grpc.http2.ping_timeout_ms", interval_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Pings go on however long a side has nothing to send (gRPC stops after 2 otherwise).
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
 # A node's name is shown in listings, logs and error messages, and names the node in admin commands.
 NODE_NAME_MAX_CHARS = 64
 

@@ -15,7 +15,7 @@ import grpc
 from aiohttp import web
 from sqlalchemy import Engine
 
-from proto.contract import NODE_MESSAGE_MAX_BYTES, PLANE_MESSAGE_MAX_BYTES
+from proto.contract import NODE_MESSAGE_MAX_BYTES, PLANE_MESSAGE_MAX_BYTES, keepalive_options
 from proto.hatchway.node.v1 import node_pb2_grpc
 from server.audit import AuditLog
 from server.cache import ResponseCache
@@ -216,18 +216,11 @@ class Plane:
         await self._start_node_service()
 
     async def _start_node_service(self) -> None:
-        keepalive_ms = int(self.config.node_keepalive_s * 1000)
         server = grpc.aio.server(
             options=[
-                # Pings both ways find a node gone without a reset (NAT, lid shut, cable) within seconds: the plane
-                # pings every node_keepalive_s and drops a link whose ping goes unanswered as long; its session
-                # ends and its jobs fail over. Pings go on however long the plane has nothing to send.
-                ("grpc.keepalive_time_ms", keepalive_ms),
-                ("grpc.keepalive_timeout_ms", keepalive_ms),
-                # gRPC times a ping out after this (default 60 s) whatever keepalive_timeout_ms says.
-                ("grpc.http2.ping_timeout_ms", keepalive_ms),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.max_pings_without_data", 0),
+                # The plane pings every node_keepalive_s and drops a link whose ping goes unanswered as long: the
+                # node's session ends and its jobs fail over.
+                *keepalive_options(self.config.node_keepalive_s),
                 # An agent's own pings (every agent.connection.KEEPALIVE_S) are welcome down to one a second;
                 # faster, three times over with nothing sent between, is a flood that ends the connection.
                 ("grpc.http2.min_ping_interval_without_data_ms", NODE_MIN_PING_INTERVAL_MS),
