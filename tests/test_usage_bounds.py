@@ -162,6 +162,7 @@ def liar_node(plane: RunningPlane) -> Iterator[LyingNode]:
     deadline = time.monotonic() + 10
     while not plane.server.plane.registry.sessions and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert plane.server.plane.registry.sessions, "the lying node never got a session"
     yield node
     plane.loop_thread.run(node.close())
 
