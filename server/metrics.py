@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from server.nodes.registry import NodeRegistry
     from server.overload import LoadShedder
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -105,6 +109,34 @@ class Metrics:
         Gauge("hatchway_event_loop_tasks", "Tasks alive on the event loop.", registry=self.registry).set_function(
             _task_count
         )
+
+    def watch_nodes(self, nodes: NodeRegistry) -> None:
+        """Each node of the gateway, this plane's and those of other planes, with the plane it is connected to."""
+        self.registry.register(NodeCollector(nodes))
+
+
+class NodeCollector(Collector):
+    def __init__(self, nodes: NodeRegistry) -> None:
+        self.nodes = nodes
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "hatchway_node_connected",
+            "1 for each node connected to a plane of the gateway, labelled with that plane and the node's state.",
+            labels=("node", "org", "plane", "state"),
+        )
+        slots = GaugeMetricFamily(
+            "hatchway_node_slots",
+            "A node's slots for one model: total, and busy as the node's plane counts them.",
+            labels=("node", "model", "plane", "kind"),
+        )
+        for session in self.nodes.every_session():
+            info.add_metric((session.node_id, session.org_id, session.plane, session.state), 1)
+            for model in session.models.values():
+                slots.add_metric((session.node_id, model.name, session.plane, "total"), model.slots_total)
+                slots.add_metric((session.node_id, model.name, session.plane, "busy"), model.busy)
+        yield info
+        yield slots
 
 
 def _task_count() -> int:

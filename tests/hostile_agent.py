@@ -164,8 +164,11 @@ class HostileAgent:
             await call.write(pb.AgentMessage(hello=greeting))
             first = await asyncio.wait_for(call.read(), 30)
         except grpc.aio.AioRpcError as exc:
+            # A Hello written as the plane ends the call fails with gRPC core's own INTERNAL: the call's status is
+            # the plane's answer.
+            refused = Refused(await call.code(), await call.details() or "")
             await channel.close()
-            raise Refused(exc.code(), exc.details() or "") from exc
+            raise refused from exc
         except asyncio.InvalidStateError:
             first = grpc.aio.EOF  # the plane ended the call while the Hello was being written
         if first is grpc.aio.EOF:

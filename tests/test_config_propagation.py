@@ -172,6 +172,7 @@ class ConnectedNode:
     a: RunningPlane
     b: RunningPlane
     node_id: str
+    credential: str
     session: Session
     agent_loop: LoopThread
 
@@ -185,7 +186,7 @@ def connected_node(make_plane: MakePlane) -> Iterator[ConnectedNode]:
     agent = HostileAgent(f"127.0.0.1:{b.server.plane.grpc_port}", token)
     enrolled = agent_loop.run(agent.enroll())
     session = agent_loop.run(agent.connect(hello()))
-    yield ConnectedNode(a, b, enrolled.node_id, session, agent_loop)
+    yield ConnectedNode(a, b, enrolled.node_id, enrolled.credential, session, agent_loop)
     agent_loop.run(session.close())
     agent_loop.close()
 
@@ -195,6 +196,18 @@ def test_a_node_revoked_through_one_plane_is_dropped_by_the_plane_it_is_connecte
 ) -> None:
     node = connected_node
     node.a.admin.post(f"/nodes/{node.node_id}/revoke", {})
+    node.agent_loop.run(node.session.ended(timeout_s=PROPAGATION_LIMIT_S))
+    assert node.node_id not in node.b.server.plane.registry.sessions
+
+
+def test_a_node_re_enrolled_through_one_plane_loses_the_session_its_old_credential_holds_on_another(
+    connected_node: ConnectedNode,
+) -> None:
+    node = connected_node
+    token = node.a.admin.post("/node-tokens", {"org": "acme"})["token"]
+    again = HostileAgent(f"127.0.0.1:{node.a.server.plane.grpc_port}", token)
+    enrolled = node.agent_loop.run(again.enroll(previous_credential=node.credential))
+    assert enrolled.node_id == node.node_id
     node.agent_loop.run(node.session.ended(timeout_s=PROPAGATION_LIMIT_S))
     assert node.node_id not in node.b.server.plane.registry.sessions
 

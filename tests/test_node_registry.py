@@ -95,16 +95,29 @@ async def test_a_cancel_sends_cancel_and_frees_the_slot_after_the_timeout_if_unc
     assert nodes.busy_slots() == 0
 
 
-async def test_load_spreads_to_the_node_with_more_free_slots_and_follows_affinity() -> None:
+async def test_without_a_conversation_load_spreads_to_the_node_with_more_free_slots() -> None:
     nodes = registry()
     a, b = session("a", slots=1), session("b", slots=2)
     nodes.register(a)
     nodes.register(b)
+    first = await nodes.dispatch("org", MODEL, "completions", b"{}", None)
+    second = await nodes.dispatch("org", MODEL, "completions", b"{}", None)
+    assert first.session is b and second.session in (a, b) and nodes.busy_slots() == 2
+
+
+async def test_a_conversation_returns_to_its_node_while_it_has_a_free_slot() -> None:
+    nodes = registry()
+    a, b = session("a", slots=2), session("b", slots=2)
+    nodes.register(a)
+    nodes.register(b)
     first = await nodes.dispatch("org", MODEL, "chat/completions", b"{}", "conversation")
-    assert first.session is b
-    nodes.on_event(b, end(first.job_id))
+    nodes.on_event(first.session, end(first.job_id))
     again = await nodes.dispatch("org", MODEL, "chat/completions", b"{}", "conversation")
-    assert again.session is b  # the node whose prompt cache holds the conversation
+    assert again.session is first.session  # the node whose prompt cache holds the conversation
+    busy = await nodes.dispatch("org", MODEL, "chat/completions", b"{}", "conversation")
+    assert busy.session is first.session
+    elsewhere = await nodes.dispatch("org", MODEL, "chat/completions", b"{}", "conversation")
+    assert elsewhere.session is not first.session  # its node is full: another serves rather than a wait
 
 
 async def test_paused_or_drained_nodes_get_no_jobs() -> None:

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import itertools
 import logging
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -45,7 +47,6 @@ from server.waiters import Waiters
 log = logging.getLogger(__name__)
 
 MISSED_HEARTBEATS = 3
-AFFINITY_ENTRIES = 10_000
 
 
 class NodesBusyError(UpstreamError):
@@ -106,6 +107,14 @@ class Job:
     # The node's JobEnd (its own token counts), once it came; and set once the job's slot is released.
     end: pb.JobEnd | None = None
     over: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set for a job run for another plane (server.fleet): its events go there rather than onto `events`.
+    forward: Callable[[pb.JobEvent | SessionLost], None] | None = None
+
+    def deliver(self, event: pb.JobEvent | SessionLost) -> None:
+        if self.forward is not None:
+            self.forward(event)
+        else:
+            self.events.put_nowait(event)
 
 
 @dataclass(eq=False)
@@ -127,6 +136,11 @@ class NodeSession:
     closed: bool = False
     # Status and Heartbeat messages this node may still send (bounds.STATUS_RATE_PER_S).
     rate: MessageRate = field(default_factory=MessageRate)
+    # The plane whose node service holds the node's stream (this one, unless the session is a server.fleet view).
+    plane: str = ""
+    # The hash of the credential the stream was opened with: a session whose credential is gone (revoked, or
+    # superseded by a re-enrollment made through any plane) ends.
+    credential_hash: str = ""
 
     def __post_init__(self) -> None:
         self.models = {m.name: ModelSlots.from_info(m) for m in self.hello.models}
@@ -171,17 +185,28 @@ class NodeSession:
         if not self.closed:
             self.outbound.put_nowait(message)
 
+    async def start(self, job: Job, request: pb.JobRequest) -> bool:
+        """Send a job whose slot the registry claimed; False when the node's own plane refused it (a node on
+        another plane, server.fleet: its plane is the one that claims its slots)."""
+        self.send(pb.PlaneMessage(job=request))
+        return True
+
 
 class NodeRegistry:
-    def __init__(self, *, queue_size: int, queue_timeout_s: float, cancel_timeout_s: float) -> None:
+    def __init__(
+        self, *, queue_size: int, queue_timeout_s: float, cancel_timeout_s: float, plane_name: str = ""
+    ) -> None:
+        self.plane_name = plane_name
         self.queue_size = queue_size
         self.queue_timeout_s = queue_timeout_s
         self.cancel_timeout_s = cancel_timeout_s
+        # The nodes connected to this plane, and (server.fleet) those connected to other planes of the gateway.
         self.sessions: dict[str, NodeSession] = {}
+        self.remote: dict[str, NodeSession] = {}
+        # Called when a local node's capacity, state or busy slots change: server.fleet tells the other planes.
+        self.changed: Callable[[], None] = lambda: None
         # Requests queued for a slot of one (org, model), woken in arrival order as slots free up.
         self._pools: dict[tuple[str, str], Waiters] = collections.defaultdict(Waiters)
-        # Conversation prefix -> the node that served it last, so a follow-up reuses its prompt cache.
-        self._affinity: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._job_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -192,8 +217,10 @@ class NodeRegistry:
         if previous is not None:
             log.info("node %s reconnected; closing its previous stream", session.node_id)
             self.unregister(previous)
+        session.plane = self.plane_name
         self.sessions[session.node_id] = session
         self._wake(session)
+        self.changed()
 
     def unregister(self, session: NodeSession) -> None:
         if session.closed:
@@ -203,9 +230,11 @@ class NodeRegistry:
         if self.sessions.get(session.node_id) is session:
             del self.sessions[session.node_id]
         for job in list(session.jobs.values()):
-            job.events.put_nowait(SessionLost())
+            job.deliver(SessionLost())
+            job.finished = True  # told: release sends no second SessionLost
             self.release(job)
         self._wake(session)  # requests waiting for a slot of a pool it leaves without a node fail over now
+        self.changed()
 
     def disconnect(self, node_id: str) -> None:
         """Close a node's stream (revoked): its jobs fail over, its agent is refused on reconnect."""
@@ -223,6 +252,7 @@ class NodeRegistry:
         else:
             session.send(pb.PlaneMessage(resume=pb.Resume()))
         self._wake(session)
+        self.changed()
 
     def touch(self, session: NodeSession) -> None:
         session.last_seen = time.monotonic()
@@ -230,11 +260,41 @@ class NodeRegistry:
     def update_status(self, session: NodeSession, status: pb.Status) -> None:
         session.apply_status(status)
         self._wake(session)
+        self.changed()
+
+    # -- nodes on other planes (server.fleet) ------------------------------------------------------
+
+    def update_remote(self, session: NodeSession) -> None:
+        """Another plane's latest account of one of its nodes (slots, state): replaces the previous one."""
+        previous = self.remote.get(session.node_id)
+        if previous is not None and previous is not session:
+            session.jobs = previous.jobs
+        self.remote[session.node_id] = session
+        self._wake(session)
+
+    def drop_remote(self, node_id: str) -> None:
+        """A node another plane no longer holds (gone, or that plane is): its jobs here fail over."""
+        session = self.remote.pop(node_id, None)
+        if session is not None:
+            session.closed = True
+            for job in list(session.jobs.values()):
+                job.events.put_nowait(SessionLost())
+                self.release(job)
+            self._wake(session)
+
+    def session(self, node_id: str) -> NodeSession | None:
+        """The node's live session, on this plane or another."""
+        return self.sessions.get(node_id) or self.remote.get(node_id)
+
+    def every_session(self) -> Iterator[NodeSession]:
+        """Each node of the gateway once: this plane's own, then those on other planes."""
+        yield from self.sessions.values()
+        yield from (s for s in self.remote.values() if s.node_id not in self.sessions)
 
     # -- what is served ---------------------------------------------------------------------------
 
     def sessions_for(self, org_id: str) -> Iterator[NodeSession]:
-        return (s for s in self.sessions.values() if s.org_id == org_id)
+        return (s for s in self.every_session() if s.org_id == org_id)
 
     def models_for(self, org_id: str) -> set[str]:
         return {m for s in self.sessions_for(org_id) for m in s.models}
@@ -264,24 +324,41 @@ class NodeRegistry:
         if len(body) > PLANE_MESSAGE_MAX_BYTES - JOB_REQUEST_OVERHEAD_BYTES:
             # gRPC would refuse to send it and end the node's stream, every other job on it included.
             raise UpstreamConnectError(f"the request body is too large for a node ({len(body)} bytes)")
-        session = await self._claim(org_id, model, affinity)
-        job = Job(job_id=f"job-{next(self._job_ids)}", session=session, model=model)
+        deadline = time.monotonic() + self.queue_timeout_s
+        while True:
+            session = await self._claim(org_id, model, affinity, deadline)
+            job = Job(job_id=f"job-{next(self._job_ids)}", session=session, model=model)
+            session.jobs[job.job_id] = job
+            if await session.start(job, pb.JobRequest(job_id=job.job_id, endpoint=endpoint, body=body)):
+                return job
+            # The node's plane gave its last slot to a request of another plane first: pick again.
+            self.release(job)
+
+    def start_now(
+        self,
+        session: NodeSession,
+        model: str,
+        endpoint: str,
+        body: bytes,
+        forward: Callable[[pb.JobEvent | SessionLost], None],
+    ) -> Job | None:
+        """Run a job another plane asks for on this plane's node, if it has a free slot now (server.fleet)."""
+        if session.free_slots(model) <= 0 or len(body) > PLANE_MESSAGE_MAX_BYTES - JOB_REQUEST_OVERHEAD_BYTES:
+            return None
+        session.models[model].busy += 1
+        job = Job(job_id=f"job-{next(self._job_ids)}", session=session, model=model, forward=forward)
         session.jobs[job.job_id] = job
         session.send(pb.PlaneMessage(job=pb.JobRequest(job_id=job.job_id, endpoint=endpoint, body=body)))
-        if affinity is not None:
-            self._affinity[affinity] = session.node_id
-            self._affinity.move_to_end(affinity)
-            while len(self._affinity) > AFFINITY_ENTRIES:
-                self._affinity.popitem(last=False)
+        self.changed()
         return job
 
-    async def _claim(self, org_id: str, model: str, affinity: str | None) -> NodeSession:
+    async def _claim(self, org_id: str, model: str, affinity: str | None, deadline: float) -> NodeSession:
         waiters = self._pools[(org_id, model)]
-        deadline = time.monotonic() + self.queue_timeout_s
         while True:
             session = self._pick(org_id, model, affinity)
             if session is not None:
                 session.models[model].busy += 1
+                self.changed()
                 return session
             if not self.serves(org_id, model):
                 raise UpstreamConnectError(f"no node serves '{model}' any more")
@@ -296,13 +373,16 @@ class NodeRegistry:
                 raise NodesBusyError(f"no node slot for '{model}' freed up in time") from None
 
     def _pick(self, org_id: str, model: str, affinity: str | None) -> NodeSession | None:
-        candidates = [s for s in self.sessions_for(org_id) if s.free_slots(model) > 0]
+        serving = [s for s in self.sessions_for(org_id) if s.accepting and model in s.models]
+        candidates = [s for s in serving if s.free_slots(model) > 0]
         if not candidates:
             return None
-        preferred = self._affinity.get(affinity) if affinity else None
-        for session in candidates:
-            if session.node_id == preferred:
-                return session
+        if affinity is not None:
+            # A conversation's home: the same node on every plane, without asking any, by weighted rendezvous
+            # hashing over the nodes that serve the model (weighted by slots: a bigger node is home to more).
+            home = max(serving, key=lambda s: _rendezvous(affinity, s.node_id, s.models[model].slots_total))
+            if home.free_slots(model) > 0:
+                return home
         # The node with the most free slots: spreads load across agents.
         return max(candidates, key=lambda s: s.free_slots(model))
 
@@ -322,7 +402,7 @@ class NodeRegistry:
                 f"job {job.job_id}: more than {MAX_QUEUED_EVENTS_PER_JOB} events waiting to be read",
             )
         clamp_job_event(event)
-        job.events.put_nowait(event)
+        job.deliver(event)
         kind = event.WhichOneof("kind")
         if kind == "tokens":
             job.text_bytes += len(event.tokens.text.encode("utf-8", "surrogatepass"))
@@ -355,11 +435,14 @@ class NodeRegistry:
             return
         job.released = True
         job.over.set()
+        if job.forward is not None and not job.finished:
+            job.forward(SessionLost())  # released unfinished (cancel unconfirmed): the asking plane stops waiting
         job.session.jobs.pop(job.job_id, None)
         slots = job.session.models.get(job.model)
         if slots is not None:
-            slots.busy -= 1
+            slots.busy = max(slots.busy - 1, 0)  # a node on another plane: its plane's count may have come first
         self._wake(job.session)
+        self.changed()
 
     def _wake(self, session: NodeSession) -> None:
         """Wake as many queued requests as this node has free slots, and never more than are queued; all of them
@@ -372,11 +455,20 @@ class NodeRegistry:
                     waiters.wake_one()
 
     def busy_slots(self) -> int:
-        """Slots claimed across all nodes: zero whenever no job is running."""
+        """Slots claimed across this plane's nodes: zero whenever no job is running."""
         return sum(m.busy for s in self.sessions.values() for m in s.models.values())
 
     async def close(self) -> None:
         for session in list(self.sessions.values()):
             self.unregister(session)
+        for node_id in list(self.remote):
+            self.drop_remote(node_id)
         for task in list(self._tasks):
             task.cancel()
+
+
+def _rendezvous(key: str, node_id: str, weight: int) -> float:
+    """The weighted rendezvous score of `node_id` for `key`: the highest score wins, the same on every plane."""
+    digest = hashlib.blake2b(f"{key}/{node_id}".encode(), digest_size=8).digest()
+    unit = (int.from_bytes(digest, "big") + 1) / (2**64 + 1)  # uniform in (0, 1)
+    return max(weight, 1) / -math.log(unit)

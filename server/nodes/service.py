@@ -86,7 +86,7 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):  # type: ignore[misc]
         return pb.EnrollResponse(node_id=node["id"], credential=enrolled.credential, org=node["org"])
 
     async def Connect(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
-        node = await self._authenticate(context)
+        node, credential_hash = await self._authenticate(context)
         try:
             first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT_S)
         except TimeoutError:
@@ -105,6 +105,7 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):  # type: ignore[misc]
             hello=first.hello,
             heartbeat_s=self.heartbeat_s,
             drained=node.drained,
+            credential_hash=credential_hash,
         )
         self.registry.register(session)
         log.info("node %s (%s) connected: %s", node.id, loggable(node.name), model_list(session.models))
@@ -150,17 +151,19 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):  # type: ignore[misc]
             except ProtocolViolation as exc:
                 return exc
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext) -> NodeEntry:  # type: ignore[type-arg]
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[NodeEntry, str]:  # type: ignore[type-arg]
+        """The node the call's credential names, and the credential's hash."""
         metadata = dict(context.invocation_metadata() or ())
         scheme, _, credential = str(metadata.get(AUTHORIZATION, "")).partition(" ")
-        node = self.snapshot().nodes.get(hash_key(credential.strip())) if scheme.lower() == "bearer" else None
+        credential_hash = hash_key(credential.strip())
+        node = self.snapshot().nodes.get(credential_hash) if scheme.lower() == "bearer" else None
         if node is None:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "unknown or revoked node credential: enroll this machine again with a new token",
             )
         assert node is not None
-        return node
+        return node, credential_hash
 
     def _handle(self, session: NodeSession, message: pb.AgentMessage) -> None:
         """Apply one agent message; raises ProtocolViolation when it is out of bounds."""
