@@ -46,9 +46,11 @@ CLOSE_WAIT_S = 1.0
 _LISTENING, _WAKE, _PEEKING, _CLOSING = "listening", "wake", "peeking", "closing"
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
+def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """`reuse_port`: share the port with the other workers of this machine (server.workers), the kernel spreading
+    new connections over every listening socket of the port."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
+    sock = socket.create_server((host, port), family=family, backlog=BACKLOG, reuse_port=reuse_port)
     sock.setblocking(False)
     return sock
 

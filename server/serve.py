@@ -7,6 +7,9 @@ address. Each connection's protocol is server.connections', which bounds how slo
 Shutdown: stop accepting connections, let in-flight requests finish within `shutdown_grace_s`, cancel what
 is left, then flush the usage queue and close storage (the acceptor stops first; aiohttp's runner does the
 next two, the plane's cleanup the last).
+
+With `workers` above 1, `run` hands over to server.workers: a supervisor that does the one-time start-up work
+(`prepare`) and runs a `Server` in each of several processes sharing the ports.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import gc
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -33,9 +38,17 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Server:
-    def __init__(self, config: Config, plane: Plane | None = None) -> None:
+    """Parameters: `config`; the `plane` to serve (one built from `config` by default); `reuse_port`, to share
+    the HTTP port with the other workers of this machine; `announce`, to print the listening lines (a worker
+    leaves them to its supervisor, which prints them once for all)."""
+
+    def __init__(
+        self, config: Config, plane: Plane | None = None, *, reuse_port: bool = False, announce: bool = True
+    ) -> None:
         self.config = config
         self.plane = plane or Plane(config)
+        self.reuse_port = reuse_port
+        self.announce = announce
         self.runner = web.AppRunner(
             create_app(self.plane),
             shutdown_timeout=config.shutdown_grace_s,
@@ -56,8 +69,7 @@ class Server:
     async def startup(self) -> None:
         await self.runner.setup()  # runs the plane's startup: migrations, admin key, snapshot
         if self.plane.generated_admin_key:
-            # Printed once, on stdout, for the operator; only its hash is stored.
-            print(f"Admin key (shown once, store it now): {self.plane.generated_admin_key}", flush=True)
+            announce_admin_key(self.plane.generated_admin_key)
         assert self.runner.server is not None  # set up above
         config, metrics = self.config, self.plane.metrics
         self.connections = Connections(
@@ -74,7 +86,7 @@ class Server:
         )
         self.connections.start()
         self.acceptor = Acceptor(
-            listening_socket(config.host, config.port),
+            listening_socket(config.host, config.port, reuse_port=self.reuse_port),
             asyncio.get_running_loop(),
             self.runner.server,
             self.connections.protocol,
@@ -85,14 +97,8 @@ class Server:
         )
         self.acceptor.start()
         self.port = self.acceptor.port
-        # Printed whatever the log level: operators and scripts (tests, bench) read the bound port from it.
-        print(f"Hatchway listening on {self.url}", flush=True)
-        scheme = "plaintext, loopback only" if self.config.grpc_insecure else "TLS"
-        print(
-            f"Node service listening on {self.config.host}:{self.plane.grpc_port} ({scheme}); "
-            f"CA fingerprint {self.plane.tls.fingerprint}",
-            flush=True,
-        )
+        if self.announce:
+            announce_listening(self.config, self.port, self.plane.grpc_port, self.plane.tls.fingerprint)
 
     async def shutdown(self) -> None:
         log.info("shutting down: draining in-flight requests for up to %.0fs", self.config.shutdown_grace_s)
@@ -102,13 +108,16 @@ class Server:
         if self.connections is not None:
             await self.connections.stop()
 
-    async def run(self) -> None:
+    async def run(self, ready: Callable[[Server], None] | None = None) -> None:
+        """Serve until SIGINT or SIGTERM (or `should_exit`); `ready` is called once serving."""
         loop = asyncio.get_running_loop()
         for sig in HANDLED_SIGNALS:
             # Windows has no add_signal_handler: KeyboardInterrupt ends the loop there instead.
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, self.should_exit.set)
         await self.startup()
+        if ready is not None:
+            ready(self)
         # Everything built so far (modules, the snapshot, the app) lives as long as the process: keep it out of
         # the collector's full passes, which otherwise walk all of it each time. Measured at c=32: p99 from
         # 78 ms to 20 ms. No collection first: it would hold up readiness, for a little start-up garbage.
@@ -137,10 +146,53 @@ def check_ports(config: Config) -> None:
                 ) from exc
 
 
-def run(config: Config) -> None:
-    check_ports(config)
+def announce_admin_key(admin_key: str) -> None:
+    # Printed once, on stdout, for the operator; only its hash is stored.
+    print(f"Admin key (shown once, store it now): {admin_key}", flush=True)
+
+
+def announce_listening(config: Config, port: int, grpc_port: int, fingerprint: str, workers: int = 1) -> None:
+    # Printed whatever the log level: operators and scripts (tests, bench) read the bound port from it.
+    shared = f" ({workers} workers)" if workers > 1 else ""
+    print(f"Hatchway listening on http://{config.host}:{port}{shared}", flush=True)
+    scheme = "plaintext, loopback only" if config.grpc_insecure else "TLS"
+    print(f"Node service listening on {config.host}:{grpc_port} ({scheme}); CA fingerprint {fingerprint}", flush=True)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the one-time start-up work leaves to the processes that serve: the admin key generated on a first
+    start (to print once), and the node CA's fingerprint."""
+
+    admin_key: str | None
+    fingerprint: str
+
+
+def prepare(config: Config) -> Prepared:
+    """The start-up work done once for several workers: the data dir, the secret key and the node CA (made by
+    the plane's constructor when missing), migrations, the admin key and the declared configuration."""
+    plane = Plane(config)
+    try:
+        plane.prepare_storage()
+    finally:
+        plane.engine.dispose()
+    return Prepared(plane.generated_admin_key, plane.tls.fingerprint)
+
+
+def install_uvloop() -> None:
     if sys.platform != "win32":
         import uvloop
 
         uvloop.install()
+
+
+def run(config: Config) -> None:
+    from server.workers import supervise, worker_count  # server.workers builds on this module
+
+    workers = worker_count(config)
+    if workers > 1:
+        supervise(config, workers)
+        return
+    check_ports(config)
+    install_uvloop()
     asyncio.run(Server(config).run())
