@@ -10,6 +10,8 @@
     bound       total bytes, least recently used entries evicted first
     owner       the event loop: every call runs on it (an admin's clear included), since lookups reorder and
                 stores evict; a worker thread iterating the entries would race them
+    shared      with `redis_url` set, server.shared.redis_cache.RedisCache holds the entries in Redis for every
+                plane instead; the plane talks to either through `AnswerCache`, whose calls are coroutines
 
 Only whole, successful answers are stored: a stream that broke, was rescued by another target or carried tool
 calls is not.
@@ -20,9 +22,9 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -89,6 +91,24 @@ def request_key(org_id: str, endpoint: str, body: dict[str, Any]) -> str:
     return f"{org_id}:{digest.hexdigest()}"
 
 
+def entry_for(
+    org_id: str, endpoint: str, body: dict[str, Any], policy: CachePolicy, directives: Directives
+) -> tuple[str, int] | None:
+    """The key a request's answer is cached under and the TTL to store it with (0: read only), or None when the
+    request bypasses the cache (by header, by the org's mode, or not deterministic enough for it)."""
+    if directives.bypass or policy.mode == "off":
+        return None
+    if policy.mode == "deterministic" and not is_deterministic(endpoint, body):
+        return None
+    ttl = 0 if directives.no_store else directives.ttl_s if directives.ttl_s is not None else policy.ttl_s
+    return request_key(org_id, endpoint, body), ttl
+
+
+def entry_size(key: str, value: bytes) -> int:
+    """What an entry counts against the byte bound."""
+    return len(key) + len(value) + _ENTRY_OVERHEAD
+
+
 @dataclass(frozen=True, slots=True)
 class Lookup:
     """What the cache said about one request: its status, the key to store under, and the answer on a hit."""
@@ -106,6 +126,34 @@ class Lookup:
 BYPASSED = Lookup(BYPASS)
 
 
+class AnswerCache(Protocol):
+    """What the plane asks of a response cache, in process (ResponseCache) or shared through Redis
+    (server.shared.redis_cache.RedisCache). Coroutines, since a shared cache answers over the network; none
+    raises for a cache that cannot answer: a lookup is a miss, a store is skipped. The counters are this
+    plane's, whichever cache holds the entries."""
+
+    hits: int
+    misses: int
+    stores: int
+    evictions: int
+
+    async def fetch(
+        self, org_id: str, endpoint: str, body: dict[str, Any], policy: CachePolicy, directives: Directives
+    ) -> Lookup: ...
+
+    async def store(self, key: str, value: bytes, ttl_s: int) -> None: ...
+
+    async def remove(self, org_id: str | None = None) -> int:
+        """Drop one org's entries, or every org's; how many went."""
+        ...
+
+    async def held(self, org_ids: Iterable[str]) -> dict[str, tuple[int, int] | None]:
+        """Entries and bytes each org holds (None: unknown right now)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 @dataclass
 class _Entry:
     value: bytes
@@ -121,17 +169,43 @@ class ResponseCache:
     size: int = 0
     hits: int = 0
     misses: int = 0
+    stores: int = 0
     evictions: int = 0
+
+    # -- AnswerCache: this process's entries need no waiting, the coroutines only share the shared cache's shape
+
+    async def fetch(
+        self, org_id: str, endpoint: str, body: dict[str, Any], policy: CachePolicy, directives: Directives
+    ) -> Lookup:
+        return self.lookup(org_id, endpoint, body, policy, directives)
+
+    async def store(self, key: str, value: bytes, ttl_s: int) -> None:
+        self.put(key, value, ttl_s)
+
+    async def remove(self, org_id: str | None = None) -> int:
+        return self.clear(org_id)
+
+    async def held(self, org_ids: Iterable[str]) -> dict[str, tuple[int, int] | None]:
+        wanted = {org_id: [0, 0] for org_id in org_ids}
+        for key, entry in self.entries.items():
+            figures = wanted.get(key.rpartition(":")[0])
+            if figures is not None:
+                figures[0] += 1
+                figures[1] += entry.size
+        return {org_id: (entries, size) for org_id, (entries, size) in wanted.items()}
+
+    async def close(self) -> None:
+        pass
+
+    # -- the entries ------------------------------------------------------------------------------------
 
     def lookup(
         self, org_id: str, endpoint: str, body: dict[str, Any], policy: CachePolicy, directives: Directives
     ) -> Lookup:
-        if directives.bypass or policy.mode == "off" or self.max_bytes <= 0:
+        entry = entry_for(org_id, endpoint, body, policy, directives) if self.max_bytes > 0 else None
+        if entry is None:
             return BYPASSED
-        if policy.mode == "deterministic" and not is_deterministic(endpoint, body):
-            return BYPASSED
-        key = request_key(org_id, endpoint, body)
-        ttl = 0 if directives.no_store else directives.ttl_s if directives.ttl_s is not None else policy.ttl_s
+        key, ttl = entry
         value = self.get(key)
         if value is not None:
             self.hits += 1
@@ -150,13 +224,14 @@ class ResponseCache:
         return entry.value
 
     def put(self, key: str, value: bytes, ttl_s: int) -> None:
-        size = len(key) + len(value) + _ENTRY_OVERHEAD
+        size = entry_size(key, value)
         if ttl_s <= 0 or size > self.max_bytes:
             return
         if key in self.entries:
             self._drop(key)
         self.entries[key] = _Entry(value, self.clock() + ttl_s, size)
         self.size += size
+        self.stores += 1
         while self.size > self.max_bytes:
             oldest = next(iter(self.entries))
             self._drop(oldest)

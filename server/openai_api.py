@@ -3,7 +3,8 @@
     authenticate -> read body -> validate -> authorize model -> route -> cache lookup -> admit (limits)
         -> replay (a cache hit) | relay (complete | stream) -> store in cache -> settle limits
 
-Everything before `relay` reads only the in-memory snapshot and the plane's in-memory counters.
+Everything before `relay` reads only the in-memory snapshot and the plane's in-memory counters, or with Redis
+configured one round trip for the cache lookup and one for the limits (server.shared).
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         plans=plans,
         deadline_s=plane.config.request_deadline_s,
     )
-    lookup = plane.cache.lookup(key.org_id, endpoint.path, body, catalog.snapshot.cache_policy(key.org_id), directives)
+    lookup = await plane.cache.fetch(
+        key.org_id, endpoint.path, body, catalog.snapshot.cache_policy(key.org_id), directives
+    )
     exchange.cache = lookup.status
     # A cached answer costs nothing: it still counts as a request, but reserves no tokens and no spend.
     cost = Estimate() if lookup.value is not None else estimate(plane, endpoint, body, plans)
@@ -96,7 +99,7 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         relay = plane.relay.stream(request, exchange) if exchange.streaming else plane.relay.complete(exchange)
         response = await relay
         if lookup.stores and lookup.key and exchange.answer is not None:
-            plane.cache.put(lookup.key, exchange.answer, lookup.ttl_s)
+            await plane.cache.store(lookup.key, exchange.answer, lookup.ttl_s)
         return response
     finally:
         # A client that left is billed what was generated for it; a node's own count may still be on its way.

@@ -47,6 +47,9 @@ async def readyz(request: web.Request) -> web.Response:
     failure = await plane.storage_probe.failure()
     if failure is not None:
         raise ServiceUnavailableError(f"storage unreachable: {failure}")
+    # A plane that lost Redis still answers (limits per redis_failure, cache misses), but not as one gateway.
+    if plane.redis_probe is not None and (failure := await plane.redis_probe.failure()) is not None:
+        raise ServiceUnavailableError(f"redis unreachable: {failure}")
     return web.json_response({"status": "ready", "snapshot_version": plane.snapshots.current.version})
 
 

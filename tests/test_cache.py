@@ -43,6 +43,13 @@ def set_cache(gateway: Gateway, org: str = "acme", **policy: Any) -> dict[str, A
     return gateway.plane.admin.put("/cache", {"org": org, **policy})  # type: ignore[no-any-return]
 
 
+def local_cache(gateway: Gateway) -> ResponseCache:
+    """The plane's in-process cache (these planes have no Redis: tests/test_shared_cache.py has the shared one)."""
+    cache = plane_of(gateway).cache
+    assert isinstance(cache, ResponseCache)
+    return cache
+
+
 def test_a_deterministic_request_is_a_miss_then_a_hit(gateway: Gateway) -> None:
     first, second = ask(gateway), ask(gateway)
     assert first.headers["x-hatchway-cache"] == "miss"
@@ -112,7 +119,7 @@ def test_header_no_store_reads_but_does_not_store(gateway: Gateway) -> None:
 
 def test_an_entry_expires_after_its_ttl(gateway: Gateway) -> None:
     clock = FrozenClock()
-    plane_of(gateway).cache.clock = clock
+    local_cache(gateway).clock = clock
     set_cache(gateway, ttl_s=60)
     ask(gateway)
     clock.advance(59)
@@ -123,7 +130,7 @@ def test_an_entry_expires_after_its_ttl(gateway: Gateway) -> None:
 
 def test_a_ttl_header_overrides_the_org_ttl(gateway: Gateway) -> None:
     clock = FrozenClock()
-    plane_of(gateway).cache.clock = clock
+    local_cache(gateway).clock = clock
     ask(gateway, **{"X-Hatchway-Cache": "ttl=5"})
     clock.advance(6)
     assert ask(gateway).headers["x-hatchway-cache"] == "miss"
@@ -297,13 +304,13 @@ def test_cache_cli_sets_shows_and_clears(gateway: Gateway) -> None:
 
 
 def test_clearing_the_cache_while_answers_are_being_stored_never_fails(gateway: Gateway) -> None:
-    plane = plane_of(gateway)
+    cache = local_cache(gateway)
     org_id = gateway.plane.admin.get("/cache", org="acme")["data"][0]["org_id"]
 
     async def fill() -> None:
         # Enough entries that one pass over them outlasts many thread switches.
         for i in range(100_000):
-            plane.cache.put(f"{org_id}:filler-{i}", b"{}", 300)
+            cache.put(f"{org_id}:filler-{i}", b"{}", 300)
 
     statuses: list[int] = []
 
@@ -329,4 +336,4 @@ def test_clearing_the_cache_while_answers_are_being_stored_never_fails(gateway: 
         sys.setswitchinterval(switch)
     assert statuses and set(statuses) == {200}
     assert all(removed >= 100_000 for removed in cleared)
-    assert plane.cache.size == sum(e.size for e in plane.cache.entries.values())
+    assert cache.size == sum(e.size for e in cache.entries.values())

@@ -11,146 +11,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import socket
-import subprocess
 import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
 
-from server.cli.client import AdminClient
 from server.config import Config
 from server.errors import RateLimitError
 from server.limits import Estimate, Limits, estimate_tokens
-from server.serve import Server
 from server.shared.redis_limits import SharedLimiter
-from tests.conftest import ADMIN_KEY, MODEL, RunningPlane, usage_report
-from tests.loop_thread import LoopThread
+from tests.conftest import MODEL, REDIS, Planes, PrivateRedis, RunningPlane, eventually, free_port, usage_report
 from tests.mock_upstream import MockUpstream
 from tests.plane_process import PlaneProcess
-from tests.test_postgres import scratch_database
 
-REDIS = "redis://127.0.0.1:6379/0"
-REDIS_SERVER = "/usr/bin/redis-server"
 MESSAGES = [{"role": "user", "content": "Say hello"}]
-
-
-def require_redis(url: str = REDIS) -> None:
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError as exc:
-        pytest.fail(f"these tests need Redis at {url} (issue 17: CI runs one on its standard port): {exc}")
-    finally:
-        client.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class PrivateRedis:
-    """A redis-server of this test's own, without persistence: stopped, it forgets everything."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        if not Path(REDIS_SERVER).exists():
-            pytest.fail(f"this test starts its own Redis and needs {REDIS_SERVER}")
-        command = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"redis-server on port {self.port} never answered") from None
-                time.sleep(0.05)
-        client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    server = PrivateRedis()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def database() -> Iterator[str]:
-    with scratch_database() as url:
-        yield url
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    """This test's own key prefix on the shared Redis, its keys removed afterwards."""
-    require_redis()
-    name = f"hatchway-test:{uuid.uuid4().hex[:12]}:"
-    yield name
-    client = redis.Redis.from_url(REDIS)
-    keys = list(client.scan_iter(match=f"{name}*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
-
-
-class Planes:
-    """Planes started in one loop thread, each a Server of its own; stopped at the end of the test."""
-
-    def __init__(self, loop_thread: LoopThread, base: Config) -> None:
-        self.loop_thread = loop_thread
-        self.base = base
-        self.running: list[RunningPlane] = []
-
-    def start(self, **changes: Any) -> RunningPlane:
-        name = f"plane-{len(self.running)}"
-        config = self.base.replace(data_dir=self.base.data_dir / name, **changes)
-
-        async def start() -> Server:
-            server = Server(config)
-            await server.startup()
-            return server
-
-        server = self.loop_thread.run(start())
-        plane = RunningPlane(server, self.loop_thread, AdminClient(server.url, ADMIN_KEY))
-        self.running.append(plane)
-        return plane
-
-    def close(self) -> None:
-        for plane in self.running:
-            plane.admin.close()
-            if plane.server.runner.server is not None:
-                plane.stop()
-
-
-@pytest.fixture
-def planes(loop_thread: LoopThread, plane_config: Config, database: str) -> Iterator[Planes]:
-    # One database and one secret: planes that share them serve the same orgs, keys and providers.
-    started = Planes(loop_thread, plane_config.replace(database_url=database, secret_key="shared-test-secret"))
-    yield started
-    started.close()
 
 
 def set_up(plane: RunningPlane, upstream: MockUpstream, **limits: Any) -> str:
@@ -193,14 +70,6 @@ def limiter_of(plane: RunningPlane) -> SharedLimiter:
 
 def live_usage(plane: RunningPlane) -> dict[str, Any]:
     return plane.admin.get("/limits", org="acme")["data"][0]["usage"]  # type: ignore[no-any-return]
-
-
-def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition never held")
-        time.sleep(0.05)
 
 
 def tokens_billed(plane: RunningPlane, requests: int) -> int:
