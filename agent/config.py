@@ -1,14 +1,19 @@
-"""The agent's configuration file: where the plane is, who this node is, and what it serves.
+"""The agent's configuration file: where the planes are, who this node is, and what it serves.
 
 JSON, written by `hatchway-agent enroll` with mode 0600 (it holds the node credential), and readable by hand:
 
-    {"plane": "plane.example.com:8443", "node_id": "node_...", "credential": "hwn-...", "ca_pem": "...",
+    {"plane": "plane-a.example.com:8443", "planes": ["plane-a.example.com:8443", "plane-b.example.com:8443"],
+     "node_id": "node_...", "credential": "hwn-...", "ca_pem": "...",
      "name": "lab-box", "machine_id": "...", "insecure": false, "mode": "always-on",
      "idle": {"cpu_percent": 50, "gpu_percent": 30, "pause_after_s": 5, "resume_after_s": 60},
      "models": [{"path": "/models/llama.gguf", "name": "llama-3.1-8b", "slots": 2, "context": 4096,
                  "threads": 8, "gpu_layers": 99, "price_in": 0.1, "price_out": 0.2}]}
 
 Its default place follows the OS (`default_path`); `--config` or `HATCHWAY_AGENT_CONFIG` choose another.
+
+`plane` is the address enrolled with, first of the planes the agent dials in turn (agent.connection); `planes`,
+written only when there are several, lists them all, `plane` first. A file with `plane` alone (every file written
+before there could be several, and every single-plane file since) stays readable by older agents too.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ class IdleThresholds:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    plane: str = ""
+    planes: tuple[str, ...] = ()
     node_id: str = ""
     credential: str = ""
     ca_pem: str = ""
@@ -55,6 +60,11 @@ class AgentConfig:
     mode: str = "always-on"
     idle: IdleThresholds = field(default_factory=IdleThresholds)
     models: tuple[ModelConfig, ...] = ()
+
+    @property
+    def plane(self) -> str:
+        """The plane enrolled with (the first one dialled), or "" before enrollment."""
+        return self.planes[0] if self.planes else ""
 
     @property
     def enrolled(self) -> bool:
@@ -76,9 +86,10 @@ class AgentConfig:
         if not isinstance(doc, dict):
             raise AgentConfigError(f"{path}: expected a JSON object")
         try:
+            planes = _planes(doc.pop("plane", ""), doc.pop("planes", []))
             models = tuple(ModelConfig.from_dict(m) for m in doc.pop("models", []))
             idle = IdleThresholds(**doc.pop("idle", {}))
-            config = cls(**doc, idle=idle, models=models)
+            config = cls(**doc, planes=planes, idle=idle, models=models)
         except (TypeError, ValueError) as exc:
             raise AgentConfigError(f"{path}: {exc}") from exc
         if config.mode not in MODES:
@@ -88,6 +99,9 @@ class AgentConfig:
     def save(self, path: Path) -> None:
         """Write atomically and privately: the file holds the node credential."""
         doc = dataclasses.asdict(self)
+        del doc["planes"]
+        # `plane` first and alone for one plane: the format every agent reads (see the module's docstring).
+        doc = {"plane": self.plane, **({"planes": list(self.planes)} if len(self.planes) > 1 else {}), **doc}
         doc["models"] = [m.to_dict() for m in self.models]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
@@ -95,6 +109,15 @@ class AgentConfig:
         with os.fdopen(fd, "w") as fh:
             json.dump(doc, fh, indent=2)
         os.replace(tmp, path)
+
+
+def _planes(plane: object, planes: object) -> tuple[str, ...]:
+    """`plane`, then the other `planes` in their order, each once: a hand edit of `plane` alone still counts."""
+    if not isinstance(plane, str):
+        raise ValueError("plane must be a string, HOST:PORT")
+    if not isinstance(planes, list) or not all(isinstance(p, str) for p in planes):
+        raise ValueError("planes must be a list of strings, HOST:PORT each")
+    return tuple(dict.fromkeys(p for p in (plane, *planes) if p))
 
 
 def default_path() -> Path:

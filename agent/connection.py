@@ -1,10 +1,15 @@
 """The agent's side of the wire: enrollment, and the session it keeps open to the plane.
 
 `Agent.run` dials out (nodes need no inbound port), authenticates with the node credential, says Hello with its
-hardware and models, then serves the jobs the plane sends until the stream drops; it reconnects with exponential
-backoff (1 s to 60 s, with jitter) and registers again. Tokens go back in batches: the first at once, then every
-`token_batch_ms` or `token_batch_max` tokens, whichever comes first. The engine forms the batches (see
-`agent.engine.Job`), so that the tokens inside a batch do not each wake the event loop; each becomes one TokenBatch.
+hardware and models, then serves the jobs the plane sends until the stream drops; then it dials the next of the
+config's planes (they share one database, so each knows the node's credential, and one node certificate, so the
+pinned one holds for all) and registers there. The next plane is dialled at once (a fraction of a second): a
+plane killed resets its connections, so a node is served by another plane well within 5 s. Only a round in which
+every plane failed waits, with exponential backoff (1 s to 60 s, with jitter), before the next round.
+
+Tokens go back in batches: the first at once, then every `token_batch_ms` or `token_batch_max` tokens, whichever
+comes first. The engine forms the batches (see `agent.engine.Job`), so that the tokens inside a batch do not each
+wake the event loop; each becomes one TokenBatch.
 """
 
 from __future__ import annotations
@@ -44,6 +49,16 @@ log = logging.getLogger("hatchway.agent")
 
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
+# Between one plane failing and dialling the next: a pause (with jitter) so that the agents of a plane that died
+# do not all land on the next one in the same instant, short beside the 5 s in which a node must be back.
+NEXT_PLANE_S = 0.2
+# A session that lasted this long after its Welcome was a healthy one: whatever ends it starts a fresh round with no
+# backoff. Shorter ones count as failures, so a plane that welcomes the node and drops it at once is not dialled in a
+# tight loop (at most once per this long, per agent).
+HEALTHY_SESSION_S = 5.0
+# How long a plane has to welcome the node once dialled: an address that swallows packets (a host gone, a
+# firewall) would otherwise hold the agent for gRPC's 20 s connect timeout before it tries the next plane.
+WELCOME_TIMEOUT_S = 10.0
 # How long a leaving agent waits for the plane to acknowledge the end of its stream.
 CLOSE_TIMEOUT_S = 5.0
 # Keepalive pings find a silently dead connection (a NAT that forgot it, a plane gone without a reset) long before
@@ -73,6 +88,10 @@ class EnrollmentError(Exception):
     """Enrollment failed; the message says why (bad token, plane certificate mismatch, unreachable plane)."""
 
 
+class PlaneUnreachable(EnrollmentError):
+    """The plane did not answer (down, or a wrong address)."""
+
+
 # -- enrollment -----------------------------------------------------------------------------------------
 
 
@@ -82,7 +101,7 @@ def fetch_plane_certificate(plane: str, fingerprint: str) -> str:
     try:
         pem = ssl.get_server_certificate((host.strip("[]"), int(port)), timeout=10)
     except (OSError, ValueError) as exc:
-        raise EnrollmentError(f"cannot reach the plane at {plane}: {exc}") from exc
+        raise PlaneUnreachable(f"cannot reach the plane at {plane}: {exc}") from exc
     if not fingerprint:
         raise EnrollmentError("the token carries no CA fingerprint: ask the admin for a new one")
     if certificate_fingerprint(pem) != fingerprint:
@@ -115,21 +134,36 @@ def open_channel(plane: str, ca_pem: str, insecure: bool, keepalive_s: float = K
 
 
 def previous_credential(config: AgentConfig, plane: str, token: str, insecure: bool) -> str:
-    """The credential `config` holds for the plane this token enrolls with, or "".
+    """The credential `config` holds for the gateway this token enrolls with, or "".
 
     Sent with the enrollment as proof that this machine is the node it was, so it keeps its node id. Only to the
-    same plane: the one whose certificate the token pins (or, without TLS, the same address), so no other plane
-    ever learns a credential it could use against this one."""
+    same gateway: the one whose certificate the token pins (every plane of a gateway presents the same one), or,
+    without TLS, one of the addresses the config lists, so no other gateway ever learns a credential it could use
+    against this one."""
     if not config.credential:
         return ""
     if insecure or config.insecure:
-        return config.credential if insecure and config.insecure and config.plane == plane else ""
+        return config.credential if insecure and config.insecure and plane in config.planes else ""
     _, fingerprint = split_enrollment_token(token)
     try:
         same = bool(config.ca_pem) and certificate_fingerprint(config.ca_pem) == fingerprint
     except ValueError:
         same = False  # an unreadable certificate in the config pins nothing
     return config.credential if same else ""
+
+
+def plane_certificate_problem(plane: str, fingerprint: str) -> str:
+    """What keeps the agent from failing over to `plane`, if it can tell: "" when the plane presents the certificate
+    the token pins, else why it cannot be checked. Raises EnrollmentError when it presents another.
+
+    Every plane of a gateway presents the same node certificate (a shared data dir, or the same grpc_tls_cert):
+    a plane that presents another would refuse the agent's TLS handshake at the moment it is needed, so enrolling
+    stops, before the token is spent, while the admin is there to fix it."""
+    try:
+        fetch_plane_certificate(plane, fingerprint)
+    except PlaneUnreachable as exc:
+        return f"not answering now, so its certificate is unchecked ({exc.__cause__})"
+    return ""
 
 
 async def enroll(
@@ -204,6 +238,9 @@ class Agent:
         self._batch_ms = 50
         self._batch_max = 16
         self.connected = asyncio.Event()
+        # The plane of the current (or last) session, the one that welcomed this node, and when it did.
+        self.plane = ""
+        self._welcomed_at: float | None = None
 
     @property
     def paused(self) -> bool:
@@ -219,10 +256,15 @@ class Agent:
                 watcher.cancel()
 
     async def _keep_session(self, stop: asyncio.Event) -> None:
+        planes = self.config.planes
         backoff = BACKOFF_FIRST_S
+        index = 0
+        failures = 0  # sessions that failed (or were short) since the last healthy one, whichever the plane
+        refusal: grpc.aio.AioRpcError | None = None
         while not stop.is_set():
-            started = time.monotonic()
-            session = asyncio.create_task(self._session())
+            plane = planes[index]
+            self._welcomed_at = None
+            session = asyncio.create_task(self._session(plane))
             stopper = asyncio.create_task(stop.wait())
             await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if stop.is_set():
@@ -232,33 +274,47 @@ class Agent:
             stopper.cancel()
             try:
                 session.result()
-                log.warning("the plane closed the session")
+                log.warning("the plane at %s closed the session", plane)
+            except TimeoutError:
+                log.warning("the plane at %s did not welcome this node within %.0fs", plane, WELCOME_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    raise CredentialRefused(exc.details() or "credential refused") from exc
-                log.warning("session to %s lost: %s %s", self.config.plane, exc.code().name, exc.details())
+                    refusal = exc
+                log.warning("session to %s lost: %s %s", plane, exc.code().name, exc.details())
             self._abandon_jobs()
-            if time.monotonic() - started > BACKOFF_MAX_S:
-                backoff = BACKOFF_FIRST_S  # it was a healthy session: start over quickly
-            delay = backoff * random.uniform(0.5, 1.0)
-            log.info("reconnecting in %.1fs", delay)
+            if self._welcomed_at is not None and time.monotonic() - self._welcomed_at > HEALTHY_SESSION_S:
+                failures, refusal, backoff = 0, None, BACKOFF_FIRST_S  # a healthy session: start over quickly
+            failures += 1
+            index = (index + 1) % len(planes)
+            if failures < len(planes):
+                delay = NEXT_PLANE_S * random.uniform(0.5, 1.0)
+            else:
+                # A whole round without a lasting session. The planes share one database, so a refusal is the
+                # gateway's answer; it is final once no other plane of the round took the node instead (one that
+                # had not yet heard of a new enrollment gets its chance).
+                if refusal is not None:
+                    raise CredentialRefused(refusal.details() or "credential refused") from refusal
+                delay = backoff * random.uniform(0.5, 1.0)
+                backoff = min(BACKOFF_MAX_S, backoff * 2)
+                failures = 0
+            log.info("reconnecting to %s in %.1fs", planes[index], delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
-            backoff = min(BACKOFF_MAX_S, backoff * 2)
 
-    async def _session(self) -> None:
+    async def _session(self, plane: str) -> None:
         outbox: asyncio.Queue[_Outgoing | None] = asyncio.Queue()
         self._outbox = outbox
         self._send(pb.AgentMessage(hello=self._hello()))
         metadata = ((AUTHORIZATION, f"Bearer {self.config.credential}"),)
-        async with open_channel(
-            self.config.plane, self.config.ca_pem, self.config.insecure, self.keepalive_s
-        ) as channel:
+        async with open_channel(plane, self.config.ca_pem, self.config.insecure, self.keepalive_s) as channel:
             call = node_pb2_grpc.NodeServiceStub(channel).Connect(_drain_queue(outbox), metadata=metadata)
             ticker = asyncio.create_task(self._tick())
             try:
-                async for message in call:
-                    self._handle(message)
+                async with asyncio.timeout(WELCOME_TIMEOUT_S) as welcome:
+                    async for message in call:
+                        self._handle(message, plane)
+                        if self.connected.is_set() and welcome.when() is not None:
+                            welcome.reschedule(None)  # welcomed: the session lasts as long as the stream
             finally:
                 ticker.cancel()
                 self.connected.clear()
@@ -274,11 +330,13 @@ class Agent:
         elif written is not None:
             written.set()
 
-    def _handle(self, message: pb.PlaneMessage) -> None:
+    def _handle(self, message: pb.PlaneMessage, plane: str) -> None:
         kind = message.WhichOneof("kind")
         if kind == "welcome":
             self._heartbeat_s = max(0.2, message.welcome.heartbeat_interval_ms / 1000)
-            log.info("connected to %s as node %s", self.config.plane, message.welcome.node_id)
+            log.info("connected to the plane at %s as node %s", plane, message.welcome.node_id)
+            self.plane = plane
+            self._welcomed_at = time.monotonic()
             self.connected.set()
             self._send_status()
         elif kind == "config":

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from proto.contract import join_enrollment_token
+from proto.contract import PLANES_MAX, join_enrollment_token, plane_address_problem
 from proto.hatchway.node.v1 import node_pb2 as pb
 from server.auth import authenticate_admin
 from server.credentials import ENROLLMENT_TOKEN_PREFIX, generate_key
@@ -375,6 +375,7 @@ async def create_node_token(request: web.Request) -> web.Response:
         raise InvalidRequestError("'labels' must be an object of strings", param="labels")
     # A node (id or name) the enrolling machine takes over, keeping its id; its earlier credential stops working.
     replace = _str(body, "replace", required=False) or None
+    planes = _plane_addresses(body)
     secret = generate_key(ENROLLMENT_TOKEN_PREFIX)
     created = await _mutate(
         request,
@@ -387,8 +388,19 @@ async def create_node_token(request: web.Request) -> web.Response:
         labels=labels,
         replace=replace,
     )
-    token = join_enrollment_token(secret, plane.tls.fingerprint)
+    token = join_enrollment_token(secret, plane.tls.fingerprint, planes)
     return web.json_response({**created, "token": token}, status=201)
+
+
+def _plane_addresses(body: dict[str, Any]) -> list[str]:
+    """`planes`: the node service addresses the token carries to the agent (not stored: they are only in it)."""
+    planes = list(dict.fromkeys(_str_list(body, "planes")))
+    if len(planes) > PLANES_MAX:
+        raise InvalidRequestError(f"'planes' holds at most {PLANES_MAX} addresses", param="planes")
+    for address in planes:
+        if problem := plane_address_problem(address):
+            raise InvalidRequestError(problem, param="planes")
+    return planes
 
 
 async def list_node_tokens(request: web.Request) -> web.Response:
@@ -409,7 +421,7 @@ async def revoke_node_token(request: web.Request) -> web.Response:
 
 def _with_live_state(plane: Plane, node: dict[str, Any]) -> dict[str, Any]:
     """A node's stored facts plus what its live session says (or offline)."""
-    session = plane.registry.sessions.get(node["id"])
+    session = plane.registry.session(node["id"])
     if node["revoked_at"]:
         return {**node, "state": "revoked"}
     if session is None:
@@ -419,6 +431,7 @@ def _with_live_state(plane: Plane, node: dict[str, Any]) -> dict[str, Any]:
     return {
         **node,
         "state": session.state,
+        "plane": session.plane,
         "agent_version": hello.agent_version,
         "os": hello.os,
         "mode": "idle-only" if hello.mode == pb.MODE_IDLE_ONLY else "always-on",
@@ -565,19 +578,24 @@ async def set_cache_policy(request: web.Request) -> web.Response:
         ttl,
         before=lambda: plane.policies.list_cache_policies(org)[0],
     )
-    return web.json_response(_with_cache_stats(plane, policy))
+    return web.json_response((await _with_cache_stats(plane, [policy]))[0])
 
 
-def _with_cache_stats(plane: Plane, policy: dict[str, Any]) -> dict[str, Any]:
-    prefix = f"{policy['org_id']}:"
-    entries = [e for k, e in plane.cache.entries.items() if k.startswith(prefix)]
-    return {**policy, "entries": len(entries), "bytes": sum(e.size for e in entries)}
+async def _with_cache_stats(plane: Plane, policies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each org's policy with the entries and bytes it holds (null when a shared cache cannot say now)."""
+    held = await plane.cache.held(p["org_id"] for p in policies)
+    return [{**p, **_figures(held.get(p["org_id"]))} for p in policies]
+
+
+def _figures(held: tuple[int, int] | None) -> dict[str, int | None]:
+    entries, size = held if held is not None else (None, None)
+    return {"entries": entries, "bytes": size}
 
 
 async def list_cache_policies(request: web.Request) -> web.Response:
     plane = _plane(request)
     rows = await _read(plane.policies.list_cache_policies, request.query.get("org"))
-    return _listing([_with_cache_stats(plane, r) for r in rows])
+    return _listing(await _with_cache_stats(plane, rows))
 
 
 async def clear_cache(request: web.Request) -> web.Response:
@@ -589,7 +607,7 @@ async def clear_cache(request: web.Request) -> web.Response:
         org_id = (await _read(plane.policies.list_cache_policies, org_ref))[0]["org_id"]
 
     # On the loop, which is what stores and evicts entries: a worker thread would race it over the dict.
-    cleared = {"object": "cache_clear", "id": org_id or "*", "removed": plane.cache.clear(org_id)}
+    cleared = {"object": "cache_clear", "id": org_id or "*", "removed": await plane.cache.remove(org_id)}
     return web.json_response(await _mutate(request, "cache.clear", lambda: cleared))
 
 

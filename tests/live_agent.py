@@ -63,7 +63,7 @@ class LiveAgent:
         loop = LoopThread(timeout_s=60)
         response, ca_pem = loop.run(enroll(address, token, name="live", machine_id="live-machine", insecure=False))
         agent_config = AgentConfig(
-            plane=address,
+            planes=(address,),
             node_id=response.node_id,
             credential=response.credential,
             ca_pem=ca_pem,

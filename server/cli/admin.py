@@ -402,7 +402,7 @@ def route_remove(ctx: Context, model: str, org_ref: str) -> None:
 
 # -- nodes -----------------------------------------------------------------------------------------
 
-NODE_COLUMNS = ("id", "org", "name", "state", "models", "last_heartbeat_s", "agent_version")
+NODE_COLUMNS = ("id", "org", "name", "state", "plane", "models", "last_heartbeat_s", "agent_version")
 TOKEN_COLUMNS = ("id", "org", "uses_left", "expires_at", "revoked_at", "labels", "replaces")
 
 
@@ -436,9 +436,23 @@ def node_token() -> None:
     metavar="NODE",
     help="The machine enrolling takes over this node (id or name): same id, its old credential stops working.",
 )
+@click.option(
+    "--plane",
+    "planes",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="A plane's node service address for the token to carry (repeatable): the agent needs no --plane, "
+    "and fails over between them.",
+)
 @pass_context
 def node_token_create(
-    ctx: Context, org_ref: str, ttl: str, uses: int, labels: tuple[str, ...], replace: str | None
+    ctx: Context,
+    org_ref: str,
+    ttl: str,
+    uses: int,
+    labels: tuple[str, ...],
+    replace: str | None,
+    planes: tuple[str, ...],
 ) -> None:
     """A token to enroll machines as new nodes, or (--replace) as an existing node whose agent lost its config.
 
@@ -458,6 +472,8 @@ def node_token_create(
     }
     if replace:
         body["replace"] = replace
+    if planes:
+        body["planes"] = list(planes)
     ctx.show(ctx.call(lambda c: c.post("/node-tokens", body)), TOKEN_COLUMNS, secret="token")
 
 
@@ -492,7 +508,9 @@ def nodes_show(ctx: Context, node: str) -> None:
     if ctx.as_json:
         ctx.show(doc, ())
         return
-    for field_name in ("id", "name", "org", "state", "agent_version", "os", "mode", "last_heartbeat_s", "labels"):
+    for field_name in (
+        "id", "name", "org", "state", "plane", "agent_version", "os", "mode", "last_heartbeat_s", "labels"
+    ):  # fmt: skip
         click.echo(f"{field_name:>17}: {_cell(doc.get(field_name))}")
     hardware = doc.get("hardware") or {}
     for field_name in ("hostname", "cpu_model", "cpu_count", "ram_total_bytes", "nvml_status", "gpus"):
