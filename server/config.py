@@ -58,6 +58,26 @@ SETTINGS: tuple[Setting, ...] = (
         "open",
         "With Redis unreachable: open (each plane holds the limits alone) or closed (requests with limits get 503).",
     ),
+    Setting(
+        "nats_url",
+        str,
+        "",
+        "NATS carrying node jobs between planes and workers (nats://HOST:4222); empty: each plane "
+        "serves only the nodes connected to it.",
+    ),
+    Setting("nats_prefix", str, "hatchway", "Prefix of every NATS subject the plane uses (one per gateway)."),
+    Setting(
+        "plane_name",
+        str,
+        "",
+        "This plane's name in `admin nodes list` and /metrics; empty: HOST:PID.",
+    ),
+    Setting(
+        "workers",
+        str,
+        "1",
+        "Plane processes serving the same ports on this machine (a number, or auto: one per core).",
+    ),
     Setting("admin_key", str, "", "Admin key to accept; empty means one is generated on first start."),
     Setting("secret_key", str, "", "Secret that encrypts provider keys at rest; empty: data_dir/secret.key."),
     Setting("max_body_bytes", int, 8 * 1024 * 1024, "Largest request body accepted (413 above)."),
@@ -165,6 +185,10 @@ class Config:
     redis_url: str = ""
     redis_prefix: str = "hatchway:"
     redis_failure: str = "open"
+    nats_url: str = ""
+    nats_prefix: str = "hatchway"
+    plane_name: str = ""
+    workers: str = "1"
     admin_key: str = ""
     secret_key: str = ""
     max_body_bytes: int = 8 * 1024 * 1024

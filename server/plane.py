@@ -10,6 +10,7 @@ import socket
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from aiohttp import web
@@ -18,7 +19,7 @@ from sqlalchemy import Engine
 from proto.contract import NODE_MESSAGE_MAX_BYTES, PLANE_MESSAGE_MAX_BYTES, keepalive_options
 from proto.hatchway.node.v1 import node_pb2_grpc
 from server.audit import AuditLog
-from server.cache import ResponseCache
+from server.cache import AnswerCache, ResponseCache
 from server.catalog import Catalog
 from server.config import Config
 from server.credentials import Vault
@@ -34,15 +35,19 @@ from server.relay import Relay
 from server.routing import Router
 from server.snapshot import Snapshot, SnapshotHolder
 from server.spool import SPOOL_DIR, UsageSpool
-from server.storage.db import make_engine, migrate
+from server.storage.db import make_engine, migrate, startup_lock
 from server.storage.nodes import NodeStore
 from server.storage.notify import ConfigWatcher, announce_changes, listen_url
 from server.storage.policy import PolicyStore
-from server.storage.probe import StorageProbe
+from server.storage.probe import Probe, StorageProbe
 from server.storage.store import Store
 from server.targets.node import pool_key
 from server.targets.provider import UpstreamPool
 from server.usage import UsageWriter
+
+if TYPE_CHECKING:
+    from server.fleet.broker import Fleet
+    from server.shared.redis_limits import SharedLimiter
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,9 @@ ADMIN_KEY_SETTING = "admin-key-setting"
 
 class Plane:
     """Parameters: `config`, and optionally an `engine` (tests pass one to watch its statements)."""
+
+    # Whether the node service's port is shared with other processes (server.workers sets it for its workers).
+    reuse_port = False
 
     def __init__(self, config: Config, engine: Engine | None = None) -> None:
         self.config = config
@@ -79,6 +87,8 @@ class Plane:
         self.snapshots.applied = self.follow_node_changes
         # This plane's name in the change announcements of a shared database (server.storage.notify).
         self.origin = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        # Its name where operators see it: nodes listings, /metrics.
+        self.name = config.plane_name or f"{socket.gethostname()}:{os.getpid()}"
         announce_changes(self.engine, self.origin)
         self.config_watcher = ConfigWatcher(
             self.snapshots.reload,
@@ -96,8 +106,16 @@ class Plane:
         )
         self.metrics.watch(self.shedder)
         # Shared by every plane through Redis when one is configured (server.shared), this process's otherwise.
-        self.limiter = self._shared_limiter() if config.redis_url else Limiter()
-        self.cache = ResponseCache(config.cache_max_bytes)
+        self.limiter: Limiter
+        self.cache: AnswerCache
+        # Whether Redis answers, for /readyz (None without Redis).
+        self.redis_probe: Probe | None = None
+        if config.redis_url:
+            shared = self._shared_limiter()
+            self.limiter, self.cache = shared, self._shared_cache(shared)
+            self.redis_probe = Probe(shared.redis.ping)
+        else:
+            self.limiter, self.cache = Limiter(), ResponseCache(config.cache_max_bytes)
         self.policies = PolicyStore(self.engine)
         self.nodes = NodeStore(self.engine)
         self.audit = AuditLog(self.engine)
@@ -105,7 +123,11 @@ class Plane:
             queue_size=config.node_queue_size,
             queue_timeout_s=config.node_queue_timeout_s,
             cancel_timeout_s=config.node_cancel_timeout_s,
+            plane_name=self.name,
         )
+        self.metrics.watch_nodes(self.registry)
+        # The nodes of other planes, through NATS when one is configured (server.fleet).
+        self.fleet = self._fleet() if config.nats_url else None
         self.node_policy = config.failover_policy()
         self.tls = (
             load_provided(Path(config.grpc_tls_cert), Path(config.grpc_tls_key))
@@ -119,7 +141,7 @@ class Plane:
         # Set on the first start when no admin key existed: shown once, never stored in clear.
         self.generated_admin_key: str | None = None
 
-    def _shared_limiter(self) -> Limiter:
+    def _shared_limiter(self) -> SharedLimiter:
         # Imported here: the Redis client (and the cryptography it loads) is memory a plane without Redis never needs.
         from server.shared.redis_limits import SharedLimiter
 
@@ -131,13 +153,25 @@ class Plane:
             usage_so_far=self.usage_so_far,
         )
 
+    def _shared_cache(self, limiter: SharedLimiter) -> AnswerCache:
+        from server.shared.redis_cache import RedisCache
+
+        # On the limiter's connection pool: one per plane.
+        return RedisCache(limiter.redis, prefix=self.config.redis_prefix, max_bytes=self.config.cache_max_bytes)
+
+    def _fleet(self) -> Fleet:
+        from server.fleet.broker import Fleet  # nats-py: loaded only by planes that use it
+
+        return Fleet(self.registry, self.config.nats_url, prefix=self.config.nats_prefix, name=self.name)
+
     def prepare_storage(self) -> None:
-        migrate(self.engine)
-        if self.config.admin_key:
-            self._configure_admin_key()
-        else:
-            self.generated_admin_key = self.store.ensure_admin_key()
-        apply_declared(self.store, self.config.declared, self.config.config_file, self.audit)
+        with startup_lock(self.engine):
+            migrate(self.engine)
+            if self.config.admin_key:
+                self._configure_admin_key()
+            else:
+                self.generated_admin_key = self.store.ensure_admin_key()
+            apply_declared(self.store, self.config.declared, self.config.config_file, self.audit)
 
     def _configure_admin_key(self) -> None:
         """The configured admin key replaces every other: a new value and a restart is how operators rotate."""
@@ -154,7 +188,7 @@ class Plane:
             )
 
     def _node_pool_keys(self) -> set[str]:
-        return {pool_key(s.org_id, model) for s in self.registry.sessions.values() for model in s.models}
+        return {pool_key(s.org_id, model) for s in self.registry.every_session() for model in s.models}
 
     def catalog(self) -> Catalog:
         """What can serve requests right now; take one per request so it sees one snapshot throughout."""
@@ -182,11 +216,10 @@ class Plane:
         return await asyncio.to_thread(self.used_this_window)
 
     def follow_node_changes(self, snapshot: Snapshot) -> None:
-        """A node revoked or drained through another plane: its session on this one ends or drains too."""
-        nodes = {node.id: node for node in snapshot.nodes.values()}
+        """A node revoked, re-enrolled or drained through another plane: its session on this one ends or drains."""
         for node_id, session in list(self.registry.sessions.items()):
-            node = nodes.get(node_id)
-            if node is None:
+            node = snapshot.nodes.get(session.credential_hash)
+            if node is None:  # revoked, or its credential replaced by a re-enrollment
                 self.registry.disconnect(node_id)
             elif node.drained != session.drained:
                 self.registry.set_drained(node_id, node.drained)
@@ -214,6 +247,8 @@ class Plane:
         self.usage.start()
         self.shedder.start()
         await self._start_node_service()
+        if self.fleet is not None:
+            await self.fleet.start()
 
     async def _start_node_service(self) -> None:
         server = grpc.aio.server(
@@ -226,8 +261,8 @@ class Plane:
                 ("grpc.http2.min_ping_interval_without_data_ms", NODE_MIN_PING_INTERVAL_MS),
                 ("grpc.http2.max_ping_strikes", 2),
                 # No second process may share the port (gRPC's default on Linux): agents would be split between
-                # two planes.
-                ("grpc.so_reuseport", 0),
+                # two planes. Only the workers of one gateway (server.workers) share it, as they share the HTTP port.
+                ("grpc.so_reuseport", int(self.reuse_port)),
                 # Explicit caps both ways (proto/contract.py says why these sizes): a message over the receive cap
                 # ends its stream with RESOURCE_EXHAUSTED before the plane parses it.
                 ("grpc.max_receive_message_length", NODE_MESSAGE_MAX_BYTES),
@@ -255,8 +290,11 @@ class Plane:
         # Each step logged: a shutdown that takes long should say where it waits.
         await self.shedder.stop()
         await self.config_watcher.stop()
+        if self.fleet is not None:
+            await self.fleet.close(self.config.shutdown_grace_s)
         await self.registry.close()
         await self.relay.close()  # bills waiting on a node's count: every job was just released
+        await self.cache.close()  # before the limiter, which closes the Redis pool they share
         await self.limiter.close()  # settlements on their way to a shared limiter's store
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=1.0)

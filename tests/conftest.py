@@ -1,10 +1,14 @@
-"""Fixtures: a real plane and real mock upstreams on loopback, each on its own port, torn down after the test."""
+"""Fixtures: a real plane and real mock upstreams on loopback, each on its own port, torn down after the test;
+and for several planes sharing PostgreSQL and Redis (issue 17): `planes`, `prefix` (a Redis key prefix of the
+test's own) and `private_redis` (a redis-server of the test's own, to stop and start)."""
 
 from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +17,7 @@ from urllib.parse import urlsplit
 
 import openai
 import pytest
+import redis
 
 from server.cli.client import AdminClient
 from server.config import Config
@@ -22,6 +27,9 @@ from tests.mock_upstream import MockUpstream
 
 ADMIN_KEY = "hwa-test-admin-key"
 MODEL = "gpt-4o-mini"
+# This machine's Redis and CI's, on the standard port; each test keeps to its own key prefix (`prefix`).
+REDIS = "redis://127.0.0.1:6379/0"
+REDIS_SERVER = "/usr/bin/redis-server"
 
 
 def abandon_request(url: str, body: dict[str, Any], api_key: str, after_s: float) -> None:
@@ -192,3 +200,145 @@ def gateway(plane: RunningPlane, upstream: MockUpstream) -> Gateway:
     plane.create_org("acme")
     plane.add_provider("mock-a", upstream, price_in=1.0, price_out=2.0)
     return Gateway(plane, upstream, plane.create_key("acme"))
+
+
+# -- several planes: PostgreSQL and Redis ------------------------------------------------------------------
+
+
+def require_redis(url: str = REDIS) -> None:
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError as exc:
+        pytest.fail(f"these tests need Redis at {url} (issue 17: CI runs one on its standard port): {exc}")
+    finally:
+        client.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition never held")
+        time.sleep(0.05)
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, without persistence: stopped, it forgets everything."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        if not Path(REDIS_SERVER).exists():
+            pytest.fail(f"this test starts its own Redis and needs {REDIS_SERVER}")
+        command = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"redis-server on port {self.port} never answered") from None
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """This test's own key prefix on the shared Redis, its keys removed afterwards."""
+    require_redis()
+    name = f"hatchway-test:{uuid.uuid4().hex[:12]}:"
+    yield name
+    client = redis.Redis.from_url(REDIS)
+    keys = list(client.scan_iter(match=f"{name}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+class Planes:
+    """Planes started in one loop thread, each a Server of its own; stopped at the end of the test."""
+
+    def __init__(self, loop_thread: LoopThread, base: Config) -> None:
+        self.loop_thread = loop_thread
+        self.base = base
+        self.running: list[RunningPlane] = []
+
+    def start(self, **changes: Any) -> RunningPlane:
+        name = f"plane-{len(self.running)}"
+        config = self.base.replace(data_dir=self.base.data_dir / name, **changes)
+
+        async def start() -> Server:
+            server = Server(config)
+            await server.startup()
+            return server
+
+        server = self.loop_thread.run(start())
+        plane = RunningPlane(server, self.loop_thread, AdminClient(server.url, ADMIN_KEY))
+        self.running.append(plane)
+        return plane
+
+    def close(self) -> None:
+        for plane in self.running:
+            plane.admin.close()
+            if plane.server.runner.server is not None:
+                plane.stop()
+
+
+@pytest.fixture
+def planes(loop_thread: LoopThread, plane_config: Config) -> Iterator[Planes]:
+    """Planes on one scratch PostgreSQL database with one secret: they serve the same orgs, keys and providers."""
+    from tests.test_postgres import scratch_database  # it imports this module
+
+    with scratch_database() as database:
+        started = Planes(loop_thread, plane_config.replace(database_url=database, secret_key="shared-test-secret"))
+        try:
+            yield started
+        finally:
+            started.close()
+
+
+# -- nodes across planes: NATS -------------------------------------------------------------------------------
+
+NATS = "nats://127.0.0.1:4222"
+
+
+def require_nats(url: str = NATS) -> None:
+    host, _, port = urlsplit(url).netloc.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except OSError as exc:
+        pytest.fail(f"these tests need NATS at {url} (issue 17: CI runs one on its standard port): {exc}")
+
+
+@pytest.fixture
+def nats_prefix() -> str:
+    """This test's own NATS subjects: planes of other tests (or runs) never hear them."""
+    require_nats()
+    return f"hatchway-test-{uuid.uuid4().hex[:12]}"

@@ -457,6 +457,25 @@ def test_compose_runs_the_plane_and_an_agent_that_serves_the_demo_model() -> Non
     assert set(compose()["volumes"]) == {"plane-data", "agent-data", "enrollment"}
 
 
+def test_compose_planes_gives_every_plane_the_same_stores_and_secrets_and_the_agent_every_plane() -> None:
+    doc = compose("compose.planes.yaml")
+    services = doc["services"]
+    planes = sorted(name for name in services if name.startswith("plane-"))
+    assert planes == ["plane-a", "plane-b"]
+    shared = ("DATABASE_URL", "REDIS_URL", "NATS_URL", "SECRET_KEY", "ADMIN_KEY", "GRPC_TLS_CERT", "GRPC_TLS_KEY")
+    environments = [services[name]["environment"] for name in planes]
+    for setting in shared:
+        values = {env[f"HATCHWAY_{setting}"] for env in environments}
+        assert len(values) == 1, f"HATCHWAY_{setting} differs between planes: {values}"
+    assert len({env["HATCHWAY_PLANE_NAME"] for env in environments}) == len(planes)
+    for name in planes:
+        assert services[name]["depends_on"]["node-ca"] == {"condition": "service_completed_successfully"}
+    assert services["agent"]["environment"]["HATCHWAY_PLANE"] == ",".join(f"{name}:8443" for name in planes)
+    balancer = doc["configs"]["balancer"]["content"]
+    assert all(f"server {name}:8080" in balancer for name in planes) and "proxy_buffering off" in balancer
+    assert set(doc["volumes"]) >= {f"{name}-data" for name in planes} | {"node-ca", "postgres-data"}
+
+
 def test_compose_gpu_override_reserves_nvidia_gpus_for_a_cuda_agent() -> None:
     agent = compose("compose.gpu.yaml")["services"]["agent"]
     assert agent["deploy"]["resources"]["reservations"]["devices"] == [

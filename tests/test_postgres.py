@@ -3,10 +3,12 @@ request's usage row, the audit chain and node enrollment tokens, on a scratch da
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import psycopg
@@ -15,8 +17,9 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 
 from server.config import Config
+from server.plane import Plane
 from server.storage.db import make_engine
-from server.storage.models import UsageRecord
+from server.storage.models import AdminKey, UsageRecord
 from tests.conftest import MODEL, RunningPlane
 from tests.mock_upstream import MockUpstream
 from tests.test_storage import assert_empty_database_gets_the_migrations_schema
@@ -79,3 +82,20 @@ def test_an_empty_database_gets_the_schema_the_migrations_build(database: str) -
         finally:
             migrated.dispose()
             created.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_planes_starting_together_on_an_empty_database_build_it_once_and_make_one_admin_key(
+    backend: str, database: str, tmp_path: Path
+) -> None:
+    url = database if backend == "postgresql" else f"sqlite:///{tmp_path / 'shared.db'}"
+    configs = [Config(data_dir=tmp_path / f"plane-{n}", database_url=url) for n in range(4)]
+    planes = [Plane(config) for config in configs]
+    with concurrent.futures.ThreadPoolExecutor(len(planes)) as pool:
+        list(pool.map(Plane.prepare_storage, planes))  # raises what any of them raised
+    generated = [p.generated_admin_key for p in planes if p.generated_admin_key]
+    assert len(generated) == 1
+    with Session(planes[0].engine) as session:
+        assert session.exec(select(func.count()).select_from(AdminKey)).one() == 1
+    for plane in planes:
+        plane.engine.dispose()

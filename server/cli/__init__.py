@@ -48,7 +48,10 @@ def cli() -> None:
 )
 @click.option("--grpc-port", type=int, default=None, help="Node service port (default 8443; 0 picks one).")
 @click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--database-url", default=None, help="Database shared by several planes (postgresql+psycopg://...).")
 @click.option("--redis-url", default=None, help="Redis for limits shared by several planes (redis://host:6379/0).")
+@click.option("--nats-url", default=None, help="NATS carrying node jobs between planes (nats://host:4222).")
+@click.option("--workers", default=None, help="Plane processes sharing the ports (a number, or auto: one per core).")
 def serve(
     host: str | None,
     port: int | None,
@@ -56,7 +59,10 @@ def serve(
     config_file: Path | None,
     grpc_port: int | None,
     log_level: str | None,
+    database_url: str | None,
     redis_url: str | None,
+    nats_url: str | None,
+    workers: str | None,
 ) -> None:
     """Run the control plane."""
     from server.serve import run
@@ -69,7 +75,10 @@ def serve(
                 "grpc_port": grpc_port,
                 "data_dir": data_dir,
                 "log_level": log_level,
+                "database_url": database_url,
                 "redis_url": redis_url,
+                "nats_url": nats_url,
+                "workers": workers,
             },
             config_file=config_file,
         )

@@ -13,12 +13,25 @@ finds an older schema to upgrade:
 from __future__ import annotations
 
 import ast
+import contextlib
+import fcntl
 import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Connection, Engine, MetaData, PrimaryKeyConstraint, String, Table, event, inspect
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    event,
+    inspect,
+    text,
+)
 from sqlmodel import SQLModel, create_engine
 
 import server.storage.models  # noqa: F401  (registers the tables on SQLModel.metadata)
@@ -53,6 +66,35 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # grows. 512 KiB still holds a batch's pages: measured, the same insert time and 1.8 MiB less resident.
     cursor.execute("PRAGMA cache_size=-512")
     cursor.close()
+
+
+# The PostgreSQL advisory lock planes hold while they prepare a shared database (any fixed 64-bit number).
+STARTUP_LOCK_ID = 0x48_61_74_63_68_77_61_79  # "Hatchway"
+
+
+@contextlib.contextmanager
+def startup_lock(engine: Engine) -> Iterator[None]:
+    """One plane at a time migrates the schema and creates the first admin key: planes (or workers) starting
+    together on an empty database would each create the tables, and each print an admin key of its own.
+    PostgreSQL: a session advisory lock; SQLite: an exclusive flock on a file beside the database."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": STARTUP_LOCK_ID})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": STARTUP_LOCK_ID})
+        return
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.startup-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def migrate(engine: Engine) -> None:
