@@ -36,9 +36,9 @@ What workers share, and how:
   configuration change to every worker at once (server.storage.notify); SQLite cannot, so with several workers
   on SQLite each reloads the configuration every second (`config_reload_s` capped at 1): a change made through one
   worker is in force on all within about a second;
-- rate limits and quotas only through Redis (`redis_url`): without it each worker holds its own, so a limit is
-  enforced per worker, up to N times over (a warning says so at start). The response cache and targets' health
-  are each worker's own;
+- rate limits, quotas and the response cache only through Redis (`redis_url`): without it each worker holds its
+  own, so a limit is enforced per worker, up to N times over (a warning says so at start). Targets' health is
+  each worker's own;
 - nodes only through NATS (`nats_url`): an agent connects to one worker, and the others reach it through the
   broker (server.fleet). Without it a request could only use the nodes of the worker it reached, so several
   workers without `nats_url` refuse to start.
