@@ -1,22 +1,32 @@
-"""What the usage spool (server.spool) costs per request: `python bench/spool.py [--requests N]`.
+"""What the usage spool (server.spool) costs per request, and what it saves:
+`python bench/spool.py [--requests N] [--kill-rounds R]`.
 
 1. On the event loop: `UsageWriter.record` with the spool (one JSON line, one write(2)) against without, per row.
 2. Off the loop, once per flush: the fsync (file and directory) of a segment holding one flush's rows.
 3. End to end: N streamed requests at c=1 and c=20 through a `hatchway serve` process and the mock upstream,
    spool on and off in alternating rounds on the same machine: requests/s and p50/p99 latency.
+4. Usage rows lost on SIGKILL (issue 17's goal: 0): 20 clients stream requests back to back through a plane with
+   the default settings, the plane is SIGKILLed after KILL_AFTER_S of load, started again on the same data dir
+   (which replays the spool), and each request the client saw complete (`data: [DONE]`) is looked up by its
+   `x-request-id` among the final usage rows; spool on and off in alternating rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
+from sqlalchemy import create_engine
+from sqlmodel import Session, col, select
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -24,14 +34,20 @@ sys.path.insert(0, str(REPO_ROOT))
 from server.metrics import Metrics  # noqa: E402
 from server.spool import UsageSpool  # noqa: E402
 from server.storage.db import make_engine  # noqa: E402
+from server.storage.models import UsageRecord  # noqa: E402
 from server.usage import UsageWriter  # noqa: E402
 from tests.plane_process import PlaneProcess  # noqa: E402
 from tests.test_shutdown_accounting import configure  # noqa: E402
+from tests.test_usage_spool import STREAMS, stream_loop  # noqa: E402
 from tests.test_usage_writer import row  # noqa: E402
 from tests.upstream_process import UpstreamProcess  # noqa: E402
 
 MODEL = "gpt-4o-mini"
 ROUNDS = 3
+# Load before the SIGKILL: long enough for the streams to reach a steady rate, so rows sit in every stage (queued
+# in memory, mid-insert, spooled and not yet deleted) when the kill comes.
+KILL_AFTER_S = 2.5
+REPLAYED = re.compile(r"usage spool: replayed (\d+) rows")
 
 
 def record_cost(rows: int, *, spooled: bool, workdir: Path) -> float:
@@ -135,9 +151,64 @@ def end_to_end(requests: int, workdir: Path) -> None:
         print(f"| {spool} | {concurrency} | {rates:.0f} | {p50:.2f} | {p99:.2f} |")
 
 
+def kill_round(spool: str, data: Path, upstream: UpstreamProcess) -> tuple[int, int, int, int]:
+    """One plane SIGKILLed under load, then restarted on its data dir: (requests completed, completed requests with
+    no usage row, completed requests with more than one, rows replayed at the restart)."""
+    env = {"HATCHWAY_ADMIN_KEY": "hwa-shutdown", "HATCHWAY_USAGE_SPOOL": spool, "HATCHWAY_LOG_LEVEL": "warning"}
+    plane = PlaneProcess(data, env=env)
+    completed: list[str] = []
+    try:
+        key = configure(plane, upstream)
+        stop = threading.Event()
+        clients = [
+            threading.Thread(target=stream_loop, args=(plane.url, key, i, stop, completed)) for i in range(STREAMS)
+        ]
+        for client in clients:
+            client.start()
+        time.sleep(KILL_AFTER_S)
+        plane.kill()
+        stop.set()
+        for client in clients:
+            client.join(30)
+        # The restart replays the spool before it listens; SIGTERM then drains its own writer.
+        restarted = PlaneProcess(data, env=env)
+        replayed = next((int(m.group(1)) for line in restarted.lines if (m := REPLAYED.search(line))), 0)
+        assert restarted.terminate() == 0, restarted.output
+    finally:
+        plane.kill()
+    engine = create_engine(f"sqlite:///{data / 'hatchway.db'}")
+    with Session(engine) as session:
+        ids = session.exec(select(UsageRecord.request_id).where(col(UsageRecord.final))).all()
+    engine.dispose()
+    rows = Counter(ids)
+    missing = sum(1 for rid in completed if rows[rid] == 0)
+    doubled = sum(1 for rid in completed if rows[rid] > 1)
+    return len(completed), missing, doubled, replayed
+
+
+def kill_rows_lost(rounds: int, workdir: Path) -> None:
+    upstream = UpstreamProcess("mock")
+    results: dict[str, list[tuple[int, int, int, int]]] = {"off": [], "on": []}
+    try:
+        for round_ in range(rounds):
+            for spool in ("off", "on"):
+                results[spool].append(kill_round(spool, workdir / f"kill-{spool}-{round_}", upstream))
+    finally:
+        upstream.kill()
+    print(f"\nSIGKILL after {KILL_AFTER_S} s of c={STREAMS} streamed requests, restart on the same data dir:")
+    print("| spool | round | completed requests | rows missing | rows doubled | replayed at restart |")
+    print("|---|---|---|---|---|---|")
+    for spool, runs in results.items():
+        for round_, (completed, missing, doubled, replayed) in enumerate(runs, 1):
+            print(f"| {spool} | {round_} | {completed} | {missing} | {doubled} | {replayed} |")
+        total = [sum(run[i] for run in runs) for i in range(4)]
+        print(f"| {spool} | all | {total[0]} | {total[1]} | {total[2]} | {total[3]} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=2000, help="streamed requests per run")
+    parser.add_argument("--kill-rounds", type=int, default=ROUNDS, help="SIGKILL rounds per spool mode (0: none)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -150,6 +221,8 @@ def main() -> None:
                 f"{fsync_cost(rows, workdir):.2f} ms"
             )
         end_to_end(args.requests, workdir)
+        if args.kill_rounds:
+            kill_rows_lost(args.kill_rounds, workdir)
 
 
 if __name__ == "__main__":
