@@ -288,6 +288,8 @@ def test_a_drained_node_gets_no_new_jobs_until_resumed(nodes: Nodes) -> None:
     refused.value.response.close()  # the error keeps its response (and connection) alive otherwise
     assert refused.value.status_code == 503
     nodes.plane.admin.post(f"/nodes/{node_id}/resume", {})
+    # In force once the agent confirms it no longer drains (its next Status, milliseconds later).
+    wait_for(lambda: nodes.plane.admin.get(f"/nodes/{node_id}")["state"] == "ready", timeout_s=5, what="the resume")
     assert nodes.client().chat.completions.create(model=DEMO_MODEL, messages=QUESTION, max_tokens=4).choices
 
 
