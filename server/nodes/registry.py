@@ -334,6 +334,10 @@ class NodeRegistry:
             # The node's plane gave its last slot to a request of another plane first: pick again.
             self.release(job)
 
+    def can_start(self, session: NodeSession, model: str, body: bytes) -> bool:
+        """Whether `start_now` would run this job on the node now."""
+        return session.free_slots(model) > 0 and len(body) <= PLANE_MESSAGE_MAX_BYTES - JOB_REQUEST_OVERHEAD_BYTES
+
     def start_now(
         self,
         session: NodeSession,
@@ -343,13 +347,13 @@ class NodeRegistry:
         forward: Callable[[pb.JobEvent | SessionLost], None],
     ) -> Job | None:
         """Run a job another plane asks for on this plane's node, if it has a free slot now (server.fleet)."""
-        if session.free_slots(model) <= 0 or len(body) > PLANE_MESSAGE_MAX_BYTES - JOB_REQUEST_OVERHEAD_BYTES:
+        if not self.can_start(session, model, body):
             return None
         session.models[model].busy += 1
         job = Job(job_id=f"job-{next(self._job_ids)}", session=session, model=model, forward=forward)
         session.jobs[job.job_id] = job
         session.send(pb.PlaneMessage(job=pb.JobRequest(job_id=job.job_id, endpoint=endpoint, body=body)))
-        self.changed()
+        self._changed(session)
         return job
 
     async def _claim(self, org_id: str, model: str, affinity: str | None, deadline: float) -> NodeSession:
@@ -358,7 +362,7 @@ class NodeRegistry:
             session = self._pick(org_id, model, affinity)
             if session is not None:
                 session.models[model].busy += 1
-                self.changed()
+                self._changed(session)
                 return session
             if not self.serves(org_id, model):
                 raise UpstreamConnectError(f"no node serves '{model}' any more")
@@ -442,7 +446,12 @@ class NodeRegistry:
         if slots is not None:
             slots.busy = max(slots.busy - 1, 0)  # a node on another plane: its plane's count may have come first
         self._wake(job.session)
-        self.changed()
+        self._changed(job.session)
+
+    def _changed(self, session: NodeSession) -> None:
+        """Only this plane's own nodes are its to advertise: another plane's claims it counts need no news."""
+        if self.sessions.get(session.node_id) is session:
+            self.changed()
 
     def _wake(self, session: NodeSession) -> None:
         """Wake as many queued requests as this node has free slots, and never more than are queued; all of them
