@@ -11,9 +11,12 @@ Benchmarks (NAMES, comma-separated; all of them but `profile` by default):
     soak       4. RSS, open fds (and tasks, when /metrics has them) over a long mixed run
     fleet      3. N simulated agents over gRPC: plane memory per agent, heartbeat CPU, dispatch latency
     node       2. llama.cpp through plane + agent vs in-process: TTFT and tokens/s
+    node-structured  2b. the same with a JSON schema and with a tool call, grammar on both sides (not by default)
     conversations  6. a node's slots: interleaved conversations' follow-up TTFT, cancel during a long prompt
                    (with --baseline REF, the engine of REF too)
     failover   7. a stalled stream's rescue time, and a 20 s first token with and without hedging
+    cross-plane  8. a node job across planes (NATS) vs the same plane: added TTFT, msg/s, tokens/s (not by default)
+    workers    9. one plane process vs `--workers 2`, policy on, non-stream and stream, c=32/128: req/s and the ratio
     profile    py-spy on the plane at c=32, non-stream and stream: bench/results/profile-*.txt
 
 Results: one JSON per benchmark plus summary.json (machine, versions, git commit, durations, targets) in
@@ -34,20 +37,35 @@ from pathlib import Path
 from typing import Any
 
 import conversations
+import cross_plane
 import failover
 import fleet
 import gateway
 import node
+import node_structured
 import orjson
 import overload
 import profiling
 import soak
 import targets
+import workers
 from harness import BENCH_DIR, RESULTS_DIR, BenchError, Pinning, log, machine_info, run_async, write_json
 from suite import Suite
 
-BENCHMARKS = ("gateway", "overload", "soak", "fleet", "node", "conversations", "failover", "profile")
-DEFAULT = ("gateway", "overload", "soak", "fleet", "node", "conversations", "failover")
+BENCHMARKS = (
+    "gateway",
+    "overload",
+    "soak",
+    "fleet",
+    "node",
+    "node-structured",
+    "conversations",
+    "failover",
+    "cross-plane",
+    "workers",
+    "profile",
+)
+DEFAULT = ("gateway", "overload", "soak", "fleet", "node", "conversations", "failover", "workers")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,8 +112,11 @@ def _runners(args: argparse.Namespace) -> dict[str, Callable[[Suite], Awaitable[
         "soak": soak.run,
         "fleet": fleet.run,
         "node": node.run,
+        "node-structured": node_structured.run,
         "conversations": conversations.run,
         "failover": failover.run,
+        "cross-plane": cross_plane.run,
+        "workers": workers.run,
         "profile": profiling.run,
     }
 
@@ -106,19 +127,25 @@ FORMATTERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "soak": soak.format_table,
     "fleet": fleet.format_table,
     "node": node.format_table,
+    "node-structured": node_structured.format_table,
     "conversations": conversations.format_table,
     "failover": failover.format_table,
+    "cross-plane": cross_plane.format_table,
+    "workers": workers.format_table,
     "profile": profiling.format_table,
 }
 
 TITLES = {
     "gateway": "1. Gateway overhead",
     "node": "2. Node path",
+    "node-structured": "2b. Node path: JSON schema and tools",
     "fleet": "3. Fleet",
     "soak": "4. Soak",
     "overload": "5. Overload",
     "conversations": "6. A node's slots",
     "failover": "7. Failover timings",
+    "cross-plane": "8. Node job across planes",
+    "workers": "9. Every core: 1 worker vs 2",
     "profile": "Profile of the plane (py-spy)",
 }
 
@@ -148,7 +175,7 @@ async def run_all(suite: Suite, args: argparse.Namespace) -> dict[str, float]:
         started = time.perf_counter()
         try:
             # llama.cpp benchmarks run on all cores; everything else keeps the load on its own core.
-            llama = name in ("node", "conversations")
+            llama = name in ("node", "conversations", "cross-plane")
             pin = contextlib.nullcontext() if llama else suite.pinning.runner_on_load_cpu()
             with pin:
                 if name == "node" and not args.in_process:

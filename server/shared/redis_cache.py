@@ -6,7 +6,7 @@ key); only where the entries live differs. Each org has its own entries and its 
 Keys (P is `redis_prefix`; {ORG} is a Redis Cluster hash tag, so one org's keys share a slot):
 
     P c:{ORG}:v:DIGEST      string: the answer, expiring with its TTL (PX)
-    P c:{ORG}:lru           sorted set: DIGEST by last use (ms, Redis's clock), oldest evicted first
+    P c:{ORG}:lru           sorted set: DIGEST by last use (µs, Redis's clock), oldest evicted first
     P c:{ORG}:exp           sorted set: DIGEST by expiry, so the bytes of expired entries are given back
     P c:{ORG}:sz            hash: DIGEST -> the bytes it counts (server.cache.entry_size)
     P c:{ORG}:bytes         the org's bytes in use: the sum of sz
@@ -87,7 +87,8 @@ end
 local value = redis.call('GET', KEYS[1])
 if value then
   local t = redis.call('TIME')
-  redis.call('ZADD', KEYS[2], 'XX', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
+  -- Last use in microseconds: in milliseconds, entries used in the same one tied and were evicted in digest order.
+  redis.call('ZADD', KEYS[2], 'XX', tonumber(t[1]) * 1000000 + tonumber(t[2]), ARGV[1])
 end
 return value
 """
@@ -98,14 +99,15 @@ STORE = (
     _COMMON
     + """
 local base, digest, ttl, size, budget = ARGV[1], ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local now = now_ms()
+local t = redis.call('TIME')
+local now, used = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), tonumber(t[1]) * 1000000 + tonumber(t[2])
 purge(base, now, tonumber(ARGV[7]))
 if size > budget then
   return -1
 end
 forget(base, digest)  -- a store of an answer already held (two planes missed at once) replaces it
 redis.call('SET', KEYS[5], ARGV[3], 'PX', ttl)
-redis.call('ZADD', KEYS[1], now, digest)
+redis.call('ZADD', KEYS[1], used, digest)
 redis.call('ZADD', KEYS[2], now + ttl, digest)
 redis.call('HSET', KEYS[3], digest, size)
 local total = redis.call('INCRBY', KEYS[4], size)
