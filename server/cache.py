@@ -268,7 +268,7 @@ class _Choice:
 @dataclass
 class StreamAssembler:
     """Builds the non-stream answer from the chunks of a stream, to cache it. `storable` turns False for what
-    a plain concatenation cannot rebuild faithfully (tool calls, refusals)."""
+    a plain concatenation cannot rebuild faithfully (tool calls, refusals, logprobs)."""
 
     chat: bool
     id: str | None = None
@@ -288,6 +288,8 @@ class StreamAssembler:
         for raw in chunk.get("choices") or ():
             if not isinstance(raw, dict):
                 continue
+            if raw.get("logprobs") is not None:
+                self.storable = False  # a concatenation of the text would drop them
             index = raw.get("index", 0)
             if not isinstance(index, int):
                 self.storable = False  # nothing to file this choice's text under
@@ -354,10 +356,12 @@ def replay_chunks(body: bytes, *, chat: bool, include_usage: bool) -> list[bytes
             delta = {k: v for k, v in message.items() if v is not None}
             if "tool_calls" in delta:
                 delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(delta["tool_calls"])]
-            first = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+            # The answer's logprobs come with its text, in one chunk as the text does.
+            first = {"index": index, "delta": delta, "logprobs": choice.get("logprobs"), "finish_reason": None}
             last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": choice.get("finish_reason")}
         else:
-            first = {"index": index, "text": choice.get("text", ""), "logprobs": None, "finish_reason": None}
+            text, logprobs = choice.get("text", ""), choice.get("logprobs")
+            first = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}
             last = {"index": index, "text": "", "logprobs": None, "finish_reason": choice.get("finish_reason")}
         payloads.append(orjson.dumps({**base, "choices": [first]}))
         payloads.append(orjson.dumps({**base, "choices": [last]}))

@@ -284,6 +284,22 @@ def test_a_stream_with_tool_calls_is_not_assembled_for_the_cache() -> None:
     assert assembler.body() is None
 
 
+def test_a_stream_with_logprobs_is_not_assembled_for_the_cache() -> None:
+    assembler = StreamAssembler(chat=True)
+    logprobs = {"content": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}]}
+    assembler.observe({"choices": [{"index": 0, "delta": {"content": "Hi"}, "logprobs": logprobs}]})
+    assembler.observe({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    assert assembler.body() is None
+
+
+def test_a_whole_answer_replayed_as_a_stream_keeps_its_logprobs() -> None:
+    logprobs = {"content": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}]}
+    message = {"role": "assistant", "content": "Hi"}
+    body = json.dumps({"id": "c1", "choices": [{"index": 0, "message": message, "logprobs": logprobs}]}).encode()
+    first = json.loads(replay_chunks(body, chat=True, include_usage=False)[0])
+    assert first["choices"][0]["logprobs"] == logprobs
+
+
 def test_cache_cli_sets_shows_and_clears(gateway: Gateway) -> None:
     from click.testing import CliRunner
 
