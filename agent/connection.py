@@ -33,6 +33,7 @@ from agent.config import AgentConfig
 from agent.engine import End, Engine, EngineError, Job, Result, Text
 from agent.hardware import Hardware, collect
 from agent.idle import IdleGate, LoadProbe
+from agent.sampling import TokenLogprob
 from proto.contract import (
     AUTHORIZATION,
     NODE_MESSAGE_MAX_BYTES,
@@ -209,6 +210,15 @@ def hardware_message(hardware: Hardware) -> pb.Hardware:
         ],
         nvml_status=hardware.nvml_status,
     )
+
+
+def _wire_logprobs(entries: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token=e.token, logprob=e.logprob, top=[pb.TopLogprob(token=t.token, logprob=t.logprob) for t in e.top]
+        )
+        for e in entries
+    ]
 
 
 # -- the session ------------------------------------------------------------------------------------------
@@ -407,7 +417,16 @@ class Agent:
             )
             async for event in self.engine.generate(job):
                 if isinstance(event, Text):
-                    batch = pb.TokenBatch(text=event.text, tokens=event.pieces)
+                    batch = pb.TokenBatch(
+                        text=event.text,
+                        tokens=event.pieces,
+                        logprobs=_wire_logprobs(event.logprobs),
+                        choice=event.choice,
+                        tool_calls=[
+                            pb.ToolCallDelta(index=c.index, id=c.id, name=c.name, arguments=c.arguments)
+                            for c in event.tool_calls
+                        ],
+                    )
                     message = pb.AgentMessage(job=pb.JobEvent(job_id=job_id, tokens=batch))
                     if reported:
                         self._send(message)
@@ -420,6 +439,12 @@ class Agent:
                         finish_reason="cancelled" if cancel.is_set() else event.finish_reason,
                         prompt_tokens=event.prompt_tokens,
                         completion_tokens=event.completion_tokens,
+                        choices=[
+                            pb.ChoiceEnd(
+                                index=c.index, finish_reason=c.finish_reason, completion_tokens=c.completion_tokens
+                            )
+                            for c in event.choices
+                        ],
                     )
                     self._send(pb.AgentMessage(job=pb.JobEvent(job_id=job_id, end=end)))
                 elif isinstance(event, Result):

@@ -37,12 +37,13 @@ import base64
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import queue
 import secrets
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -50,11 +51,16 @@ from typing import Any, cast
 import jinja2
 import numpy as np
 import numpy.typing as npt
-from llama_cpp import LLAMA_POOLING_TYPE_MEAN, LLAMA_POOLING_TYPE_NONE, Llama, StoppingCriteriaList
+from llama_cpp import LLAMA_POOLING_TYPE_MEAN, LLAMA_POOLING_TYPE_NONE, Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from agent import sampling as sampler
+from agent import tools
+from agent.grammar import PrefillRejected, check_prefix
 from agent.models import ModelConfig
+from agent.sampling import ChoiceEnd, Sampling, TokenLogprob
 from agent.slots import Lease, Slots, keep_prefix, prefill
+from agent.tools import ToolCallDelta
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +68,6 @@ CHAT = "chat/completions"
 COMPLETIONS = "completions"
 EMBEDDINGS = "embeddings"
 
-# llama.cpp reads this seed as "pick one at random", so a client seed must never map onto it.
-_RANDOM_SEED = 0xFFFFFFFF
 # How long a worker thread that is not the last one to go idle waits for another job before it ends (see _Workers).
 WORKER_LINGER_S = 5.0
 # A batch whose deadline is this close is handed over rather than waited for: timers are not that precise.
@@ -138,23 +142,33 @@ class Job:
 
 @dataclass(frozen=True)
 class Text:
-    """Generated text: `pieces` is how many generated pieces (one per token, as llama-cpp-python streams) it joins."""
+    """Generated text: `pieces` is how many generated pieces (one per token) it joins; `logprobs` its tokens' log
+    probabilities when the request asked for them; `choice` the choice it belongs to (n > 1)."""
 
     text: str
     pieces: int = 1
+    logprobs: tuple[TokenLogprob, ...] = ()
+    choice: int = 0
+    # Tool-call fragments that follow the text (agent.tools), consecutive ones of a call merged.
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @dataclass(frozen=True)
 class End:
-    """The last event of a generation job: finish_reason is "stop", "length" or "cancelled".
+    """The last event of a generation job: finish_reason is "stop", "length", "cancelled", or "tool_calls" /
+    "function_call" for an answer that calls tools (agent.tools).
 
     `cached_tokens`: of the prompt tokens, how many the slot already held and did not evaluate again (OpenAI's
-    usage.prompt_tokens_details.cached_tokens)."""
+    usage.prompt_tokens_details.cached_tokens).
+
+    `choices`: each choice's end when the request asked for several (n > 1), `completion_tokens` their sum; empty
+    for one choice."""
 
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    choices: tuple[ChoiceEnd, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -342,6 +356,8 @@ def _report(channel: _Channel, outcome: Event | EngineError) -> None:
 # --- slots and the worker's link to the event loop --------------------------------------------------------------
 
 _Item = Text | End | Result | EngineError | None  # None: the worker thread is done
+# text, its tokens' logprobs, its choice, tool-call fragments after it
+_Piece = tuple[str, tuple[TokenLogprob, ...], int, tuple[ToolCallDelta, ...]]
 
 
 class _Channel:
@@ -369,7 +385,7 @@ class _Channel:
         self._batch_max = max(1, batch_max)
         self._first_sent = first_sent  # the worker's alone: cleared once waited for
         self._lock = threading.Lock()  # guards what the worker thread and the loop share: the three below
-        self._pieces: list[str] = []
+        self._pieces: list[_Piece] = []
         self._oldest = 0.0  # when the first of _pieces came (time.monotonic)
         self._due = False  # the loop will look at _pieces without being woken: a wake-up is queued or a timer set
         self._sent_any = False  # the loop's alone, like _timer
@@ -378,12 +394,18 @@ class _Channel:
     def should_stop(self) -> bool:
         return self.cancel.is_set() or self.abandoned.is_set()
 
-    def text(self, piece: str) -> None:
+    def text(
+        self,
+        piece: str,
+        logprobs: tuple[TokenLogprob, ...] = (),
+        choice: int = 0,
+        tool_calls: tuple[ToolCallDelta, ...] = (),
+    ) -> None:
         """From the worker thread: generated text, handed over with the batch it falls in."""
         with self._lock:
             if not self._pieces:
                 self._oldest = time.monotonic()
-            self._pieces.append(piece)
+            self._pieces.append((piece, logprobs, choice, tool_calls))
             wake = not self._due or len(self._pieces) >= self._batch_max
             self._due = True
         if wake:
@@ -427,9 +449,14 @@ class _Channel:
             self._timer.cancel()
             self._timer = None
 
-    def _hand_over(self, pieces: list[str]) -> None:
+    def _hand_over(self, pieces: list[_Piece]) -> None:
         self._sent_any = True
-        self.queue.put_nowait(Text("".join(pieces), len(pieces)))
+        # One Text per choice: the choices of `n` are generated one after another, so a batch spans two at most.
+        for choice, run in itertools.groupby(pieces, key=lambda piece: piece[2]):
+            texts, logprobs, _, calls = zip(*run, strict=True)
+            # A choice's content all comes before its first call: the text, then the calls, keep their order.
+            merged = tuple(tools.merge(sum(calls, ())))
+            self.queue.put_nowait(Text("".join(texts), len(texts), sum(logprobs, ()), choice, merged))
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
         # RuntimeError: the loop closed under an abandoned job, and nobody is left to tell.
@@ -613,99 +640,47 @@ class _Model:
             raise UnsupportedEndpoint(f"unknown endpoint {endpoint!r}")
         if self.config.embeddings:
             raise UnsupportedEndpoint(f"model {name} is loaded for embeddings only")
-        _reject_unsupported(body)
-        sampling = _sampling(body)
+        _reject_unsupported(endpoint, body)
+        sampling = _sampling(endpoint, body)
         if endpoint == COMPLETIONS:
             return functools.partial(_complete, prompt=_completion_prompt(body), add_bos=True, sampling=sampling)
         if self.formatter is None:
             raise NoChatTemplate(f"model {name} has no chat template; use /v1/completions or configure one")
-        prompt, template_stops = _render_chat(self.formatter, _messages(body))
+        plan = self._plan(body)
+        prompt, template_stops = _render_chat(self.formatter, plan.messages, plan.tools)
         sampling = dataclasses.replace(sampling, stop=(*sampling.stop, *template_stops))
         # The template writes BOS itself where the model wants one, as llama-cpp-python's own chat handler assumes.
-        return functools.partial(_complete, prompt=prompt, add_bos=False, sampling=sampling)
+        return functools.partial(_complete, prompt=prompt, add_bos=False, sampling=sampling, output=plan.output)
+
+    def _plan(self, body: Mapping[str, Any]) -> tools.ChatPlan:
+        """Tools and response_format (agent.tools, agent.grammar): what the template renders, what the answer is
+        held to. A prefilled answer under a grammar is checked here, before a slot is taken."""
+        assert self.formatter is not None
+        try:
+            plan = tools.plan_chat(body, _messages(body), self.formatter.template)
+            output = plan.output
+            if output.prefill and output.grammar is not None:
+                prefix = check_prefix(self.slots.tokenizer, output.grammar, output.prefill)
+                plan = dataclasses.replace(plan, output=dataclasses.replace(output, prefill_tokens=prefix))
+        except PrefillRejected as exc:
+            raise InvalidRequest(f"the final assistant message does not fit the response_format: {exc}") from exc
+        except ValueError as exc:  # ToolsError, UnsupportedSchema, ResponseFormatError
+            raise InvalidRequest(str(exc)) from exc
+        return plan
 
 
-@dataclass(frozen=True)
-class _Sampling:
-    max_tokens: int | None
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float
-    presence_penalty: float
-    frequency_penalty: float
-    repeat_penalty: float
-    seed: int
-    stop: tuple[str, ...]
+def _sampling(endpoint: str, body: Mapping[str, Any]) -> Sampling:
+    try:
+        return sampler.parse(endpoint, body, lambda: secrets.randbits(32))
+    except sampler.InvalidParameter as exc:
+        raise InvalidRequest(str(exc)) from exc
 
 
-def _sampling(body: Mapping[str, Any]) -> _Sampling:
-    max_tokens = _integer(body, "max_completion_tokens", 1)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1)
-    seed = _integer(body, "seed", None)
-    top_k = _integer(body, "top_k", 0)
-    return _Sampling(
-        max_tokens=max_tokens,
-        # OpenAI's defaults for OpenAI's parameters; llama.cpp's for the extensions llama-server also accepts.
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-        top_k=40 if top_k is None else top_k,
-        min_p=_number(body, "min_p", 0.05, 0.0, 1.0),
-        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        repeat_penalty=_number(body, "repeat_penalty", 1.0, 0.0, 10.0),
-        seed=(seed if seed is not None else secrets.randbits(32)) % _RANDOM_SEED,
-        stop=_stops(body),
-    )
-
-
-def _number(body: Mapping[str, Any], key: str, default: float, low: float, high: float) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequest(f"'{key}' must be a number")
-    if not low <= value <= high:
-        raise InvalidRequest(f"'{key}' must be between {low} and {high}, got {value}")
-    return float(value)
-
-
-def _integer(body: Mapping[str, Any], key: str, low: int | None) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"'{key}' must be an integer")
-    if low is not None and value < low:
-        raise InvalidRequest(f"'{key}' must be at least {low}, got {value}")
-    return value
-
-
-def _stops(body: Mapping[str, Any]) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(item, str) for item in stop):
-        raise InvalidRequest("'stop' must be a string or a list of strings")
-    return tuple(item for item in stop if item)
-
-
-def _reject_unsupported(body: Mapping[str, Any]) -> None:
-    """Refuse what llama.cpp nodes cannot honour rather than answer something the client did not ask for."""
-    if body.get("n") not in (None, 1):
-        raise InvalidRequest("'n' other than 1 is not supported")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise InvalidRequest("'logprobs' is not supported")
-    if body.get("tools") or body.get("functions"):
-        raise InvalidRequest("tool calling is not supported by this model")
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise InvalidRequest("'response_format' other than text is not supported")
-    if body.get("echo") or body.get("suffix") is not None or body.get("best_of") not in (None, 1):
-        raise InvalidRequest("'echo', 'suffix' and 'best_of' are not supported")
+def _reject_unsupported(endpoint: str, body: Mapping[str, Any]) -> None:
+    """Refuse what llama.cpp nodes cannot honour rather than answer something the client did not ask for (the
+    sampling parameters: agent.sampling; tools and response_format on chat: agent.tools)."""
+    if endpoint == COMPLETIONS and any(body.get(key) for key in ("tools", "functions", "response_format")):
+        raise InvalidRequest("'tools', 'functions' and 'response_format' are chat parameters")
 
 
 def _completion_prompt(body: Mapping[str, Any]) -> str | list[int]:
@@ -719,10 +694,19 @@ def _completion_prompt(body: Mapping[str, Any]) -> str | list[int]:
     raise InvalidRequest("'prompt' must be a string, a list of one string, or a list of token ids")
 
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function": "tool",  # the legacy functions' results
+}
+# What agent.tools reads of a message besides its role and content.
+_TOOL_KEYS = ("tool_calls", "function_call", "tool_call_id", "name")
 
 
-def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise InvalidRequest("'messages' must be a non-empty list")
@@ -732,7 +716,9 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
         if role not in _ROLES:
             raise InvalidRequest(f"messages[{index}].role must be one of {', '.join(_ROLES)}")
         # Templates only know the classic roles; "developer" is OpenAI's new name for "system".
-        messages.append({"role": _ROLES[role], "content": _content(message.get("content"), index)})
+        entry = {"role": _ROLES[role], "content": _content(message.get("content"), index)}
+        entry.update((key, message[key]) for key in _TOOL_KEYS if message.get(key) is not None)
+        messages.append(entry)
     return messages
 
 
@@ -746,8 +732,10 @@ def _content(content: Any, index: int) -> str:
     raise InvalidRequest(f"messages[{index}].content must be a string or a list of text parts")
 
 
-def _render_chat(formatter: Jinja2ChatFormatter, messages: list[dict[str, str]]) -> tuple[str, tuple[str, ...]]:
-    """The prompt for `messages`, and the template's stop strings.
+def _render_chat(
+    formatter: Jinja2ChatFormatter, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> tuple[str, tuple[str, ...]]:
+    """The prompt for `messages` (and `tools`, for a template that renders them), and the template's stop strings.
 
     A final assistant message is a prefill: the messages before it are rendered with the generation prompt and its
     content is appended verbatim, so the model continues that text instead of starting a new turn.
@@ -757,7 +745,7 @@ def _render_chat(formatter: Jinja2ChatFormatter, messages: list[dict[str, str]])
         prefill = messages[-1]["content"]
         messages = messages[:-1]
     try:
-        rendered = formatter(messages=cast(Any, messages))
+        rendered = formatter(messages=cast(Any, messages), tools=cast(Any, tools))
     except (ValueError, jinja2.TemplateError) as exc:
         raise InvalidRequest(f"the chat template rejected the messages: {exc}") from exc
     stop = rendered.stop
@@ -785,7 +773,15 @@ def _encoding(body: Mapping[str, Any]) -> str:
 # --- the work itself, run in the job's worker thread ---------------------------------------------------------------
 
 
-def _complete(lease: Lease, channel: _Channel, *, prompt: str | list[int], add_bos: bool, sampling: _Sampling) -> End:
+def _complete(
+    lease: Lease,
+    channel: _Channel,
+    *,
+    prompt: str | list[int],
+    add_bos: bool,
+    sampling: Sampling,
+    output: tools.Output | None = None,
+) -> End:
     tokens = _tokenize(lease.tokenizer, prompt, add_bos)
     context = lease.tokenizer.n_ctx()
     if not tokens:
@@ -794,55 +790,42 @@ def _complete(lease: Lease, channel: _Channel, *, prompt: str | list[int], add_b
         raise ContextLengthExceeded(
             f"the prompt is {len(tokens)} tokens but a slot holds {context} tokens, completion included"
         )
+    try:
+        sampler.check_for_model(sampling, lease.tokenizer.n_vocab(), len(tokens), context)
+    except sampler.InvalidParameter as exc:
+        raise InvalidRequest(str(exc)) from exc
     if channel.should_stop():
         return End("cancelled", len(tokens), 0)
     llama = lease.take(tokens)
-    cached = keep_prefix(llama, tokens)
-    # create_completion would evaluate the prompt in one call that no cancel reaches; it finds all of it but the
-    # last token evaluated here, and evaluates only that one.
-    if not prefill(llama, tokens, channel.should_stop):
-        return End("cancelled", len(tokens), 0, cached)
-    stream = llama.create_completion(
-        prompt=tokens,
-        stream=True,
-        max_tokens=sampling.max_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        min_p=sampling.min_p,
-        presence_penalty=sampling.presence_penalty,
-        frequency_penalty=sampling.frequency_penalty,
-        repeat_penalty=sampling.repeat_penalty,
-        seed=sampling.seed,
-        # Checked after every sampled token, even those llama-cpp-python holds back (split UTF-8 characters).
-        stopping_criteria=StoppingCriteriaList([lambda _ids, _logits: channel.should_stop()]),
-    )
-    if isinstance(stream, dict):
-        raise TypeError("llama-cpp-python returned a whole completion for stream=True")
-    # Stop strings are matched here rather than by llama-cpp-python, which hides how many tokens it sampled.
-    scanner = _StopScanner(sampling.stop)
-    finish: str | None = None
-    interrupted = False  # we closed the stream right after a sampled token, before llama.cpp evaluated it
-    try:
-        for chunk in stream:
-            choice = chunk["choices"][0]
-            text, matched = scanner.feed(choice["text"])
-            if text:
-                channel.text(text)
-            if matched or channel.should_stop():
-                finish, interrupted = ("stop" if matched else "cancelled"), True
-                break
-            finish = choice["finish_reason"] or finish
-        else:
-            if tail := scanner.flush():
-                channel.text(tail)
-    finally:
-        _close(stream)
-    # llama.cpp has evaluated every sampled token except the last one, which it evaluates only to sample the next;
-    # an end-of-generation token ends the run without being counted, like llama-cpp-python's own usage.
-    evaluated = max(0, llama.n_tokens - len(tokens))
-    pending = 1 if interrupted or finish == "length" else 0
-    return End(finish or "stop", len(tokens), evaluated + pending, cached)
+    text = prompt if isinstance(prompt, str) else None
+    pieces = sampler.prompt_pieces(llama, tokens, text) if sampling.echo else []
+    scored: list[TokenLogprob] | None = None
+    if sampling.echo and sampling.logprobs is not None:
+        # Scoring the prompt takes the logits of every position, which the slot's cache does not hold.
+        cached = 0
+        scored = sampler.score_prompt(llama, tokens, pieces, sampling.logprobs, channel.should_stop)
+        if scored is None:
+            return End("cancelled", len(tokens), 0)
+    else:
+        cached = keep_prefix(llama, tokens)
+        # In chunks that a cancel stops between, all of it but the last token, which the generation evaluates to
+        # sample the first token from.
+        if not prefill(llama, tokens, channel.should_stop):
+            return End("cancelled", len(tokens), 0, cached)
+    echoed = text if text is not None else b"".join(pieces).decode("utf-8", errors="replace")
+    ends: list[ChoiceEnd] = []
+    for index in range(sampling.n):
+        if index:
+            keep_prefix(llama, tokens)  # back to the prompt, which the slot still holds but for its last token
+        if sampling.echo:
+            for piece, logprobs in sampler.echo_runs(echoed, scored):
+                channel.text(piece, logprobs, index)
+        ends.append(tools.run_choice(llama, tokens, sampling, index, channel.text, channel.should_stop, output))
+        if ends[-1].finish_reason == "cancelled":
+            break
+    finish = "cancelled" if ends[-1].finish_reason == "cancelled" else ends[0].finish_reason
+    completion = sum(end.completion_tokens for end in ends)
+    return End(finish, len(tokens), completion, cached, tuple(ends) if sampling.n > 1 else ())
 
 
 def _tokenize(llama: Llama, prompt: str | list[int], add_bos: bool) -> list[int]:
@@ -853,44 +836,6 @@ def _tokenize(llama: Llama, prompt: str | list[int], add_bos: bool) -> list[int]
     if any(not 0 <= token < vocabulary for token in prompt):
         raise InvalidRequest(f"token ids must be between 0 and {vocabulary - 1}")
     return list(prompt)
-
-
-def _close(stream: Iterator[Any]) -> None:
-    close = getattr(stream, "close", None)
-    if close is not None:
-        close()
-
-
-class _StopScanner:
-    """Finds stop strings across piece boundaries, holding back text that could be the start of one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self._stops = [stop for stop in stops if stop]
-        self._held = ""
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """The text that is safe to emit, and whether a stop string was reached (its text is dropped)."""
-        text = self._held + piece
-        found = [index for index in (text.find(stop) for stop in self._stops) if index >= 0]
-        if found:
-            self._held = ""
-            return text[: min(found)], True
-        keep = self._partial_match(text)
-        self._held = text[len(text) - keep :]
-        return text[: len(text) - keep], False
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return held
-
-    def _partial_match(self, text: str) -> int:
-        longest = 0
-        for stop in self._stops:
-            for size in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:size]):
-                    longest = size
-                    break
-        return longest
 
 
 def _embed(lease: Lease, channel: _Channel, *, inputs: list[str], model: str, encoding: str) -> Event:

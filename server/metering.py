@@ -60,8 +60,9 @@ PROMPT_SLACK_TOKENS = 1024
 IMAGE_TOKENS = 4096
 # Per choice: the end-of-turn token, special tokens the server drops, a character split across tokens.
 CHOICE_SLACK_TOKENS = 16
-# Per tool call: the call's framing (recipient, wrappers) is generated but not delivered.
-TOOL_CALL_SLACK_TOKENS = 16
+# Per tool call: the call's framing (recipient, wrappers) is generated but not delivered. A node's
+# `<tool_call>\n{"name": "", "arguments": }\n</tool_call>` (agent.tools) is about 24 tokens in small vocabularies.
+TOOL_CALL_SLACK_TOKENS = 32
 # Hidden completion tokens a provider may report (OpenAI's `completion_tokens_details`).
 HIDDEN_DETAILS = ("reasoning_tokens", "audio_tokens", "rejected_prediction_tokens")
 LOG_INTERVAL_S = 60.0
@@ -126,6 +127,8 @@ class Delivery:
                             self.tool_calls += 1  # a stream names each call's id once, in its first delta
                         size += _function_bytes(call.get("function"))
             elif name == "function_call":
+                if isinstance(value, dict) and "name" in value:
+                    self.tool_calls += 1  # a legacy call, named once, in its first delta
                 size += _function_bytes(value)
         if size:
             self.bytes += size

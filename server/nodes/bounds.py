@@ -12,7 +12,8 @@ checked here before anything else sees it:
   llama.cpp error message is not refused for it;
 - rates: Status and Heartbeat messages share a token bucket; a node over it has its session closed;
 - jobs: the events a node sends for one job are bounded in number waiting to be read and in bytes over the job
-  (server.nodes.registry enforces both; a node over either has its session closed and the job fails over).
+  (server.nodes.registry enforces both; a node over either has its session closed and the job fails over); the
+  strings and logprobs in them that reach the client are clamped (`clamp_job_event`).
 
 Every bound is far above what the real agent sends, so only a broken or hostile agent meets one.
 
@@ -80,7 +81,8 @@ STATUS_BURST = 1000
 # agent sends a batch every 50 ms at most: 4,096 is minutes of a client that stopped reading (the plane's own
 # timeouts end such a request first), or a node flooding.
 MAX_QUEUED_EVENTS_PER_JOB = 4096
-# Bytes of one job's events over its whole life (text batches, and a whole result for embeddings), which a
+# Bytes of one job's events over its whole life (text batches with their logprobs, a whole result for embeddings;
+# the agent refuses a request whose logprobs could pass 3/4 of it: agent.sampling.LOGPROB_BUDGET_BYTES), which a
 # non-streamed answer holds in memory: 2^20 tokens of context at 16 bytes per token, twice over. One event is
 # bounded by the gRPC message cap (proto.contract.NODE_MESSAGE_MAX_BYTES).
 MAX_JOB_BYTES = 32 * 1024 * 1024
@@ -89,6 +91,15 @@ MAX_ERROR_CODE_BYTES = 64
 MAX_ERROR_MESSAGE_BYTES = 1024
 # "stop", "length", "cancelled": anything longer is not a finish reason.
 MAX_FINISH_REASON_BYTES = 32
+# Logprobs (TokenBatch.logprobs) reach the client: alternatives per token, as many as OpenAI's `top_logprobs`
+# allows; a token's bytes, far above the longest token of any vocabulary (a few dozen bytes). Cut to these; the
+# number of entries is bounded by the batch's bytes like its text. A log probability that is not a finite number
+# at most 0 is set to the nearest one (NaN: LOGPROB_FLOOR, OpenAI's figure for "never").
+MAX_TOP_LOGPROBS = 20
+MAX_TOKEN_BYTES = 256
+LOGPROB_FLOOR = -9999.0
+# Per-choice ends (JobEnd.choices): one per choice, and OpenAI's `n` is at most 128.
+MAX_CHOICE_ENDS = 128
 
 # -- logs -------------------------------------------------------------------------------------------
 
@@ -224,13 +235,38 @@ def _clamp_issues(issues: Any) -> None:
 
 
 def clamp_job_event(event: pb.JobEvent) -> None:
-    """Cut the strings of a job's end or error that reach the client and the log."""
+    """Cut the strings of a job's end or error that reach the client and the log, and a batch's logprobs."""
     kind = event.WhichOneof("kind")
-    if kind == "error":
+    if kind == "tokens":
+        if event.tokens.logprobs:  # only when the request asked for them: the common batch costs one test
+            _clamp_logprobs(event.tokens.logprobs)
+    elif kind == "error":
         event.error.code = clip(event.error.code, MAX_ERROR_CODE_BYTES)
         event.error.message = clip(event.error.message, MAX_ERROR_MESSAGE_BYTES)
     elif kind == "end":
         event.end.finish_reason = clip(event.end.finish_reason, MAX_FINISH_REASON_BYTES)
+        del event.end.choices[MAX_CHOICE_ENDS:]
+        for choice in event.end.choices:
+            choice.finish_reason = clip(choice.finish_reason, MAX_FINISH_REASON_BYTES)
+
+
+def _clamp_logprobs(entries: Any) -> None:
+    for entry in entries:
+        if len(entry.token) > MAX_TOKEN_BYTES:
+            entry.token = entry.token[:MAX_TOKEN_BYTES]
+        if entry.HasField("logprob"):
+            entry.logprob = _logprob(entry.logprob)
+        del entry.top[MAX_TOP_LOGPROBS:]
+        for top in entry.top:
+            if len(top.token) > MAX_TOKEN_BYTES:
+                top.token = top.token[:MAX_TOKEN_BYTES]
+            top.logprob = _logprob(top.logprob)
+
+
+def _logprob(value: float) -> float:
+    if math.isnan(value):
+        return LOGPROB_FLOOR
+    return min(max(value, LOGPROB_FLOOR), 0.0)
 
 
 # -- rates ------------------------------------------------------------------------------------------

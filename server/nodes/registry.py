@@ -410,6 +410,10 @@ class NodeRegistry:
         kind = event.WhichOneof("kind")
         if kind == "tokens":
             job.text_bytes += len(event.tokens.text.encode("utf-8", "surrogatepass"))
+            # A call's name and arguments are generated text too (server.metering counts them delivered).
+            for call in event.tokens.tool_calls:
+                job.text_bytes += len(call.name.encode("utf-8", "surrogatepass"))
+                job.text_bytes += len(call.arguments.encode("utf-8", "surrogatepass"))
         elif kind == "end":
             job.end = event.end  # read by the bill of a job whose client left (server.targets.node)
         if kind in ("end", "error"):

@@ -2,7 +2,8 @@
 
 The pool claims a slot on one node per attempt (`NodeRegistry.dispatch`) and turns the node's token batches
 back into OpenAI objects: `chat.completion.chunk` / `text_completion` SSE payloads for streams, whole bodies
-otherwise, so the relay treats a node exactly like a provider.
+otherwise, so the relay treats a node exactly like a provider. Each batch belongs to one of the request's `n`
+choices and carries its tokens' logprobs when the request asked for them (server.targets.node_logprobs).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import contextlib
 import functools
 import hashlib
 import math
+import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Any
 
 import orjson
@@ -27,11 +29,12 @@ from server.errors import (
     UpstreamTimeoutError,
 )
 from server.failover import FailoverPolicy
-from server.metering import Generated
+from server.metering import Generated, choices
 from server.nodes.bounds import MAX_PRICE
 from server.nodes.registry import Job, NodeRegistry, SessionLost
 from server.rescue import ContinuationForm
 from server.targets.base import Attempt, Call, Target, TargetStream
+from server.targets.node_logprobs import ChoiceLogprobs, first_offset, requested
 
 # The id routing rules use for "the org's nodes" (e.g. `route set m --targets nodes,openai`).
 NODES_TARGET = "nodes"
@@ -93,17 +96,23 @@ class NodePoolTarget(Target):
 
     async def complete(self, call: Call, attempt: Attempt) -> bytes:
         job = await self._dispatch(call, attempt)
-        text: list[str] = []
+        answer = _Answer(call)
+        texts: list[list[str]] = [[] for _ in range(answer.n)]
+        calls = [ToolCalls() for _ in range(answer.n)]
         try:
             while True:
                 event = await _next(job, self.policy.header_timeout_s)
                 kind = event.WhichOneof("kind")
                 if kind == "tokens":
-                    text.append(event.tokens.text)
+                    index = answer.choice(job, event.tokens)
+                    texts[index].append(event.tokens.text)
+                    calls[index].add(event.tokens.tool_calls)
+                    answer.logprobs(event.tokens)
                 elif kind == "end":
                     if event.end.result:
                         return event.end.result
-                    return orjson.dumps(_whole(call, job, "".join(text), event.end))
+                    joined = ["".join(text) for text in texts]
+                    return orjson.dumps(_whole(call, job, answer, joined, event.end, calls))
                 else:
                     raise _error(job, event.error)
         finally:
@@ -126,20 +135,40 @@ class NodeStream(TargetStream):
 
     async def _read(self) -> AsyncGenerator[list[bytes], None]:
         chat = self.call.endpoint == "chat/completions"
+        legacy = _legacy_functions(self.call.body)
         base = _chunk_base(self.call, self.job, chat)
-        role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-        batch = [_chunk(base, role)] if chat else []
+        answer = _Answer(self.call)
+        opened = [not chat] * answer.n  # whether a choice's first chunk (its role, in a chat) went out
+        batch: list[bytes] = []
         event: pb.JobEvent | None = await _next(self.job, self.idle_timeout_s)
         while event is not None:
             kind = event.WhichOneof("kind")
             if kind == "tokens":
-                piece = {"content": event.tokens.text} if chat else None
-                choice = {"index": 0, "delta": piece} if chat else {"index": 0, "text": event.tokens.text}
-                batch.append(_chunk(base, {**choice, "finish_reason": None, "logprobs": None}))
+                tokens = event.tokens
+                index = answer.choice(self.job, tokens)
+                if not opened[index]:
+                    # An answer that opens with a tool call has no content at all: null, as OpenAI streams it.
+                    calling = not tokens.text and bool(tokens.tool_calls)
+                    batch.append(_role(base, index, None if calling else ""))
+                    opened[index] = True
+                logprobs = answer.logprobs(tokens)
+                if tokens.text or not tokens.tool_calls or logprobs is not None:
+                    choice = (
+                        {"index": index, "delta": {"content": tokens.text}}
+                        if chat
+                        else {"index": index, "text": tokens.text}
+                    )
+                    batch.append(_chunk(base, {**choice, "finish_reason": None, "logprobs": logprobs}))
+                for delta in tokens.tool_calls if chat else ():
+                    choice = {"index": index, "delta": tool_call_delta(delta, legacy)}
+                    batch.append(_chunk(base, {**choice, "finish_reason": None, "logprobs": None}))
             elif kind == "end":
                 end = event.end
-                finish = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
-                batch.append(_chunk(base, {**finish, "finish_reason": end.finish_reason, "logprobs": None}))
+                for index, reason in enumerate(answer.finish_reasons(end)):
+                    if not opened[index]:
+                        batch.append(_role(base, index, ""))
+                    finish = {"index": index, "delta": {}} if chat else {"index": index, "text": ""}
+                    batch.append(_chunk(base, {**finish, "finish_reason": reason, "logprobs": None}))
                 batch.append(orjson.dumps({**base, "choices": [], "usage": _usage(end)}))
                 self.done = True
                 yield batch
@@ -183,10 +212,50 @@ def _arrived(job: Job, event: pb.JobEvent | SessionLost) -> pb.JobEvent:
     return event
 
 
+class _Answer:
+    """The choices of a node's answer: the request's `n`, each with its logprobs when the request asked for them."""
+
+    def __init__(self, call: Call) -> None:
+        self.n = choices(call.body)[0]
+        top = requested(call.endpoint, call.body)
+        chat = call.endpoint == "chat/completions"
+        offset = 0 if chat else first_offset(call.body)
+        self._logprobs = [ChoiceLogprobs(chat, top, offset) for _ in range(self.n)] if top is not None else None
+
+    def choice(self, job: Job, tokens: pb.TokenBatch) -> int:
+        """The batch's choice index; a node that names one the request did not ask for is broken."""
+        if tokens.choice >= self.n:
+            raise UpstreamProtocolError(f"node {job.session.name}: choice {tokens.choice} of a request for {self.n}")
+        return tokens.choice
+
+    def logprobs(self, tokens: pb.TokenBatch) -> dict[str, Any] | None:
+        """The batch's logprobs fragment for its chunk (None when not asked for), kept for the whole answer."""
+        if self._logprobs is None:
+            return None
+        return self._logprobs[tokens.choice].add(tokens.logprobs)
+
+    def whole_logprobs(self, index: int) -> dict[str, Any] | None:
+        return None if self._logprobs is None else self._logprobs[index].whole()
+
+    def finish_reasons(self, end: pb.JobEnd) -> list[str]:
+        """Each choice's finish reason: from JobEnd.choices for several, else JobEnd's own (an older agent's)."""
+        reasons = [end.finish_reason] * self.n
+        for choice in end.choices:
+            if choice.index < self.n:
+                reasons[choice.index] = choice.finish_reason
+        return reasons
+
+
+# An agent's invalid_request message names the parameter first, in quotes (agent.sampling.InvalidParameter).
+_PARAM = re.compile(r"'([A-Za-z_][A-Za-z0-9_]{0,63})'")
+
+
 def _error(job: Job, error: pb.JobError) -> UpstreamError:
     message = f"node {job.session.name}: {error.message}"
     if error.code in ("context_length_exceeded", "invalid_request"):
-        envelope = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": error.code}}
+        named = _PARAM.match(error.message) if error.code == "invalid_request" else None
+        param = named.group(1) if named else None
+        envelope = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": error.code}}
         return UpstreamStatusError(400, orjson.dumps(envelope))
     if error.code == "busy":
         return UpstreamConnectError(message)
@@ -215,22 +284,82 @@ def _chunk(base: dict[str, Any], choice: dict[str, Any]) -> bytes:
     return orjson.dumps({**base, "choices": [choice]})
 
 
-def _whole(call: Call, job: Job, text: str, end: pb.JobEnd) -> dict[str, Any]:
+def _role(base: dict[str, Any], index: int, content: str | None) -> bytes:
+    return _chunk(base, {"index": index, "delta": {"role": "assistant", "content": content}, "finish_reason": None})
+
+
+def _whole(
+    call: Call, job: Job, answer: _Answer, texts: list[str], end: pb.JobEnd, calls: list[ToolCalls]
+) -> dict[str, Any]:
     chat = call.endpoint == "chat/completions"
-    choice: dict[str, Any] = (
-        {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}}
-        if chat
-        else {"index": 0, "text": text}
-    )
+    legacy = _legacy_functions(call.body)
+    listed = []
+    for index, reason in enumerate(answer.finish_reasons(end)):
+        choice: dict[str, Any] = (
+            {"index": index, "message": calls[index].message(texts[index], legacy)}
+            if chat
+            else {"index": index, "text": texts[index]}
+        )
+        listed.append({**choice, "finish_reason": reason, "logprobs": answer.whole_logprobs(index)})
     return {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{job.session.node_id}-{job.job_id}",
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": job.model,
-        "choices": [{**choice, "finish_reason": end.finish_reason, "logprobs": None}],
+        "choices": listed,
         "usage": _usage(end),
         "system_fingerprint": None,
     }
+
+
+def _legacy_functions(body: dict[str, Any]) -> bool:
+    """Whether the request offered legacy `functions`: the answer then holds a `function_call`, not tool_calls."""
+    return body.get("functions") is not None and body.get("tools") is None
+
+
+def tool_call_delta(delta: pb.ToolCallDelta, legacy: bool) -> dict[str, Any]:
+    """A node's tool-call fragment as the `delta` of a chunk, as OpenAI streams calls: the first fragment of a
+    call with its id, type and name (and arguments, often empty), the later ones with arguments only."""
+    if legacy:
+        first = {"name": delta.name, "arguments": delta.arguments}
+        return {"function_call": first if delta.id else {"arguments": delta.arguments}}
+    call: dict[str, Any] = {"index": delta.index}
+    if delta.id:
+        call.update(id=delta.id, type="function", function={"name": delta.name, "arguments": delta.arguments})
+    else:
+        call["function"] = {"arguments": delta.arguments}
+    return {"tool_calls": [call]}
+
+
+class ToolCalls:
+    """A node's tool-call fragments put back together, for a whole answer's message."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, tuple[str, str, list[str]]] = {}  # index -> id, name, arguments
+
+    def add(self, deltas: Iterable[pb.ToolCallDelta]) -> None:
+        for delta in deltas:
+            known = self._calls.get(delta.index)
+            if known is None:
+                self._calls[delta.index] = (delta.id, delta.name, [delta.arguments])
+            else:
+                known[2].append(delta.arguments)
+
+    def message(self, text: str, legacy: bool) -> dict[str, Any]:
+        """The chat message of an answer of `text` and these calls: content null when it is only calls."""
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if not self._calls:
+            return message
+        calls = [
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": "".join(arguments)}}
+            for _, (call_id, name, arguments) in sorted(self._calls.items())
+        ]
+        message["content"] = text or None
+        if legacy:
+            message["function_call"] = calls[0]["function"]
+        else:
+            message["tool_calls"] = calls
+        return message
 
 
 def _affinity(org_id: str, body: dict[str, Any]) -> str | None:
