@@ -1,5 +1,7 @@
 """Benchmark 1, gateway overhead: one fast mock upstream called directly, through the bare aiohttp relay,
-through Hatchway and through LiteLLM's proxy, side by side in one run.
+through Hatchway and through LiteLLM's proxy, side by side in one run. `hatchway-responses` is the same plane as
+`hatchway`, asked the same question through /v1/responses, which it translates to chat completions for the same
+upstream and back: its difference from `hatchway` is what the translation adds per request.
 
 For every mode (non-stream, stream) and concurrency (1, 32, 128), each round runs every contender for the
 same fixed time, one after the other, in an order that rotates from round to round so no contender always
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 from harness import (
     BENCH_DIR,
     HOST,
@@ -63,7 +66,14 @@ class Settings:
     @classmethod
     def for_run(cls, quick: bool, litellm: bool | None) -> Settings:
         with_litellm = (not quick) if litellm is None else litellm
-        contenders = ("direct", "relay", "hatchway", "hatchway-nopolicy", *(("litellm",) if with_litellm else ()))
+        contenders = (
+            "direct",
+            "relay",
+            "hatchway",
+            "hatchway-responses",
+            "hatchway-nopolicy",
+            *(("litellm",) if with_litellm else ()),
+        )
         if quick:
             return cls(CONCURRENCY, rounds=1, duration_s=1.0, warmup_s=1.0, contenders=contenders)
         return cls(CONCURRENCY, rounds=3, duration_s=2.0, warmup_s=1.0, contenders=contenders)
@@ -134,6 +144,21 @@ def _requests(base: str, api_key: str, models: dict[str, str]) -> dict[str, Requ
     }
 
 
+def responses_body(model: str, stream: bool) -> bytes:
+    """The question `chat_body` asks, as a /v1/responses request."""
+    body: dict[str, Any] = {"model": model, "input": "Say hello.", "max_output_tokens": 16}
+    if stream:
+        body["stream"] = True
+    return orjson.dumps(body)
+
+
+def _responses_requests(base: str, api_key: str, models: dict[str, str]) -> dict[str, Request]:
+    return {
+        mode: Request(f"{base}/responses", api_key, responses_body(models[answer], stream), stream)
+        for mode, (answer, stream) in MODES.items()
+    }
+
+
 def start_relay(suite: Suite, stack: contextlib.ExitStack) -> tuple[Child, str]:
     upstream = suite.upstream
     argv = [sys.executable, str(BENCH_DIR / "bare_relay.py"), "--upstream", f"http://{HOST}:{upstream.port}"]
@@ -190,6 +215,17 @@ async def start_contenders(
                 metrics_url=f"{plane.url}/metrics",
             )
         )
+        if name == "hatchway" and "hatchway-responses" in settings.contenders:
+            contenders.append(
+                Contender(
+                    "hatchway-responses",
+                    _responses_requests(f"{plane.url}/v1", key, MODELS),
+                    plane.pid,
+                    plane.ready_s,
+                    note="the hatchway plane, through /v1/responses (translated to chat completions)",
+                    metrics_url=f"{plane.url}/metrics",
+                )
+            )
     if "litellm" in settings.contenders:
         litellm = await asyncio.to_thread(start_litellm, stack, suite.subdir("gateway"), suite.pinning, upstream)
         if litellm.child is not None:
@@ -242,11 +278,14 @@ async def measure_once(suite: Suite, contender: Contender, mode: str, concurrenc
     return Run(result, sut_cpu, result.generator_cpu_s + mock_cpu, peak.peak_rss)
 
 
-_REQUESTS_TOTAL = re.compile(r'^hatchway_requests_total\{route="/v1/chat/completions",status="(\d+)"\} (\S+)$', re.M)
+_REQUESTS_TOTAL = re.compile(
+    r'^hatchway_requests_total\{route="/v1/(?:chat/completions|responses)",status="(\d+)"\} (\S+)$', re.M
+)
 
 
 async def _statuses(contender: Contender) -> dict[str, int]:
-    """The plane's count of chat answers by status so far (none for contenders without Hatchway's metrics)."""
+    """The plane's count of chat and Responses answers by status so far (none for contenders without Hatchway's
+    metrics)."""
     if not contender.metrics_url:
         return {}
     async with (
@@ -254,7 +293,10 @@ async def _statuses(contender: Contender) -> dict[str, int]:
         session.get(contender.metrics_url, headers=ADMIN_HEADERS) as response,
     ):
         text = await response.text()
-    return {status: int(float(count)) for status, count in _REQUESTS_TOTAL.findall(text)}
+    counts: dict[str, int] = {}
+    for status, count in _REQUESTS_TOTAL.findall(text):
+        counts[status] = counts.get(status, 0) + int(float(count))
+    return counts
 
 
 async def measure(
@@ -311,7 +353,7 @@ def summarise(runs: dict[tuple[str, str, int], list[Run]]) -> list[Row]:
             row.added_p50_ms = _paired(stats, direct, "p50_ms")
             row.added_p99_ms = _paired(stats, direct, "p99_ms")
         rows.append(row)
-    order = {"direct": 0, "relay": 1, "hatchway": 2, "hatchway-nopolicy": 3, "litellm": 4}
+    order = {"direct": 0, "relay": 1, "hatchway": 2, "hatchway-responses": 3, "hatchway-nopolicy": 4, "litellm": 5}
     rows.sort(key=lambda r: (list(MODES).index(r.mode), r.concurrency, order.get(r.target, 9)))
     return rows
 

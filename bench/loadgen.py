@@ -191,11 +191,13 @@ async def send(session: aiohttp.ClientSession, request: Request) -> tuple[int, b
 
 
 def check_answer(status: int, payload: bytes, stream: bool) -> str | None:
-    """Why an answer is not a good chat completion, or None. Cheap: the generator must stay cheap."""
+    """Why an answer is not a good chat completion (or Response), or None. Cheap: the generator must stay cheap."""
     if status != 200:
         return f"http_{status}"
     if stream:
-        return None if payload.rstrip().endswith(b"data: [DONE]") else "stream_without_done"
+        # A chat stream ends with [DONE]; a Responses stream with its closing event, and no [DONE].
+        done = payload.rstrip().endswith(b"data: [DONE]") or b"event: response.completed\n" in payload
+        return None if done else "stream_without_done"
     return None if payload.startswith(b"{") else "not_json"
 
 
@@ -275,7 +277,8 @@ async def probe(request: Request) -> None:
     problem = check_answer(status, payload, request.stream)
     if problem is None and not request.stream:
         with contextlib.suppress(orjson.JSONDecodeError):
-            if "choices" in orjson.loads(payload):
+            answer = orjson.loads(payload)
+            if "choices" in answer or answer.get("object") == "response":
                 return
         problem = "no choices"
     if problem is not None:

@@ -194,6 +194,7 @@ async def add_provider(request: web.Request) -> web.Response:
         policy=_policy(body),
         continuation=_continuation(body),
         egress=_egress(body),
+        responses=_responses(body),
     )
     return web.json_response(provider, status=201)
 
@@ -205,6 +206,14 @@ def _continuation(body: dict[str, Any]) -> str | None:
             "'prefill' was replaced by 'continuation' (regenerate, prefill, vllm or none)", param="prefill"
         )
     return _str(body, "continuation", required=False) or None
+
+
+def _responses(body: dict[str, Any]) -> bool | None:
+    """Whether the provider serves /v1/responses itself (server.responses); None: not given."""
+    value = body.get("responses")
+    if value is not None and not isinstance(value, bool):
+        raise InvalidRequestError("'responses' must be true or false", param="responses")
+    return value
 
 
 # A provider's egress settings (server.targets.egress), each a string: given ones change, "" removes one.
@@ -236,6 +245,7 @@ async def update_provider(request: web.Request) -> web.Response:
         policy=_policy(body),
         continuation=_continuation(body),
         egress=_egress(body),
+        responses=_responses(body),
     )
     return web.json_response(provider)
 

@@ -18,6 +18,8 @@ def _routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     app.router.add_post("/v1/completions", openai_api.completions)
     app.router.add_post("/v1/embeddings", openai_api.embeddings)
+    app.router.add_post("/v1/responses", openai_api.responses)
+    app.router.add_route("*", "/v1/responses/{tail:.+}", openai_api.stored_response)
     app.router.add_get("/v1/models", openai_api.list_models)
     app.router.add_get("/v1/models/{model:.+}", openai_api.retrieve_model)
 

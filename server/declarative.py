@@ -12,6 +12,7 @@
     price_out = 0.60
     models = ["gpt-4o-mini", "fast=gpt-4o-mini", { alias = "big", upstream = "gpt-4o", price_in = 2.5 }]
     continuation = "regenerate"              # how it rescues a broken stream (server.rescue); left out: unchanged
+    responses = true                         # it serves /v1/responses itself (server.responses); left out: unchanged
 
 What the file declares wins at start-up (a provider is replaced in place, keeping its routing order);
 what was created from the CLI and is not in the file is left alone. What a start actually changes is written
@@ -70,6 +71,7 @@ def apply_declared(store: Store, declared: Mapping[str, Any], origin: Path | Non
                 _api_keys(provider, where),
                 models,
                 continuation=_optional_text(provider, "continuation", where),
+                responses=_optional_bool(provider, "responses", where),
                 replace=True,
             )
         except HatchwayError as exc:
@@ -87,6 +89,7 @@ def _declared_view(provider: dict[str, Any]) -> dict[str, Any]:
         "models": provider["models"],
         "api_keys": [k["hint"] for k in provider["api_keys"]],
         "continuation": provider["continuation"],
+        "responses": provider["responses"],
     }
 
 
@@ -106,6 +109,13 @@ def _text(table: Mapping[str, Any], key: str, where: str) -> str:
 
 def _optional_text(table: Mapping[str, Any], key: str, where: str) -> str | None:
     return _text(table, key, where) if key in table else None
+
+
+def _optional_bool(table: Mapping[str, Any], key: str, where: str) -> bool | None:
+    value = table.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"{where}: '{key}' must be true or false")
+    return value
 
 
 def _list(table: Mapping[str, Any], key: str, where: str) -> list[Any]:

@@ -5,6 +5,10 @@
 
 Everything before `relay` reads only the in-memory snapshot and the plane's in-memory counters, or with Redis
 configured one round trip for the cache lookup and one for the limits (server.shared).
+
+/v1/responses takes the same steps: its body is also turned into its chat completions form at `validate`
+(server.responses), which is what its tokens are estimated from and what a target without the Responses API is
+sent; the relay sends each attempt in its own target's form.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ from aiohttp import web
 
 from server.auth import authenticate, authorize_model
 from server.cache import StreamAssembler, parse_directives
-from server.errors import BodyTooLargeError, HatchwayError, InvalidRequestError, ModelNotFoundError
+from server.errors import BodyTooLargeError, HatchwayError, InvalidRequestError, ModelNotFoundError, NotFoundError
 from server.limits import Estimate, estimate_tokens
 from server.middleware import RATE_LIMIT_HEADERS, REQUEST_ID
 from server.plane import PLANE, Plane
 from server.relay import Exchange
+from server.responses.dialect import ResponsesDialect
+from server.responses.request import validate_responses
 from server.routing import ModelPlan
+from server.schema import clip
 from server.validation import (
     Validator,
     check_content_type,
@@ -40,11 +47,14 @@ class Endpoint:
     path: str
     validate: Validator
     streamable: bool
+    # Whether requests go through the Responses dialect (server.responses.dialect).
+    responses: bool = False
 
 
 CHAT = Endpoint("chat/completions", validate_chat, streamable=True)
 COMPLETIONS = Endpoint("completions", validate_completion, streamable=True)
 EMBEDDINGS = Endpoint("embeddings", validate_embedding, streamable=False)
+RESPONSES = Endpoint("responses", validate_responses, streamable=True, responses=True)
 
 
 async def read_body(request: web.Request, limit: int) -> dict[str, Any]:
@@ -62,6 +72,7 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     directives = parse_directives(request.headers.get(CACHE_HEADER))
     body = await read_body(request, plane.config.max_body_bytes)
     endpoint.validate(body)
+    dialect = ResponsesDialect(body) if endpoint.responses else None
     if body.get("stream") and not endpoint.streamable:
         raise InvalidRequestError(f"/v1/{endpoint.path} cannot be streamed", param="stream")
     authorize_model(key, catalog, body["model"])
@@ -78,13 +89,14 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         body=body,
         plans=plans,
         deadline_s=plane.config.request_deadline_s,
+        responses=dialect,
     )
     lookup = await plane.cache.fetch(
         key.org_id, endpoint.path, body, catalog.snapshot.cache_policy(key.org_id), directives
     )
     exchange.cache = lookup.status
     # A cached answer costs nothing: it still counts as a request, but reserves no tokens and no spend.
-    cost = Estimate() if lookup.value is not None else estimate(plane, endpoint, body, plans)
+    cost = Estimate() if lookup.value is not None else estimate(plane, *exchange.metered, plans)
     try:
         admission = await plane.limiter.acquire(catalog.snapshot.limit_scopes(key), cost)
     except HatchwayError as exc:
@@ -95,7 +107,7 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         if lookup.value is not None:
             return await plane.relay.replay(request, exchange, lookup.value)
         if lookup.stores and exchange.streaming:
-            exchange.collect = StreamAssembler(chat=exchange.chat)
+            exchange.collect = StreamAssembler(chat=exchange.chat) if dialect is None else dialect.record
         relay = plane.relay.stream(request, exchange) if exchange.streaming else plane.relay.complete(exchange)
         response = await relay
         if lookup.stores and lookup.key and exchange.answer is not None:
@@ -106,10 +118,10 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         plane.relay.settle_limits(exchange, admission.settle)
 
 
-def estimate(plane: Plane, endpoint: Endpoint, body: dict[str, Any], plans: list[ModelPlan]) -> Estimate:
+def estimate(plane: Plane, endpoint: str, body: dict[str, Any], plans: list[ModelPlan]) -> Estimate:
     """What to reserve against token and spend limits: the tokens the request may use, priced at the dearest
     target it may be served by."""
-    prompt, completion = estimate_tokens(endpoint.path, body, plane.config.completion_estimate_tokens)
+    prompt, completion = estimate_tokens(endpoint, body, plane.config.completion_estimate_tokens)
     # The schema lets `max_tokens` be any integer and leaves its range to the upstream: a negative one must not
     # make a reservation that hands tokens back.
     completion = max(0, completion)
@@ -131,6 +143,20 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     return await serve(request, EMBEDDINGS)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    return await serve(request, RESPONSES)
+
+
+async def stored_response(request: web.Request) -> web.StreamResponse:
+    """/v1/responses/{id} and what hangs off it (retrieve, delete, cancel, input items): a plane that stores no
+    responses has none to give, and says so rather than "unknown route"."""
+    authenticate(request.headers, request.app[PLANE].catalog().snapshot)
+    raise NotFoundError(
+        f"{request.method} {clip(request.path, 100)} is not served: Hatchway serves POST /v1/responses and stores no "
+        "responses, so none can be retrieved, cancelled or deleted; send the whole conversation in 'input'"
+    )
 
 
 def _model_object(model: str, created: int, owner: str) -> dict[str, Any]:

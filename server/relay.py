@@ -11,6 +11,9 @@ stream      nothing reaches the client until the first content token (every fail
             silent for longer than its own pace allows: server.pace) is rescued by a fallback that
             continues the same answer (`rescue`), the target that broke it tried last of all; when
             nothing can rescue it, it ends with an SSE error event and no `[DONE]`, never as a success
+responses   a /v1/responses request takes the same steps; its dialect (server.responses.dialect) sends each
+            attempt in its target's form, reads answers and events back for the accounting, frames the events
+            and ends a broken stream with `response.failed` (no rescue)
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from server.rescue import (
     choice_text,
     rescue_request,
 )
+from server.responses.dialect import CHAT_ENDPOINT, Record, ResponsesDialect
 from server.routing import ModelPlan
 from server.snapshot import KeyEntry
 from server.storage.models import utcnow
@@ -114,7 +118,9 @@ class Exchange:
     holding: TargetStats | None = None
     # What the response cache said (server.cache), and the whole answer to store on a miss.
     cache: str = BYPASS
-    collect: StreamAssembler | None = None
+    collect: StreamAssembler | Record | None = None
+    # A /v1/responses request: how each attempt is sent and its answer read (server.responses.dialect).
+    responses: ResponsesDialect | None = None
     answer: bytes | None = None
     # The final status, once the request is over.
     status: int | None = None
@@ -139,6 +145,14 @@ class Exchange:
     @property
     def call(self) -> Call:
         return Call(endpoint=self.endpoint, body=self.body, request_id=self.request_id)
+
+    @property
+    def metered(self) -> tuple[str, dict[str, Any]]:
+        """The endpoint and body the request's usage is bounded and estimated by: a /v1/responses request's chat
+        form, which is what a target generates from."""
+        if self.responses is not None:
+            return CHAT_ENDPOINT, self.responses.chat_body
+        return self.endpoint, self.body
 
     @property
     def time_left_s(self) -> float:
@@ -547,10 +561,14 @@ class Relay:
         try:
             await response.prepare(request)
             exchange.first_byte_at = time.monotonic()
-            payloads = replay_chunks(cached, chat=exchange.chat, include_usage=exchange.wants_usage)
+            if exchange.responses is not None:
+                frames = exchange.responses.replay(cached)
+            else:
+                payloads = replay_chunks(cached, chat=exchange.chat, include_usage=exchange.wants_usage)
+                frames = b"".join(map(sse.frame, payloads)) + sse.DONE_FRAME
             self._finish(exchange, 200)  # before [DONE] can reach the client (see `stream`)
             recorded = True
-            await response.write_eof(b"".join(map(sse.frame, payloads)) + sse.DONE_FRAME)
+            await response.write_eof(frames)
         except ConnectionResetError:
             status, code = CLIENT_CLOSED, "client_closed"
         except asyncio.CancelledError:
@@ -567,19 +585,25 @@ class Relay:
 
     async def _complete_one(self, target: Target, attempt: Attempt, exchange: Exchange) -> bytes:
         exchange.underway = (target, attempt)
-        body = await target.complete(exchange.call, attempt)
+        dialect = exchange.responses
+        if dialect is None:
+            body = await target.complete(exchange.call, attempt)
+        else:
+            body = await dialect.complete(target, attempt, exchange.request_id)
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise UpstreamProtocolError(f"{target.id}: answer is not JSON") from exc
-        if not isinstance(doc, dict) or "error" in doc:
+        if not isinstance(doc, dict) or ("error" in doc if dialect is None else dialect.failure(doc) is not None):
             raise UpstreamProtocolError(f"{target.id}: answer is not an OpenAI object")
+        # A Response is metered as the chat answer it stands for (server.responses.dialect).
+        view = doc if dialect is None else dialect.answer_view(doc)
         exchange.delivery = Delivery()
-        exchange.delivery.observe_whole(doc)
-        usage = doc.get("usage")
+        exchange.delivery.observe_whole(view)
+        usage = view.get("usage")
         if isinstance(usage, dict) and (shown := self._take_usage(exchange, target, attempt, usage)) is not None:
             # The client sees what it is billed, not the claim.
-            return orjson.dumps({**doc, "usage": shown})
+            return orjson.dumps({**doc, "usage": shown} if dialect is None else dialect.with_usage(doc, shown))
         return body
 
     # -- streams ----------------------------------------------------------------------------------
@@ -607,7 +631,7 @@ class Relay:
                 except UpstreamError as exc:
                     await opened.upstream.aclose()
                     self._attempt_failed(exchange, opened.target, exchange.attempt or Attempt(0), exc, time.monotonic())
-                    if not can_rescue(exchange.body, progress):
+                    if exchange.responses is not None or not can_rescue(exchange.body, progress):
                         raise
                     log.info("request %s: rescuing a broken stream from %s", exchange.request_id, opened.target.id)
                     # A rescuer that continues the answer reads what was delivered as part of its prompt.
@@ -618,17 +642,23 @@ class Relay:
             # plane killed once its client saw the request complete has the row to replay.
             self._finish(exchange, 200)
             recorded = True
-            # The last events, [DONE] and the end of the chunked body leave in one write.
-            await response.write_eof(last + sse.DONE_FRAME)
+            # The last events, [DONE] and the end of the chunked body leave in one write (a Responses stream has
+            # no [DONE]: its closing event ends it).
+            await response.write_eof(last + (sse.DONE_FRAME if exchange.responses is None else b""))
             if exchange.collect is not None and not exchange.rescues:
                 exchange.answer = exchange.collect.body()
         except HatchwayError as exc:
             # Committed already: the only honest thing left is an error event and no [DONE].
             status, code = exc.status, exc.code
             message = f"The stream broke and could not be continued: {exc.message}"
-            envelope = {"error": {"message": message, "type": exc.type, "param": None, "code": exc.code}}
+            if exchange.responses is not None:
+                ending = exchange.responses.failed(message)
+            else:
+                ending = sse.error_frame(
+                    {"error": {"message": message, "type": exc.type, "param": None, "code": exc.code}}
+                )
             with contextlib.suppress(ConnectionResetError):
-                await response.write(sse.error_frame(envelope))
+                await response.write(ending)
         except ConnectionResetError:
             status, code = CLIENT_CLOSED, "client_closed"
         except asyncio.CancelledError:
@@ -650,7 +680,12 @@ class Relay:
     ) -> OpenStream:
         """Open a stream and read it up to the batch holding its first content token (the pre-commit buffer).
         Runs inside `attempt`, whose timer holds it to the target's time-to-first-token limit."""
-        upstream = await target.stream(call, attempt)
+        dialect = exchange.responses
+        if dialect is None:
+            upstream = await target.stream(call, attempt)
+        else:
+            upstream = await dialect.stream(target, attempt, call.request_id)
+        commits = _substantive if dialect is None else dialect.substantive
         opened = OpenStream(target, upstream, [], continuation)
         try:
             async for batch in upstream:
@@ -659,7 +694,7 @@ class Relay:
                     item = self._prepare(exchange, opened, payload)
                     if item is not None:
                         opened.buffered.append(item)
-                        committed = committed or _substantive(item[1])
+                        committed = committed or commits(item[1])
                 if committed:
                     return opened
         except BaseException:
@@ -683,6 +718,11 @@ class Relay:
             self.metrics.malformed_chunks.labels(opened.target.id).inc()
             log.warning("request %s: skipped a malformed chunk from %s", exchange.request_id, opened.target.id)
             return None
+        if exchange.responses is not None:
+            problem = exchange.responses.failure(chunk)
+            if problem is not None:
+                raise UpstreamProtocolError(f"{opened.target.id}: error event in the stream: {problem}")
+            return payload, chunk
         if "error" in chunk:
             error = chunk["error"]
             message = error.get("message") if isinstance(error, dict) else error
@@ -742,6 +782,8 @@ class Relay:
         self, exchange: Exchange, progress: StreamProgress, payload: bytes | None, chunk: dict[str, Any]
     ) -> bytes | None:
         """Account for one chunk and return its SSE frame, or None when the client is not to see it."""
+        if exchange.responses is not None:
+            return self._frame_event(exchange, exchange.responses, progress, payload, chunk)
         progress.observe(chunk)
         exchange.delivery.observe(chunk)
         if "usage" in chunk:
@@ -759,6 +801,26 @@ class Relay:
                 chunk = {**chunk, "id": progress.first_id, "created": progress.first_created or chunk.get("created")}
             payload = orjson.dumps(chunk)
         return sse.frame(payload)
+
+    def _frame_event(
+        self,
+        exchange: Exchange,
+        dialect: ResponsesDialect,
+        progress: StreamProgress,
+        payload: bytes | None,
+        event: dict[str, Any],
+    ) -> bytes:
+        """Account for one Responses event, through the chat chunk it stands for, and return its frame."""
+        view = dialect.event_view(event)
+        if view is not None:
+            progress.observe(view)
+            exchange.delivery.observe(view)
+            usage = view.get("usage")
+            if isinstance(usage, dict) and exchange.target is not None:
+                shown = self._take_usage(exchange, exchange.target, exchange.attempt, usage)
+                if shown is not None:
+                    event, payload = dialect.with_usage(event, shown), None
+        return dialect.frame(payload, event)
 
     async def _rescue(self, exchange: Exchange, progress: StreamProgress, *, failed: Target) -> OpenStream:
         """Find a target that continues the delivered answer, each in its declared form (server.rescue)."""
@@ -813,7 +875,7 @@ class Relay:
         if exchange.usage_reported or exchange.target is None or not exchange.delivery.bytes:
             return
         allowed = completion_allowed(_metered(exchange, exchange.target, exchange.attempt))
-        exchange.prompt_tokens = estimate_tokens(exchange.endpoint, exchange.body, 0)[0]
+        exchange.prompt_tokens = estimate_tokens(*exchange.metered, 0)[0]
         exchange.completion_tokens = min(delivered_tokens(exchange.delivery), allowed)
 
     async def _bill_node(
@@ -926,7 +988,8 @@ def _metered(exchange: Exchange, target: Target, attempt: Attempt | None) -> Met
     if not exchange.body_bytes:
         exchange.body_bytes = len(orjson.dumps(exchange.body))
     context = attempt.context if attempt is not None else None
-    return MeteredRequest(exchange.endpoint, exchange.body, exchange.body_bytes, target.kind, context)
+    endpoint, body = exchange.metered
+    return MeteredRequest(endpoint, body, exchange.body_bytes, target.kind, context)
 
 
 def _no_target(exchange: Exchange) -> str:

@@ -27,6 +27,7 @@ COMPONENTS = {
     "chat/completions": "CreateChatCompletionRequest",
     "completions": "CreateCompletionRequest",
     "embeddings": "CreateEmbeddingRequest",
+    "responses": "CreateResponse",
 }
 # Properties whose single-value enum tells which branch of a oneOf/anyOf a client meant (OpenAI's discriminators).
 _DISCRIMINATORS = ("role", "type")

@@ -115,6 +115,7 @@ def build_snapshot(
                     policy=provider_policy,
                     continuation=provider_continuation(provider.continuation),
                     egress=egress_by_provider[provider.id],
+                    responses=provider.responses,
                 )
             )
     models_by_org: dict[str, set[str]] = defaultdict(set)

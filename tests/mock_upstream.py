@@ -2,9 +2,11 @@
 
 Tests point Hatchway (or the openai SDK) at ``MockUpstream.url`` and inspect ``requests``; the knobs
 (``reply``, ``delay_s``, ``fail_status``, ``chunk_delay_s``, ``models``, ``accepts_prefill``, ``ignores_prefill``,
-``vllm_prefill``) may be changed between requests. Scripted misbehaviour goes in ``faults`` (one per generation
-request, first in first out) or ``always``; ``disconnects`` and ``completed`` tell whether a caller hung up or got
-its whole answer.
+``vllm_prefill``, ``tool_arguments``, ``tool_reply``) may be changed between requests. It serves
+``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/models`` and ``/v1/responses`` (OpenAI's
+Responses API, stream and not, stateless: the whole conversation comes in ``input``). Scripted misbehaviour goes
+in ``faults`` (one per generation request, first in first out) or ``always``; ``disconnects`` and ``completed``
+tell whether a caller hung up or got its whole answer.
 tests/upstream_process.py serves it in a process of its own, so the hot path avoids logging and uses orjson.
 """
 
@@ -94,7 +96,7 @@ _GARBAGE_JSON = b'{"choices": [tru'
 
 @dataclass(frozen=True, slots=True)
 class Fault:
-    """One scripted misbehaviour for a request to ``/v1/chat/completions`` or ``/v1/completions``.
+    """One scripted misbehaviour for a request to ``/v1/chat/completions``, ``/v1/completions`` or ``/v1/responses``.
 
     Before any answer: ``status`` (an OpenAI error envelope with ``status``, plus ``Retry-After: retry_after``
     when set), ``context_length`` and ``content_policy`` (400s with OpenAI's codes), ``reset`` (the
@@ -153,6 +155,8 @@ class _Frames:
     pieces: list[bytes]
     # The finish chunk and, when the request asked for it, the usage chunk.
     tail: list[bytes]
+    # Whether `[DONE]` ends the stream (a Responses stream has none: its closing event ends it).
+    done: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +209,11 @@ class MockUpstream:
         self.forged_usage: dict[str, Any] | None = None
         # Serve HTTPS with this context (a private CA's certificate for localhost, say) instead of HTTP.
         self.tls: ssl.SSLContext | None = None
+        # Function name -> arguments (a JSON string): a request that offers that function and whose conversation
+        # holds no tool result yet is answered with a call to it (chat `tool_calls`, a Responses `function_call`);
+        # one that holds a tool result is answered with ``tool_reply``, ``{output}`` standing for the last result.
+        self.tool_arguments: dict[str, str] = {}
+        self.tool_reply = "The tool said: {output}"
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self._host = "127.0.0.1"
@@ -258,6 +267,7 @@ class MockUpstream:
         app.router.add_post("/v1/chat/completions", self._admit(self._with_faults(self._chat_completions)))
         app.router.add_post("/v1/completions", self._admit(self._with_faults(self._completions)))
         app.router.add_post("/v1/embeddings", self._admit(self._embeddings))
+        app.router.add_post("/v1/responses", self._admit(self._with_faults(self._responses)))
         app.router.add_get("/v1/models", self._admit(self._list_models))
         app.router.add_get("/v1/models/{model}", self._admit(self._get_model))
         # Anything else still gets recorded and an OpenAI-shaped 404, so a misrouted proxy is easy to spot.
@@ -359,13 +369,29 @@ class MockUpstream:
         if self.ignores_prefill or (self.vllm_prefill and not continues):
             prefill = None  # a new assistant turn after the final assistant message
         reply = _continuation(self.reply, prefill)
-        usage = self.forged_usage or _usage(_messages_words(body["messages"]), _word_count(reply))
+        tool_results = [m.get("content") for m in body["messages"] if isinstance(m, dict) and m.get("role") == "tool"]
+        offered = [t.get("function", {}).get("name") for t in body.get("tools") or () if isinstance(t, dict)]
+        call = self._tool_call(offered, tool_results)
+        if tool_results and call is None:
+            reply = self.tool_reply.replace("{output}", str(tool_results[-1]))
+        generated = call[1] if call is not None else reply
+        usage = self.forged_usage or _usage(_messages_words(body["messages"]), _word_count(generated))
         ident, created, model = self._next_id("chatcmpl"), int(time.time()), body["model"]
         if body.get("stream") is True:
-            frames = _chat_frames(ident, created, model, reply, usage, _include_usage(body))
+            if call is not None:
+                frames = _chat_call_frames(ident, created, model, call, usage, _include_usage(body))
+            else:
+                frames = _chat_frames(ident, created, model, reply, usage, _include_usage(body))
             return await self._stream(request, frames, fault)
-        message = {"role": "assistant", "content": reply, "refusal": None}
-        choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+        message: dict[str, Any] = {"role": "assistant", "content": reply, "refusal": None}
+        finish = "stop"
+        if call is not None:
+            tool_call = {"id": call[2], "type": "function", "function": {"name": call[0], "arguments": call[1]}}
+            message, finish = (
+                {"role": "assistant", "content": None, "refusal": None, "tool_calls": [tool_call]},
+                "tool_calls",
+            )
+        choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
         completion = {
             "id": ident,
             "object": "chat.completion",
@@ -376,6 +402,43 @@ class MockUpstream:
             "system_fingerprint": None,
         }
         return await _answer_json(request, completion, fault)
+
+    def _tool_call(self, offered: list[Any], results: list[Any]) -> tuple[str, str, str] | None:
+        """(name, arguments, call id) of the call to answer with, when a scripted function is offered and no tool
+        result is in the conversation yet."""
+        if results:
+            return None
+        name = next((n for n in offered if n in self.tool_arguments), None)
+        return None if name is None else (name, self.tool_arguments[name], self._next_id("call"))
+
+    async def _responses(self, request: web.Request, body: Any, fault: Fault | None) -> web.StreamResponse:
+        problem = _check_responses_body(body)
+        if problem is not None:
+            return error_response(400, problem)
+        items = [body["input"]] if isinstance(body["input"], str) else body["input"]
+        results = [i.get("output") for i in items if isinstance(i, dict) and i.get("type") == "function_call_output"]
+        offered = [
+            t.get("name") for t in body.get("tools") or () if isinstance(t, dict) and t.get("type") == "function"
+        ]
+        call = self._tool_call(offered, results)
+        reply = self.tool_reply.replace("{output}", str(results[-1])) if results else self.reply
+        generated = call[1] if call is not None else reply
+        words = _word_count(body.get("instructions") or "") + sum(_item_words(item) for item in items)
+        usage = self.forged_usage or _response_usage(max(1, words), _word_count(generated))
+        ident = self._next_id("resp").replace("-", "_")
+        item_id = self._next_id("msg" if call is None else "fc").replace("-", "_")
+        response = _response_object(ident, body, int(time.time()))
+        item: dict[str, Any]
+        if call is not None:
+            item = {"id": item_id, "type": "function_call", "status": "completed", "call_id": call[2]}
+            item |= {"name": call[0], "arguments": call[1]}
+        else:
+            part = {"type": "output_text", "text": reply, "annotations": [], "logprobs": []}
+            item = {"id": item_id, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+        done = {**response, "status": "completed", "output": [item], "usage": usage}
+        if body.get("stream") is True:
+            return await self._stream(request, _response_frames(response, item, done), fault)
+        return await _answer_json(request, done, fault)
 
     async def _completions(self, request: web.Request, body: Any, fault: Fault | None) -> web.StreamResponse:
         problem = _check_completion_body(body)
@@ -480,17 +543,18 @@ def _status_fault(status: int, retry_after: str | None, message: str) -> web.Res
 
 def _stream_script(frames: _Frames, fault: Fault | None) -> _Script:
     head, pieces, tail = frames.head, frames.pieces, frames.tail
+    done = [_DONE] if frames.done else []
     if fault is None:
-        return _Script([*head, *pieces, *tail, _DONE])
+        return _Script([*head, *pieces, *tail, *done])
     before, after = pieces[: fault.after_chunks], pieces[fault.after_chunks :]
     if fault.kind == "slow_first_token":
-        return _Script([*head, _Pause(fault.delay_s), *pieces, *tail, _DONE])
+        return _Script([*head, _Pause(fault.delay_s), *pieces, *tail, *done])
     if fault.kind == "cut":
         return _Script([*head, *before], clean_end=False)
     if fault.kind == "stall":
         return _Script([*head, *before, _Pause(fault.delay_s)], clean_end=False)
     if fault.kind == "garbage":
-        return _Script([*head, *before, _GARBAGE_EVENT, *after, *tail, _DONE])
+        return _Script([*head, *before, _GARBAGE_EVENT, *after, *tail, *done])
     if fault.kind == "no_done":
         return _Script([*head, *pieces, *tail])
     if fault.kind == "no_done_no_finish":
@@ -624,6 +688,15 @@ def _check_chat_body(body: Any) -> str | None:
     return problem
 
 
+def _check_responses_body(body: Any) -> str | None:
+    problem = _check_model(body)
+    if problem is None and not isinstance(body.get("input"), str | list):
+        problem = "'input' must be a string or an array of items"
+    if problem is None and body.get("previous_response_id") is not None:
+        problem = "this mock stores no responses: 'previous_response_id' is not supported"
+    return problem
+
+
 def _check_completion_body(body: Any) -> str | None:
     problem = _check_model(body)
     if problem is None and "prompt" not in body:
@@ -664,6 +737,19 @@ def _content_words(content: Any) -> int:
     return 0
 
 
+def _item_words(item: Any) -> int:
+    """Words of a Responses input item: a message's text, a function call's arguments or output."""
+    if isinstance(item, str):
+        return _word_count(item)
+    if not isinstance(item, dict):
+        return 0
+    if item.get("type") == "function_call_output":
+        return _content_words(item.get("output"))
+    if item.get("type") == "function_call":
+        return _word_count(str(item.get("arguments") or ""))
+    return _content_words(item.get("content"))
+
+
 def _prompt_words(prompt: Any) -> int:
     if isinstance(prompt, str):
         return _word_count(prompt)
@@ -677,6 +763,44 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _response_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+def _response_object(ident: str, body: dict[str, Any], created: int) -> dict[str, Any]:
+    """A Response as OpenAI's API begins it: in progress, no output, echoing the request."""
+    text = body["text"] if isinstance(body.get("text"), dict) else {}
+    return {
+        "id": ident,
+        "object": "response",
+        "created_at": created,
+        "status": "in_progress",
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "model": body["model"],
+        "output": [],
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "previous_response_id": None,
+        "store": body.get("store", True),
+        "temperature": body.get("temperature", 1.0),
+        "text": {"format": {"type": "text"}, **text},
+        "tool_choice": body.get("tool_choice", "auto"),
+        "tools": body.get("tools") or [],
+        "top_p": body.get("top_p", 1.0),
+        "truncation": "disabled",
+        "usage": None,
+        "metadata": body.get("metadata") or {},
     }
 
 
@@ -709,6 +833,62 @@ def _chat_frames(
         pieces=[chunk({"content": piece}, None) for piece in split_reply(reply)],
         tail=_tail(finish, ident, "chat.completion.chunk", created, model, usage, include_usage),
     )
+
+
+def _chat_call_frames(
+    ident: str, created: int, model: str, call: tuple[str, str, str], usage: dict[str, int], include_usage: bool
+) -> _Frames:
+    """A chat stream that calls one function: its id and name first, then its arguments a piece at a time."""
+    name, arguments, call_id = call
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return _event(_chunk_envelope(ident, "chat.completion.chunk", created, model, [choice], include_usage))
+
+    first = {"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+    return _Frames(
+        head=[chunk({"role": "assistant", "content": None}, None), chunk({"tool_calls": [first]}, None)],
+        pieces=[
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None)
+            for piece in split_reply(arguments)
+        ],
+        tail=_tail(chunk({}, "tool_calls"), ident, "chat.completion.chunk", created, model, usage, include_usage),
+    )
+
+
+def _response_frames(response: dict[str, Any], item: dict[str, Any], done: dict[str, Any]) -> _Frames:
+    """A Responses event stream of one output item, as OpenAI's API streams it: `event:` lines, numbered
+    events, the item's text (or a function call's arguments) a piece at a time, no `[DONE]`."""
+    numbers = itertools.count()
+
+    def event(kind: str, **fields: Any) -> bytes:
+        payload = {"type": kind, **fields, "sequence_number": next(numbers)}
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+    where = {"item_id": item["id"], "output_index": 0}
+    head = [event("response.created", response=response), event("response.in_progress", response=response)]
+    if item["type"] == "function_call":
+        head.append(
+            event("response.output_item.added", output_index=0, item={**item, "arguments": "", "status": "in_progress"})
+        )
+        pieces = [
+            event("response.function_call_arguments.delta", **where, delta=p) for p in split_reply(item["arguments"])
+        ]
+        tail = [event("response.function_call_arguments.done", **where, name=item["name"], arguments=item["arguments"])]
+    else:
+        part = item["content"][0]
+        opened = {**item, "content": [], "status": "in_progress"}
+        text = {**where, "content_index": 0}
+        head.append(event("response.output_item.added", output_index=0, item=opened))
+        head.append(event("response.content_part.added", **text, part={**part, "text": ""}))
+        pieces = [event("response.output_text.delta", **text, delta=p, logprobs=[]) for p in split_reply(part["text"])]
+        tail = [
+            event("response.output_text.done", **text, text=part["text"], logprobs=[]),
+            event("response.content_part.done", **text, part=part),
+        ]
+    tail.append(event("response.output_item.done", output_index=0, item=item))
+    tail.append(event("response.completed", response=done))
+    return _Frames(head=head, pieces=pieces, tail=tail, done=False)
 
 
 def _text_frames(

@@ -266,6 +266,12 @@ def provider() -> None:
     """Upstream OpenAI-compatible providers (their keys are encrypted at rest)."""
 
 
+RESPONSES_HELP = (
+    "Whether the provider serves OpenAI's /v1/responses itself (OpenAI does): /v1/responses requests are then "
+    "relayed to it as they are; without it (the default) they are translated to chat completions for it."
+)
+
+
 @provider.command("add")
 @click.argument("name")
 @click.option("--org", "org_ref", required=True, help="Org name or id.")
@@ -274,6 +280,7 @@ def provider() -> None:
 @click.option("--model", "models", multiple=True, required=True, help="ALIAS[=UPSTREAM_NAME] (repeatable).")
 @click.option("--price-in", type=float, default=None, help="USD per 1M prompt tokens.")
 @click.option("--price-out", type=float, default=None, help="USD per 1M completion tokens.")
+@click.option("--responses/--no-responses", default=None, help=RESPONSES_HELP)
 @policy_options
 @egress_options
 @pass_context
@@ -286,6 +293,7 @@ def provider_add(
     models: tuple[str, ...],
     price_in: float | None,
     price_out: float | None,
+    responses: bool | None,
     continuation: str | None,
     **limits: Any,
 ) -> None:
@@ -300,6 +308,7 @@ def provider_add(
         "price_out": price_out,
         "policy": _policy(limits),
         "continuation": continuation,
+        "responses": responses,
         **_egress(limits),
     }
     doc = ctx.call(lambda c: c.post("/providers", body))
@@ -309,14 +318,20 @@ def provider_add(
 @provider.command("set")
 @click.argument("name")
 @click.option("--org", "org_ref", default=None, help="Org, when the name exists in several.")
+@click.option("--responses/--no-responses", default=None, help=RESPONSES_HELP)
 @policy_options
 @egress_options
 @pass_context
-def provider_set(ctx: Context, name: str, org_ref: str | None, continuation: str | None, **limits: Any) -> None:
-    """Change a provider's failover limits or how it continues a broken stream (other settings keep their values)."""
+def provider_set(
+    ctx: Context, name: str, org_ref: str | None, responses: bool | None, continuation: str | None, **limits: Any
+) -> None:
+    """Change a provider's failover limits, how it continues a broken stream or whether it serves /v1/responses
+    (other settings keep their values)."""
     body: dict[str, Any] = {"policy": _policy(limits), **_egress(limits)}
     if continuation:
         body["continuation"] = continuation
+    if responses is not None:
+        body["responses"] = responses
     doc = ctx.call(lambda c: c.patch(f"/providers/{name}", body, org=org_ref))
     ctx.show(doc if ctx.as_json else _provider_rows(doc), PROVIDER_COLUMNS)
 

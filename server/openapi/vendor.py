@@ -3,15 +3,21 @@ published OpenAPI document (github.com/openai/openai-openapi, `openapi.json`).
 
     python -m server.openapi.vendor PATH/TO/openai-openapi/openapi.json COMMIT
 
-What is kept: the three request components and every component they reference, with only the keywords that
-validate (type, properties, required, items, enum, bounds, lengths, additionalProperties, allOf/anyOf/oneOf,
-$ref). What is dropped: descriptions, examples, defaults, titles, `format` (an annotation in JSON Schema
-2020-12), OpenAPI's `discriminator` and `x-*` extensions: none of them changes what is valid.
+What is kept: the four request components (chat completions, completions, embeddings, responses) and every
+component they reference, with only the keywords that validate (type, properties, required, items, enum, bounds,
+lengths, additionalProperties, allOf/anyOf/oneOf, $ref). What is dropped: descriptions, examples, defaults,
+titles, `format` (an annotation in JSON Schema 2020-12), OpenAPI's `discriminator` and `x-*` extensions: none of
+them changes what is valid.
 
 One translation: OpenAI's document says `openapi: 3.1.0` yet marks optional fields with OpenAPI 3.0's
 `nullable: true`, which JSON Schema ignores. The publisher's intent (and what the openai SDKs send: `null` for
 a parameter set to None) is that null is allowed there, so `nullable: true` becomes `"null"` among the types
 (or an `anyOf` with `{"type": "null"}` where the schema names no type).
+
+And a second: `oneOf` becomes `anyOf`. OpenAI's document writes `oneOf` for "one of these forms" where the forms
+overlap: a Responses input message `{"type": "message", "role": "user", "content": [...]}` is both an
+`EasyInputMessage` and an `InputMessage`, which `oneOf` refuses for matching twice, while OpenAI's API (and every
+SDK) sends and accepts it. Where the forms do not overlap (the chat schemas' roles and types), the two agree.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 
 import orjson
 
-REQUESTS = ("CreateChatCompletionRequest", "CreateCompletionRequest", "CreateEmbeddingRequest")
+REQUESTS = ("CreateChatCompletionRequest", "CreateCompletionRequest", "CreateEmbeddingRequest", "CreateResponse")
 OUT = Path(__file__).with_name("openai-requests.json")
 REPOSITORY = "openai/openai-openapi"
 _REF_PREFIX = "#/components/schemas/"
@@ -56,13 +62,17 @@ _ASSERTIONS = frozenset(
 
 
 def trim(schema: Any) -> Any:
-    """Only the keywords that decide validity, with `nullable` translated."""
+    """Only the keywords that decide validity, with `nullable` and `oneOf` translated."""
     if not isinstance(schema, dict):
         return schema  # `true` / `false` schemas
     out: dict[str, Any] = {}
     for key, value in schema.items():
         if key in _ONE:
             out[key] = trim(value)
+        elif key == "oneOf":
+            # No schema of OpenAI's has both; were one to, keeping both would need an allOf.
+            assert "anyOf" not in schema, "a schema with both oneOf and anyOf"
+            out["anyOf"] = [trim(v) for v in value]
         elif key in _LIST:
             out[key] = [trim(v) for v in value]
         elif key in _MAP:
@@ -115,7 +125,7 @@ def vendor(spec: dict[str, Any], commit: str) -> dict[str, Any]:
             "path": "openapi.json",
             "openapi": spec.get("openapi"),
             "info_version": spec.get("info", {}).get("version"),
-            "trimmed_by": "server/openapi/vendor.py (validation keywords only; nullable -> null type)",
+            "trimmed_by": "server/openapi/vendor.py (validation keywords only; nullable -> null type; oneOf -> anyOf)",
         },
         "components": {"schemas": dict(sorted(kept.items()))},
     }

@@ -6,7 +6,7 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, UniqueConstraint, true
+from sqlalchemy import ColumnElement, UniqueConstraint, false, true
 from sqlmodel import Field, SQLModel
 
 
@@ -81,6 +81,9 @@ class Provider(SQLModel, table=True):
     # How it continues a broken stream for a rescue (server.rescue): regenerate, prefill, vllm or none. Declared by
     # the operator: a provider's answers cannot prove it continues a final assistant message.
     continuation: str = Field(default="regenerate", sa_column_kwargs=server_default("regenerate"))
+    # Whether it serves OpenAI's /v1/responses itself: such requests are relayed to it as they are, and
+    # translated to chat completions for a provider without it (server.responses). Declared by the operator.
+    responses: bool = Field(default=False, sa_column_kwargs=server_default(false()))
     # JSON object of its own egress settings (proxy, ca_file, client_cert, client_key; server.targets.egress); empty
     # uses the plane's. A proxy URL with credentials is shown redacted and kept Fernet-encrypted (proxy_ciphertext).
     egress: str = Field(default="", sa_column_kwargs=server_default(""))

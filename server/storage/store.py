@@ -273,10 +273,11 @@ class Store:
         policy: dict[str, float | int] | None = None,
         continuation: str | None = None,
         egress: Mapping[str, str] | None = None,
+        responses: bool | None = None,
         replace: bool = False,
     ) -> dict[str, Any]:
         """Add a provider; with `replace`, an existing one of that name is updated in place (keeps its order).
-        `continuation` None: the default for a new provider, the current one for a replaced one."""
+        `continuation` and `responses` None: the default for a new provider, the current one for a replaced one."""
         name = name.strip()
         if not name:
             raise InvalidRequestError("provider name must not be empty", param="name")
@@ -310,6 +311,8 @@ class Store:
             provider.policy = json.dumps(policy) if policy else ""
             if continuation is not None:
                 provider.continuation = continuation
+            if responses is not None:
+                provider.responses = responses
             if egress:
                 provider.egress = self._egress_column(provider.egress, egress)
             session.add(provider)
@@ -348,9 +351,10 @@ class Store:
         policy: dict[str, float | int] | None = None,
         continuation: str | None = None,
         egress: Mapping[str, str] | None = None,
+        responses: bool | None = None,
     ) -> dict[str, Any]:
-        """Change a provider's failover policy (merged into its overrides), how it continues a broken stream, or
-        its egress settings (those named change, see `_egress_column`)."""
+        """Change a provider's failover policy (merged into its overrides), how it continues a broken stream,
+        whether it serves /v1/responses itself, or its egress settings (those named change, see `_egress_column`)."""
         with Session(self.engine) as session:
             provider, org = find_provider(session, ref, org_ref)
             if policy:
@@ -358,6 +362,8 @@ class Store:
             if continuation is not None:
                 _check_continuation(continuation)
                 provider.continuation = continuation
+            if responses is not None:
+                provider.responses = responses
             if egress:
                 provider.egress = self._egress_column(provider.egress, egress)
             session.add(provider)
@@ -466,6 +472,7 @@ class Store:
             ],
             "policy": json.loads(provider.policy) if provider.policy else {},
             "continuation": provider.continuation,
+            "responses": provider.responses,
             # Never the proxy's credentials: the URL shows `***` in their place.
             "egress": {k: v for k, v in json.loads(provider.egress or "{}").items() if k != "proxy_ciphertext"},
             "created_at": iso(provider.created_at),

@@ -70,6 +70,9 @@ class Target(ABC):
     policy: FailoverPolicy
     # How the target continues a broken stream for a rescue (server.rescue): declared, never learnt.
     continuation: ContinuationForm
+    # Whether it serves OpenAI's /v1/responses itself (declared for a provider); else the plane translates a
+    # /v1/responses request to chat completions for it (server.responses).
+    speaks_responses: bool = False
 
     @abstractmethod
     async def complete(self, call: Call, attempt: Attempt) -> bytes:

@@ -81,6 +81,7 @@ class ProviderTarget(Target):
         policy: FailoverPolicy,
         continuation: ContinuationForm = DEFAULT_CONTINUATION,
         egress: Egress | None = None,
+        responses: bool = False,
     ) -> None:
         self.pool = pool
         self.health = health
@@ -95,6 +96,8 @@ class ProviderTarget(Target):
         self.policy = policy
         # Declared by the operator (`--continuation`): whether and how this provider continues a broken stream.
         self.continuation = continuation
+        # Declared by the operator (`--responses`): /v1/responses requests are relayed to it as they are.
+        self.speaks_responses = responses
         self._turn = itertools.count()
         # The provider's own proxy, CA file and client certificate; None (also for settings that set nothing)
         # shares the plane's pools.
@@ -137,7 +140,8 @@ class ProviderTarget(Target):
 
     def _body(self, call: Call, stream: bool) -> bytes:
         body: dict[str, Any] = {**call.body, "model": self.upstream_model}
-        if stream:
+        # A Responses stream always ends with its usage (in `response.completed`), and has no include_usage.
+        if stream and call.endpoint != "responses":
             # Always ask for usage so the plane can account for the stream; the relay strips the usage chunk
             # again when the client did not ask for it.
             options = body.get("stream_options")
@@ -238,6 +242,8 @@ class ProviderStream(TargetStream):
         self.target_id = target_id
         self.response = response
         self.idle_timeout_s = idle_timeout_s
+        # Whether the body ended cleanly: a Responses stream ends so, with no [DONE] (its closing event ends it).
+        self.ended = False
         # One generator for the stream's life: it holds the SSE parser's buffer between iterations.
         self._batches = self._read()
 
@@ -253,6 +259,7 @@ class ProviderStream(TargetStream):
                     yield batch
                 if self.done:
                     return
+            self.ended = True
             batch = self._until_done(events.end())
             if batch:
                 yield batch
@@ -272,7 +279,7 @@ class ProviderStream(TargetStream):
 
     async def aclose(self) -> None:
         await self._batches.aclose()
-        if self.done:
+        if self.done or self.ended:
             self.response.finish(DRAIN_GRACE_S)
         else:
             # An unfinished stream must not go back to the pool half-read; closing also tells the upstream
