@@ -20,7 +20,7 @@ from server.config import Config
 from server.plane import Plane
 from server.storage.db import make_engine
 from server.storage.models import AdminKey, UsageRecord
-from tests.conftest import MODEL, RunningPlane
+from tests.conftest import ADMIN_KEY, MODEL, RunningPlane
 from tests.mock_upstream import MockUpstream
 from tests.test_storage import assert_empty_database_gets_the_migrations_schema
 
@@ -101,3 +101,17 @@ def test_planes_starting_together_on_an_empty_database_build_it_once_and_make_on
         assert session.exec(select(func.count()).select_from(AdminKey)).one() == 1
     for plane in planes:
         plane.engine.dispose()
+
+
+def test_a_quota_of_billions_of_tokens_is_stored_and_one_past_64_bits_is_refused(plane: RunningPlane) -> None:
+    plane.create_org("acme")
+    three_billion = 3_000_000_000
+    limits = plane.admin.put("/limits", {"org": "acme", "tokens_per_month": three_billion, "tpm": 2**63 - 1})
+    assert (limits["tokens_per_month"], limits["tpm"]) == (three_billion, 2**63 - 1)
+    response = httpx.put(
+        f"{plane.url}/admin/v1/limits",
+        json={"org": "acme", "tokens_per_day": 2**63},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "tokens_per_day"

@@ -6,7 +6,7 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, UniqueConstraint, false, true
+from sqlalchemy import BigInteger, ColumnElement, UniqueConstraint, false, true
 from sqlmodel import Field, SQLModel
 
 
@@ -140,11 +140,12 @@ class LimitPolicy(SQLModel, table=True):
     id: str = Field(primary_key=True, default_factory=lambda: new_id("lim"))
     org_id: str = Field(foreign_key="org.id", index=True)
     key_id: str = ""
-    rpm: int | None = None
-    tpm: int | None = None
-    concurrency: int | None = None
-    tokens_per_day: int | None = None
-    tokens_per_month: int | None = None
+    # 64-bit: a month's quota of 3 billion tokens is an ordinary figure (PostgreSQL's INTEGER stops at 2^31 - 1).
+    rpm: int | None = Field(default=None, sa_type=BigInteger)
+    tpm: int | None = Field(default=None, sa_type=BigInteger)
+    concurrency: int | None = Field(default=None, sa_type=BigInteger)
+    tokens_per_day: int | None = Field(default=None, sa_type=BigInteger)
+    tokens_per_month: int | None = Field(default=None, sa_type=BigInteger)
     usd_per_day: float | None = None
     usd_per_month: float | None = None
     updated_at: datetime = Field(default_factory=utcnow)

@@ -28,6 +28,9 @@ from server.storage.models import (
 )
 from server.storage.store import find_org, find_provider, parse_price
 
+# The largest integer limit: what a 64-bit column holds.
+MAX_LIMIT = 2**63 - 1
+
 
 def check_limit_values(values: Mapping[str, Any]) -> dict[str, int | float | None]:
     """Limit fields to set: a non-negative number, or None to lift that limit."""
@@ -39,8 +42,10 @@ def check_limit_values(values: Mapping[str, Any]) -> dict[str, int | float | Non
         if value is None:
             checked[name] = None
         elif name in INTEGER_LIMITS:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidRequestError(f"{name} must be a non-negative integer, or null to lift it", param=name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LIMIT:
+                raise InvalidRequestError(
+                    f"{name} must be an integer from 0 to {MAX_LIMIT}, or null to lift it", param=name
+                )
             checked[name] = value
         else:
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
