@@ -26,9 +26,10 @@ from agent.connection import (
     previous_credential,
 )
 from agent.engine import Engine
+from agent.gpufit import backend, resolve
 from agent.hardware import collect
 from agent.idle import file_probe, psutil_probe
-from agent.models import ModelConfig
+from agent.models import AUTO, ModelConfig
 from agent.service import STOP_SWITCH, service
 from proto.contract import (
     NODE_NAME_MAX_CHARS,
@@ -161,6 +162,18 @@ async def _enroll_checked(planes: tuple[str, ...], token: str, *, insecure: bool
     return await enroll(planes[0], token, insecure=insecure, **kwargs)
 
 
+def _gpu_layers(value: str) -> int | str:
+    if value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        layers = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not auto or a whole number", param_hint="--gpu-layers") from None
+    if layers < -1:
+        raise click.BadParameter(f"{layers}: -1 (all) or more", param_hint="--gpu-layers")
+    return layers
+
+
 def _models_from_flags(
     specs: tuple[str, ...], demo: bool, defaults: dict[str, Any], config: AgentConfig
 ) -> tuple[ModelConfig, ...]:
@@ -184,7 +197,14 @@ def _models_from_flags(
 @click.option("--slots", type=int, default=1, show_default=True, help="Parallel requests per model given here.")
 @click.option("--context", type=int, default=2048, show_default=True, help="Context per slot, in tokens.")
 @click.option("--threads", type=int, default=None, help="CPU threads per slot (default: llama.cpp's choice).")
-@click.option("--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload to the GPU.")
+@click.option(
+    "--gpu-layers",
+    default=AUTO,
+    show_default=True,
+    callback=lambda _ctx, _param, value: _gpu_layers(value),
+    help="Layers to offload to the GPU: a number, -1 for all, or auto (as many as the free VRAM holds; none "
+    "without a GPU).",
+)
 @click.option("--price-in", type=float, default=None, help="USD per 1M prompt tokens this node charges.")
 @click.option("--price-out", type=float, default=None, help="USD per 1M completion tokens this node charges.")
 @click.option("--mode", type=click.Choice(MODES), default=None, help="always-on, or idle-only (owner first).")
@@ -200,7 +220,7 @@ def run_command(
     slots: int,
     context: int,
     threads: int | None,
-    gpu_layers: int,
+    gpu_layers: int | str,
     price_in: float | None,
     price_out: float | None,
     mode: str | None,
@@ -266,6 +286,7 @@ def status_command(config_path: Path | None, check: bool) -> None:
             click.echo(f"unhealthy: {problem}", err=True)
         sys.exit(1 if problem else 0)
     hardware = collect()
+    build = backend()
     doc = {
         "config": str(path),
         "enrolled": config.enrolled,
@@ -275,16 +296,29 @@ def status_command(config_path: Path | None, check: bool) -> None:
         "planes": list(config.planes),
         "tls": not config.insecure,
         "mode": config.mode,
-        "models": [m.to_dict() for m in config.models],
+        "backend": {"name": build.name, "gpu_offload": build.offload},
+        "models": [_model_status(m) for m in config.models],
         "hardware": {
             "hostname": hardware.hostname,
             "cpu": f"{hardware.cpu_model} x{hardware.cpu_count}",
             "ram_total_bytes": hardware.ram_total_bytes,
             "nvml": hardware.nvml_status,
             "gpus": [g.name for g in hardware.gpus],
+            "gpu_memory": [
+                {"index": g.index, "vram_total_bytes": g.vram_total_bytes, "vram_free_bytes": g.vram_free_bytes}
+                for g in hardware.gpus
+            ],
         },
     }
     click.echo(json.dumps(doc, indent=2, default=str))
+
+
+def _model_status(model: ModelConfig) -> dict[str, Any]:
+    """A configured model, and the layers `run` would put on the GPU now: with `auto` that is a fit against the
+    VRAM free at this moment, which a running agent has already taken its share of (see vram_free_bytes)."""
+    gpu = resolve(model) if model.path.is_file() else None
+    layers = {"offloaded": gpu.offloaded, "total": gpu.total_layers, "reason": gpu.reason} if gpu else None
+    return {**model.to_dict(), "gpu_layers_now": layers}
 
 
 def _health_problem(config: AgentConfig) -> str:

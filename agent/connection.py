@@ -31,6 +31,7 @@ from cryptography import x509
 from agent import __version__
 from agent.config import AgentConfig
 from agent.engine import End, Engine, EngineError, Job, Result, Text
+from agent.gpufit import backend
 from agent.hardware import Hardware, collect
 from agent.idle import IdleGate, LoadProbe
 from agent.sampling import TokenLogprob
@@ -513,9 +514,14 @@ class Agent:
                     chat=info.has_chat_template,
                     embeddings=info.embeddings,
                     file_bytes=info.size_bytes,
+                    gpu_layers=info.gpu.offloaded if info.gpu else 0,
+                    layers_total=info.gpu.total_layers if info.gpu else 0,
+                    gpu_layers_reason=info.gpu.reason if info.gpu else "",
                 )
                 for info in self.engine.infos()
             ],
+            backend=backend().name,
+            gpu_offload=backend().offload,
             mode=pb.MODE_IDLE_ONLY if self.config.mode == "idle-only" else pb.MODE_ALWAYS_ON,
             issues=self._issues(),
         )
@@ -528,7 +534,13 @@ class Agent:
         status = pb.Status(
             version=self._status_version,
             models=[
-                pb.ModelLoad(name=s.name, slots_total=s.slots_total, slots_busy=s.slots_busy)
+                pb.ModelLoad(
+                    name=s.name,
+                    slots_total=s.slots_total,
+                    slots_busy=s.slots_busy,
+                    tokens_per_s=s.speed.tokens_per_s if s.speed else 0.0,
+                    jobs_measured=s.speed.jobs if s.speed else 0,
+                )
                 for s in self.engine.status()
             ],
             idle_paused=self.paused,

@@ -56,10 +56,12 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from agent import sampling as sampler
 from agent import tools
+from agent.gpufit import GpuFit, resolve
 from agent.grammar import PrefillRejected, check_prefix
 from agent.models import ModelConfig
 from agent.sampling import ChoiceEnd, Sampling, TokenLogprob
 from agent.slots import Lease, Slots, keep_prefix, prefill
+from agent.speed import Speed, SpeedMeter
 from agent.tools import ToolCallDelta
 
 logger = logging.getLogger(__name__)
@@ -186,6 +188,8 @@ class ModelStatus:
     name: str
     slots_total: int
     slots_busy: int
+    # Generation speed measured on this node's jobs (agent.speed); None until one was measured.
+    speed: Speed | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,8 @@ class ModelInfo:
     embeddings: bool
     path: Path
     size_bytes: int
+    # Where its layers went (agent.gpufit): offloaded of total layers, and why.
+    gpu: GpuFit | None = None
 
 
 @dataclass(frozen=True)
@@ -226,6 +232,7 @@ class Engine:
         self._running: set[_Channel] = set()
         self._workers = _Workers("hatchway-llama")
         self.issues: list[Issue] = []
+        self.speed = SpeedMeter()
 
     async def start(self) -> None:
         for config in self._configs:
@@ -248,7 +255,10 @@ class Engine:
         self._models.clear()
 
     def status(self) -> list[ModelStatus]:
-        return [ModelStatus(name, model.slots.total, model.slots.busy) for name, model in self._models.items()]
+        return [
+            ModelStatus(name, model.slots.total, model.slots.busy, self.speed.get(name))
+            for name, model in self._models.items()
+        ]
 
     def infos(self) -> list[ModelInfo]:
         return [model.info() for model in self._models.values()]
@@ -272,10 +282,17 @@ class Engine:
             model.slots.release(None)
             raise
         finished = False
+        # Speed is measured from the first generated text (an echoed prompt is not generated) to the End.
+        first_at: float | None = None
+        measure = not job.body.get("echo")
         try:
             while (item := await channel.queue.get()) is not None:
                 if isinstance(item, EngineError):
                     raise item
+                if measure and isinstance(item, Text) and first_at is None:
+                    first_at = time.monotonic()
+                elif measure and isinstance(item, End) and first_at is not None and item.finish_reason != "cancelled":
+                    self.speed.record(model.config.name, item.completion_tokens, time.monotonic() - first_at)
                 yield item
             finished = True
         finally:
@@ -320,11 +337,13 @@ class Engine:
             self._report(Issue("model_file_missing", f"model file not found: {config.path}", config.name))
             return None
         try:
-            llamas = await asyncio.to_thread(_open_slots, config)
+            gpu = await asyncio.to_thread(resolve, config)
+            logger.info("model %s: %s", config.name, gpu.reason)
+            llamas = await asyncio.to_thread(_open_slots, dataclasses.replace(config, gpu_layers=gpu.layers))
         except Exception as exc:
             self._report(Issue("load_failed", f"llama.cpp could not load {config.path}: {exc}", config.name))
             return None
-        model = _Model(config, Slots(llamas), None, config.path.stat().st_size)
+        model = _Model(config, Slots(llamas), None, config.path.stat().st_size, gpu)
         if config.embeddings:
             return model
         template = select_chat_template(config.chat_template, llamas[0].metadata)
@@ -584,7 +603,7 @@ def _open_llama(config: ModelConfig, pooling: int | None) -> Llama:
     return Llama(
         model_path=str(config.path),
         n_ctx=config.context,
-        n_gpu_layers=config.gpu_layers,
+        n_gpu_layers=int(config.gpu_layers),  # resolved by agent.gpufit before the slots open
         embedding=config.embeddings,
         verbose=False,
         **options,
@@ -614,6 +633,7 @@ class _Model:
     slots: Slots
     formatter: Jinja2ChatFormatter | None
     size_bytes: int
+    gpu: GpuFit | None = None
 
     def info(self) -> ModelInfo:
         config = self.config
@@ -627,6 +647,7 @@ class _Model:
             embeddings=config.embeddings,
             path=config.path,
             size_bytes=self.size_bytes,
+            gpu=self.gpu,
         )
 
     def prepare(self, endpoint: str, body: Mapping[str, Any]) -> _Work:

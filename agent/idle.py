@@ -3,6 +3,8 @@
 A `LoadProbe` reports the owner's load (the machine's, minus the agent's own work); `IdleGate` turns a series of
 readings into paused / not paused with hysteresis. Probes are pluggable: `psutil_probe` reads the machine,
 `file_probe` reads a JSON file (`{"cpu_percent": 80, "gpu_percent": 0}`) so tests and scripts can drive it.
+The owner's GPU use is the NVML utilisation of processes other than the agent (agent.hardware.OthersGpuUse),
+counted against `gpu_percent` as the CPU's is against `cpu_percent`.
 
 The agent reads the gate on its own cadence, not the plane's heartbeat: every `SAMPLE_INTERVAL_S`, and at the
 moment a pending change's delay runs out (`due_in`). So a pause comes between `pause_after_s` and
@@ -21,6 +23,7 @@ from pathlib import Path
 import psutil
 
 from agent.config import IdleThresholds
+from agent.hardware import OthersGpuUse
 
 # How often the owner's load is read (psutil's CPU figure is the average since the previous reading).
 SAMPLE_INTERVAL_S = 1.0
@@ -37,7 +40,8 @@ LoadProbe = Callable[[], OwnerLoad]
 
 def psutil_probe(gpu_percent: Callable[[], float] | None = None) -> LoadProbe:
     """The machine's CPU use minus this process's (llama.cpp threads included), so generating is not mistaken
-    for the owner being busy."""
+    for the owner being busy; and the GPUs' use by other processes (`gpu_percent`, by default read from NVML)."""
+    read_gpu: Callable[[], float] = gpu_percent if gpu_percent is not None else OthersGpuUse()
     me = psutil.Process()
     me.cpu_percent(None)
     psutil.cpu_percent(None)
@@ -46,7 +50,7 @@ def psutil_probe(gpu_percent: Callable[[], float] | None = None) -> LoadProbe:
     def probe() -> OwnerLoad:
         machine = psutil.cpu_percent(None)
         own = me.cpu_percent(None) / cpus
-        return OwnerLoad(cpu_percent=max(0.0, machine - own), gpu_percent=gpu_percent() if gpu_percent else 0.0)
+        return OwnerLoad(cpu_percent=max(0.0, machine - own), gpu_percent=read_gpu())
 
     return probe
 

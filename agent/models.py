@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# `gpu_layers` that agent.gpufit resolves from the GGUF's metadata and the GPU's free memory at load.
+AUTO = "auto"
+
 # Below this a slot cannot hold a chat template's framing plus a useful answer.
 MIN_CONTEXT = 16
 
@@ -22,7 +25,8 @@ class ModelConfig:
         slots: how many requests the model serves at once; each slot holds its own llama.cpp context.
         context: tokens of context per slot (prompt plus completion).
         threads: CPU threads per slot; None lets llama.cpp choose.
-        gpu_layers: layers offloaded to the GPU; -1 offloads all of them.
+        gpu_layers: layers offloaded to the GPU; -1 offloads all of them; "auto" (the default) as many as the
+            free VRAM holds, none without a GPU (agent.gpufit).
         price_in, price_out: USD per million prompt / completion tokens, advertised to the plane.
         chat_template: a Jinja template that replaces the one stored in the GGUF.
         embeddings: load the model for /v1/embeddings instead of text generation.
@@ -36,7 +40,7 @@ class ModelConfig:
     slots: int = 1
     context: int = 2048
     threads: int | None = None
-    gpu_layers: int = 0
+    gpu_layers: int | str = AUTO
     price_in: float | None = None
     price_out: float | None = None
     chat_template: str | None = None
@@ -53,8 +57,11 @@ class ModelConfig:
             raise ValueError(f"model {self.name}: context must be at least {MIN_CONTEXT} tokens, got {self.context}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"model {self.name}: threads must be at least 1, got {self.threads}")
-        if self.gpu_layers < -1:
-            raise ValueError(f"model {self.name}: gpu_layers must be -1 (all) or more, got {self.gpu_layers}")
+        if self.gpu_layers != AUTO and (
+            not isinstance(self.gpu_layers, int) or isinstance(self.gpu_layers, bool) or self.gpu_layers < -1
+        ):
+            expected = f"{AUTO!r}, -1 (all) or a number of layers"
+            raise ValueError(f"model {self.name}: gpu_layers must be {expected}, got {self.gpu_layers!r}")
         for label, price in (("price_in", self.price_in), ("price_out", self.price_out)):
             if price is not None and not (math.isfinite(price) and price >= 0):
                 raise ValueError(f"model {self.name}: {label} must be a finite number >= 0, got {price}")

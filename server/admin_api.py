@@ -438,6 +438,7 @@ def _with_live_state(plane: Plane, node: dict[str, Any]) -> dict[str, Any]:
         return {**node, "state": "offline"}
     hello, status = session.hello, session.status
     hardware = hello.hardware
+    infos = {info.name: info for info in hello.models}
     return {
         **node,
         "state": session.state,
@@ -445,6 +446,8 @@ def _with_live_state(plane: Plane, node: dict[str, Any]) -> dict[str, Any]:
         "agent_version": hello.agent_version,
         "os": hello.os,
         "mode": "idle-only" if hello.mode == pb.MODE_IDLE_ONLY else "always-on",
+        "backend": hello.backend or None,
+        "gpu_offload": hello.gpu_offload,
         "connected_at": datetime.fromtimestamp(session.connected_at, UTC).isoformat(),
         "last_heartbeat_s": round(time.monotonic() - session.last_seen, 1),
         "status_version": status.version,
@@ -467,10 +470,25 @@ def _with_live_state(plane: Plane, node: dict[str, Any]) -> dict[str, Any]:
                 "context": m.context,
                 "price_in": m.price_in,
                 "price_out": m.price_out,
+                # Measured on the node's own jobs (agent.speed); null until one was.
+                "tokens_per_s": round(m.tokens_per_s, 1) if m.tokens_per_s else None,
+                "jobs_measured": m.jobs_measured,
+                **_gpu_layers(infos.get(m.name)),
             }
             for m in session.models.values()
         ],
         "issues": [{"code": i.code, "message": i.message, "model": i.model} for i in (status.issues or hello.issues)],
+    }
+
+
+def _gpu_layers(info: pb.ModelInfo | None) -> dict[str, Any]:
+    """Where the node put a model's layers (`--gpu-layers`), as its Hello said; nulls from an older agent."""
+    if info is None or not info.layers_total:
+        return {"gpu_layers": None, "layers_total": None, "gpu_layers_reason": None}
+    return {
+        "gpu_layers": info.gpu_layers,
+        "layers_total": info.layers_total,
+        "gpu_layers_reason": info.gpu_layers_reason,
     }
 
 

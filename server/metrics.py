@@ -130,13 +130,21 @@ class NodeCollector(Collector):
             "A node's slots for one model: total, and busy as the node's plane counts them.",
             labels=("node", "model", "plane", "kind"),
         )
+        speed = GaugeMetricFamily(
+            "hatchway_node_tokens_per_second",
+            "A node's generation speed for one model, measured on its own jobs (absent until measured).",
+            labels=("node", "model", "plane"),
+        )
         for session in self.nodes.every_session():
             info.add_metric((session.node_id, session.org_id, session.plane, session.state), 1)
             for model in session.models.values():
                 slots.add_metric((session.node_id, model.name, session.plane, "total"), model.slots_total)
                 slots.add_metric((session.node_id, model.name, session.plane, "busy"), model.busy)
+                if model.tokens_per_s:
+                    speed.add_metric((session.node_id, model.name, session.plane), model.tokens_per_s)
         yield info
         yield slots
+        yield speed
 
 
 def _task_count() -> int:

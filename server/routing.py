@@ -4,7 +4,11 @@ An org's routing rule for a model (an exact name or a glob, the exact one winnin
 
     priority    the listed targets in the listed order, then the others in the order they were added
     cheapest    by price (prompt + completion per 1M tokens); unpriced targets last
-    fastest     by EWMA of time to first token (streams) or latency (whole answers); unmeasured first
+    fastest     by EWMA of time to first token (streams) or latency (whole answers); unmeasured first. A node
+                pool the plane has not measured yet but whose nodes measured their tokens/s (agent.speed) is
+                placed by that: for whole answers as the latency of a NOMINAL_ANSWER_TOKENS answer at that speed,
+                for streams (where tokens/s says nothing of the first token) first among the unmeasured, the
+                fastest first
     least-busy  by requests in flight
     weighted    a weighted random order (weights from `--targets a=3,b=1`, default 1)
 
@@ -25,6 +29,10 @@ from server.health import Health
 from server.targets.base import Target
 
 STRATEGIES = ("priority", "cheapest", "fastest", "least-busy", "weighted")
+
+# `fastest`: the answer length a node pool's measured tokens/s turns into an expected latency (a typical chat
+# answer), until the plane measured the pool's latency itself.
+NOMINAL_ANSWER_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -120,10 +128,19 @@ class Router:
             return self._weighted(targets, rule.weights)
         raise ValueError(f"unknown strategy {rule.strategy!r}")
 
-    def _speed(self, target: Target, streaming: bool) -> float:
+    def _speed(self, target: Target, streaming: bool) -> tuple[float, float]:
+        """Seconds expected (lower first), then minus the nodes' measured tokens/s (faster first among equals)."""
         stats = self.health.stats(target.key)
         measured = stats.ttft_s if streaming else stats.latency_s
-        return 0.0 if measured is None else measured
+        if measured is not None:
+            return measured, 0.0
+        # Only a node pool has it (server.targets.node); any other target has not been measured at all.
+        tokens_per_s: float | None = getattr(target, "tokens_per_s", None)
+        if not tokens_per_s:
+            return 0.0, 0.0
+        if streaming:
+            return 0.0, -tokens_per_s
+        return NOMINAL_ANSWER_TOKENS / tokens_per_s, 0.0
 
     def _weighted(self, targets: tuple[Target, ...], weights: dict[str, float]) -> tuple[Target, ...]:
         # Efraimidis-Spirakis: sorting by U^(1/w) draws a weighted order without replacement in one pass.

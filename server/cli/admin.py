@@ -524,13 +524,22 @@ def nodes_show(ctx: Context, node: str) -> None:
         ctx.show(doc, ())
         return
     for field_name in (
-        "id", "name", "org", "state", "plane", "agent_version", "os", "mode", "last_heartbeat_s", "labels"
+        "id", "name", "org", "state", "plane", "agent_version", "os", "mode", "backend", "gpu_offload",
+        "last_heartbeat_s", "labels",
     ):  # fmt: skip
         click.echo(f"{field_name:>17}: {_cell(doc.get(field_name))}")
     hardware = doc.get("hardware") or {}
     for field_name in ("hostname", "cpu_model", "cpu_count", "ram_total_bytes", "nvml_status", "gpus"):
         click.echo(f"{field_name:>17}: {_cell(hardware.get(field_name))}")
-    click.echo(render_table(doc.get("models", []), ("name", "slots_busy", "slots_total", "context", "price_in")))
+    click.echo(
+        render_table(
+            doc.get("models", []),
+            ("name", "slots_busy", "slots_total", "context", "price_in", "gpu_layers", "layers_total", "tokens_per_s"),
+        )
+    )
+    for model in doc.get("models", []):
+        if model.get("gpu_layers_reason"):
+            click.echo(f"{model['name']}: gpu layers {model['gpu_layers_reason']}")
     if doc.get("issues"):
         click.echo(render_table(doc["issues"], ("code", "model", "message")))
 

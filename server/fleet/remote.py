@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proto.hatchway.node.v1 import node_pb2 as pb
+from server.nodes.bounds import clamp_speed
 from server.nodes.registry import Job, ModelSlots, NodeSession
 
 # How a RemoteSession reaches the node's plane (server.fleet.broker.Fleet).
@@ -49,6 +50,12 @@ class RemoteSession(NodeSession):
         models: dict[str, ModelSlots] = {}
         for name, total, busy, context, price_in, price_out, chat, embeddings in doc["models"]:
             models[name] = ModelSlots(name, total, context, price_in, price_out, chat, embeddings, busy=busy)
+        speeds = doc.get("speeds")  # absent from an older plane's advertisement
+        for name, (tokens_per_s, jobs) in speeds.items() if isinstance(speeds, dict) else ():
+            if name in models and isinstance(tokens_per_s, int | float) and isinstance(jobs, int):
+                # Another plane of the same gateway checked it (bounds.check_status); clamped again all the same.
+                models[name].tokens_per_s = clamp_speed(float(tokens_per_s)) or None
+                models[name].jobs_measured = jobs if models[name].tokens_per_s else 0
         self.models = models
 
     def send(self, message: pb.PlaneMessage) -> None:

@@ -84,6 +84,8 @@ def describe(session: Any, *, full: bool) -> dict[str, Any]:
             [m.name, m.slots_total, m.busy, m.context, m.price_in, m.price_out, m.chat, m.embeddings]
             for m in session.models.values()
         ],
+        # Measured speeds apart from `models`, whose rows older planes unpack by position: {model: [tokens/s, jobs]}.
+        "speeds": {m.name: [m.tokens_per_s, m.jobs_measured] for m in session.models.values() if m.tokens_per_s},
     }
     if full:
         doc["hello"] = base64.b64encode(session.hello.SerializeToString()).decode()

@@ -7,9 +7,9 @@ checked here before anything else sees it:
 - capacity (models, slots, context, prices, model names): what the plane schedules and bills by. A value outside
   its bound refuses the session: a Hello is answered, and a Status ends the session, with INVALID_ARGUMENT (a value
   out of range) or RESOURCE_EXHAUSTED (too many of something), the message naming the field and the bound;
-- description (hardware, GPUs, issues, agent version): only shown to admins. Clamped in place: strings cut to
-  their bound, lists to their first entries, non-finite numbers set to 0, so a legitimate agent with a long
-  llama.cpp error message is not refused for it;
+- description (hardware, GPUs, issues, agent version, backend, GPU layers): only shown to admins. Clamped in
+  place: strings cut to their bound, lists to their first entries, non-finite numbers set to 0, so a legitimate
+  agent with a long llama.cpp error message is not refused for it;
 - rates: Status and Heartbeat messages share a token bucket; a node over it has its session closed;
 - jobs: the events a node sends for one job are bounded in number waiting to be read and in bytes over the job
   (server.nodes.registry enforces both; a node over either has its session closed and the job fails over); the
@@ -47,6 +47,9 @@ MAX_MODEL_NAME_BYTES = 256
 # USD per 1M tokens: a finite, non-negative price. $1,000,000 per 1M tokens is a dollar a token, far above any
 # model's list price; beyond it the number is a mistake or an attack on billing.
 MAX_PRICE = 1e6
+# Measured generation speed (Status.models[].tokens_per_s): clamped into 0..MAX_TOKENS_PER_S, as it only orders
+# nodes; no machine generates a million tokens a second for one job.
+MAX_TOKENS_PER_S = 1e6
 
 # -- description: clamped ---------------------------------------------------------------------------
 
@@ -59,6 +62,8 @@ MAX_ISSUES = 64
 MAX_ISSUE_MESSAGE_BYTES = 1024
 # GPUs in one machine: 8 in the largest common servers, 16 in a few.
 MAX_GPUS = 64
+# A model's layers (ModelInfo.gpu_layers, layers_total): the deepest open models have a few hundred.
+MAX_LAYERS = 4096
 
 # -- enrollment: refused ----------------------------------------------------------------------------
 
@@ -150,6 +155,11 @@ def _finite(value: float) -> float:
     return value if math.isfinite(value) else 0.0
 
 
+def clamp_speed(tokens_per_s: float) -> float:
+    """A measured speed into 0..MAX_TOKENS_PER_S; anything not finite reads 0 (not measured)."""
+    return min(max(_finite(tokens_per_s), 0.0), MAX_TOKENS_PER_S)
+
+
 # -- enrollment -------------------------------------------------------------------------------------
 
 
@@ -187,7 +197,11 @@ def check_hello(hello: pb.Hello) -> None:
             for name, price in (("price_in", model.price_in), ("price_out", model.price_out)):
                 if not (math.isfinite(price) and 0.0 <= price <= MAX_PRICE):
                     raise _refuse(f"{field}.{name}", f"{price!r} is not a price from 0 to {MAX_PRICE:g} USD per 1M")
+        model.layers_total = min(model.layers_total, MAX_LAYERS)
+        model.gpu_layers = min(model.gpu_layers, model.layers_total)
+        model.gpu_layers_reason = clip(model.gpu_layers_reason, MAX_ISSUE_MESSAGE_BYTES)
     hello.agent_version = clip(hello.agent_version, MAX_TEXT_BYTES)
+    hello.backend = clip(hello.backend, MAX_TEXT_BYTES)
     hello.os = clip(hello.os, MAX_TEXT_BYTES)
     _clamp_hardware(hello.hardware)
     _clamp_issues(hello.issues)
@@ -202,6 +216,9 @@ def check_status(status: pb.Status) -> None:
         _check_bytes(f"{field}.name", load.name, MAX_MODEL_NAME_BYTES)
         _check_at_most(f"{field}.slots_total", load.slots_total, MAX_SLOTS)
         _check_at_most(f"{field}.slots_busy", load.slots_busy, MAX_SLOTS)
+        load.tokens_per_s = clamp_speed(load.tokens_per_s)
+        if load.tokens_per_s == 0.0:
+            load.jobs_measured = 0  # a speed of 0 (or none at all) is no measurement
     status.cpu_percent = _finite(status.cpu_percent)
     _clamp_gpus(status.gpus)
     _clamp_issues(status.issues)

@@ -77,6 +77,9 @@ class ModelSlots:
     chat: bool
     embeddings: bool
     busy: int = 0
+    # Generation speed the node measured on its own jobs (agent.speed), from its Status; None until measured.
+    tokens_per_s: float | None = None
+    jobs_measured: int = 0
 
     @classmethod
     def from_info(cls, info: pb.ModelInfo) -> ModelSlots:
@@ -180,6 +183,8 @@ class NodeSession:
             if slots is not None:
                 # The node may change its capacity; the plane keeps counting its own busy slots.
                 slots.slots_total = load.slots_total
+                if load.jobs_measured:  # bounds.check_status: a measured speed is finite and positive
+                    slots.tokens_per_s, slots.jobs_measured = float(load.tokens_per_s), load.jobs_measured
 
     def send(self, message: pb.PlaneMessage) -> None:
         if not self.closed:
@@ -310,6 +315,12 @@ class NodeRegistry:
         """Whether a job would get a slot now, without waiting."""
         return any(s.free_slots(model) > 0 for s in self.sessions_for(org_id))
 
+    def tokens_per_s(self, org_id: str, model: str) -> float | None:
+        """The pool's expected generation speed: the best measured by a node that takes jobs (the one `_pick`
+        prefers while it has a free slot); None when no such node measured one yet."""
+        speeds = [s.models[model].tokens_per_s for s in self.sessions_for(org_id) if s.accepting and model in s.models]
+        return max((v for v in speeds if v is not None), default=None)
+
     def prices(self, org_id: str, model: str) -> list[tuple[float | None, float | None]]:
         return [
             (s.models[model].price_in, s.models[model].price_out)
@@ -383,12 +394,19 @@ class NodeRegistry:
             return None
         if affinity is not None:
             # A conversation's home: the same node on every plane, without asking any, by weighted rendezvous
-            # hashing over the nodes that serve the model (weighted by slots: a bigger node is home to more).
-            home = max(serving, key=lambda s: _rendezvous(affinity, s.node_id, s.models[model].slots_total))
+            # hashing over the nodes that serve the model (weighted by slots times measured speed: a bigger or
+            # faster node is home to more).
+            home = max(serving, key=lambda s: _rendezvous(affinity, s.node_id, _weight(s.models[model])))
             if home.free_slots(model) > 0:
                 return home
-        # The node with the most free slots: spreads load across agents.
-        return max(candidates, key=lambda s: s.free_slots(model))
+        unmeasured = [s for s in candidates if s.models[model].tokens_per_s is None]
+        if unmeasured:
+            # A node that has not measured its speed yet goes first, so that its first jobs measure it; among
+            # those, the one with the most free slots: spreads load across agents.
+            return max(unmeasured, key=lambda s: s.free_slots(model))
+        # The fastest measured speed, scaled by the share of the node's slots that are free (its jobs share its
+        # compute): an idle fast node first, a busy one less so; then the most free slots.
+        return max(candidates, key=lambda s: (_free_speed(s, model), s.free_slots(model)))
 
     def on_event(self, session: NodeSession, event: pb.JobEvent) -> None:
         """Queue a node's event for its job; raises ProtocolViolation when the job's events exceed their bounds."""
@@ -480,7 +498,22 @@ class NodeRegistry:
             task.cancel()
 
 
-def _rendezvous(key: str, node_id: str, weight: int) -> float:
+def _weight(slots: ModelSlots) -> float:
+    """A node's rendezvous weight: its slots, times its measured tokens/s rounded to a power of two (so that the
+    average's drift from job to job moves no conversation's home; only a real change of speed does). A node that
+    measured nothing yet counts 1 token/s: it is home to few until measured, and gets measured by the jobs whose
+    home is busy (`_pick` sends those to unmeasured nodes first). Without any measurement: weighted by slots."""
+    if not slots.tokens_per_s:
+        return float(slots.slots_total)
+    return max(slots.slots_total, 1) * 2.0 ** round(math.log2(max(slots.tokens_per_s, 1.0)))
+
+
+def _free_speed(session: NodeSession, model: str) -> float:
+    slots = session.models[model]
+    return (slots.tokens_per_s or 0.0) * session.free_slots(model) / max(slots.slots_total, 1)
+
+
+def _rendezvous(key: str, node_id: str, weight: float) -> float:
     """The weighted rendezvous score of `node_id` for `key`: the highest score wins, the same on every plane."""
     digest = hashlib.blake2b(f"{key}/{node_id}".encode(), digest_size=8).digest()
     unit = (int.from_bytes(digest, "big") + 1) / (2**64 + 1)  # uniform in (0, 1)

@@ -74,6 +74,11 @@ class NodePoolTarget(Target):
     def has_capacity(self) -> bool:
         return self.registry.has_capacity(self.org_id, self.upstream_model)
 
+    @property
+    def tokens_per_s(self) -> float | None:
+        """The speed its nodes measured (server.routing's `fastest` uses it until health has measured the pool)."""
+        return self.registry.tokens_per_s(self.org_id, self.upstream_model)
+
     async def _dispatch(self, call: Call, attempt: Attempt) -> Job:
         body = orjson.dumps({**call.body, "model": self.upstream_model})
         job = await self.registry.dispatch(

@@ -69,20 +69,24 @@ class PlaneMessage(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., job: _Optional[_Union[JobRequest, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ..., config: _Optional[_Union[Config, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("agent_version", "os", "hardware", "models", "mode", "issues")
+    __slots__ = ("agent_version", "os", "hardware", "models", "mode", "issues", "backend", "gpu_offload")
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     OS_FIELD_NUMBER: _ClassVar[int]
     HARDWARE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     ISSUES_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    GPU_OFFLOAD_FIELD_NUMBER: _ClassVar[int]
     agent_version: str
     os: str
     hardware: Hardware
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     mode: Mode
     issues: _containers.RepeatedCompositeFieldContainer[Issue]
-    def __init__(self, agent_version: _Optional[str] = ..., os: _Optional[str] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., mode: _Optional[_Union[Mode, str]] = ..., issues: _Optional[_Iterable[_Union[Issue, _Mapping]]] = ...) -> None: ...
+    backend: str
+    gpu_offload: bool
+    def __init__(self, agent_version: _Optional[str] = ..., os: _Optional[str] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., mode: _Optional[_Union[Mode, str]] = ..., issues: _Optional[_Iterable[_Union[Issue, _Mapping]]] = ..., backend: _Optional[str] = ..., gpu_offload: _Optional[bool] = ...) -> None: ...
 
 class Hardware(_message.Message):
     __slots__ = ("hostname", "os", "cpu_model", "cpu_count", "ram_total_bytes", "ram_available_bytes", "gpus", "nvml_status")
@@ -119,7 +123,7 @@ class Gpu(_message.Message):
     def __init__(self, name: _Optional[str] = ..., vram_total_bytes: _Optional[int] = ..., vram_free_bytes: _Optional[int] = ..., utilization_percent: _Optional[float] = ..., driver: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "slots", "context_per_slot", "has_price", "price_in", "price_out", "chat", "embeddings", "file_bytes")
+    __slots__ = ("name", "slots", "context_per_slot", "has_price", "price_in", "price_out", "chat", "embeddings", "file_bytes", "gpu_layers", "layers_total", "gpu_layers_reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_PER_SLOT_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +133,9 @@ class ModelInfo(_message.Message):
     CHAT_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPU_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    GPU_LAYERS_REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     slots: int
     context_per_slot: int
@@ -138,7 +145,10 @@ class ModelInfo(_message.Message):
     chat: bool
     embeddings: bool
     file_bytes: int
-    def __init__(self, name: _Optional[str] = ..., slots: _Optional[int] = ..., context_per_slot: _Optional[int] = ..., has_price: _Optional[bool] = ..., price_in: _Optional[float] = ..., price_out: _Optional[float] = ..., chat: _Optional[bool] = ..., embeddings: _Optional[bool] = ..., file_bytes: _Optional[int] = ...) -> None: ...
+    gpu_layers: int
+    layers_total: int
+    gpu_layers_reason: str
+    def __init__(self, name: _Optional[str] = ..., slots: _Optional[int] = ..., context_per_slot: _Optional[int] = ..., has_price: _Optional[bool] = ..., price_in: _Optional[float] = ..., price_out: _Optional[float] = ..., chat: _Optional[bool] = ..., embeddings: _Optional[bool] = ..., file_bytes: _Optional[int] = ..., gpu_layers: _Optional[int] = ..., layers_total: _Optional[int] = ..., gpu_layers_reason: _Optional[str] = ...) -> None: ...
 
 class Issue(_message.Message):
     __slots__ = ("code", "message", "model")
@@ -169,14 +179,18 @@ class Status(_message.Message):
     def __init__(self, version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelLoad, _Mapping]]] = ..., cpu_percent: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., idle_paused: _Optional[bool] = ..., draining: _Optional[bool] = ..., issues: _Optional[_Iterable[_Union[Issue, _Mapping]]] = ...) -> None: ...
 
 class ModelLoad(_message.Message):
-    __slots__ = ("name", "slots_total", "slots_busy")
+    __slots__ = ("name", "slots_total", "slots_busy", "tokens_per_s", "jobs_measured")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SLOTS_BUSY_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    JOBS_MEASURED_FIELD_NUMBER: _ClassVar[int]
     name: str
     slots_total: int
     slots_busy: int
-    def __init__(self, name: _Optional[str] = ..., slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ...) -> None: ...
+    tokens_per_s: float
+    jobs_measured: int
+    def __init__(self, name: _Optional[str] = ..., slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., jobs_measured: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("sent_unix_ms",)
