@@ -25,7 +25,8 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 ifeq ($(shell uname -m),x86_64)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 endif
-WHEELHOUSE := $(HOME)/.cache/hatchway/wheels/$(shell echo '$(LLAMA_CPP) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-16)
+wheelhouse = $(HOME)/.cache/hatchway/wheels/$(shell echo '$(LLAMA_CPP) $(1)' | sha256sum | cut -c1-16)
+WHEELHOUSE := $(call wheelhouse,$(LLAMA_CMAKE_ARGS))
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,14 +61,48 @@ proto: install
 
 # The one-folder PyInstaller build of hatchway-agent that the installers ship (about 30 s), rebuilt when the
 # agent's code changes. tests/test_agent_binary.py and tests/test_installers.py run this build, not the package.
-AGENT_BINARY := dist/hatchway-agent/hatchway-agent
+#
+# ACCEL=cuda|metal|vulkan builds the agent for that accelerator instead, into dist/hatchway-agent-$(ACCEL)/ (not
+# part of `make test`): llama-cpp-python compiled with the backend (into a wheelhouse of its own, keyed by the
+# flags like the CPU one), installed with the agent and PyInstaller into build/agent-venv-$(ACCEL). The CUDA build
+# needs nvcc and cuBLAS (CUDA_HOME, else /usr/local/cuda) and takes a long while; its folder carries the CUDA
+# runtime libraries (installers/pyinstaller/accel_libs.py). On macOS arm64 llama.cpp enables Metal by default,
+# so the CPU build there already uses the GPU; ACCEL=metal asks for it explicitly and checks it is there.
+ACCEL ?= cpu
+ACCEL_CMAKE_ARGS_cuda := -DGGML_CUDA=on
+ACCEL_CMAKE_ARGS_metal := -DGGML_METAL=on
+ACCEL_CMAKE_ARGS_vulkan := -DGGML_VULKAN=on
 AGENT_SPEC := installers/pyinstaller/hatchway-agent.spec
+AGENT_SOURCES := $(AGENT_SPEC) installers/pyinstaller/accel_libs.py $(shell find agent proto -name '*.py' -o -name '*.pyi')
 
-agent-binary: $(AGENT_BINARY)
+ifeq ($(ACCEL),cpu)
+AGENT_BINARY := dist/hatchway-agent/hatchway-agent
 
-$(AGENT_BINARY): $(STAMP) $(AGENT_SPEC) $(shell find agent proto -name '*.py' -o -name '*.pyi')
+$(AGENT_BINARY): $(STAMP) $(AGENT_SOURCES)
 	$(BIN)/pyinstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller $(AGENT_SPEC)
 	touch $@
+else ifneq ($(filter $(ACCEL),cuda metal vulkan),)
+AGENT_BINARY := dist/hatchway-agent-$(ACCEL)/hatchway-agent
+AGENT_CMAKE_ARGS := $(strip $(LLAMA_CMAKE_ARGS) $(ACCEL_CMAKE_ARGS_$(ACCEL)))
+AGENT_WHEELHOUSE := $(call wheelhouse,$(AGENT_CMAKE_ARGS))
+AGENT_VENV := build/agent-venv-$(ACCEL)
+
+$(AGENT_BINARY): $(AGENT_SOURCES) pyproject.toml
+	test -x $(AGENT_VENV)/bin/python || $(PYTHON) -m venv $(AGENT_VENV)
+	ls $(AGENT_WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS='$(AGENT_CMAKE_ARGS)' \
+		$(AGENT_VENV)/bin/python -m pip wheel --quiet --disable-pip-version-check --no-deps --no-cache-dir \
+		--wheel-dir $(AGENT_WHEELHOUSE) '$(LLAMA_CPP)'
+	$(AGENT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --force-reinstall \
+		$(AGENT_WHEELHOUSE)/llama_cpp_python-*.whl
+	$(AGENT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check '.[agent]' 'pyinstaller>=6.10'
+	HATCHWAY_ACCEL=$(ACCEL) $(AGENT_VENV)/bin/pyinstaller --noconfirm --clean --log-level WARN --distpath dist \
+		--workpath build/pyinstaller-$(ACCEL) $(AGENT_SPEC)
+	touch $@
+else
+$(error ACCEL=$(ACCEL): one of cpu, cuda, metal, vulkan)
+endif
+
+agent-binary: $(AGENT_BINARY)
 
 # tests/test_installers.py runs the Linux installer into a throw-away root and checks its unit with systemd-analyze
 # (systemd's own tool, from Debian's package when this machine lacks it).

@@ -13,6 +13,11 @@
 #
 # --root DIR installs into a mounted image or a throw-away root instead of this system: nothing is started
 # there, and the unit is enabled for that system's next boot.
+#
+# The build matches the machine: a downloaded package holds one folder per accelerator (hatchway-agent/ for the
+# CPU, hatchway-agent-cuda/, hatchway-agent-vulkan/), and the installer takes the CUDA one when `nvidia-smi -L`
+# lists a GPU on an x86-64 machine, else the CPU one; --accel (or HATCHWAY_ACCEL) chooses instead, and --detect
+# only prints what it would choose and why.
 set -eu
 
 SERVICE_USER=hatchway
@@ -26,10 +31,14 @@ MODELS_DIR=$STATE_DIR/models
 usage() {
     cat <<'EOF'
 Usage: sudo sh install.sh [--from DIR|TARBALL] [--plane HOST:PORT] [--token TOKEN] [--model PATH[=NAME]]...
-                          [--name NAME] [--insecure] [--reenroll] [--no-start] [--root DIR] [-- RUN OPTIONS]
+                          [--name NAME] [--insecure] [--reenroll] [--no-start] [--root DIR]
+                          [--accel auto|cpu|cuda|vulkan] [--detect] [-- RUN OPTIONS]
 
-  --from      the hatchway-agent build: its folder, or a .tar.gz holding it (default: the
-              hatchway-agent folder beside this script, as in a downloaded package)
+  --from      the hatchway-agent build: its folder, or a .tar.gz holding it (default: the build for
+              this machine's accelerator beside this script, as in a downloaded package)
+  --accel     which build to install from the package (or HATCHWAY_ACCEL; default auto: cuda when
+              `nvidia-smi -L` lists a GPU on x86-64, else cpu)
+  --detect    print the accelerator this machine gets, why, and the build it would install; change nothing
   --plane     the plane's node service (or HATCHWAY_PLANE)
   --token     the enrollment token from `hatchway admin nodes token create` (or HATCHWAY_ENROLL_TOKEN)
   --model     a GGUF file to serve, under NAME (repeatable); copied into /var/lib/hatchway-agent/models
@@ -55,6 +64,8 @@ INSECURE=
 REENROLL=
 NO_START=
 ROOT=
+ACCEL=${HATCHWAY_ACCEL:-auto}
+DETECT=
 while [ $# -gt 0 ]; do
     case $1 in
         --from) [ $# -ge 2 ] || die "--from needs a value"; FROM=$2; shift 2 ;;
@@ -68,6 +79,8 @@ while [ $# -gt 0 ]; do
             shift 2
             ;;
         --root) [ $# -ge 2 ] || die "--root needs a value"; ROOT=$2; shift 2 ;;
+        --accel) [ $# -ge 2 ] || die "--accel needs a value"; ACCEL=$2; shift 2 ;;
+        --detect) DETECT=1; shift ;;
         --insecure) INSECURE=1; shift ;;
         --reenroll) REENROLL=1; shift ;;
         --no-start) NO_START=1; shift ;;
@@ -78,13 +91,58 @@ while [ $# -gt 0 ]; do
 done
 # What is left in "$@" goes to `hatchway-agent run`.
 
+# -- the accelerator: asked for, or what this machine has -------------------------------------------------------
+case $ACCEL in
+    auto | cpu | cuda | vulkan) ;;
+    metal) die "--accel metal: Metal is for macOS (installers/macos); here: auto, cpu, cuda or vulkan" ;;
+    *) die "--accel $ACCEL: one of auto, cpu, cuda, vulkan" ;;
+esac
+if [ "$ACCEL" != auto ]; then
+    ACCEL_ASKED=1
+    ACCEL_WHY="asked for with --accel or HATCHWAY_ACCEL"
+else
+    ACCEL_ASKED=
+    ACCEL=cpu
+    # nvidia-smi ships with the driver and reads the GPUs through NVML: one "GPU 0: ..." line each.
+    if gpus=$(nvidia-smi -L 2>/dev/null) && printf '%s\n' "$gpus" | grep -q '^GPU [0-9]'; then
+        first=$(printf '%s\n' "$gpus" | grep '^GPU [0-9]' | head -n 1)
+        count=$(printf '%s\n' "$gpus" | grep -c '^GPU [0-9]')
+        if [ "$(uname -m)" = x86_64 ]; then
+            ACCEL=cuda
+            ACCEL_WHY="nvidia-smi lists $count NVIDIA GPU(s): $first"
+        else
+            ACCEL_WHY="nvidia-smi lists $first, but the CUDA build is for x86-64 and this is $(uname -m)"
+        fi
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        ACCEL_WHY="nvidia-smi is here but lists no GPU (is the NVIDIA driver loaded?)"
+    else
+        ACCEL_WHY="no NVIDIA GPU (no nvidia-smi on PATH)"
+    fi
+fi
+echo "Accelerator: $ACCEL ($ACCEL_WHY)."
+
+# A downloaded package holds the builds beside this script: hatchway-agent-<accel>/, the CPU one hatchway-agent/.
+if [ -z "$FROM" ]; then
+    package=$(dirname "$0")
+    if [ -x "$package/hatchway-agent-$ACCEL/hatchway-agent" ]; then
+        FROM=$package/hatchway-agent-$ACCEL
+    elif [ -x "$package/hatchway-agent/hatchway-agent" ]; then
+        if [ "$ACCEL" != cpu ] && [ -n "$ACCEL_ASKED" ]; then
+            die "--accel $ACCEL: this package has no $ACCEL build ($package/hatchway-agent-$ACCEL)"
+        fi
+        [ "$ACCEL" = cpu ] || echo "This package has no $ACCEL build (hatchway-agent-$ACCEL/): installing the CPU build."
+        FROM=$package/hatchway-agent
+    fi
+fi
+if [ -n "$DETECT" ]; then
+    echo "Build: ${FROM:-none beside this script (give --from)}."
+    exit 0
+fi
+
 [ "$(id -u)" -eq 0 ] || die "must run as root: sudo sh $0 ..."
 [ "$(uname -s)" = Linux ] || die "this installer is for Linux (macOS: installers/macos, Windows: installers/windows)"
-# A downloaded package holds the build beside this script.
-if [ -z "$FROM" ] && [ -x "$(dirname "$0")/hatchway-agent/hatchway-agent" ]; then
-    FROM=$(dirname "$0")/hatchway-agent
-fi
 [ -n "$FROM" ] || { usage >&2; die "--from is required (the hatchway-agent build folder or tarball)"; }
+echo "Installing the build from $FROM."
 if [ -n "$ROOT" ]; then
     [ -d "$ROOT" ] || die "--root $ROOT is not a directory"
     ROOT=$(cd "$ROOT" && pwd)

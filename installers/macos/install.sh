@@ -12,6 +12,10 @@
 # Running it again upgrades in place and keeps the node's identity. uninstall.sh removes it all.
 #
 # --dry-run prints what would be done, on any system, and changes nothing.
+#
+# The build matches the machine: on Apple silicon the Metal one (hatchway-agent-metal/ beside this script, else
+# hatchway-agent/, which llama.cpp builds with Metal there by default), on an Intel Mac the CPU one; --accel (or
+# HATCHWAY_ACCEL) chooses instead, and --detect only prints what it would choose and why.
 set -eu
 
 SERVICE_USER=_hatchway
@@ -24,10 +28,14 @@ MODELS_DIR=$DATA_DIR/models
 usage() {
     cat <<'EOF'
 Usage: sudo sh install.sh [--from DIR|TARBALL] [--plane HOST:PORT] [--token TOKEN] [--model PATH[=NAME]]...
-                          [--name NAME] [--insecure] [--reenroll] [--no-start] [--dry-run] [-- RUN OPTIONS]
+                          [--name NAME] [--insecure] [--reenroll] [--no-start] [--dry-run]
+                          [--accel auto|cpu|metal|vulkan] [--detect] [-- RUN OPTIONS]
 
-  --from      the hatchway-agent build: its folder, or a .tar.gz holding it (default: the
-              hatchway-agent folder beside this script, as in a downloaded package)
+  --from      the hatchway-agent build: its folder, or a .tar.gz holding it (default: the build for
+              this machine's accelerator beside this script, as in a downloaded package)
+  --accel     which build to install from the package (or HATCHWAY_ACCEL; default auto: metal on
+              Apple silicon, else cpu)
+  --detect    print the accelerator this machine gets, why, and the build it would install; change nothing
   --plane     the plane's node service (or HATCHWAY_PLANE)
   --token     the enrollment token from `hatchway admin nodes token create` (or HATCHWAY_ENROLL_TOKEN)
   --model     a GGUF file to serve, under NAME (repeatable); copied into the agent's data folder
@@ -53,6 +61,8 @@ INSECURE=
 REENROLL=
 NO_START=
 DRY_RUN=
+ACCEL=${HATCHWAY_ACCEL:-auto}
+DETECT=
 while [ $# -gt 0 ]; do
     case $1 in
         --from) [ $# -ge 2 ] || die "--from needs a value"; FROM=$2; shift 2 ;;
@@ -69,12 +79,38 @@ while [ $# -gt 0 ]; do
         --reenroll) REENROLL=1; shift ;;
         --no-start) NO_START=1; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
+        --accel) [ $# -ge 2 ] || die "--accel needs a value"; ACCEL=$2; shift 2 ;;
+        --detect) DETECT=1; shift ;;
         -h | --help) usage; exit 0 ;;
         --) shift; break ;;
         *) usage >&2; die "unknown option: $1" ;;
     esac
 done
 # What is left in "$@" goes to `hatchway-agent run`.
+
+# -- the accelerator: asked for, or what this machine has -------------------------------------------------------
+case $ACCEL in
+    auto | cpu | metal | vulkan) ;;
+    cuda) die "--accel cuda: there is no CUDA on macOS; here: auto, cpu, metal or vulkan" ;;
+    *) die "--accel $ACCEL: one of auto, cpu, metal, vulkan" ;;
+esac
+if [ "$ACCEL" != auto ]; then
+    ACCEL_WHY="asked for with --accel or HATCHWAY_ACCEL"
+else
+    system=$(uname -s)
+    machine=$(uname -m)
+    if [ "$system" = Darwin ] && [ "$machine" = arm64 ]; then
+        ACCEL=metal
+        ACCEL_WHY="Apple silicon ($machine): Metal"
+    elif [ "$system" = Darwin ]; then
+        ACCEL=cpu
+        ACCEL_WHY="an Intel Mac ($machine): the Metal build is for Apple silicon"
+    else
+        ACCEL=cpu
+        ACCEL_WHY="not a Mac ($system $machine)"
+    fi
+fi
+echo "Accelerator: $ACCEL ($ACCEL_WHY)."
 
 # Every change goes through `run`, so that --dry-run shows them all instead.
 run() {
@@ -87,15 +123,28 @@ run() {
     fi
 }
 
+# A downloaded package holds the builds beside this script: hatchway-agent-<accel>/, the default one
+# hatchway-agent/ (with Metal on Apple silicon, llama.cpp's default there).
+if [ -z "$FROM" ]; then
+    package=$(dirname "$0")
+    if [ -x "$package/hatchway-agent-$ACCEL/hatchway-agent" ]; then
+        FROM=$package/hatchway-agent-$ACCEL
+    elif [ -x "$package/hatchway-agent/hatchway-agent" ]; then
+        [ "$ACCEL" != vulkan ] || die "--accel vulkan: this package has no vulkan build ($package/hatchway-agent-vulkan)"
+        FROM=$package/hatchway-agent
+    fi
+fi
+if [ -n "$DETECT" ]; then
+    echo "Build: ${FROM:-none beside this script (give --from)}."
+    exit 0
+fi
+
 if [ -z "$DRY_RUN" ]; then
     [ "$(id -u)" -eq 0 ] || die "must run as root: sudo sh $0 ..."
     [ "$(uname -s)" = Darwin ] || die "this installer is for macOS (Linux: installers/linux)"
 fi
-# A downloaded package holds the build beside this script.
-if [ -z "$FROM" ] && [ -x "$(dirname "$0")/hatchway-agent/hatchway-agent" ]; then
-    FROM=$(dirname "$0")/hatchway-agent
-fi
 [ -n "$FROM" ] || { usage >&2; die "--from is required (the hatchway-agent build folder or tarball)"; }
+echo "Installing the build from $FROM."
 
 # -- the files: unpacked beside their place, then swapped in --------------------------------------------------
 if [ -d "$FROM" ]; then

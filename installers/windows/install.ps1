@@ -14,6 +14,11 @@
     Running it again upgrades in place: an enrolled node keeps its identity and is not enrolled again unless
     -Reenroll is given. uninstall.ps1 removes everything this script added.
 
+    The build matches the machine: a downloaded package holds one folder per accelerator (hatchway-agent for the
+    CPU, hatchway-agent-cuda, hatchway-agent-vulkan), and the installer takes the CUDA one when `nvidia-smi -L`
+    lists a GPU on an x64 machine, else the CPU one; -Accel (or HATCHWAY_ACCEL) chooses instead, and -Detect only
+    prints what it would choose and why.
+
 .EXAMPLE
     powershell -ExecutionPolicy Bypass -File install.ps1 -From .\hatchway-agent-windows-x86_64.zip `
         -Plane plane.example.com:8443 -Token hwt-... -Model C:\models\llama-3.1-8b.Q4_K_M.gguf=llama-3.1-8b `
@@ -21,9 +26,14 @@
 #>
 [CmdletBinding()]
 param(
-    # The hatchway-agent build: its folder, or a .zip holding it (default: the folder beside this script, as in
-    # a downloaded package).
-    [string] $From = (Join-Path $PSScriptRoot 'hatchway-agent'),
+    # The hatchway-agent build: its folder, or a .zip holding it (default: the build for this machine's
+    # accelerator beside this script, as in a downloaded package).
+    [string] $From = '',
+    # Which build to install from the package: auto (cuda when `nvidia-smi -L` lists a GPU, else cpu), cpu, cuda
+    # or vulkan.
+    [string] $Accel = $(if ($env:HATCHWAY_ACCEL) { $env:HATCHWAY_ACCEL } else { 'auto' }),
+    # Print the accelerator this machine gets, why, and the build it would install; change nothing.
+    [switch] $Detect,
     # The plane's node service, HOST:PORT.
     [string] $Plane = $env:HATCHWAY_PLANE,
     # The enrollment token from `hatchway admin nodes token create`.
@@ -74,6 +84,60 @@ function Test-Enrolled {
     }
     return [bool](($output -join "`n") | ConvertFrom-Json).enrolled
 }
+
+# -- the accelerator: asked for, or what this machine has -----------------------------------------------------------
+if (@('auto', 'cpu', 'cuda', 'vulkan') -notcontains $Accel) {
+    throw "-Accel ${Accel}: one of auto, cpu, cuda, vulkan"
+}
+$accelAsked = $Accel -ne 'auto'
+if ($accelAsked) {
+    $accelWhy = 'asked for with -Accel or HATCHWAY_ACCEL'
+} else {
+    $Accel = 'cpu'
+    # nvidia-smi ships with the driver and reads the GPUs through NVML: one "GPU 0: ..." line each.
+    $smi = Get-Command nvidia-smi -ErrorAction SilentlyContinue
+    if ($null -eq $smi) {
+        $accelWhy = 'no NVIDIA GPU (no nvidia-smi on PATH)'
+    } else {
+        # Windows PowerShell turns a native command's stderr into errors, which 'Stop' would throw.
+        try {
+            $gpus = @(& $smi.Source -L 2>$null | Where-Object { $_ -match '^GPU \d' })
+            $smiFailed = $LASTEXITCODE -ne 0
+        } catch {
+            $gpus = @()
+            $smiFailed = $true
+        }
+        if ($smiFailed -or $gpus.Count -eq 0) {
+            $accelWhy = 'nvidia-smi is here but lists no GPU (is the NVIDIA driver loaded?)'
+        } elseif ($env:PROCESSOR_ARCHITECTURE -ne 'AMD64') {
+            $accelWhy = "nvidia-smi lists $($gpus[0]), but the CUDA build is for x64 and this is $env:PROCESSOR_ARCHITECTURE"
+        } else {
+            $Accel = 'cuda'
+            $accelWhy = "nvidia-smi lists $($gpus.Count) NVIDIA GPU(s): $($gpus[0])"
+        }
+    }
+}
+Write-Host "Accelerator: $Accel ($accelWhy)."
+# A downloaded package holds the builds beside this script: hatchway-agent-<accel>, the CPU one hatchway-agent.
+if (-not $From) {
+    $From = Join-Path $PSScriptRoot "hatchway-agent-$Accel"
+    $cpuBuild = Join-Path $PSScriptRoot 'hatchway-agent'
+    if (-not (Test-Path -LiteralPath (Join-Path $From 'hatchway-agent.exe') -PathType Leaf)) {
+        $hasCpuBuild = Test-Path -LiteralPath (Join-Path $cpuBuild 'hatchway-agent.exe') -PathType Leaf
+        if ($hasCpuBuild -and $Accel -ne 'cpu' -and $accelAsked) {
+            throw "-Accel ${Accel}: this package has no $Accel build ($From)"
+        }
+        if ($hasCpuBuild -and $Accel -ne 'cpu') {
+            Write-Host "This package has no $Accel build (hatchway-agent-$Accel): installing the CPU build."
+        }
+        $From = $cpuBuild
+    }
+}
+if ($Detect) {
+    Write-Host "Build: $From."
+    return
+}
+Write-Host "Installing the build from $From."
 
 # -- a running agent holds its files open: stop it first (it drains its running jobs) ----------------------------
 $existing = Get-Service -Name $ServiceName -ErrorAction SilentlyContinue
