@@ -14,7 +14,8 @@ Keys (P is `redis_prefix`; {ORG} is a Redis Cluster hash tag, so one org's keys 
 
 A lookup is one script (GET and touch), a store another (give back the expired, store, evict the least recently
 used until the org is within its budget), each one round trip, atomic, and sharing the limiter's connection
-pool (server.shared.redis_limits). An entry larger than the budget is not stored.
+pool (server.shared.redis_limits) and its batches: the calls of concurrent requests made in one event-loop turn
+go in one pipeline (server.shared.batch). An entry larger than the budget is not stored.
 
 When Redis cannot be reached, a lookup is a miss and nothing is stored: no request fails for the cache. The
 first failure marks Redis away; while it is away requests do not try it at all, and a task pings it every

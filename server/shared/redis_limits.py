@@ -4,7 +4,9 @@ The same limits, refusals and x-ratelimit-* headers as server.limits, but the co
 decision is one Lua script (server.shared.scripts) run atomically there: admission checks every limit of every
 scope and charges them all, or none, in one round trip (EVALSHA); settlement gives back what was reserved and
 not used in another, sent after the response in a task this limiter owns. The scripts are loaded once at start
-and called by their SHA1; a Redis that forgot them (restarted) is given them again.
+and called by their SHA1; a Redis that forgot them (restarted) is given them again. Calls made in the same
+event-loop turn (this limiter's and the cache's, for concurrent requests) share one pipeline round trip
+(server.shared.batch).
 
 Quotas start from the usage table: each plane seeds the current day's and month's counters when it starts,
 each counter becoming the larger of what Redis holds and what the table says, so N planes starting do not add
@@ -38,7 +40,6 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.errors import HatchwayError, ServiceUnavailableError
@@ -58,6 +59,7 @@ from server.limits import (
     window_end,
     windows,
 )
+from server.shared.batch import batcher_for
 from server.shared.scripts import ADMIT, SEED, SETTLE
 
 log = logging.getLogger(__name__)
@@ -96,12 +98,9 @@ class Script:
         await client.script_load(self.source)
 
     async def __call__(self, client: aioredis.Redis, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
-        try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            # A Redis restarted (or SCRIPT FLUSHed) since the load: load again, once.
-            await self.load(client)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        # With the other calls of this loop turn, in one round trip; a Redis that forgot the script (restarted,
+        # SCRIPT FLUSHed) is given it again, once (server.shared.batch).
+        return await batcher_for(client).evalsha(self.sha, self.source, keys, args)
 
 
 class SharedLimiter(Limiter):
