@@ -154,6 +154,14 @@ class HostileAgent:
         self.credential = response.credential
         return response  # type: ignore[no-any-return]
 
+    async def _refusal(self, metadata: tuple[tuple[str, str], ...]) -> tuple[grpc.StatusCode, str]:
+        """The status the plane ends a Connect call with before reading anything from it."""
+        async with self._channel() as channel:
+            call = node_pb2_grpc.NodeServiceStub(channel).Connect(metadata=metadata)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await asyncio.wait_for(call.read(), 30)
+            return await call.code(), await call.details() or ""
+
     async def connect(self, greeting: pb.Hello, credential: str | None = None) -> Session:
         """Open a session with `greeting` as its Hello; raises Refused when the plane answers with a status."""
         await self._pin()
@@ -164,11 +172,13 @@ class HostileAgent:
             await call.write(pb.AgentMessage(hello=greeting))
             first = await asyncio.wait_for(call.read(), 30)
         except grpc.aio.AioRpcError as exc:
-            # A Hello written as the plane ends the call fails with gRPC core's own INTERNAL: the call's status is
-            # the plane's answer.
-            refused = Refused(await call.code(), await call.details() or "")
+            code, details = await call.code(), await call.details() or ""
             await channel.close()
-            raise refused from exc
+            if code == grpc.StatusCode.INTERNAL:
+                # The Hello was written as the plane refused the call, and gRPC core answered for it: ask again
+                # without writing, for the plane's own status (a refusal comes before any Hello is read).
+                code, details = await self._refusal(metadata)
+            raise Refused(code, details) from exc
         except asyncio.InvalidStateError:
             first = grpc.aio.EOF  # the plane ended the call while the Hello was being written
         if first is grpc.aio.EOF:

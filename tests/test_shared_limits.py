@@ -90,7 +90,9 @@ def test_ten_rpm_admits_exactly_ten_of_forty_concurrent_requests_spread_over_thr
     responses = asyncio.run(spread([a, b, c], key, 40))
     assert codes(responses) == {200: 10, 429: 30}
     served_by = Counter(str(r.url).split("/v1")[0] for r in responses if r.status_code == 200)
-    assert len(served_by) > 1  # the ten were admitted by more than one plane
+    refused_by = Counter(str(r.url).split("/v1")[0] for r in responses if r.status_code == 429)
+    # A plane refused while it had admitted fewer than ten itself: it counted the other planes' admissions.
+    assert any(served_by[p.url] < 10 and refused_by[p.url] > 0 for p in (a, b, c))
     refused = next(r for r in responses if r.status_code == 429)
     assert refused.json()["error"]["type"] == "rate_limit_error"
     assert refused.headers["x-ratelimit-limit-requests"] == "10"
