@@ -14,7 +14,7 @@ from llama_cpp import Llama
 from tests.agent_process import DEMO_MODEL
 from tests.conftest import RunningPlane
 from tests.test_agent_engine import smollm2_path
-from tests.test_nodes import Nodes
+from tests.test_nodes import NO_CACHE, one_node, strict_client
 
 QUESTION = [
     {"role": "system", "content": "Answer the question."},
@@ -27,7 +27,6 @@ STORY = [
 CAPITAL = "The capital of France is"
 # Every request bypasses the plane's response cache: a seeded or greedy answer is cacheable, and these tests are
 # about what the node generates.
-NO_CACHE = {"X-Hatchway-Cache": "bypass"}
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +44,8 @@ def token_id(vocabulary: Llama, text: str) -> int:
 
 @pytest.fixture
 def client(plane: RunningPlane, tmp_path: Path) -> Iterator[openai.OpenAI]:
-    plane.create_org("acme")
-    nodes = Nodes(plane, tmp_path, plane.create_key("acme"))
-    try:
-        nodes.started("node-a")
-        with openai.OpenAI(
-            base_url=plane.v1,
-            api_key=nodes.key,
-            max_retries=0,
-            default_headers=NO_CACHE,
-            _strict_response_validation=True,
-        ) as client:
-            yield client
-    finally:
-        nodes.close()
+    with one_node(plane, tmp_path) as nodes, strict_client(nodes) as client:
+        yield client
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from pydantic_ai.providers.openai import OpenAIProvider
 
 from tests.agent_process import DEMO_MODEL
 from tests.conftest import RunningPlane
-from tests.test_nodes import Nodes
+from tests.test_nodes import Nodes, one_node, strict_client
 from tests.test_usage_bounds import clamped
 
 CITY = {
@@ -38,32 +38,19 @@ CITY = {
     "required": ["city", "country", "capital"],
     "additionalProperties": False,
 }
-NO_CACHE = {"X-Hatchway-Cache": "bypass"}
 QUESTION = [{"role": "user", "content": "Describe Paris as JSON."}]
 CITY_FORMAT: Any = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
 
 
 @pytest.fixture
 def nodes(plane: RunningPlane, tmp_path: Path) -> Iterator[Nodes]:
-    """One agent serving the demo model, enrolled with a real plane."""
-    plane.create_org("acme")
-    setup = Nodes(plane, tmp_path, plane.create_key("acme"))
-    setup.started("node-a")
-    yield setup
-    setup.close()
+    with one_node(plane, tmp_path) as setup:
+        yield setup
 
 
 @pytest.fixture
 def client(nodes: Nodes) -> Iterator[openai.OpenAI]:
-    # Strict validation: the SDK checks every answer against its own models. The plane's cache is bypassed: a
-    # greedy answer is cacheable, and these tests are about what the node generates.
-    with openai.OpenAI(
-        base_url=nodes.plane.v1,
-        api_key=nodes.key,
-        max_retries=0,
-        default_headers=NO_CACHE,
-        _strict_response_validation=True,
-    ) as client:
+    with strict_client(nodes) as client:
         yield client
 
 

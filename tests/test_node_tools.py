@@ -26,7 +26,7 @@ from server.rescue import StreamProgress, can_rescue
 from server.targets.node import tool_call_delta
 from tests.agent_process import DEMO_MODEL
 from tests.conftest import RunningPlane
-from tests.test_nodes import Nodes
+from tests.test_nodes import Nodes, one_node, strict_client
 from tests.test_usage_bounds import clamped
 
 PARAMETERS = {
@@ -40,31 +40,18 @@ WEATHER: Any = {
     "function": {"name": "get_weather", "description": "The weather in a city", "parameters": PARAMETERS},
 }
 TIME: Any = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
-NO_CACHE = {"X-Hatchway-Cache": "bypass"}
 QUESTION: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture
 def nodes(plane: RunningPlane, tmp_path: Path) -> Iterator[Nodes]:
-    """One agent serving the demo model, enrolled with a real plane."""
-    plane.create_org("acme")
-    setup = Nodes(plane, tmp_path, plane.create_key("acme"))
-    setup.started("node-a")
-    yield setup
-    setup.close()
+    with one_node(plane, tmp_path) as setup:
+        yield setup
 
 
 @pytest.fixture
 def client(nodes: Nodes) -> Iterator[openai.OpenAI]:
-    # Strict validation: the SDK checks every answer against its own models. The plane's cache is bypassed: a
-    # greedy answer is cacheable, and these tests are about what the node generates.
-    with openai.OpenAI(
-        base_url=nodes.plane.v1,
-        api_key=nodes.key,
-        max_retries=0,
-        default_headers=NO_CACHE,
-        _strict_response_validation=True,
-    ) as client:
+    with strict_client(nodes) as client:
         yield client
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -101,6 +102,33 @@ class Nodes:
             agent.stop()
         if self._client is not None:
             self._client.close()
+
+
+# Tests about what a node generates read it from the node, not from the plane's cache (greedy answers are cacheable).
+NO_CACHE = {"X-Hatchway-Cache": "bypass"}
+
+
+@contextlib.contextmanager
+def one_node(plane: RunningPlane, tmp_path: Path) -> Iterator[Nodes]:
+    """One agent serving the demo model for org `acme` of `plane`, with an API key of that org."""
+    plane.create_org("acme")
+    setup = Nodes(plane, tmp_path, plane.create_key("acme"))
+    try:
+        setup.started("node-a")
+        yield setup
+    finally:
+        setup.close()
+
+
+def strict_client(nodes: Nodes) -> openai.OpenAI:
+    """The SDK checking every answer against its own models, past the plane's cache."""
+    return openai.OpenAI(
+        base_url=nodes.plane.v1,
+        api_key=nodes.key,
+        max_retries=0,
+        default_headers=NO_CACHE,
+        _strict_response_validation=True,
+    )
 
 
 @pytest.fixture
