@@ -261,8 +261,7 @@ class Fleet:
         if kind == LOST:
             job = self._job(data.decode())
             if job is not None:
-                job.events.put_nowait(SessionLost())
-                self.registry.release(job)
+                self.registry.lose(job)
             return
         event = pb.JobEvent.FromString(data)
         job = self._job(event.job_id)
@@ -272,8 +271,7 @@ class Fleet:
             self.registry.on_event(job.session, event)
         except ProtocolViolation as exc:  # the node's plane checked the same bounds: it cannot happen
             log.warning("fleet: job %s: %s", job.job_id, exc.message)
-            job.events.put_nowait(SessionLost())
-            self.registry.release(job)
+            self.registry.lose(job)
 
     def _job(self, job_id: str) -> Job | None:
         job = self._asked.get(job_id)

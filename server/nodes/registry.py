@@ -235,9 +235,7 @@ class NodeRegistry:
         if self.sessions.get(session.node_id) is session:
             del self.sessions[session.node_id]
         for job in list(session.jobs.values()):
-            job.deliver(SessionLost())
-            job.finished = True  # told: release sends no second SessionLost
-            self.release(job)
+            self.lose(job)
         self._wake(session)  # requests waiting for a slot of a pool it leaves without a node fail over now
         self.changed()
 
@@ -283,8 +281,7 @@ class NodeRegistry:
         if session is not None:
             session.closed = True
             for job in list(session.jobs.values()):
-                job.events.put_nowait(SessionLost())
-                self.release(job)
+                self.lose(job)
             self._wake(session)
 
     def session(self, node_id: str) -> NodeSession | None:
@@ -455,6 +452,12 @@ class NodeRegistry:
                 "node %s did not confirm the cancel of %s; releasing its slot", loggable(job.session.name), job.job_id
             )
             self.release(job)
+
+    def lose(self, job: Job) -> None:
+        """The job's node went away (or its plane did): whoever reads it hears so, and its slot is freed."""
+        job.deliver(SessionLost())
+        job.finished = True  # told: release sends no second SessionLost
+        self.release(job)
 
     def release(self, job: Job) -> None:
         if job.released:
