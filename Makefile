@@ -53,7 +53,7 @@ format: install
 typecheck: install
 	$(BIN)/mypy
 	# The Windows service host is plain ctypes, which mypy checks only when it reads the code as Windows does.
-	$(BIN)/mypy --platform win32 agent/service.py agent/service_windows.py
+	$(BIN)/mypy --platform win32 agent/service/
 
 # Regenerate proto/'s Python modules; tests/test_proto.py fails when they drift from the .proto.
 proto: install

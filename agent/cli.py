@@ -30,7 +30,8 @@ from agent.gpufit import backend, resolve
 from agent.hardware import collect
 from agent.idle import file_probe, psutil_probe
 from agent.models import AUTO, ModelConfig
-from agent.service import STOP_SWITCH, service
+from agent.service.commands import service
+from agent.service.stop import STOP_SWITCH
 from proto.contract import (
     NODE_NAME_MAX_CHARS,
     PLANES_MAX,

@@ -19,7 +19,9 @@
         │   └── UpstreamRefusedError     502                     nobody listens there (refused, DNS)
         ├── UpstreamTimeoutError         504                     no headers (or no first byte) in time
         ├── UpstreamProtocolError        502                     the upstream answered something that is not OpenAI
-        └── UpstreamStatusError          (upstream's)            the upstream answered with an error status
+        ├── UpstreamStatusError          (upstream's)            the upstream answered with an error status
+        └── UpstreamConfigError          500                     the plane's own settings for it are unusable
+                                                                 (bad base URL): no fault of the target's
 
 Every handler raises these; `render` is the only place that turns one into an HTTP response.
 
@@ -191,6 +193,15 @@ class UpstreamTimeoutError(UpstreamError):
 
 class UpstreamProtocolError(UpstreamError):
     code = "upstream_protocol_error"
+
+
+class UpstreamConfigError(UpstreamError):
+    """The plane cannot even send the request as its settings for the target say (a base URL the client cannot
+    use, an API key that cannot be a header): the operator's mistake, found before anything reached the target,
+    so it says nothing about the target's health (server.health.is_target_fault) and the next target is tried."""
+
+    status = 500
+    code = "upstream_misconfigured"
 
 
 class UpstreamStatusError(UpstreamError):

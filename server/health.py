@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.errors import UpstreamError, UpstreamStatusError
+from server.errors import UpstreamConfigError, UpstreamError, UpstreamStatusError
 
 Clock = Callable[[], float]
 
@@ -35,7 +35,8 @@ class Breaker:
         failed      a target fault (`is_target_fault`: 5xx, 408, 429, timeout, refused or reset connection,
                     a broken or garbled stream)
         succeeded   any other answer, a 4xx about the request included: the target is up
-        released    no verdict (the client left, the request's budget ran out): the next request probes
+        released    no verdict (the client left, the request's budget ran out, the plane's own settings for the
+                    target are unusable: UpstreamConfigError): the next request probes
     A probe that never reports back holds the half-open state for one cooldown at most, then another request
     probes: a lost verdict must not retire a target until the plane restarts.
     """
@@ -109,7 +110,7 @@ def is_target_fault(exc: UpstreamError) -> bool:
     """Failures that say something about the target's health (not about the client's request)."""
     if isinstance(exc, UpstreamStatusError):
         return exc.upstream_status >= 500 or exc.upstream_status in (408, 429)
-    return True
+    return not isinstance(exc, UpstreamConfigError)  # the plane's own settings failed it: nothing was learnt
 
 
 class Health:

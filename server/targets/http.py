@@ -72,6 +72,19 @@ class BodyTooLargeError(ProtocolError):
     """The answer's body is larger than the reader allows (`Response.read`'s `limit`)."""
 
 
+class LocalRequestError(ValueError):
+    """A request the client cannot send as it was asked to: the caller's mistake, not the upstream's (nothing was
+    sent). Its message never holds a header's value, which may be a credential."""
+
+
+class InvalidURLError(LocalRequestError):
+    """A URL the client cannot use: not http(s), without a host, a port that is not one, a host that is not ASCII."""
+
+
+class InvalidHeaderError(LocalRequestError):
+    """A header value that cannot go on the wire: a line break in it, or a character latin-1 cannot encode."""
+
+
 # An answer's body is read ahead up to this much while nobody consumes it; then the socket is paused.
 READ_AHEAD_BYTES = 256 * 1024
 # Status line plus headers, at most: an upstream that sends more is not one we want to talk to.
@@ -98,11 +111,16 @@ class Endpoint:
 
     @classmethod
     def parse(cls, url: str, egress: Egress | None = None) -> Endpoint:
-        parts = urlsplit(url)
+        """Raises InvalidURLError for a URL the client cannot use."""
+        try:
+            parts = urlsplit(url)
+            explicit_port = parts.port  # raises for a port that is not a number or out of range
+        except ValueError as exc:
+            raise InvalidURLError(f"not a usable URL: {url!r} ({exc})") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
+            raise InvalidURLError(f"not an http(s) URL: {url!r}")
         default_port = 443 if parts.scheme == "https" else 80
-        port = parts.port or default_port
+        port = explicit_port or default_port
         host = parts.hostname
         host_header = f"[{host}]" if ":" in host else host
         if port != default_port:
@@ -110,7 +128,11 @@ class Endpoint:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         # No Accept-Encoding: the body is relayed to the client byte for byte, so it must arrive uncompressed.
         head = f"POST {target} HTTP/1.1\r\nHost: {host_header}\r\nAccept-Encoding: identity\r\n"
-        return cls(Origin(parts.scheme, host, port, egress), head.encode("ascii"))
+        try:
+            encoded = head.encode("ascii")
+        except UnicodeEncodeError:
+            raise InvalidURLError(f"a host or path that is not ASCII (not IDNA- or percent-encoded): {url!r}") from None
+        return cls(Origin(parts.scheme, host, port, egress), encoded)
 
 
 class Response:
@@ -550,8 +572,11 @@ class HTTPClient:
         head = [endpoint.head if pool.forward is None else pool.forwarded(endpoint.head)]
         for name, value in headers:
             if "\r" in value or "\n" in value:
-                raise ValueError(f"header {name} holds a line break")
-            head.append(f"{name}: {value}\r\n".encode("latin-1"))
+                raise InvalidHeaderError(f"header {name} holds a line break")
+            try:
+                head.append(f"{name}: {value}\r\n".encode("latin-1"))
+            except UnicodeEncodeError:
+                raise InvalidHeaderError(f"header {name} holds a character latin-1 cannot encode") from None
         head.append(b"Content-Length: %d\r\n\r\n" % len(body))
         connection = await pool.acquire(connect_timeout_s)
         try:

@@ -1,9 +1,19 @@
-"""Upstream OpenAI-compatible providers as targets, over one shared HTTP client (server.targets.http)."""
+"""Upstream OpenAI-compatible providers as targets, over one shared HTTP client (server.targets.http).
+
+The client's errors become the plane's at one place, `TRANSPORT_ERRORS` (as httpx maps httpcore's): each row
+names the plane's error for one class of transport error and what the tenant is told, the most specific row
+winning. The attempt loop (server.relay) decides on the plane's class: a refused or broken connection and a
+timeout are the target's fault (its breaker counts them); a local mistake, a base URL the client cannot use or a
+header it cannot send, is a configuration error, logged once, that leaves the target's breaker alone.
+"""
 
 from __future__ import annotations
 
+import enum
 import itertools
-from collections.abc import AsyncGenerator, AsyncIterator
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -11,7 +21,9 @@ import orjson
 from server import sse
 from server.config import ConfigError
 from server.errors import (
+    UpstreamConfigError,
     UpstreamConnectError,
+    UpstreamError,
     UpstreamProtocolError,
     UpstreamRefusedError,
     UpstreamStatusError,
@@ -28,8 +40,12 @@ from server.targets.http import (
     Endpoint,
     HTTPClient,
     HTTPClientError,
+    InvalidHeaderError,
+    InvalidURLError,
     Response,
 )
+
+log = logging.getLogger(__name__)
 
 # An error answer is read only for its envelope: more than this is not an OpenAI error.
 ERROR_BODY_BYTES = 64 * 1024
@@ -38,12 +54,77 @@ ERROR_BODY_BYTES = 64 * 1024
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
+class Phase(enum.Enum):
+    """Where the exchange with the upstream was when a transport error struck (the operator's log says so)."""
+
+    HEADERS = "before the answer's headers"  # connecting, sending, waiting for the status line and headers
+    BODY = "reading the answer"  # a whole answer's body
+    STREAM = "reading the stream"  # a stream's events
+
+
+@dataclass(frozen=True)
+class Row:
+    """The plane's error for one class of transport error, and what the tenant is told: one text, or one per
+    phase. `{name}` is the provider's name; `{reason}` a ConnectError's reason (which names no address)."""
+
+    error: type[UpstreamError]
+    message: str | dict[Phase, str]
+
+
+_BROKE = {
+    Phase.HEADERS: "{name}: the connection broke before the answer's headers",
+    Phase.BODY: "{name}: the connection broke during the answer",
+    Phase.STREAM: "{name}: the stream was cut",
+}
+
+# The most specific row for an error's class wins (its first class, in method resolution order, that has a row).
+# The client wraps what fails while connecting (OSError, ssl.SSLError, a proxy's refusal) as ConnectError with a
+# reason; its other errors are HTTPClientErrors, and the OSError row catches what it did not wrap.
+TRANSPORT_ERRORS: dict[type[Exception], Row] = {
+    # Nobody listens there, the name does not resolve, the TLS handshake or the proxy's tunnel failed.
+    ConnectError: Row(UpstreamRefusedError, "{name} is unreachable ({reason})"),
+    # The header timeout, or a silence between two reads of a body or a stream longer than the idle timeout.
+    TimeoutError: Row(
+        UpstreamTimeoutError,
+        {
+            Phase.HEADERS: "{name} sent no response headers in time",
+            Phase.BODY: "{name}: the answer's body stalled",
+            Phase.STREAM: "{name}: the stream stalled",
+        },
+    ),
+    BodyTooLargeError: Row(UpstreamProtocolError, "{name} sent an answer larger than the plane accepts"),
+    # The connection closed early, or carried bytes that are not HTTP/1.1.
+    HTTPClientError: Row(UpstreamConnectError, _BROKE),
+    OSError: Row(UpstreamConnectError, _BROKE),
+    # Local mistakes: nothing was sent.
+    InvalidURLError: Row(UpstreamConfigError, "{name} is misconfigured: its base URL is not a usable http(s) URL"),
+    InvalidHeaderError: Row(
+        UpstreamConfigError, "{name} is misconfigured: a header it sends (an API key?) cannot be sent as HTTP"
+    ),
+    ValueError: Row(UpstreamConfigError, "{name} is misconfigured"),
+}
+# What a provider's exchange with its upstream catches: exactly the table's classes.
+TRANSPORT_FAILURES = tuple(TRANSPORT_ERRORS)
+
+
+def transport_error(exc: Exception, phase: Phase, target_id: str, secrets: Iterable[str]) -> UpstreamError:
+    """The plane's error for a transport error, by its most specific row; the caller raises it `from exc`. The
+    tenant's message names the provider and what happened; the operator's detail adds the transport's own words
+    (an address, the upstream's bytes), secrets masked."""
+    row = next(TRANSPORT_ERRORS[cls] for cls in type(exc).__mro__ if cls in TRANSPORT_ERRORS)
+    template = row.message if isinstance(row.message, str) else row.message[phase]
+    message = template.format(name=f"provider '{target_id}'", reason=getattr(exc, "reason", ""))
+    return row.error(message, detail=f"{target_id} ({phase.value}): {type(exc).__name__}: {exc}", secrets=secrets)
+
+
 class UpstreamPool:
     """Owns the HTTP client every provider target shares (keep-alive pools per origin and egress settings)."""
 
     def __init__(self, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self._client: HTTPClient | None = None
         self.max_body_bytes = max_body_bytes
+        # Misconfigurations logged already (provider, base URL, what is wrong): logged once, not per request.
+        self._misconfigured: set[tuple[str, str, str]] = set()
         # Read when the plane starts, so that a proxy variable it cannot use stops the start, not a request.
         try:
             self.proxies = EnvironmentProxies.from_environ()
@@ -61,6 +142,14 @@ class UpstreamPool:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+    def misconfigured(self, provider_id: str, base_url: str, error: UpstreamError) -> None:
+        """Log a provider's misconfiguration the first time a request meets it; the requests after it fail over
+        to the other targets, each recorded in its usage row (error code upstream_misconfigured)."""
+        seen = (provider_id, base_url, error.message)
+        if seen not in self._misconfigured:
+            self._misconfigured.add(seen)
+            log.error("%s (until an admin fixes it, its requests go to other targets): %s", error.message, error)
 
 
 class ProviderTarget(Target):
@@ -167,23 +256,11 @@ class ProviderTarget(Target):
                 connect_timeout_s=self.policy.connect_timeout_s,
                 header_timeout_s=self.policy.header_timeout_s,
             )
-        except TimeoutError as exc:
-            raise UpstreamTimeoutError(f"{self.name} sent no response headers in time") from exc
-        except ConnectError as exc:
-            # The detail names the address; the tenant's message only the provider.
-            raise UpstreamRefusedError(
-                f"{self.name} is unreachable ({exc.reason})", detail=f"{self.id}: {exc}", secrets=self.secrets
-            ) from exc
-        except HTTPClientError as exc:
-            raise UpstreamConnectError(
-                f"{self.name}: the connection broke before the answer's headers",
-                detail=f"{self.id}: {exc}",
-                secrets=self.secrets,
-            ) from exc
-        except ValueError as exc:  # a URL the client cannot use, or a key that cannot be a header
-            raise UpstreamConnectError(
-                f"{self.name} is misconfigured", detail=f"{self.id}: {exc}", secrets=self.secrets
-            ) from exc
+        except TRANSPORT_FAILURES as exc:
+            error = transport_error(exc, Phase.HEADERS, self.id, self.secrets)
+            if isinstance(error, UpstreamConfigError):
+                self.pool.misconfigured(self.provider_id, self.base_url, error)
+            raise error from exc
         if response.status != 200:
             try:
                 body = await response.read(self.policy.header_timeout_s, limit=ERROR_BODY_BYTES)
@@ -206,18 +283,8 @@ class ProviderTarget(Target):
         try:
             # A whole answer's body may pause for as long as its headers could take.
             return await response.read(self.policy.header_timeout_s, limit=self.pool.max_body_bytes)
-        except TimeoutError as exc:
-            raise UpstreamTimeoutError(f"{self.name}: the answer's body stalled") from exc
-        except BodyTooLargeError as exc:
-            raise UpstreamProtocolError(
-                f"{self.name} sent an answer larger than the plane accepts", detail=f"{self.id}: {exc}"
-            ) from exc
-        except HTTPClientError as exc:
-            raise UpstreamConnectError(
-                f"{self.name}: the connection broke during the answer",
-                detail=f"{self.id}: body cut: {exc}",
-                secrets=self.secrets,
-            ) from exc
+        except TRANSPORT_FAILURES as exc:
+            raise transport_error(exc, Phase.BODY, self.id, self.secrets) from exc
         finally:
             response.release()
 
@@ -230,7 +297,7 @@ class ProviderTarget(Target):
                 f"{self.name} answered a stream request with no SSE stream",
                 detail=f"{self.id}: expected an SSE stream, got {content_type or 'no type'}",
             )
-        return ProviderStream(self.id, response, self.policy.idle_timeout_s)
+        return ProviderStream(self.id, response, self.policy.idle_timeout_s, self.secrets)
 
 
 # After a stream's [DONE], how long the end of its chunked body may take to arrive for its connection to be kept.
@@ -238,8 +305,11 @@ DRAIN_GRACE_S = 1.0
 
 
 class ProviderStream(TargetStream):
-    def __init__(self, target_id: str, response: Response, idle_timeout_s: float) -> None:
+    def __init__(
+        self, target_id: str, response: Response, idle_timeout_s: float, secrets: tuple[str, ...] = ()
+    ) -> None:
         self.target_id = target_id
+        self.secrets = secrets
         self.response = response
         self.idle_timeout_s = idle_timeout_s
         # Whether the body ended cleanly: a Responses stream ends so, with no [DONE] (its closing event ends it).
@@ -263,12 +333,8 @@ class ProviderStream(TargetStream):
             batch = self._until_done(events.end())
             if batch:
                 yield batch
-        except TimeoutError as exc:
-            raise UpstreamTimeoutError(f"provider '{self.target_id}': the stream stalled") from exc
-        except HTTPClientError as exc:
-            raise UpstreamConnectError(
-                f"provider '{self.target_id}': the stream was cut", detail=f"{self.target_id}: stream cut: {exc}"
-            ) from exc
+        except TRANSPORT_FAILURES as exc:
+            raise transport_error(exc, Phase.STREAM, self.target_id, self.secrets) from exc
 
     def _until_done(self, batch: list[bytes]) -> list[bytes]:
         """The batch up to the upstream's `[DONE]`, if it holds it (nothing after it counts)."""
