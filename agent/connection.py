@@ -247,7 +247,7 @@ class Agent:
         self._status_version = 0
         self._heartbeat_s = 5.0
         self._batch_ms = 50
-        self._batch_max = 16
+        self._batch_max = 64
         self.connected = asyncio.Event()
         # The plane of the current (or last) session, the one that welcomed this node, and when it did.
         self.plane = ""

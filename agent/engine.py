@@ -15,8 +15,9 @@ started anew before every first token (see `_Workers`). A job takes the free slo
 prompt, and evaluates the rest of its prompt in chunks that a cancel stops between (see agent.slots).
 
 Generated text reaches the event loop in batches (`Job.batch_s`, `Job.batch_max`): the first piece at once, then
-what accumulated, so that a steady generation wakes the loop about twice per batch (its first piece, its deadline)
-rather than once per token; on a machine whose cores llama.cpp keeps busy, every wake-up is taken from its threads.
+what accumulated, on a tick of the loop's own: a steady generation wakes the loop once per batch, and the worker thread
+never, rather than once per token; on a machine whose cores llama.cpp keeps busy, every wake-up is taken from its
+threads (see _Channel).
 
 Errors (`code` travels to the plane):
 
@@ -384,8 +385,13 @@ class _Channel:
 
     The worker thread adds generated text with `text()` and ends with `send()`. Text is batched as `Job` describes:
     the first piece at once, later ones once the oldest waiting piece is `batch_s` old or `batch_max` pieces wait.
-    The worker wakes the loop only for the first piece of a batch (the loop then sets a timer for its deadline) or a
-    full one; the pieces between go by without a wake-up, where a wake-up per token took CPU from llama.cpp.
+    After a hand-over the loop looks again on a timer of its own (a tick) when the next batch should be due: `batch_s`
+    plus the lead its first piece had on the last batch (about one token). A steady generation thus wakes nothing
+    across threads and the loop once per batch, with the batches it had when the worker woke the loop for each
+    batch's first piece and the loop then set a timer for its deadline: that cost the worker a system call and the
+    loop a second wake-up per batch (bench/results/node-path.md), each taken from llama.cpp's threads on a machine
+    whose cores they keep busy. A piece that finds no tick pending (the first, or the first after a tick found
+    nothing) wakes the loop, as does a full batch.
     """
 
     def __init__(
@@ -402,12 +408,18 @@ class _Channel:
         self._loop = loop
         self._batch_s = max(0.0, batch_s)
         self._batch_max = max(1, batch_max)
+        # A tick this close to a batch's deadline hands it over: a second wake-up for a few ms is not worth it.
+        self._early_s = max(_TIMER_SLACK_S, self._batch_s / 10)
         self._first_sent = first_sent  # the worker's alone: cleared once waited for
         self._lock = threading.Lock()  # guards what the worker thread and the loop share: the three below
         self._pieces: list[_Piece] = []
         self._oldest = 0.0  # when the first of _pieces came (time.monotonic)
-        self._due = False  # the loop will look at _pieces without being woken: a wake-up is queued or a timer set
-        self._sent_any = False  # the loop's alone, like _timer
+        self._due = False  # the loop will look at _pieces without being woken: a wake-up is queued or a tick set
+        # The loop's alone, like _timer: when it last handed text over (None: not yet), how long after that the
+        # first piece of the next batch came, and whether a tick found nothing since.
+        self._handed_at: float | None = None
+        self._lead = 0.0
+        self._paused = False
         self._timer: asyncio.TimerHandle | None = None
 
     def should_stop(self) -> bool:
@@ -425,7 +437,7 @@ class _Channel:
             if not self._pieces:
                 self._oldest = time.monotonic()
             self._pieces.append((piece, logprobs, choice, tool_calls))
-            wake = not self._due or len(self._pieces) >= self._batch_max
+            wake = not self._due or len(self._pieces) == self._batch_max
             self._due = True
         if wake:
             self._call(self._look)
@@ -438,21 +450,34 @@ class _Channel:
         self._call(self._finish, item)
 
     def _look(self) -> None:
-        """On the loop: hand the waiting pieces over if their batch is complete, else look again at its deadline."""
+        """On the loop, woken by the worker or by a tick: hand the waiting pieces over if their batch is complete (and
+        tick again when the next one should be), else look again at its deadline; without pieces, stop ticking."""
         self._stop_timer()
+        now = time.monotonic()
         wait = 0.0
         with self._lock:
-            pieces = self._pieces
-            if pieces and self._sent_any and len(pieces) < self._batch_max:
-                wait = self._oldest + self._batch_s - time.monotonic()
-            if wait > _TIMER_SLACK_S:
-                self._due = True
+            pieces, oldest = self._pieces, self._oldest
+            if pieces and self._handed_at is not None and len(pieces) < self._batch_max:
+                wait = oldest + self._batch_s - now
+            if wait > self._early_s:
+                pieces = []  # not due yet
             else:
-                self._pieces, self._due = [], False
-        if wait > _TIMER_SLACK_S:
-            self._timer = self._loop.call_later(wait, self._look)
-        elif pieces:
+                self._pieces = []
+                wait = 0.0
+            # Waiting pieces, or pieces handed over now (a steady generation): the next ones find a tick pending.
+            # None (a pause, or the end coming): the next piece wakes the loop.
+            self._due = tick = (wait > 0 or bool(pieces)) and self._batch_s > 0
+        if pieces:
+            # After a pause the first piece's lead on the last hand-over is the pause, not a token: start from none.
+            last = None if self._paused else self._handed_at
+            self._lead = 0.0 if last is None else min(max(oldest - last, 0.0), self._batch_s)
+            self._handed_at, self._paused = now, False
             self._hand_over(pieces)
+            wait = self._batch_s + self._lead
+        elif not tick:
+            self._paused = True
+        if tick:
+            self._timer = self._loop.call_later(wait, self._look)
 
     def _finish(self, item: _Item) -> None:
         self._stop_timer()
@@ -469,7 +494,6 @@ class _Channel:
             self._timer = None
 
     def _hand_over(self, pieces: list[_Piece]) -> None:
-        self._sent_any = True
         # One Text per choice: the choices of `n` are generated one after another, so a batch spans two at most.
         for choice, run in itertools.groupby(pieces, key=lambda piece: piece[2]):
             texts, logprobs, _, calls = zip(*run, strict=True)

@@ -10,6 +10,10 @@
    both sides reuse llama.cpp's cached prefix: TTFT is one decode step plus whatever lies between the client
    and llama.cpp. The direct side calls llama.cpp from one thread throughout, as the agent does (see DirectModel:
    OpenMP teams on two threads made some direct rounds three times slower).
+   Wall-clock figures swing with whatever else the cores run, so every through-node round also records what the
+   node path costs in CPU, which load hardly moves: the plane's and the agent's CPU time and context switches
+   (per thread, from /proc/<pid>/task/*/schedstat, in ns), the agent's llama.cpp threads left out, less what each
+   process spends idle over as long (heartbeats, timers), per request and per SSE chunk (see ThreadCpu).
 2. The plane's relay of token batches alone: a fake agent (bench/fake_agent.py) enrolls and connects over gRPC
    with TLS like the real one, and answers every job with one-token `TokenBatch` messages and a `JobEnd`.
    Messages/s are counted on the HTTP client side (gRPC in, SSE out) for 1 and 16 concurrent streams; every
@@ -61,6 +65,8 @@ STREAM_CONCURRENCY = (1, 16)
 STARTUP_TIMEOUT_S = 60.0
 LLAMA_REQUEST_TIMEOUT_S = 120.0
 STREAM_READ_TIMEOUT_S = 60.0
+# How long the plane and the agent are watched idle, for the CPU they spend without a request (NodeCost).
+IDLE_SAMPLE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,8 @@ class Generation:
     tokens: int
     chunks: int
     text: str
+    # Through a node: what the round cost the plane and the agent outside llama.cpp (NodeCost), when measured.
+    cost: NodeCost | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -103,7 +111,71 @@ class Generation:
             "tokens": self.tokens,
             "chunks": self.chunks,
             "tokens_per_s": round(self.tokens_per_s, 2),
+            **({"cost": self.cost.as_dict()} if self.cost is not None else {}),
         }
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """One through-node round's CPU (ms) and context switches, idle cost subtracted: the plane's, and the agent's
+    outside its llama.cpp threads."""
+
+    plane_cpu_ms: float
+    plane_switches: float
+    agent_cpu_ms: float
+    agent_switches: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {key: round(value, 3) for key, value in self.__dict__.items()}
+
+
+class ThreadCpu:
+    """CPU time (ns) and context switches per thread of a process: schedstat's nanoseconds where Linux has them
+    (psutil's user + system time ticks in 10 ms steps, coarser than one round's plane work), else psutil's.
+    `llama_threads`: how many of the busiest threads to leave out (the agent's llama.cpp worker and its OpenMP
+    team), since what llama.cpp computes is what both sides compute."""
+
+    def __init__(self, pid: int, llama_threads: int = 0) -> None:
+        self.pid = pid
+        self.llama_threads = llama_threads
+        self.idle_ns_per_s = 0.0
+        self.idle_switches_per_s = 0.0
+
+    def sample(self) -> dict[int, tuple[int, int]]:
+        found: dict[int, tuple[int, int]] = {}
+        tasks = Path(f"/proc/{self.pid}/task")
+        if tasks.is_dir():
+            for task in tasks.iterdir():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    ns = int((task / "schedstat").read_text().split()[0])
+                    status = (task / "status").read_text().splitlines()
+                    switches = sum(int(line.split()[1]) for line in status if "ctxt_switches" in line)
+                    found[int(task.name)] = (ns, switches)
+            return found
+        import psutil
+
+        for thread in psutil.Process(self.pid).threads():
+            found[thread.id] = (int((thread.user_time + thread.system_time) * 1e9), 0)
+        return found
+
+    def spent(self, before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> tuple[float, float]:
+        """ns and context switches between two samples, the `llama_threads` busiest threads left out."""
+        deltas = sorted(
+            ((ns - before.get(tid, (0, 0))[0], sw - before.get(tid, (0, 0))[1]) for tid, (ns, sw) in after.items()),
+            reverse=True,
+        )[self.llama_threads :]
+        return float(sum(ns for ns, _ in deltas)), float(sum(sw for _, sw in deltas))
+
+    async def measure_idle(self, seconds: float) -> None:
+        before, started = self.sample(), time.perf_counter()
+        await asyncio.sleep(seconds)
+        ns, switches = self.spent(before, self.sample())
+        elapsed = time.perf_counter() - started
+        self.idle_ns_per_s, self.idle_switches_per_s = ns / elapsed, switches / elapsed
+
+    def less_idle(self, ns: float, switches: float, elapsed_s: float) -> tuple[float, float]:
+        """ms and switches a round cost beyond what the process spends idle over as long."""
+        return (ns - self.idle_ns_per_s * elapsed_s) / 1e6, switches - self.idle_switches_per_s * elapsed_s
 
 
 @dataclass
@@ -359,12 +431,22 @@ async def measure_llama(
     async def direct() -> Generation:
         return await model.run(settings.max_tokens)
 
+    plane_cpu, agent_cpu = ThreadCpu(plane.pid), ThreadCpu(agent.pid, llama_threads=settings.threads)
+
     async def hatchway() -> Generation:
-        return await hatchway_generation(session, plane, key, settings.max_tokens)
+        samples, started = (plane_cpu.sample(), agent_cpu.sample()), time.perf_counter()
+        result = await hatchway_generation(session, plane, key, settings.max_tokens)
+        elapsed = time.perf_counter() - started
+        plane_ms, plane_switches = plane_cpu.less_idle(*plane_cpu.spent(samples[0], plane_cpu.sample()), elapsed)
+        agent_ms, agent_switches = agent_cpu.less_idle(*agent_cpu.spent(samples[1], agent_cpu.sample()), elapsed)
+        result.cost = NodeCost(plane_ms, plane_switches, agent_ms, agent_switches)
+        return result
 
     # Warm-up: page the weights in and fill both prompt caches, so round 1 is like the others.
     await direct()
     await hatchway()
+    await wait_until_quiet([plane.pid, agent.pid, os.getpid()])
+    await asyncio.gather(plane_cpu.measure_idle(IDLE_SAMPLE_S), agent_cpu.measure_idle(IDLE_SAMPLE_S))
     directs: list[Generation] = []
     hatchways: list[Generation] = []
     for index in range(settings.rounds):
@@ -376,9 +458,15 @@ async def measure_llama(
             await wait_until_quiet([plane.pid, agent.pid, os.getpid()])
             result = await measure()
             (directs if name == "direct" else hatchways).append(result)
+            cost = result.cost
             print(
                 f"  round {index + 1} {name:8} TTFT {result.ttft_s * 1000:7.2f} ms  "
-                f"{result.tokens_per_s:7.1f} tok/s  {result.tokens} tokens in {result.chunks} chunks",
+                f"{result.tokens_per_s:7.1f} tok/s  {result.tokens} tokens in {result.chunks} chunks"
+                + (
+                    f"  CPU plane {cost.plane_cpu_ms:5.1f} ms, agent {cost.agent_cpu_ms:5.1f} ms"
+                    if cost is not None
+                    else ""
+                ),
                 file=sys.stderr,
                 flush=True,
             )
@@ -394,10 +482,33 @@ def summarise_llama(directs: list[Generation], hatchways: list[Generation]) -> d
         "hatchway": _side(hatchways),
         "added_ttft_ms": summary(added),
         "tokens_per_s_ratio": summary(ratios, 4),
+        # Rounds alternate which side goes first (measure_llama): a through-node round right after a direct one finds
+        # the plane's and the agent's code and data evicted from the CPU caches by the direct model's run.
+        "added_ttft_ms_by_order": {
+            "direct_first": summary(added[0::2]),
+            "hatchway_first": summary(added[1::2]),
+        },
+        "node_cost": _costs(hatchways),
         # Same tokens on both sides is what makes the comparison fair; say so when it is not the case.
         "same_text": all(d.text == h.text for d, h in pairs),
         "rounds": [{"direct": d.as_dict(), "hatchway": h.as_dict()} for d, h in pairs],
     }
+
+
+def _costs(runs: list[Generation]) -> dict[str, dict[str, dict[str, float]]]:
+    """The node path's CPU per request and per SSE chunk, p50 and p90 over the rounds."""
+    costs = [(r.cost, r.chunks) for r in runs if r.cost is not None and r.chunks]
+    per_request = {
+        name: summary([getattr(cost, name) for cost, _ in costs], 2)
+        for name in ("plane_cpu_ms", "plane_switches", "agent_cpu_ms", "agent_switches")
+    }
+    per_chunk = {
+        "plane_cpu_us": summary([1000 * cost.plane_cpu_ms / chunks for cost, chunks in costs], 1),
+        "plane_switches": summary([cost.plane_switches / chunks for cost, chunks in costs], 2),
+        "agent_cpu_us": summary([1000 * cost.agent_cpu_ms / chunks for cost, chunks in costs], 1),
+        "agent_switches": summary([cost.agent_switches / chunks for cost, chunks in costs], 2),
+    }
+    return {"per_request": per_request, "per_chunk": per_chunk} if costs else {}
 
 
 def _side(runs: list[Generation]) -> dict[str, Any]:
@@ -577,6 +688,21 @@ def format_llama(result: dict[str, Any], settings: dict[str, Any]) -> str:
         f"tok/s hatchway/direct: p50 {ratio['p50']:.3f}, p90 {ratio['p90']:.3f}; "
         f"same text: {'yes' if result['same_text'] else 'NO'}"
     )
+    order = result.get("added_ttft_ms_by_order")
+    if order:
+        lines.append(
+            f"added TTFT p50 by order: hatchway right after direct {order['direct_first']['p50']:+.2f} ms, "
+            f"hatchway first {order['hatchway_first']['p50']:+.2f} ms"
+        )
+    cost = result.get("node_cost")
+    if cost:
+        request, chunk = cost["per_request"], cost["per_chunk"]
+        lines.append(
+            f"node path CPU, idle subtracted (p50): plane {request['plane_cpu_ms']['p50']:.2f} ms a request "
+            f"({chunk['plane_cpu_us']['p50']:.0f} us, {chunk['plane_switches']['p50']:.1f} switches a chunk); "
+            f"agent outside llama.cpp {request['agent_cpu_ms']['p50']:.2f} ms "
+            f"({chunk['agent_cpu_us']['p50']:.0f} us, {chunk['agent_switches']['p50']:.1f} switches a chunk)"
+        )
     return "\n".join(lines)
 
 

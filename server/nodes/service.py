@@ -40,12 +40,14 @@ from server.storage.nodes import EnrollmentRefused, NodeStore
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 10.0
-# Settings pushed to every agent after Welcome: flush the first token at once, then every 50 ms or 16 tokens.
-# Every batch wakes the agent's and the plane's loops, which take a core from llama.cpp for a moment: with
-# 30 ms, a 2-core node generated at 95.5 % of llama.cpp's own tokens/s; with 50 ms, 97.3-100.5 % in three runs
-# (bench/node.py). 20 updates a second still read as a smooth stream.
+# Settings pushed to every agent after Welcome: flush the first token at once, then every 50 ms or 64 tokens.
+# Every batch wakes the agent's and the plane's loops, which take a core from llama.cpp for a moment, so fewer
+# wakeups leave llama.cpp more of its tokens/s (figures: bench/README.md), and 20 updates a second still read as a
+# smooth stream. A batch costs the plane and the agent about the same CPU whatever it holds
+# (bench/results/node-path.md), so the cap on tokens is only a size bound: 64 leaves the pace to the interval up
+# to 1,280 tokens/s, where 16 would send a GPU's stream in more, smaller batches.
 TOKEN_BATCH_MS = 50
-TOKEN_BATCH_MAX = 16
+TOKEN_BATCH_MAX = 64
 
 
 # The generated servicer base is untyped (see pyproject: proto.*_pb2_grpc is skipped).

@@ -20,7 +20,7 @@ from pathlib import Path
 from proto.contract import PLANE_TLS_NAME, certificate_fingerprint
 
 # cryptography is imported only where a certificate is made or an operator's is checked: a plane that restarts on
-# its own certificate (and decrypts no provider key, see server.credentials) never loads it, about 8 MiB less.
+# its own certificate (and decrypts no provider key, see server.credentials) never loads it (its size: bench/README.md).
 
 VALIDITY = datetime.timedelta(days=3650)
 # The first certificate of a PEM file (the leaf, when it holds a chain), wherever the file's text puts it.
