@@ -1,5 +1,8 @@
-"""The admin HTTP API under /admin/v1/. Every call needs an admin key; mutations run in a worker thread,
-commit, and then rebuild the snapshot so the change is live for the next request without a restart."""
+"""The admin HTTP API under /admin/v1/. Every call has a principal (server.accounts: the global admin key, a
+scoped admin token or a console session) and each handler checks a named permission (server.accounts.roles) and
+the principal's reach: a plane admin every org, anyone else their own org, developers and providers only what
+they own in it. Mutations run in a worker thread, are audited with the principal's actor, commit, and then
+rebuild the snapshot so the change is live for the next request without a restart."""
 
 from __future__ import annotations
 
@@ -13,12 +16,13 @@ from aiohttp import web
 
 from proto.contract import PLANES_MAX, join_enrollment_token, plane_address_problem
 from proto.hatchway.node.v1 import node_pb2 as pb
-from server.auth import authenticate_admin
+from server.accounts import Principal, admin_principal
+from server.accounts.changes import mutate as _mutate
+from server.accounts.principal import ACCOUNTS
 from server.credentials import ENROLLMENT_TOKEN_PREFIX, generate_key
-from server.errors import ConflictError, InvalidRequestError
+from server.errors import ConflictError, InvalidRequestError, PermissionDeniedError
 from server.failover import validate_overrides
 from server.limits import LIMIT_FIELDS
-from server.middleware import REQUEST_ID
 from server.openai_api import read_body
 from server.plane import PLANE, Plane
 from server.reports import earnings_report, usage_report
@@ -28,10 +32,47 @@ from server.validation import bounded_int, bounded_number
 T = TypeVar("T")
 
 
-def _plane(request: web.Request) -> Plane:
-    plane = request.app[PLANE]
-    authenticate_admin(request.headers, plane.snapshots.current)
-    return plane
+async def _allowed(request: web.Request, permission: str) -> tuple[Plane, Principal]:
+    """The plane and the caller, once the caller's role holds `permission` (401 without a credential, 403 else)."""
+    principal = await admin_principal(request)
+    principal.require(permission)
+    return request.app[PLANE], principal
+
+
+def _org_id(plane: Plane, ref: str) -> str | None:
+    """An org's id from its id or name, as the live snapshot knows it; None for none."""
+    names = plane.snapshots.current.org_names
+    if ref in names:
+        return ref
+    return next((org_id for org_id, name in names.items() if name == ref), None)
+
+
+def _org(plane: Plane, principal: Principal, ref: str | None) -> str | None:
+    """The org a call is about. A plane admin's is `ref` as given (None: every org); anyone else's is their own
+    org, whether they name it or not, and naming another is refused."""
+    scope = principal.org_scope
+    if scope is None:
+        return ref
+    if ref is not None and ref != scope and _org_id(plane, ref) != scope:
+        raise PermissionDeniedError("that belongs to another org", code="forbidden")
+    return scope
+
+
+def _named_org(plane: Plane, principal: Principal, ref: str) -> str:
+    """The org a change names (required): as `_org`, never None."""
+    return _org(plane, principal, ref) or ref
+
+
+def _reach(principal: Principal, found: Mapping[str, Any] | None, owner_field: str) -> None:
+    """Refuse an existing object outside the principal's org, or (developers, providers) not theirs. An
+    object that does not exist is left to the store's 404."""
+    if found is None:
+        return
+    scope, owner = principal.org_scope, principal.owner_scope
+    if scope is not None and found.get("org_id") != scope:
+        raise PermissionDeniedError("that belongs to another org", code="forbidden")
+    if owner is not None and found.get(owner_field) != owner:
+        raise PermissionDeniedError("that is not yours", code="forbidden")
 
 
 async def _body(request: web.Request, plane: Plane) -> dict[str, Any]:
@@ -40,35 +81,6 @@ async def _body(request: web.Request, plane: Plane) -> dict[str, Any]:
 
 async def _read(fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.to_thread(fn, *args)
-
-
-async def _mutate(
-    request: web.Request,
-    action: str,
-    fn: Callable[..., T],
-    *args: Any,
-    before: Callable[[], Any] | None = None,
-    **kwargs: Any,
-) -> T:
-    """Run an admin change, write its audit entry, and rebuild the snapshot, all under the admin lock."""
-    plane = request.app[PLANE]
-    actor = authenticate_admin(request.headers, plane.snapshots.current)
-
-    def change() -> T:
-        previous = before() if before is not None else None
-        result = fn(*args, **kwargs)
-        subject = result if isinstance(result, dict) else previous if isinstance(previous, dict) else {}
-        target = str(subject.get("id") or subject.get("name") or "")
-        after = None if action.endswith(".remove") else result
-        plane.audit.append(
-            actor=actor, action=action, target=target, before=previous, after=after, request_id=request[REQUEST_ID]
-        )
-        return result
-
-    async with plane.admin_lock:
-        result = await asyncio.to_thread(change)
-        await plane.snapshots.reload()
-    return result
 
 
 def _find(rows: list[dict[str, Any]], **match: str | None) -> dict[str, Any] | None:
@@ -120,50 +132,70 @@ def _datetime(body: dict[str, Any], name: str) -> datetime | None:
 
 
 async def create_org(request: web.Request) -> web.Response:
-    plane = _plane(request)
+    plane, _ = await _allowed(request, "orgs.create")
     body = await _body(request, plane)
     org = await _mutate(request, "org.create", plane.store.create_org, _str(body, "name"))
     return web.json_response(org, status=201)
 
 
 async def list_orgs(request: web.Request) -> web.Response:
-    plane = _plane(request)
-    return _listing(await _read(plane.store.list_orgs))
+    plane, principal = await _allowed(request, "orgs.read")
+    scope = principal.org_scope
+    return _listing([o for o in await _read(plane.store.list_orgs) if scope in (None, o["id"])])
 
 
 async def create_key(request: web.Request) -> web.Response:
-    plane = _plane(request)
+    plane, principal = await _allowed(request, "keys.write")
     body = await _body(request, plane)
+    org = _named_org(plane, principal, _str(body, "org"))
+    # A developer's keys are their own; an admin's belong to the org, or to the account of the org it names.
+    owner = principal.owner_scope or await _key_owner(
+        request, plane, org, _str(body, "owner_account_id", required=False)
+    )
     key = await _mutate(
         request,
         "key.create",
         plane.store.create_key,
-        _str(body, "org"),
+        org,
         _str(body, "name", required=False),
         _str_list(body, "models"),
         _datetime(body, "expires_at"),
+        owner_account_id=owner,
     )
     return web.json_response(key, status=201)
 
 
+async def _key_owner(request: web.Request, plane: Plane, org: str, account_id: str) -> str | None:
+    """The account an admin gives a new key to (it shows among that developer's keys); None: the org's."""
+    if not account_id:
+        return None
+    account = await _read(request.app[ACCOUNTS].store.get_account, account_id)
+    if account["org_id"] != _org_id(plane, org):
+        raise InvalidRequestError("the key's owner must be an account of the key's org", param="owner_account_id")
+    return account_id
+
+
 async def list_keys(request: web.Request) -> web.Response:
-    plane = _plane(request)
-    return _listing(await _read(plane.store.list_keys, request.query.get("org")))
+    plane, principal = await _allowed(request, "keys.read")
+    org = _org(plane, principal, request.query.get("org"))
+    return _listing(await _read(plane.store.list_keys, org, principal.owner_scope))
+
+
+def _key(plane: Plane, key_id: str) -> dict[str, Any] | None:
+    return _find(plane.store.list_keys(), id=key_id)
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    plane = _plane(request)
+    plane, principal = await _allowed(request, "keys.write")
     key_id = request.match_info["id"]
-
-    def before() -> dict[str, Any] | None:
-        return _find(plane.store.list_keys(), id=key_id)
-
-    return web.json_response(await _mutate(request, "key.revoke", plane.store.revoke_key, key_id, before=before))
+    _reach(principal, await _read(_key, plane, key_id), "owner_account_id")
+    revoked = await _mutate(request, "key.revoke", plane.store.revoke_key, key_id, before=lambda: _key(plane, key_id))
+    return web.json_response(revoked)
 
 
 async def rotate_admin_key(request: web.Request) -> web.Response:
     """Replace the admin key with a new one, shown once in the answer; the key that called is refused from now on."""
-    plane = _plane(request)
+    plane, _ = await _allowed(request, "admin_key.rotate")
     if plane.config.admin_key:
         raise ConflictError(
             "this plane's admin key comes from its configuration (HATCHWAY_ADMIN_KEY): set a new value there and "
@@ -174,8 +206,9 @@ async def rotate_admin_key(request: web.Request) -> web.Response:
 
 
 async def add_provider(request: web.Request) -> web.Response:
-    plane = _plane(request)
+    plane, principal = await _allowed(request, "providers.write")
     body = await _body(request, plane)
+    org = _named_org(plane, principal, _str(body, "org"))
     raw_models = body.get("models")
     if not isinstance(raw_models, list):
         raise InvalidRequestError("'models' must be an array", param="models")
@@ -186,7 +219,7 @@ async def add_provider(request: web.Request) -> web.Response:
         request,
         "provider.add",
         plane.store.add_provider,
-        _str(body, "org"),
+        org,
         _str(body, "name"),
         _str(body, "base_url"),
         _str_list(body, "api_keys"),
@@ -232,9 +265,9 @@ def _policy(body: dict[str, Any]) -> dict[str, float | int]:
 
 
 async def update_provider(request: web.Request) -> web.Response:
-    plane = _plane(request)
+    plane, principal = await _allowed(request, "providers.write")
     body = await _body(request, plane)
-    ref, org = request.match_info["ref"], request.query.get("org")
+    ref, org = request.match_info["ref"], _org(plane, principal, request.query.get("org"))
     provider = await _mutate(
         request,
         "provider.update",
@@ -255,13 +288,13 @@ def _find_provider(plane: Plane, ref: str, org: str | None) -> dict[str, Any] | 
 
 
 async def list_providers(request: web.Request) -> web.Response:
-    plane = _plane(request)
-    return _listing(await _read(plane.store.list_providers, request.query.get("org")))
+    plane, principal = await _allowed(request, "providers.read")
+    return _listing(await _read(plane.store.list_providers, _org(plane, principal, request.query.get("org"))))
 
 
 async def remove_provider(request: web.Request) -> web.Response:
-    plane = _plane(request)
-    ref, org = request.match_info["ref"], request.query.get("org")
+    plane, principal = await _allowed(request, "providers.write")
+    ref, org = request.match_info["ref"], _org(plane, principal, request.query.get("org"))
     removed = await _mutate(
         request,
         "provider.remove",
@@ -274,9 +307,9 @@ async def remove_provider(request: web.Request) -> web.Response:
 
 
 async def set_route(request: web.Request) -> web.Response:
-    plane = _plane(request)
+    plane, principal = await _allowed(request, "routes.write")
     body = await _body(request, plane)
-    org, model = _str(body, "org"), _str(body, "model")
+    org, model = _named_org(plane, principal, _str(body, "org")), _str(body, "model")
     route = await _mutate(
         request,
         "route.set",
@@ -293,13 +326,13 @@ async def set_route(request: web.Request) -> web.Response:
 
 
 async def list_routes(request: web.Request) -> web.Response:
-    plane = _plane(request)
-    return _listing(await _read(plane.store.list_routes, request.query.get("org")))
+    plane, principal = await _allowed(request, "routes.read")
+    return _listing(await _read(plane.store.list_routes, _org(plane, principal, request.query.get("org"))))
 
 
 async def remove_route(request: web.Request) -> web.Response:
-    plane = _plane(request)
-    org, model = request.query.get("org"), request.query.get("model")
+    plane, principal = await _allowed(request, "routes.write")
+    org, model = _org(plane, principal, request.query.get("org")), request.query.get("model")
     if not org or not model:
         raise InvalidRequestError("pass the rule's org and model as query parameters", param="model")
     removed = await _mutate(
@@ -315,10 +348,10 @@ async def remove_route(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     """What keys of an org can call, read from the live snapshot, with the targets in routing order."""
-    plane = _plane(request)
+    plane, principal = await _allowed(request, "models.read")
     catalog = plane.catalog()
     snapshot = catalog.snapshot
-    org_ref = request.query.get("org")
+    org_ref = _org(plane, principal, request.query.get("org"))
     org_ids = [i for i, name in snapshot.org_names.items() if org_ref in (None, i, name)]
     if org_ref and not org_ids:
         orgs = await _read(plane.store.list_orgs)
@@ -345,23 +378,42 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def list_audit(request: web.Request) -> web.Response:
-    plane = _plane(request)
+    plane, principal = await _allowed(request, "audit.read")
     since = _datetime(dict(request.query), "since")
-    return _listing(await _read(plane.audit.list, since))
+    entries = await _read(plane.audit.list, since)
+    scope = principal.org_scope
+    if scope is not None:
+        actors = await _read(request.app[ACCOUNTS].store.org_actors, scope)
+        entries = [e for e in entries if _about_org(e, scope, actors)]
+    return _listing(entries)
+
+
+def _about_org(entry: dict[str, Any], org_id: str, actors: set[str]) -> bool:
+    """Whether an org admin sees an audit entry: made by one of the org's accounts or tokens, or about an object
+    of the org (its before or after names the org)."""
+    if entry["actor"] in actors or entry["target"] == org_id:
+        return True
+    return any(isinstance(side, dict) and side.get("org_id") == org_id for side in (entry["before"], entry["after"]))
 
 
 async def verify_audit(request: web.Request) -> web.Response:
-    plane = _plane(request)
+    plane, _ = await _allowed(request, "audit.read")
     return web.json_response((await _read(plane.audit.verify)).to_dict())
 
 
 async def usage(request: web.Request) -> web.Response:
-    """GET /admin/v1/usage?org=&since=ISO&by=model,route"""
-    plane = _plane(request)
+    """GET /admin/v1/usage?org=&since=ISO&by=model,route (a developer's: of their own keys only)"""
+    plane, principal = await _allowed(request, "usage.read")
     by = [g for g in request.query.get("by", "model").split(",") if g]
     since = _datetime(dict(request.query), "since")
-    rows = await _read(lambda: usage_report(plane.engine, org_ref=request.query.get("org"), since=since, by=by))
-    return _listing(rows)
+    org = _org(plane, principal, request.query.get("org"))
+    owner = principal.owner_scope
+
+    def report() -> list[dict[str, Any]]:
+        key_ids = request.app[ACCOUNTS].store.owned_key_ids(owner) if owner is not None else None
+        return usage_report(plane.engine, org_ref=org, since=since, by=by, key_ids=key_ids)
+
+    return _listing(await _read(report))
 
 
 # -- nodes ---------------------------------------------------------------------------------------------
@@ -374,8 +426,17 @@ NODE_TOKEN_MAX_USES = 1_000_000
 
 
 async def create_node_token(request: web.Request) -> web.Response:
-    plane = _plane(request)
+    plane, principal = await _allowed(request, "node_tokens.create")
     body = await _body(request, plane)
+    org = _named_org(plane, principal, _str(body, "org"))
+    if principal.owner_scope is not None and not await _read(
+        request.app[ACCOUNTS].store.providers_may_enroll, _org_id(plane, org) or org
+    ):
+        raise PermissionDeniedError(
+            "this org does not let providers create enrollment tokens (an org admin can allow it: "
+            "providers_may_enroll)",
+            code="forbidden",
+        )
     # Bounded so that storage can hold them (a timedelta, a 32-bit column on PostgreSQL): 1e300 seconds or
     # 2**63 uses were a 500.
     ttl = bounded_number(body, "ttl_s", NODE_TOKEN_MIN_TTL_S, NODE_TOKEN_MAX_TTL_S)
@@ -391,12 +452,14 @@ async def create_node_token(request: web.Request) -> web.Response:
         request,
         "node_token.create",
         plane.nodes.create_token,
-        _str(body, "org"),
+        org,
         secret,
         ttl_s=ttl,
         uses=uses,
         labels=labels,
         replace=replace,
+        # The nodes enrolled with it are this account's (what a provider sees as their own).
+        created_by=principal.owner_scope or principal.account_id,
     )
     token = join_enrollment_token(secret, plane.tls.fingerprint, planes)
     return web.json_response({**created, "token": token}, status=201)
@@ -414,17 +477,20 @@ def _plane_addresses(body: dict[str, Any]) -> list[str]:
 
 
 async def list_node_tokens(request: web.Request) -> web.Response:
-    plane = _plane(request)
-    return _listing(await _read(plane.nodes.list_tokens, request.query.get("org")))
+    plane, principal = await _allowed(request, "node_tokens.read")
+    tokens = await _read(plane.nodes.list_tokens, _org(plane, principal, request.query.get("org")))
+    owner = principal.owner_scope
+    return _listing([t for t in tokens if owner in (None, t["created_by"])])
 
 
 async def revoke_node_token(request: web.Request) -> web.Response:
-    plane = _plane(request)
+    plane, principal = await _allowed(request, "node_tokens.revoke")
     token_id = request.match_info["id"]
 
     def before() -> dict[str, Any] | None:
         return _find(plane.nodes.list_tokens(), id=token_id)
 
+    _reach(principal, await _read(before), "created_by")
     revoked = await _mutate(request, "node_token.revoke", plane.nodes.revoke_token, token_id, before=before)
     return web.json_response(revoked)
 
@@ -493,20 +559,28 @@ def _gpu_layers(info: pb.ModelInfo | None) -> dict[str, Any]:
 
 
 async def list_nodes(request: web.Request) -> web.Response:
-    plane = _plane(request)
-    nodes = await _read(plane.nodes.list_nodes, request.query.get("org"))
-    return _listing([_with_live_state(plane, n) for n in nodes])
+    plane, principal = await _allowed(request, "nodes.read")
+    nodes = await _read(plane.nodes.list_nodes, _org(plane, principal, request.query.get("org")))
+    owner = principal.owner_scope
+    return _listing([_with_live_state(plane, n) for n in nodes if owner in (None, n["owner_account_id"])])
+
+
+async def _node(request: web.Request, permission: str) -> tuple[Plane, str]:
+    """The plane and the node's ref, once the caller may act on that node with `permission`."""
+    plane, principal = await _allowed(request, permission)
+    ref = request.match_info["ref"]
+    _reach(principal, await _read(plane.nodes.get_node, ref), "owner_account_id")
+    return plane, ref
 
 
 async def show_node(request: web.Request) -> web.Response:
-    plane = _plane(request)
-    return web.json_response(_with_live_state(plane, await _read(plane.nodes.get_node, request.match_info["ref"])))
+    plane, ref = await _node(request, "nodes.read")
+    return web.json_response(_with_live_state(plane, await _read(plane.nodes.get_node, ref)))
 
 
 async def _set_drained(request: web.Request, drained: bool) -> web.Response:
     """Persist the flag (it holds across reconnects), then tell the live session."""
-    plane = _plane(request)
-    ref = request.match_info["ref"]
+    plane, ref = await _node(request, "nodes.operate")
     action = "node.drain" if drained else "node.resume"
     node = await _mutate(
         request, action, plane.nodes.set_drained, ref, drained, before=lambda: plane.nodes.get_node(ref)
@@ -524,8 +598,7 @@ async def resume_node(request: web.Request) -> web.Response:
 
 
 async def revoke_node(request: web.Request) -> web.Response:
-    plane = _plane(request)
-    ref = request.match_info["ref"]
+    plane, ref = await _node(request, "nodes.revoke")
     node = await _mutate(request, "node.revoke", plane.nodes.revoke, ref, before=lambda: plane.nodes.get_node(ref))
     plane.registry.disconnect(node["id"])
     return web.json_response(_with_live_state(plane, node))
@@ -548,10 +621,23 @@ async def _with_live_usage(plane: Plane, limits: dict[str, Any]) -> dict[str, An
     return {**limits, "usage": await plane.limiter.live_usage(limits["scope"], live) if live else {}}
 
 
+async def _limit_subject(
+    request: web.Request, permission: str, source: Mapping[str, Any]
+) -> tuple[Plane, str | None, str | None]:
+    """The org or key a limit is about, once the caller may touch it: a key of their org, or their org."""
+    plane, principal = await _allowed(request, permission)
+    org, key = _subject(source)
+    if key is not None:
+        _reach(principal, await _read(_key, plane, key), "owner_account_id")
+    else:
+        org = _org(plane, principal, org)
+    return plane, org, key
+
+
 async def set_limits(request: web.Request) -> web.Response:
-    plane = _plane(request)
+    plane, _ = await _allowed(request, "limits.write")
     body = await _body(request, plane)
-    org, key = _subject(body)
+    _, org, key = await _limit_subject(request, "limits.write", body)
     values = {name: body[name] for name in LIMIT_FIELDS if name in body}
     unknown = set(body) - {"org", "key", *LIMIT_FIELDS}
     if unknown:
@@ -569,18 +655,18 @@ async def set_limits(request: web.Request) -> web.Response:
 
 
 async def list_limits(request: web.Request) -> web.Response:
-    plane = _plane(request)
+    plane, principal = await _allowed(request, "limits.read")
     if request.query.get("key"):
+        _reach(principal, await _read(_key, plane, request.query["key"]), "owner_account_id")
         found = await _read(plane.policies.get_limits, None, request.query["key"])
         rows = [found] if found else []
     else:
-        rows = await _read(plane.policies.list_limits, request.query.get("org"))
+        rows = await _read(plane.policies.list_limits, _org(plane, principal, request.query.get("org")))
     return _listing([await _with_live_usage(plane, r) for r in rows])
 
 
 async def remove_limits(request: web.Request) -> web.Response:
-    plane = _plane(request)
-    org, key = _subject(request.query)
+    plane, org, key = await _limit_subject(request, "limits.write", request.query)
     removed = await _mutate(
         request,
         "limits.remove",
@@ -593,9 +679,9 @@ async def remove_limits(request: web.Request) -> web.Response:
 
 
 async def set_cache_policy(request: web.Request) -> web.Response:
-    plane = _plane(request)
+    plane, principal = await _allowed(request, "cache.write")
     body = await _body(request, plane)
-    org = _str(body, "org")
+    org = _named_org(plane, principal, _str(body, "org"))
     ttl = body.get("ttl_s")
     policy = await _mutate(
         request,
@@ -621,15 +707,15 @@ def _figures(held: tuple[int, int] | None) -> dict[str, int | None]:
 
 
 async def list_cache_policies(request: web.Request) -> web.Response:
-    plane = _plane(request)
-    rows = await _read(plane.policies.list_cache_policies, request.query.get("org"))
+    plane, principal = await _allowed(request, "cache.read")
+    rows = await _read(plane.policies.list_cache_policies, _org(plane, principal, request.query.get("org")))
     return _listing(await _with_cache_stats(plane, rows))
 
 
 async def clear_cache(request: web.Request) -> web.Response:
     """Drop cached answers: one org's, or all of them. Audited, like every admin change."""
-    plane = _plane(request)
-    org_ref = request.query.get("org")
+    plane, principal = await _allowed(request, "cache.write")
+    org_ref = _org(plane, principal, request.query.get("org"))
     org_id = None
     if org_ref:
         org_id = (await _read(plane.policies.list_cache_policies, org_ref))[0]["org_id"]
@@ -640,14 +726,14 @@ async def clear_cache(request: web.Request) -> web.Response:
 
 
 async def set_price(request: web.Request) -> web.Response:
-    plane = _plane(request)
+    plane, principal = await _allowed(request, "prices.write")
     body = await _body(request, plane)
     price = await _mutate(
         request,
         "price.set",
         plane.policies.set_price,
         _str(body, "provider"),
-        _str(body, "org", required=False) or None,
+        _org(plane, principal, _str(body, "org", required=False) or None),
         _str(body, "model"),
         body.get("price_in"),
         body.get("price_out"),
@@ -656,15 +742,24 @@ async def set_price(request: web.Request) -> web.Response:
 
 
 async def list_prices(request: web.Request) -> web.Response:
-    plane = _plane(request)
-    rows = await _read(plane.policies.price_history, request.query.get("org"), request.query.get("provider"))
+    plane, principal = await _allowed(request, "prices.read")
+    org = _org(plane, principal, request.query.get("org"))
+    rows = await _read(plane.policies.price_history, org, request.query.get("provider"))
     return _listing(rows)
 
 
 async def node_earnings(request: web.Request) -> web.Response:
-    """GET /admin/v1/earnings?org=&since=ISO&by=node|org"""
-    plane = _plane(request)
+    """GET /admin/v1/earnings?org=&since=ISO&by=node|org (a provider's: of their own nodes only)"""
+    plane, principal = await _allowed(request, "earnings.read")
     since = _datetime(dict(request.query), "since")
     by = request.query.get("by", "node")
-    rows = await _read(lambda: earnings_report(plane.engine, org_ref=request.query.get("org"), since=since, by=by))
-    return _listing(rows)
+    org = _org(plane, principal, request.query.get("org"))
+    owner = principal.owner_scope
+
+    def report() -> list[dict[str, Any]]:
+        node_ids = None
+        if owner is not None:
+            node_ids = [n["id"] for n in plane.nodes.list_nodes(org) if n["owner_account_id"] == owner]
+        return earnings_report(plane.engine, org_ref=org, since=since, by=by, node_ids=node_ids)
+
+    return _listing(await _read(report))

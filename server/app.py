@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from server import admin_api, openai_api, ops
+from server import accounts, admin_api, console, openai_api, ops
 from server.middleware import make_middleware, stamp_response
+from server.openapi import reference as openapi_reference
 from server.plane import PLANE, Plane
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ def _routes(app: web.Application) -> None:
     app.router.add_post("/admin/v1/nodes/{ref}/drain", admin_api.drain_node)
     app.router.add_post("/admin/v1/nodes/{ref}/resume", admin_api.resume_node)
     app.router.add_post("/admin/v1/nodes/{ref}/revoke", admin_api.revoke_node)
+    accounts.add_routes(app)
+    openapi_reference.add_routes(app)
+    console.add_routes(app)
 
 
 async def _plane_lifetime(app: web.Application) -> AsyncIterator[None]:

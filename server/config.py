@@ -1,8 +1,8 @@
 """The plane's one typed configuration.
 
 Each setting is looked up in this order: a CLI flag, the environment (`HATCHWAY_<NAME>`), the `[server]` table
-of the TOML file given with `--config`, then the default below. `SETTINGS` is the table the README documents
-(a test keeps the two in step).
+of the TOML file given with `--config`, then the default below. docs/configuration.md documents every field
+(tests/test_docs_configuration.py keeps the two in step).
 """
 
 from __future__ import annotations
@@ -169,6 +169,10 @@ SETTINGS: tuple[Setting, ...] = (
         "other planes announce (PostgreSQL); 0: never.",
     ),
     Setting("log_level", str, "info", "Logging level: debug, info, warning, error."),
+    Setting("session_lifetime_s", float, 43200.0, "How long a console sign-in lasts (fixed, not extended by use)."),
+    Setting("login_failures_per_email", int, 5, "Failed sign-ins for one email within the window before 429."),
+    Setting("login_failures_per_address", int, 20, "Failed sign-ins from one client address within the window."),
+    Setting("login_throttle_window_s", float, 300.0, "The sliding window failed sign-ins are counted over."),
 )
 
 
@@ -225,8 +229,8 @@ class Config:
     usage_queue_size: int = 10_000
     usage_spool: bool = True
     max_in_flight: int = 4096
-    # 10 rather than 30: at twice the capacity, refusals p50 25 ms against 76 ms, a fifth more served and the
-    # served p99 136 against 314 ms (quick runs, same day); the floor keeps a fixed pool of clients unshed.
+    # 10 rather than 30: at twice the capacity refusals come sooner, more is served and its p99 is lower
+    # (bench/README.md, load-shedding settings); the floor keeps a fixed pool of clients unshed.
     overload_lag_ms: float = 10.0
     overload_lag_floor: int = 160
     cache_max_bytes: int = 64 * 1024 * 1024
@@ -244,6 +248,10 @@ class Config:
     # see each other's changes this late.
     config_reload_s: float = 30.0
     log_level: str = "info"
+    session_lifetime_s: float = 43200.0
+    login_failures_per_email: int = 5
+    login_failures_per_address: int = 20
+    login_throttle_window_s: float = 300.0
     # The declarative part of the TOML file (orgs, providers, models), applied at start-up.
     declared: Mapping[str, Any] = field(default_factory=dict)
     config_file: Path | None = None

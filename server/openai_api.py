@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from server.accounts.playground import playground_key
 from server.auth import authenticate, authorize_model
 from server.cache import StreamAssembler, parse_directives
 from server.errors import BodyTooLargeError, HatchwayError, InvalidRequestError, ModelNotFoundError, NotFoundError
@@ -29,6 +30,7 @@ from server.responses.dialect import ResponsesDialect
 from server.responses.request import validate_responses
 from server.routing import ModelPlan
 from server.schema import clip
+from server.snapshot import KeyEntry, Snapshot
 from server.validation import (
     Validator,
     check_content_type,
@@ -65,10 +67,18 @@ async def read_body(request: web.Request, limit: int) -> dict[str, Any]:
     return parse_body(await request.read())
 
 
+async def caller_key(request: web.Request, snapshot: Snapshot) -> KeyEntry:
+    """The API key a request runs as. Without an Authorization header, the console's session may stand in for one
+    (server.accounts.playground); with one, the snapshot alone answers (no storage on the request path)."""
+    if "Authorization" in request.headers:
+        return authenticate(request.headers, snapshot)
+    return await playground_key(request, snapshot)
+
+
 async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     plane = request.app[PLANE]
     catalog = plane.catalog()
-    key = authenticate(request.headers, catalog.snapshot)
+    key = await caller_key(request, catalog.snapshot)
     directives = parse_directives(request.headers.get(CACHE_HEADER))
     body = await read_body(request, plane.config.max_body_bytes)
     endpoint.validate(body)
@@ -166,7 +176,7 @@ def _model_object(model: str, created: int, owner: str) -> dict[str, Any]:
 async def list_models(request: web.Request) -> web.Response:
     catalog = request.app[PLANE].catalog()
     snapshot = catalog.snapshot
-    key = authenticate(request.headers, snapshot)
+    key = await caller_key(request, snapshot)
     owner = snapshot.org_names.get(key.org_id, "hatchway")
     data = [_model_object(m, snapshot.created, owner) for m in catalog.models_for(key)]
     return web.json_response({"object": "list", "data": data})
@@ -175,7 +185,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def retrieve_model(request: web.Request) -> web.Response:
     catalog = request.app[PLANE].catalog()
     snapshot = catalog.snapshot
-    key = authenticate(request.headers, snapshot)
+    key = await caller_key(request, snapshot)
     model = request.match_info["model"]
     if model not in catalog.models_for(key):
         raise ModelNotFoundError(f"The model '{model}' does not exist or you do not have access to it.")

@@ -66,15 +66,21 @@ def _shown(value: Any) -> str:
 
 
 def usage_report(
-    engine: Engine, *, org_ref: str | None, since: datetime | None, by: Sequence[str]
+    engine: Engine,
+    *,
+    org_ref: str | None,
+    since: datetime | None,
+    by: Sequence[str],
+    key_ids: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
+    """Usage grouped `by`; with `key_ids`, of those keys only (a developer's own)."""
     unknown = [g for g in by if g not in GROUPS]
     if unknown:
         raise InvalidRequestError(f"cannot group by {', '.join(unknown)}; use {', '.join(GROUPS)}", param="by")
     groups = [_group_column(g).label(f"g{i}") for i, g in enumerate(by)]
     served = and_(_record.final, _record.status == 200)
     with Session(engine) as session:
-        where = _filters(session, org_ref, since)
+        where = _filters(session, org_ref, since, key_ids)
         source = _record_source(by)
         totals = select(
             *groups,
@@ -108,8 +114,12 @@ def _count(condition: ColumnElement[Any]) -> ColumnElement[Any]:
     return func.sum(case((condition, 1), else_=0))
 
 
-def _filters(session: Session, org_ref: str | None, since: datetime | None) -> ColumnElement[bool] | None:
-    conditions = []
+def _filters(
+    session: Session, org_ref: str | None, since: datetime | None, key_ids: Sequence[str] | None = None
+) -> ColumnElement[bool] | None:
+    conditions: list[ColumnElement[bool]] = []
+    if key_ids is not None:
+        conditions.append(_record.key_id.in_(key_ids))
     if org_ref:
         conditions.append(_record.org_id == find_org(session, org_ref).id)
     if since is not None:
@@ -193,8 +203,11 @@ EARNINGS_GROUPS = ("node", "org")
 _NODE_ROWS = _RECORDS.join(_NODES, _node.id == _record.node_id).outerjoin(_ORGS, _org.id == _node.org_id)
 
 
-def earnings_report(engine: Engine, *, org_ref: str | None, since: datetime | None, by: str) -> list[dict[str, Any]]:
-    """What nodes served and earned at their own prices, per node or per contributing org (the node's owner)."""
+def earnings_report(
+    engine: Engine, *, org_ref: str | None, since: datetime | None, by: str, node_ids: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """What nodes served and earned at their own prices, per node or per contributing org (the node's owner);
+    with `node_ids`, of those nodes only (a provider's own)."""
     if by not in EARNINGS_GROUPS:
         raise InvalidRequestError(f"earnings group by {', '.join(EARNINGS_GROUPS)}", param="by")
     owner = func.coalesce(_org.name, _node.org_id)
@@ -218,6 +231,8 @@ def earnings_report(engine: Engine, *, org_ref: str | None, since: datetime | No
             query = query.where(_node.org_id == find_org(session, org_ref).id)
         if since is not None:
             query = query.where(_record.created_at >= since)
+        if node_ids is not None:
+            query = query.where(_node.id.in_(node_ids))
         rows = list(session.execute(query))
     result = []
     for row in sorted(rows, key=lambda r: tuple(r[: len(columns)])):

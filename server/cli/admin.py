@@ -118,7 +118,12 @@ def parse_expiry(value: str) -> str:
     show_default=True,
     help="The plane's URL (HATCHWAY_URL).",
 )
-@click.option("--admin-key", envvar="HATCHWAY_ADMIN_KEY", default="", help="Admin key (HATCHWAY_ADMIN_KEY).")
+@click.option(
+    "--admin-key",
+    envvar="HATCHWAY_ADMIN_KEY",
+    default="",
+    help="The admin key, or a scoped admin token hwt_... (HATCHWAY_ADMIN_KEY).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
 def admin(ctx: click.Context, url: str, admin_key: str, as_json: bool) -> None:
@@ -128,7 +133,7 @@ def admin(ctx: click.Context, url: str, admin_key: str, as_json: bool) -> None:
 
 # -- orgs ------------------------------------------------------------------------------------------
 
-ORG_COLUMNS = ("id", "name", "created_at")
+ORG_COLUMNS = ("id", "name", "providers_may_enroll", "created_at")
 
 
 @admin.group()
@@ -149,6 +154,21 @@ def org_list(ctx: Context) -> None:
     ctx.show(ctx.call(lambda c: c.get("/orgs")), ORG_COLUMNS)
 
 
+@org.command("set")
+@click.argument("org_ref", metavar="ORG")
+@click.option(
+    "--providers-may-enroll/--no-providers-may-enroll",
+    "providers_may_enroll",
+    required=True,
+    help="Whether the org's provider accounts may create enrollment tokens themselves.",
+)
+@pass_context
+def org_set(ctx: Context, org_ref: str, providers_may_enroll: bool) -> None:
+    """Change an org's settings."""
+    body = {"providers_may_enroll": providers_may_enroll}
+    ctx.show(ctx.call(lambda c: c.patch(f"/orgs/{org_ref}", body)), ORG_COLUMNS)
+
+
 # -- API keys --------------------------------------------------------------------------------------
 
 KEY_COLUMNS = ("id", "org", "name", "prefix", "models", "expires_at", "revoked_at")
@@ -164,11 +184,14 @@ def key() -> None:
 @click.option("--name", default="", help="A label for people.")
 @click.option("--models", default="", help="Comma-separated allow-list (default: every model of the org).")
 @click.option("--expires", default=None, help="30d, 12h, 90m, or an ISO date.")
+@click.option("--owner", default=None, metavar="ACCOUNT_ID", help="A developer of the org the key is given to.")
 @pass_context
-def key_create(ctx: Context, org_ref: str, name: str, models: str, expires: str | None) -> None:
+def key_create(ctx: Context, org_ref: str, name: str, models: str, expires: str | None, owner: str | None) -> None:
     body: dict[str, Any] = {"org": org_ref, "name": name, "models": [m for m in models.split(",") if m]}
     if expires:
         body["expires_at"] = parse_expiry(expires)
+    if owner:
+        body["owner_account_id"] = owner
     ctx.show(ctx.call(lambda c: c.post("/keys", body)), KEY_COLUMNS, secret="key")
 
 
@@ -830,3 +853,115 @@ def models(ctx: Context, org_ref: str | None) -> None:
             ]
         }
     ctx.show(doc, ("org", "model", "targets"))
+
+
+# -- accounts and scoped admin tokens (server.accounts) ---------------------------------------------
+
+ACCOUNT_COLUMNS = ("id", "email", "name", "role", "org", "disabled", "created_at")
+ROLE_CHOICE = click.Choice(["plane_admin", "org_admin", "developer", "provider"])
+
+
+@admin.group()
+def accounts() -> None:
+    """People who sign in to the console: a role (plane_admin, org_admin, developer, provider) and an org."""
+
+
+@accounts.command("create")
+@click.argument("email")
+@click.option("--role", type=ROLE_CHOICE, required=True)
+@click.option("--org", "org_ref", default=None, help="Org name or id (every role but plane_admin has one).")
+@click.option("--name", default="", help="The person's name.")
+@click.option(
+    "--password",
+    prompt=True,
+    hide_input=True,
+    confirmation_prompt=True,
+    envvar="HATCHWAY_ACCOUNT_PASSWORD",
+    help="Asked for when not given (or HATCHWAY_ACCOUNT_PASSWORD); at least 10 characters.",
+)
+@pass_context
+def accounts_create(ctx: Context, email: str, role: str, org_ref: str | None, name: str, password: str) -> None:
+    body = {"email": email, "role": role, "org_id": org_ref, "name": name, "password": password}
+    ctx.show(ctx.call(lambda c: c.post("/accounts", body)), ACCOUNT_COLUMNS)
+
+
+@accounts.command("list")
+@click.option("--org", "org_ref", default=None, help="Only this org's accounts.")
+@pass_context
+def accounts_list(ctx: Context, org_ref: str | None) -> None:
+    ctx.show(ctx.call(lambda c: c.get("/accounts", org=org_ref)), ACCOUNT_COLUMNS)
+
+
+@accounts.command("disable")
+@click.argument("account_id")
+@pass_context
+def accounts_disable(ctx: Context, account_id: str) -> None:
+    """Refuse the account's sign-ins and tokens from now on, and end its sessions."""
+    ctx.show(ctx.call(lambda c: c.patch(f"/accounts/{account_id}", {"disabled": True})), ACCOUNT_COLUMNS)
+
+
+@accounts.command("enable")
+@click.argument("account_id")
+@pass_context
+def accounts_enable(ctx: Context, account_id: str) -> None:
+    ctx.show(ctx.call(lambda c: c.patch(f"/accounts/{account_id}", {"disabled": False})), ACCOUNT_COLUMNS)
+
+
+@accounts.command("remove")
+@click.argument("account_id")
+@pass_context
+def accounts_remove(ctx: Context, account_id: str) -> None:
+    """Delete the account: its sessions end, its admin tokens and console keys are revoked."""
+    ctx.show(ctx.call(lambda c: c.delete(f"/accounts/{account_id}")), ACCOUNT_COLUMNS)
+
+
+@accounts.command("invite")
+@click.argument("email")
+@click.option("--role", type=ROLE_CHOICE, required=True)
+@click.option("--org", "org_ref", default=None, help="Org name or id (every role but plane_admin has one).")
+@click.option("--ttl", default="7d", show_default=True, help="How long the link stays valid: 12h, 7d...")
+@pass_context
+def accounts_invite(ctx: Context, email: str, role: str, org_ref: str | None, ttl: str) -> None:
+    """A link (single use, expiring) with which the person sets their name and password."""
+    delta = parse_duration(ttl)
+    if delta is None:
+        raise click.BadParameter("use a duration like 12h or 7d", param_hint="--ttl")
+    body = {"email": email, "role": role, "org_id": org_ref, "ttl_s": delta.total_seconds()}
+    ctx.show(ctx.call(lambda c: c.post("/invitations", body)), ("id", "email", "role", "expires_at"), secret="url")
+
+
+TOKEN_ADMIN_COLUMNS = ("id", "name", "role", "org_id", "account_id", "expires_at", "revoked_at")
+
+
+@admin.group()
+def tokens() -> None:
+    """Scoped admin tokens (hwt_...): the admin API with a role and an org, for scripts and CI."""
+
+
+@tokens.command("create")
+@click.option("--role", type=ROLE_CHOICE, required=True)
+@click.option("--org", "org_ref", default=None, help="Org name or id (every role but plane_admin has one).")
+@click.option("--account", "account_id", default=None, help="The account it acts for (developer, provider).")
+@click.option("--name", default="", help="A label for people.")
+@click.option("--expires", default=None, help="30d, 12h, 90m, or an ISO date (default: never).")
+@pass_context
+def tokens_create(
+    ctx: Context, role: str, org_ref: str | None, account_id: str | None, name: str, expires: str | None
+) -> None:
+    body: dict[str, Any] = {"role": role, "org_id": org_ref, "account_id": account_id, "name": name}
+    if expires:
+        body["expires_at"] = parse_expiry(expires)
+    ctx.show(ctx.call(lambda c: c.post("/admin-tokens", body)), TOKEN_ADMIN_COLUMNS, secret="token")
+
+
+@tokens.command("list")
+@pass_context
+def tokens_list(ctx: Context) -> None:
+    ctx.show(ctx.call(lambda c: c.get("/admin-tokens")), TOKEN_ADMIN_COLUMNS)
+
+
+@tokens.command("revoke")
+@click.argument("token_id")
+@pass_context
+def tokens_revoke(ctx: Context, token_id: str) -> None:
+    ctx.show(ctx.call(lambda c: c.post(f"/admin-tokens/{token_id}/revoke", {})), TOKEN_ADMIN_COLUMNS)

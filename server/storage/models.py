@@ -40,6 +40,8 @@ class Org(SQLModel, table=True):
     # Response cache policy (server.cache.CACHE_MODES) and how long an answer stays cached.
     cache_mode: str = Field(default="deterministic", sa_column_kwargs=server_default("deterministic"))
     cache_ttl_s: int = Field(default=300, sa_column_kwargs=server_default("300"))
+    # Whether its provider accounts may create enrollment tokens themselves (server.accounts.roles).
+    providers_may_enroll: bool = Field(default=False, sa_column_kwargs=server_default(false()))
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -67,6 +69,10 @@ class ApiKey(SQLModel, table=True):
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
+    # The account that owns it (a developer sees and revokes only their own keys); None: the org's.
+    owner_account_id: str | None = Field(default=None, index=True)
+    # The key an account's playground requests run as (server.accounts.playground): made on first use, never shown.
+    console: bool = Field(default=False, sa_column_kwargs=server_default(false()))
 
 
 class Provider(SQLModel, table=True):
@@ -184,6 +190,8 @@ class EnrollmentToken(SQLModel, table=True):
     # The id of the node this token re-enrolls (an admin's `--replace NODE`): the machine enrolling with it takes
     # over that node's id, and the node's earlier credential stops working.
     replace_node_id: str | None = None
+    # The account that created it: the nodes enrolled with it are that account's (a provider's own nodes).
+    created_by: str | None = Field(default=None, index=True)
 
 
 class Node(SQLModel, table=True):
@@ -199,6 +207,8 @@ class Node(SQLModel, table=True):
     revoked_at: datetime | None = None
     enrolled_at: datetime = Field(default_factory=utcnow)
     created_at: datetime = Field(default_factory=utcnow)
+    # The account whose enrollment token enrolled it (EnrollmentToken.created_by); None: an admin key's token.
+    owner_account_id: str | None = Field(default=None, index=True)
 
 
 class AuditEntry(SQLModel, table=True):
@@ -209,7 +219,7 @@ class AuditEntry(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     created_at: datetime = Field(default_factory=utcnow, index=True)
-    # The admin key that made the change.
+    # Who made the change: an admin key's id, a scoped admin token's (`tok_...`) or an account's (`acct_...`).
     actor: str
     action: str
     target: str
@@ -254,3 +264,68 @@ class UsageRecord(SQLModel, table=True):
     # The row's own id, made with the row: a row replayed from the usage spool (server.spool) after a crash is
     # inserted only when no row has it yet. NULL for rows from before the spool (a unique index allows many).
     row_id: str | None = Field(default=None, unique=True, index=True)
+
+
+# -- accounts and what they sign in with (server.accounts) ----------------------------------------------------
+
+
+class Account(SQLModel, table=True):
+    """A person who signs in to the console (or whose scoped tokens call the admin API): a role, and the org
+    it is bound to (None for a plane admin)."""
+
+    id: str = Field(primary_key=True, default_factory=lambda: new_id("acct"))
+    # Lower-cased: one account per address, however it is typed.
+    email: str = Field(unique=True, index=True)
+    name: str = ""
+    # server.accounts.roles.ROLES
+    role: str
+    org_id: str | None = Field(default=None, foreign_key="org.id", index=True)
+    # argon2id (server.accounts.passwords); never the password.
+    password_hash: str
+    disabled: bool = False
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class AccountSession(SQLModel, table=True):
+    """A console sign-in. Only the session id's SHA-256 is stored, so logging out or disabling an account ends
+    it on every plane sharing the database, and a copy of the table signs nobody in."""
+
+    __tablename__ = "account_session"
+
+    id_hash: str = Field(primary_key=True)
+    account_id: str = Field(foreign_key="account.id", index=True, ondelete="CASCADE")
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime = Field(index=True)
+
+
+class Invitation(SQLModel, table=True):
+    """A link that lets one person create their account: single use, expiring, its token stored hashed."""
+
+    id: str = Field(primary_key=True, default_factory=lambda: new_id("inv"))
+    token_hash: str = Field(unique=True, index=True)
+    email: str
+    role: str
+    org_id: str | None = Field(default=None, foreign_key="org.id", index=True)
+    # The actor who invited (an admin key, token or account id).
+    created_by: str
+    expires_at: datetime
+    used_at: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class AdminToken(SQLModel, table=True):
+    """A scoped bearer token for the admin API (`hwt_...`): a role, an org, an expiry; stored hashed."""
+
+    __tablename__ = "admin_token"
+
+    id: str = Field(primary_key=True, default_factory=lambda: new_id("tok"))
+    name: str = ""
+    token_hash: str = Field(unique=True, index=True)
+    role: str
+    org_id: str | None = Field(default=None, foreign_key="org.id", index=True)
+    # The account it acts for (whose keys or nodes a developer's or provider's token sees); None: the org's.
+    account_id: str | None = Field(default=None, index=True)
+    created_by: str
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)

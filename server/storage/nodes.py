@@ -52,9 +52,10 @@ class NodeStore:
         uses: int,
         labels: dict[str, str],
         replace: str | None = None,
+        created_by: str | None = None,
     ) -> dict[str, Any]:
         """A token for `org_ref`; with `replace` (a node's id or name), the machine enrolling with it takes over
-        that node."""
+        that node. `created_by`: the account that made it, which will own the nodes enrolled with it."""
         if uses < 1:
             raise InvalidRequestError("uses must be at least 1", param="uses")
         if ttl_s is not None and ttl_s <= 0:
@@ -73,6 +74,7 @@ class NodeStore:
                 expires_at=utcnow() + timedelta(seconds=ttl_s) if ttl_s else None,
                 labels=json.dumps(labels) if labels else "",
                 replace_node_id=replaced.id if replaced is not None else None,
+                created_by=created_by,
             )
             session.add(row)
             session.commit()
@@ -109,6 +111,7 @@ class NodeStore:
             "revoked_at": iso(row.revoked_at),
             "labels": json.loads(row.labels) if row.labels else {},
             "replaces": row.replace_node_id,
+            "created_by": row.created_by,
             "created_at": iso(row.created_at),
         }
 
@@ -143,6 +146,7 @@ class NodeStore:
             node.machine_id = machine_id
             node.credential_hash = hash_key(credential)
             node.labels = token.labels
+            node.owner_account_id = token.created_by
             node.revoked_at = None
             node.enrolled_at = now
             session.add(node)
@@ -222,6 +226,7 @@ class NodeStore:
             "name": node.name,
             "labels": json.loads(node.labels) if node.labels else {},
             "drained": node.drained,
+            "owner_account_id": node.owner_account_id,
             "revoked_at": iso(node.revoked_at),
             "enrolled_at": iso(node.enrolled_at),
             "created_at": iso(node.created_at),

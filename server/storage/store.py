@@ -201,12 +201,23 @@ class Store:
 
     @staticmethod
     def _org_dict(org: Org) -> dict[str, Any]:
-        return {"id": org.id, "object": "org", "name": org.name, "created_at": iso(org.created_at)}
+        return {
+            "id": org.id,
+            "object": "org",
+            "name": org.name,
+            "providers_may_enroll": org.providers_may_enroll,
+            "created_at": iso(org.created_at),
+        }
 
     # -- API keys ---------------------------------------------------------------------------------
 
     def create_key(
-        self, org_ref: str, name: str = "", models: Sequence[str] = (), expires_at: datetime | None = None
+        self,
+        org_ref: str,
+        name: str = "",
+        models: Sequence[str] = (),
+        expires_at: datetime | None = None,
+        owner_account_id: str | None = None,
     ) -> dict[str, Any]:
         if expires_at is not None and expires_at <= utcnow():
             raise InvalidRequestError("expires_at is in the past", param="expires_at")
@@ -220,16 +231,20 @@ class Store:
                 key_hash=hash_key(key),
                 models=",".join(m.strip() for m in models if m.strip()),
                 expires_at=expires_at,
+                owner_account_id=owner_account_id,
             )
             session.add(row)
             session.commit()
             return self._key_dict(row, org) | {"key": key}
 
-    def list_keys(self, org_ref: str | None = None) -> list[dict[str, Any]]:
+    def list_keys(self, org_ref: str | None = None, owner: str | None = None) -> list[dict[str, Any]]:
+        """The keys of an org (or all), or only those an account owns (a developer's)."""
         with Session(self.engine) as session:
             query = select(ApiKey, Org).join(Org).order_by(col(ApiKey.created_at))
             if org_ref:
                 query = query.where(ApiKey.org_id == find_org(session, org_ref).id)
+            if owner is not None:
+                query = query.where(ApiKey.owner_account_id == owner)
             return [self._key_dict(k, o) for k, o in session.exec(query)]
 
     def revoke_key(self, key_id: str) -> dict[str, Any]:
@@ -258,6 +273,8 @@ class Store:
             "expires_at": iso(row.expires_at),
             "revoked_at": iso(row.revoked_at),
             "created_at": iso(row.created_at),
+            "owner_account_id": row.owner_account_id,
+            "console": row.console,
         }
 
     # -- providers --------------------------------------------------------------------------------
@@ -281,8 +298,12 @@ class Store:
         name = name.strip()
         if not name:
             raise InvalidRequestError("provider name must not be empty", param="name")
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        try:
+            parts = urlsplit(base_url)
+            parts.port  # noqa: B018 - raises for a port that is not a number or out of range
+        except ValueError:  # also an unbalanced or invalid [IPv6] host: that was a 500
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
             raise InvalidRequestError(f"base_url must be an http(s) URL, got {base_url!r}", param="base_url")
         if not models:
             raise InvalidRequestError("a provider needs at least one model", param="models")
