@@ -108,6 +108,8 @@ agent-binary: $(AGENT_BINARY)
 # (systemd's own tool, from Debian's package when this machine lacks it).
 installer-test-tools:
 	command -v systemd-analyze >/dev/null || (apt-get update && apt-get install -y --no-install-recommends systemd)
+	# tests/browser/ drive Debian's Chromium with Playwright (its own browser downloads are never fetched).
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
 
 pytest: install agent-binary installer-test-tools
 	$(BIN)/python -m pytest
