@@ -59,7 +59,9 @@ def validate_responses(body: dict[str, Any]) -> None:
     checked by `to_chat`, which the request's dialect runs next."""
     items = body.get("input")
     _SCHEMA.check({**body, "input": ""} if isinstance(items, list) else body)
-    if not body["model"].strip():
+    # OpenAI's schema leaves `model` optional (a stored prompt may name it); the plane routes on it.
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
         raise InvalidRequestError("'model' must be a non-empty string", param="model")
     _check_stateless(body)
 

@@ -141,8 +141,9 @@ class PolicyStore:
     def set_cache_policy(self, org_ref: str, mode: str | None, ttl_s: int | None) -> dict[str, Any]:
         if mode is not None and mode not in CACHE_MODES:
             raise InvalidRequestError(f"cache mode must be one of {', '.join(CACHE_MODES)}", param="mode")
-        if ttl_s is not None and (isinstance(ttl_s, bool) or not isinstance(ttl_s, int) or ttl_s < 0):
-            raise InvalidRequestError("ttl_s must be a non-negative whole number of seconds", param="ttl_s")
+        # Bounded by what the column holds: a larger one was a 500 (OverflowError) at commit.
+        if ttl_s is not None and (isinstance(ttl_s, bool) or not isinstance(ttl_s, int) or not 0 <= ttl_s <= MAX_LIMIT):
+            raise InvalidRequestError(f"ttl_s must be a whole number of seconds from 0 to {MAX_LIMIT}", param="ttl_s")
         with Session(self.engine) as session:
             org = find_org(session, org_ref)
             if mode is not None:
