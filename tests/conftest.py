@@ -10,7 +10,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -182,10 +182,14 @@ class Gateway:
     plane: RunningPlane
     upstream: MockUpstream
     api_key: str
+    # Closed when the test ends: a client left to the garbage collector warns of its open socket in a later test.
+    clients: list[openai.OpenAI] = field(default_factory=list)
 
     def client(self, *, strict: bool = True, **kwargs: Any) -> openai.OpenAI:
         kwargs = {"api_key": self.api_key, "max_retries": 0, **kwargs}
-        return openai.OpenAI(base_url=self.plane.v1, _strict_response_validation=strict, **kwargs)
+        client = openai.OpenAI(base_url=self.plane.v1, _strict_response_validation=strict, **kwargs)
+        self.clients.append(client)
+        return client
 
     def async_client(self, *, strict: bool = True, **kwargs: Any) -> openai.AsyncOpenAI:
         kwargs = {"api_key": self.api_key, "max_retries": 0, **kwargs}
@@ -196,10 +200,13 @@ class Gateway:
 
 
 @pytest.fixture
-def gateway(plane: RunningPlane, upstream: MockUpstream) -> Gateway:
+def gateway(plane: RunningPlane, upstream: MockUpstream) -> Iterator[Gateway]:
     plane.create_org("acme")
     plane.add_provider("mock-a", upstream, price_in=1.0, price_out=2.0)
-    return Gateway(plane, upstream, plane.create_key("acme"))
+    gateway = Gateway(plane, upstream, plane.create_key("acme"))
+    yield gateway
+    for client in gateway.clients:
+        client.close()
 
 
 # -- several planes: PostgreSQL and Redis ------------------------------------------------------------------
