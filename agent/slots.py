@@ -24,9 +24,8 @@ import numpy.typing as npt
 from llama_cpp import Llama
 
 # How long one chunk of prompt evaluation should take: a cancelled job stops within about this long. Each chunk is a
-# decode of its own, and each decode has a fixed cost: measured with llama.cpp alone on a 2-core CPU with SmolLM2,
-# 0.1 s chunks (about 20 tokens) evaluated a 1,200-token prompt about 7% slower than 512-token ones, 0.05 s chunks
-# about 40% slower.
+# decode of its own, and each decode has a fixed cost, so shorter chunks cost prompt throughput: 0.1 s is where the
+# cost stayed small while a cancel still comes quickly (measured against 0.05 s chunks: bench/README.md).
 PREFILL_CHUNK_S = 0.1
 # The first chunk, before its pace is known, and the smallest: below it a decode is mostly that fixed cost.
 PREFILL_FIRST_TOKENS = 16

@@ -44,7 +44,7 @@ class Vault:
     @functools.cached_property
     def _fernet(self) -> Fernet:
         # Imported on first use: a plane whose providers hold no keys (local servers, nodes) never loads
-        # cryptography, about 8 MiB (server.nodes.tls does the same for certificates).
+        # cryptography, one of the largest imports of the plane (server.nodes.tls does the same for certificates).
         from cryptography.fernet import Fernet
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.kdf.hkdf import HKDF

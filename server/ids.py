@@ -1,8 +1,8 @@
 """Unique ids for request ids and usage rows: a random prefix per process and a counter.
 
-uuid4 (or `secrets`) reads the kernel's random source once per id, which profiling showed as 5-9 % of the plane's
-time in a sandbox. 64 random bits per process keep ids from different processes and restarts apart; the counter
-keeps those of one process apart. 32 hex characters, like a UUID's.
+uuid4 (or `secrets`) reads the kernel's random source once per id, which profiling showed as a real share of the
+plane's time in a sandbox (bench/README.md). 64 random bits per process keep ids from different processes and
+restarts apart; the counter keeps those of one process apart. 32 hex characters, like a UUID's.
 """
 
 from __future__ import annotations

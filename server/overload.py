@@ -26,12 +26,12 @@ from server.errors import ServiceUnavailableError
 TICK_S = 0.02
 # Below half the floor the lag decides nothing, and the watcher looks 4 times a second instead of 50 (the gauge
 # in /metrics stays live): a plane beside a node's llama.cpp, whose threads want every core and wait for each
-# other, took a core from them 75 times a second when idle, 28 with this. Requests reaching half the floor wake
-# the watcher at once, so it has several ticks before the floor is reached.
+# other, takes a core from them at every wakeup, so an idle plane should wake rarely (bench/README.md). Requests
+# reaching half the floor wake the watcher at once, so it has several ticks before the floor is reached.
 IDLE_TICK_S = 0.25
-# Weight of the newest lag sample in the running average: about the last 3 ticks (60 ms). With 0.1 (200 ms) a
-# queue of hundreds of ms built up at twice the plane's capacity before the first refusal (served p99 826 ms,
-# against 300-460 ms with 0.3, in the same day's runs).
+# Weight of the newest lag sample in the running average: about the last 3 ticks (60 ms). A slower average (0.1,
+# about 200 ms) let a queue of hundreds of ms build up at twice the plane's capacity before the first refusal
+# (the served p99 of both: bench/README.md).
 SMOOTHING = 0.3
 
 

@@ -119,8 +119,8 @@ class Server:
         if ready is not None:
             ready(self)
         # Everything built so far (modules, the snapshot, the app) lives as long as the process: keep it out of
-        # the collector's full passes, which otherwise walk all of it each time. Measured at c=32: p99 from
-        # 78 ms to 20 ms. No collection first: it would hold up readiness, for a little start-up garbage.
+        # the collector's full passes, which otherwise walk all of it each time and showed in the p99 under load
+        # (bench/README.md). No collection first: it would hold up readiness, for a little start-up garbage.
         gc.freeze()
         try:
             await self.should_exit.wait()

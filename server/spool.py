@@ -1,6 +1,6 @@
 """The usage spool: every usage row on disk before its request completes, until the row is in the database.
 
-A row is appended to the spool (one `write(2)` of one JSON line, about 3 µs) when it is made, on the request's
+A row is appended to the spool (one `write(2)` of one JSON line: bench/spool.py) when it is made, on the request's
 path, before the client can read the request's last byte; the batch writer (server.usage) inserts it later. The
 kernel keeps what was written whatever becomes of the process, so a plane killed (SIGKILL, OOM) loses no row of a
 request that completed: at the next start, rows still in the spool are inserted before quotas are read from the
@@ -150,7 +150,7 @@ class UsageSpool:
         return segment
 
     def sync(self, segment: Segment) -> None:
-        """Make a sealed segment durable, its name included (in the writer's thread: fsync takes ~0.3 ms here)."""
+        """Make a sealed segment durable, its name included (in the writer's thread: fsync is slow)."""
         os.fsync(segment.fd)
         assert self.slot is not None
         directory = os.open(self.slot, os.O_RDONLY | os.O_DIRECTORY)

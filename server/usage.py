@@ -82,7 +82,7 @@ class UsageWriter:
         queue_size: int,
         flush_interval_s: float,
         # Small batches: the writer thread holds the GIL while SQLAlchemy prepares a batch, and requests wait
-        # meanwhile. 100 rows keep each hold short (at c=1, p99 +2.2 ms with 500 rows a batch, +1.8 ms with 100).
+        # meanwhile. 100 rows keep each hold short; what 500 cost the p99 is in bench/README.md.
         batch_size: int = 100,
         spool: UsageSpool | None = None,
     ) -> None:

@@ -16,7 +16,7 @@ STARTUP_FAILURE = 3
 
 class Commands(click.Group):
     """The top-level commands, with `admin` loaded only when asked for: `hatchway serve` runs the plane in this
-    process, and the admin commands and their HTTP client (httpx) would stay in its memory for nothing (2.4 MiB)."""
+    process, and the admin commands and their HTTP client (httpx) would stay in its memory for nothing."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), "admin"])

@@ -285,8 +285,8 @@ class Fleet:
         if session is None or not self.registry.can_start(session, order.model, order.body):
             await msg.respond(REFUSED)
             return
-        # The reply before the job: sent after it, its flush waited behind the node's gRPC write (+0.6 ms p50 to
-        # the asking plane's first token, bench/cross_plane.py).
+        # The reply before the job: sent after it, its flush waited behind the node's gRPC write, which delayed
+        # the asking plane's first token (bench/cross_plane.py; the figure is in bench/README.md).
         await msg.respond(ACCEPTED)
         key = (order.origin, order.job_id)
         job = self.registry.start_now(session, order.model, order.endpoint, order.body, self._forwarder(key))

@@ -1,8 +1,8 @@
 """The engine: SQLite (WAL) by default, any SQLAlchemy URL otherwise, and the schema.
 
 Schema changes are alembic migrations (`migrations/versions`). Alembic, with mako and the DDL modules of every
-dialect, adds about 11 MiB to a process for as long as it runs, so the plane imports it only on a start that
-finds an older schema to upgrade:
+dialect, weighs much in a process's memory for as long as it runs (bench/README.md), so the plane imports it
+only on a start that finds an older schema to upgrade:
 
 - a database already at the newest revision costs one SELECT of `alembic_version`;
 - an empty database gets the models' tables (`create_all`) and is stamped with the newest revision, as alembic's
@@ -63,7 +63,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     # The page cache is per connection, 2 MiB by default, and the usage writer's fills all of it as the usage table
-    # grows. 512 KiB still holds a batch's pages: measured, the same insert time and 1.8 MiB less resident.
+    # grows. 512 KiB still holds a batch's pages at the same insert time, for less resident memory (bench/README.md).
     cursor.execute("PRAGMA cache_size=-512")
     cursor.close()
 

@@ -190,7 +190,7 @@ class ConfigWatcher:
                 self.reloads += 1
 
     async def _listen_loop(self, url: str) -> None:
-        # Imported here: a plane on SQLite never listens, and psycopg weighs about 9 MiB once imported.
+        # Imported here: a plane on SQLite never listens, and psycopg is a large import (bench/README.md).
         import psycopg
 
         delay = BACKOFF_FIRST_S
