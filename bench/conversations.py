@@ -1,6 +1,6 @@
 """Benchmark 6, a node's slots: conversations that interleave, cancels during a long prompt, and cold prompts.
 
-In-process on the agent's llama.cpp engine (agent/engine.py, SmolLM2, 2 slots of 2,048 tokens, 2 threads), in a
+In-process on the agent's llama.cpp engine (agent/engine/, SmolLM2, 2 slots of 2,048 tokens, 2 threads), in a
 child process per engine: llama.cpp in the runner's process could take the whole run down with it.
 
 1. Interleaved conversations: two conversations, each with its own ~400-token system message, take turns on the

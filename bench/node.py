@@ -325,7 +325,7 @@ class DirectModel:
         first = last = started
         pieces: list[str] = []
         # top_p, top_k, min_p and repeat_penalty are what the agent passes for a body that names none of them
-        # (agent/engine.py `_sampling`): greedy decoding ignores them, but the two calls stay identical.
+        # (agent/engine/requests.py `_sampling`): greedy decoding ignores them, but the two calls stay identical.
         stream = self.llama.create_completion(
             PROMPT,
             stream=True,

@@ -172,7 +172,7 @@ def stock_llama(engine: Engine, case: str, max_tokens: int) -> Run:
     engine builds for the case: the reference GrammarChain is compared with."""
     from llama_cpp.llama_grammar import LlamaGrammar
 
-    from agent.engine import _render_chat
+    from agent.engine.requests import _render_chat
 
     model = engine._models[LLAMA_MODEL]
     assert model.formatter is not None

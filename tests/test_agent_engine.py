@@ -183,7 +183,7 @@ async def test_jobs_one_after_another_run_on_one_thread(engine: Engine) -> None:
 
 
 def test_idle_worker_threads_end_but_the_last_one_to_go_idle() -> None:
-    from agent.engine import _Workers
+    from agent.engine.workers import _Workers
 
     def alive() -> int:
         return sum(thread.name.startswith("test-workers") for thread in threading.enumerate())
