@@ -43,7 +43,7 @@ _BILLED = and_(
 )
 
 
-def _group_column(group: str) -> ColumnElement[Any]:
+def group_column(group: str) -> ColumnElement[Any]:
     """The SQL for one grouping, labelled as it is shown: names for keys and orgs, "-" for no route or node."""
     if group == "model":
         model: ColumnElement[Any] = _record.model
@@ -77,7 +77,7 @@ def usage_report(
     unknown = [g for g in by if g not in GROUPS]
     if unknown:
         raise InvalidRequestError(f"cannot group by {', '.join(unknown)}; use {', '.join(GROUPS)}", param="by")
-    groups = [_group_column(g).label(f"g{i}") for i, g in enumerate(by)]
+    groups = [group_column(g).label(f"g{i}") for i, g in enumerate(by)]
     served = and_(_record.final, _record.status == 200)
     with Session(engine) as session:
         where = _filters(session, org_ref, since, key_ids)

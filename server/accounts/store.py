@@ -26,7 +26,7 @@ from server.storage.models import (
     iso,
     utcnow,
 )
-from server.storage.store import find_org
+from server.storage.store import find_org, org_dict
 
 # Enough to catch a typo or a name where an address belongs; whether mail arrives is not the plane's concern.
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,190}$")
@@ -404,13 +404,7 @@ class AccountStore:
             org.providers_may_enroll = allowed
             session.add(org)
             session.commit()
-            return {
-                "id": org.id,
-                "object": "org",
-                "name": org.name,
-                "providers_may_enroll": org.providers_may_enroll,
-                "created_at": iso(org.created_at),
-            }
+            return org_dict(org)
 
     def providers_may_enroll(self, org_id: str) -> bool:
         with Session(self.engine) as session:

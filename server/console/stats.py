@@ -38,6 +38,7 @@ from server.errors import InvalidRequestError, NotFoundError
 from server.failover import FailoverPolicy
 from server.limits import LIMIT_FIELDS
 from server.plane import PLANE, Plane
+from server.reports import group_column
 from server.routing import STRATEGIES
 from server.storage.models import ApiKey, UsageRecord
 
@@ -73,17 +74,6 @@ class Scope:
 
     org_id: str | None
     owner_account_id: str | None
-
-
-def _group_column(group: str) -> ColumnElement[Any]:
-    if group == "model":
-        model: ColumnElement[Any] = _record.model
-        return model
-    if group == "route":
-        return func.coalesce(func.nullif(_record.target, ""), "-")
-    if group == "key":
-        return func.coalesce(func.nullif(_key.name, ""), _key.prefix, _record.key_id)
-    return func.coalesce(func.nullif(_record.node_id, ""), "-")
 
 
 def _bin(column: Any) -> ColumnElement[Any]:
@@ -159,7 +149,7 @@ def _read(engine: Engine, scope: Scope, since: datetime, width: timedelta, count
         conditions.append(_key.owner_account_id == scope.owner_account_id)
     where = and_(*conditions)
     bucket = _bucket(since, width, count).label("bucket")
-    group = _group_column(by).label("grp")
+    group = group_column(by).label("grp")
     sums = (
         func.sum(case((_record.final, 1), else_=0)).label("requests"),
         func.sum(case((_SERVED, 1), else_=0)).label("served"),

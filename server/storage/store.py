@@ -99,6 +99,17 @@ def find_org(session: Session, ref: str) -> Org:
     return org
 
 
+def org_dict(org: Org) -> dict[str, Any]:
+    """An org as the admin API shows it."""
+    return {
+        "id": org.id,
+        "object": "org",
+        "name": org.name,
+        "providers_may_enroll": org.providers_may_enroll,
+        "created_at": iso(org.created_at),
+    }
+
+
 def find_provider(session: Session, ref: str, org_ref: str | None) -> tuple[Provider, Org]:
     """A provider by id or name (with its org); a name used in several orgs needs the org."""
     query = select(Provider, Org).join(Org).where((Provider.id == ref) | (Provider.name == ref))
@@ -183,11 +194,11 @@ class Store:
             org = Org(name=name)
             session.add(org)
             session.commit()
-            return self._org_dict(org)
+            return org_dict(org)
 
     def list_orgs(self) -> list[dict[str, Any]]:
         with Session(self.engine) as session:
-            return [self._org_dict(o) for o in session.exec(select(Org).order_by(col(Org.created_at)))]
+            return [org_dict(o) for o in session.exec(select(Org).order_by(col(Org.created_at)))]
 
     def ensure_org(self, name: str) -> dict[str, Any] | None:
         """Create the org unless it exists; returns the new org, or None when it was already there."""
@@ -197,17 +208,7 @@ class Store:
             org = Org(name=check_name(name, what="org name"))
             session.add(org)
             session.commit()
-            return self._org_dict(org)
-
-    @staticmethod
-    def _org_dict(org: Org) -> dict[str, Any]:
-        return {
-            "id": org.id,
-            "object": "org",
-            "name": org.name,
-            "providers_may_enroll": org.providers_may_enroll,
-            "created_at": iso(org.created_at),
-        }
+            return org_dict(org)
 
     # -- API keys ---------------------------------------------------------------------------------
 
