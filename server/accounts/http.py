@@ -58,6 +58,7 @@ from server.validation import bounded_number
 # The console's page that takes an invitation; the token rides in the fragment, which browsers never send to
 # a server (no access log, no Referer holds it).
 INVITATION_PAGE = "/console/accept"
+INVITATION_TOKEN_PREFIX = "hwi_"
 INVITATION_DEFAULT_TTL_S = 7 * 86400
 INVITATION_MAX_TTL_S = 90 * 86400
 NAME_MAX_CHARS = 200
@@ -339,7 +340,7 @@ async def create_invitation(request: web.Request) -> web.Response:
     role = _role(body)
     org_id = await _granted_org(request, principal, role, _org_ref(body))
     ttl = bounded_number(body, "ttl_s", 60, INVITATION_MAX_TTL_S) or INVITATION_DEFAULT_TTL_S
-    token = generate_key("hwi_")
+    token = generate_key(INVITATION_TOKEN_PREFIX)
     store = _accounts(request).store
     created = await mutate(
         request,
