@@ -274,17 +274,13 @@ async def update_provider(request: web.Request) -> web.Response:
         plane.store.update_provider,
         ref,
         org,
-        before=lambda: _find_provider(plane, ref, org),
+        before=lambda: plane.store.listed_provider(ref, org),
         policy=_policy(body),
         continuation=_continuation(body),
         egress=_egress(body),
         responses=_responses(body),
     )
     return web.json_response(provider)
-
-
-def _find_provider(plane: Plane, ref: str, org: str | None) -> dict[str, Any] | None:
-    return next((p for p in plane.store.list_providers(org) if ref in (p["id"], p["name"])), None)
 
 
 async def list_providers(request: web.Request) -> web.Response:
@@ -301,7 +297,7 @@ async def remove_provider(request: web.Request) -> web.Response:
         plane.store.remove_provider,
         ref,
         org,
-        before=lambda: _find_provider(plane, ref, org),
+        before=lambda: plane.store.listed_provider(ref, org),
     )
     return web.json_response(removed)
 

@@ -25,14 +25,12 @@ async def mutate(
     fn: Callable[..., T],
     *args: Any,
     before: Callable[[], Any] | None = None,
-    actor: str | None = None,
     **kwargs: Any,
 ) -> T:
-    """Run an admin change, write its audit entry, and rebuild the snapshot, all under the admin lock. The actor
-    is the request's principal's, unless given (a sign-up by invitation has no principal yet)."""
+    """Run an admin change, write its audit entry with the request principal's actor, and rebuild the snapshot,
+    all under the admin lock."""
     plane = request.app[PLANE]
-    if actor is None:
-        actor = (await admin_principal(request)).actor
+    actor = (await admin_principal(request)).actor
 
     def change() -> T:
         previous = before() if before is not None else None

@@ -32,8 +32,7 @@ async def test_provider(request: web.Request) -> web.Response:
     principal.require("providers.write")  # before any lookup: a role without it learns nothing of providers
     # A name is looked up in the caller's own org unless it names one (provider names are unique per org only).
     ref, org_ref = request.match_info["ref"], request.query.get("org") or principal.org_scope
-    providers = await asyncio.to_thread(plane.store.list_providers, org_ref)
-    provider = next((p for p in providers if ref in (p["id"], p["name"])), None)
+    provider = await asyncio.to_thread(plane.store.listed_provider, ref, org_ref)
     if provider is None:
         raise NotFoundError(f"no provider {ref!r}")
     principal.require("providers.write", org_id=provider["org_id"])

@@ -399,6 +399,10 @@ class Store:
                 query = query.where(Provider.org_id == find_org(session, org_ref).id)
             return [self._provider_dict(session, p, o) for p, o in session.exec(query)]
 
+    def listed_provider(self, ref: str, org_ref: str | None = None) -> dict[str, Any] | None:
+        """The first listed provider whose id or name is `ref` (in `org_ref` when given), as the listing shows it."""
+        return next((p for p in self.list_providers(org_ref) if ref in (p["id"], p["name"])), None)
+
     def remove_provider(self, ref: str, org_ref: str | None = None) -> dict[str, Any]:
         with Session(self.engine) as session:
             provider, org = find_provider(session, ref, org_ref)
