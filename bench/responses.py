@@ -6,7 +6,7 @@ through /v1/chat/completions, in process, on the answers the gateway benchmark's
     python bench/responses.py [--rounds N] [--requests N]
 
 Per request, whole answer:
-    chat       validate the body; parse the answer; meter it (server.metering.Delivery)
+    chat       validate the body; parse the answer; meter it (server.usage.metering.Delivery)
     responses  validate the body (schema, stateless rules); make its chat form (server.responses.dialect);
                parse the chat answer, build the Response, serialise it; parse it again and meter it through its
                chat view (what server.relay does with every answer)
@@ -33,12 +33,12 @@ import orjson
 from upstream import UPSTREAM_MODEL, chat_json, chat_sse
 
 from server import sse
-from server.metering import Delivery
+from server.api.validation import validate_chat
 from server.responses.answer import from_chat
 from server.responses.dialect import ResponsesDialect
 from server.responses.request import validate_responses
 from server.responses.stream import Translator
-from server.validation import validate_chat
+from server.usage.metering import Delivery
 
 CHAT_BODY: dict[str, Any] = {
     "model": UPSTREAM_MODEL,

@@ -1,4 +1,4 @@
-"""What the usage spool (server.spool) costs per request, and what it saves:
+"""What the usage spool (server.usage.spool) costs per request, and what it saves:
 `python bench/spool.py [--requests N] [--kill-rounds R]`.
 
 1. On the event loop: `UsageWriter.record` with the spool (one JSON line, one write(2)) against without, per row.
@@ -32,10 +32,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from server.metrics import Metrics  # noqa: E402
-from server.spool import UsageSpool  # noqa: E402
 from server.storage.db import make_engine  # noqa: E402
 from server.storage.models import UsageRecord  # noqa: E402
-from server.usage import UsageWriter  # noqa: E402
+from server.usage.spool import UsageSpool  # noqa: E402
+from server.usage.writer import UsageWriter  # noqa: E402
 from tests.plane_process import PlaneProcess  # noqa: E402
 from tests.test_shutdown_accounting import configure  # noqa: E402
 from tests.test_usage_spool import STREAMS, stream_loop  # noqa: E402

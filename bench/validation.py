@@ -23,11 +23,11 @@ from typing import Any
 
 import orjson
 
-from server import validation
-from server.schema import RequestSchema
+from server.api import validation
+from server.api.schema import RequestSchema
 
 ROOT = Path(__file__).resolve().parent.parent
-# main when issue 15 was filed: server/validation.py there is the hand-written validator.
+# main when issue 15 was filed: server/api/validation.py there is the hand-written validator.
 OLD_COMMIT = "0f51e95"
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer briefly and cite no sources."}
@@ -83,10 +83,10 @@ BODIES: dict[str, tuple[str, dict[str, Any]]] = {
 
 def old_validator() -> types.ModuleType:
     source = subprocess.run(
-        ["git", "show", f"{OLD_COMMIT}:server/validation.py"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["git", "show", f"{OLD_COMMIT}:server/api/validation.py"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
     module = types.ModuleType("old_validation")
-    exec(compile(source, f"{OLD_COMMIT}:server/validation.py", "exec"), module.__dict__)
+    exec(compile(source, f"{OLD_COMMIT}:server/api/validation.py", "exec"), module.__dict__)
     return module
 
 

@@ -31,7 +31,7 @@ from suite import Suite
 CONTENDERS = {"1 worker": 1, "2 workers": 2}
 CONCURRENCY = (32, 128)
 NATS_URL = "nats://127.0.0.1:4222"
-# Workers on SQLite see a change made through another worker at their next reload, each second (server.workers).
+# Workers on SQLite see a change made through another worker at their next reload, each second (server.serving.workers).
 RELOAD_WAIT_S = 2.0
 # The CPUs this run may use, read before bench/run.py pins itself to the load CPU.
 EVERY_CPU = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from server.credentials import hash_key
-from server.failover import FailoverPolicy
-from server.hedge import parse_hedge
+from server.routing.failover import FailoverPolicy
+from server.routing.hedge import parse_hedge
 
 # How a setting holding a token's hash rather than the token says so (metrics_token).
 TOKEN_HASH_PREFIX = "sha256:"
@@ -257,7 +257,7 @@ class Config:
     config_file: Path | None = None
 
     def __post_init__(self) -> None:
-        # Only the metrics token's hash is kept, which is all server.ops compares: the token itself is in no
+        # Only the metrics token's hash is kept, which is all server.api.ops compares: the token itself is in no
         # dump of the config nor of the process. An operator may give the hash in the first place.
         if self.metrics_token and not self.metrics_token.startswith(TOKEN_HASH_PREFIX):
             object.__setattr__(self, "metrics_token", TOKEN_HASH_PREFIX + hash_key(self.metrics_token))

@@ -150,7 +150,7 @@ class ServiceUnavailableError(HatchwayError):
 
 
 class UpstreamError(HatchwayError):
-    """A target failed to serve; `server.failover.decide` tells what the attempt loop does next.
+    """A target failed to serve; `server.routing.failover.decide` tells what the attempt loop does next.
 
     `message` is for the tenant; `detail` (the message when not given) for the operator's log, where `str(exc)`
     puts it. Both are masked (server.redact) and bounded, whoever built them.
@@ -198,7 +198,8 @@ class UpstreamProtocolError(UpstreamError):
 class UpstreamConfigError(UpstreamError):
     """The plane cannot even send the request as its settings for the target say (a base URL the client cannot
     use, an API key that cannot be a header): the operator's mistake, found before anything reached the target,
-    so it says nothing about the target's health (server.health.is_target_fault) and the next target is tried."""
+    so it says nothing about the target's health (server.routing.health.is_target_fault) and the next target is
+    tried."""
 
     status = 500
     code = "upstream_misconfigured"

@@ -13,28 +13,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
-from aiohttp import web
 from sqlalchemy import Engine
 
 from proto.contract import NODE_MESSAGE_MAX_BYTES, PLANE_MESSAGE_MAX_BYTES, keepalive_options
 from proto.hatchway.node.v1 import node_pb2_grpc
-from server.audit import AuditLog
-from server.cache import AnswerCache, ResponseCache
-from server.catalog import Catalog
 from server.config import Config
 from server.credentials import Vault
-from server.declarative import apply_declared
-from server.health import Health
-from server.limits import Limiter, key_scope, new_quotas, org_scope
 from server.metrics import Metrics
 from server.nodes.registry import NodeRegistry
 from server.nodes.service import NodeService
 from server.nodes.tls import load_or_create, load_provided
-from server.overload import LoadShedder
+from server.policy.cache import AnswerCache, ResponseCache
+from server.policy.changes import Changes
+from server.policy.declarative import apply_declared
+from server.policy.limits import Limiter, key_scope, new_quotas, org_scope
+from server.policy.snapshot import Snapshot, SnapshotHolder
 from server.relay import Relay
-from server.routing import Router
-from server.snapshot import Snapshot, SnapshotHolder
-from server.spool import SPOOL_DIR, UsageSpool
+from server.routing.catalog import Catalog
+from server.routing.health import Health
+from server.routing.rules import Router
+from server.serving.overload import LoadShedder
+from server.storage.audit import AuditLog
 from server.storage.db import make_engine, migrate, startup_lock
 from server.storage.nodes import NodeStore
 from server.storage.notify import ConfigWatcher, announce_changes, listen_url
@@ -43,7 +42,8 @@ from server.storage.probe import Probe, StorageProbe
 from server.storage.store import Store
 from server.targets.node import pool_key
 from server.targets.provider import UpstreamPool
-from server.usage import UsageWriter
+from server.usage.spool import SPOOL_DIR, UsageSpool
+from server.usage.writer import UsageWriter
 
 if TYPE_CHECKING:
     from server.fleet.broker import Fleet
@@ -60,7 +60,7 @@ ADMIN_KEY_SETTING = "admin-key-setting"
 class Plane:
     """Parameters: `config`, and optionally an `engine` (tests pass one to watch its statements)."""
 
-    # Whether the node service's port is shared with other processes (server.workers sets it for its workers).
+    # Whether the node service's port is shared with other processes (server.serving.workers sets it for its workers).
     reuse_port = False
 
     def __init__(self, config: Config, engine: Engine | None = None) -> None:
@@ -136,8 +136,7 @@ class Plane:
         )
         self.grpc_server: grpc.aio.Server | None = None
         self.grpc_port = 0
-        # Admin mutations are serialised so each snapshot rebuild sees every earlier commit.
-        self.admin_lock = asyncio.Lock()
+        self.changes = Changes(self.audit, self.snapshots)
         # Set on the first start when no admin key existed: shown once, never stored in clear.
         self.generated_admin_key: str | None = None
 
@@ -195,7 +194,7 @@ class Plane:
         return Catalog(self.snapshots.current, self.registry, self.node_policy)
 
     def recover_usage(self) -> None:
-        """Open this process's usage spool and insert what dead processes' spools hold (server.spool)."""
+        """Open this process's usage spool and insert what dead processes' spools hold (server.usage.spool)."""
         if self.usage.spool is not None:
             self.usage.spool.open()
             self.usage.replay()
@@ -261,7 +260,8 @@ class Plane:
                 ("grpc.http2.min_ping_interval_without_data_ms", NODE_MIN_PING_INTERVAL_MS),
                 ("grpc.http2.max_ping_strikes", 2),
                 # No second process may share the port (gRPC's default on Linux): agents would be split between
-                # two planes. Only the workers of one gateway (server.workers) share it, as they share the HTTP port.
+                # two planes. Only the workers of one gateway (server.serving.workers) share it, as they share the
+                # HTTP port.
                 ("grpc.so_reuseport", int(self.reuse_port)),
                 # Explicit caps both ways (proto/contract.py says why these sizes): a message over the receive cap
                 # ends its stream with RESOURCE_EXHAUSTED before the plane parses it.
@@ -303,6 +303,3 @@ class Plane:
         await self.pool.close()
         self.engine.dispose()
         log.info("plane stopped: %r", self.usage)
-
-
-PLANE = web.AppKey("plane", Plane)

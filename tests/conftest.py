@@ -21,7 +21,7 @@ import redis
 
 from server.cli.client import AdminClient
 from server.config import Config
-from server.serve import Server
+from server.serving.serve import Server
 from tests.loop_thread import LoopThread
 from tests.mock_upstream import MockUpstream
 

@@ -29,7 +29,7 @@ from agent.idle import OwnerLoad
 from proto.contract import enrollment_token_planes, join_enrollment_token, split_enrollment_token
 from server.cli import cli
 from server.config import Config
-from server.serve import Server
+from server.serving.serve import Server
 from tests.agent_process import DEMO_MODEL, AgentProcess, agent_cli, describe
 from tests.conftest import ADMIN_KEY, RunningPlane
 from tests.gateway_planes import GatewayPlane, chat, share_node_certificate

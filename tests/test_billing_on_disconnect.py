@@ -1,6 +1,6 @@
 """Every token that left is billed: a client that hangs up mid-answer (or just before `[DONE]`) pays for what was
 generated for it, by the upstream's or node's own count when it arrives, else by the plane's estimate of the
-delivered text (server.metering.delivered_tokens), and its limits, quotas and the node's earnings settle on it.
+delivered text (server.usage.metering.delivered_tokens), and its limits, quotas and the node's earnings settle on it.
 
 Real plane, real sockets: the fault-injecting upstream (tests/mock_upstream.py), a scripted node that streams
 until it is cancelled and then reports its count (below), and the real agent with SmolLM2."""
@@ -22,8 +22,8 @@ import pytest
 
 from proto.hatchway.node.v1 import node_pb2 as pb
 from server.config import Config
-from server.limits import estimate_tokens
-from server.metering import BYTES_PER_TOKEN
+from server.policy.limits import estimate_tokens
+from server.usage.metering import BYTES_PER_TOKEN
 from tests.agent_process import DEMO_MODEL, AgentProcess, describe
 from tests.conftest import MODEL, Gateway, RunningPlane, abandon_request, usage_report
 from tests.hostile_node_usage import LyingNode
@@ -57,7 +57,7 @@ def final_rows(plane: RunningPlane, count: int, timeout_s: float = 15) -> list[d
 
 
 def estimate(text: str, chunks: int) -> int:
-    """The plane's estimate for delivered text that no usage came for (server.metering.delivered_tokens)."""
+    """The plane's estimate for delivered text that no usage came for (server.usage.metering.delivered_tokens)."""
     return max(chunks, math.ceil(len(text.encode()) / BYTES_PER_TOKEN))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from server.config import Config
-from server.health import Breaker, BreakerState
+from server.routing.health import Breaker, BreakerState
 from server.targets.node import pool_key
 from tests.agent_process import DEMO_MODEL
 from tests.conftest import MODEL, RunningPlane, abandon_request

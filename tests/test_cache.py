@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.cache import CachePolicy, Directives, ResponseCache, StreamAssembler, replay_chunks
+from server.policy.cache import CachePolicy, Directives, ResponseCache, StreamAssembler, replay_chunks
 from tests.conftest import MODEL, Gateway, RunningPlane, usage_report
 from tests.mock_upstream import MockUpstream
 from tests.test_limits import FrozenClock, live_usage, plane_of, set_limits

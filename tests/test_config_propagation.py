@@ -21,7 +21,7 @@ import pytest
 
 from server.cli.client import AdminClient
 from server.config import Config
-from server.serve import Server
+from server.serving.serve import Server
 from tests.conftest import ADMIN_KEY, MODEL, RunningPlane
 from tests.hostile_agent import HostileAgent, Session, hello
 from tests.loop_thread import LoopThread

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from server.metrics import Metrics
 from server.nodes.registry import NodeRegistry
-from server.overload import LoadShedder
+from server.serving.overload import LoadShedder
 
 DOC = Path(__file__).parent.parent / "docs" / "operations.md"
 

@@ -11,9 +11,9 @@ from server.errors import (
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
-from server.failover import FailoverPolicy, Move, decide, retry_after_seconds, validate_overrides
-from server.health import Breaker, BreakerState
-from server.rescue import Continuation, ContinuationMismatch
+from server.routing.continuation import Continuation, ContinuationMismatch
+from server.routing.failover import FailoverPolicy, Move, decide, retry_after_seconds, validate_overrides
+from server.routing.health import Breaker, BreakerState
 
 POLICY = FailoverPolicy()
 

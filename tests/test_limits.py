@@ -17,8 +17,8 @@ from click.testing import CliRunner, Result
 from server.cli import cli
 from server.cli.client import AdminAPIError
 from server.credentials import DISPLAY_PREFIX_LEN
-from server.limits import estimate_tokens
 from server.plane import Plane
+from server.policy.limits import estimate_tokens
 from tests.conftest import ADMIN_KEY, MODEL, Gateway, abandon_request, usage_report
 
 DAY_S = 86_400.0

@@ -1,14 +1,12 @@
 """Generation speed measured on a node's own jobs: the agent's average (agent.speed, a real llama.cpp job), and the
 plane's use of it: kept bounded from Status, shown by the admin API and /metrics, carried to other planes, used to
-prefer the faster of two free nodes and to order node pools under `fastest` (server.routing)."""
+prefer the faster of two free nodes and to order node pools under `fastest` (server.routing.rules)."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 from collections.abc import Iterator
-from types import SimpleNamespace
-from typing import Any, cast
 
 import pytest
 
@@ -18,15 +16,15 @@ from agent.engine import End, Engine, Job
 from agent.models import ModelConfig
 from agent.speed import MIN_TOKENS, SpeedMeter
 from proto.hatchway.node.v1 import node_pb2 as pb
-from server.admin_api import _with_live_state
-from server.failover import FailoverPolicy
+from server.api.admin_api import _with_live_state
 from server.fleet.remote import RemoteSession
 from server.fleet.wire import describe
-from server.health import Health
 from server.metrics import NodeCollector
 from server.nodes.bounds import MAX_TOKENS_PER_S, check_status
 from server.nodes.registry import NodeRegistry, NodeSession
-from server.routing import NOMINAL_ANSWER_TOKENS, Router, RouteRule
+from server.routing.failover import FailoverPolicy
+from server.routing.health import Health
+from server.routing.rules import NOMINAL_ANSWER_TOKENS, Router, RouteRule
 from server.targets.node import NodePoolTarget
 from tests.test_agent_engine import MODEL as SMOLLM2
 
@@ -142,8 +140,7 @@ def test_the_admin_view_and_metrics_show_the_measured_speed() -> None:
     node = session("n1")
     nodes = registry(node)
     measured(nodes, node, 1, 42.5)
-    plane = cast(Any, SimpleNamespace(registry=nodes))
-    shown = _with_live_state(plane, {"id": "n1", "revoked_at": None})
+    shown = _with_live_state(nodes, {"id": "n1", "revoked_at": None})
     assert shown["models"][0]["tokens_per_s"] == 42.5 and shown["models"][0]["jobs_measured"] == 3
     families = {family.name: family for family in NodeCollector(nodes).collect()}
     (sample,) = families["hatchway_node_tokens_per_second"].samples

@@ -1,4 +1,4 @@
-"""The bounds a usage claim is held to (server.metering), one rule each."""
+"""The bounds a usage claim is held to (server.usage.metering), one rule each."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from server.metering import (
+from server.nodes.bounds import MAX_PRICE
+from server.targets.node import bounded_price
+from server.usage.metering import (
     CHOICE_SLACK_TOKENS,
     IMAGE_TOKENS,
     PLANE_MAX_COMPLETION_TOKENS,
@@ -17,8 +19,6 @@ from server.metering import (
     Meter,
     MeteredRequest,
 )
-from server.nodes.bounds import MAX_PRICE
-from server.targets.node import bounded_price
 
 CHAT = "chat/completions"
 

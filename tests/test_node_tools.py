@@ -22,7 +22,7 @@ from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
 
 from proto.hatchway.node.v1 import node_pb2 as pb
-from server.rescue import StreamProgress, can_rescue
+from server.routing.continuation import StreamProgress, can_rescue
 from server.targets.node import tool_call_delta
 from tests.agent_process import DEMO_MODEL
 from tests.conftest import RunningPlane
@@ -168,7 +168,7 @@ def test_pydantic_ai_agent_gets_its_output_through_a_tool_call(nodes: Nodes) -> 
 
 
 def test_a_stream_that_sent_call_fragments_is_not_rescued_but_one_of_text_is() -> None:
-    # server.rescue continues text exactly (prefill); a call's fragments cannot be continued that way.
+    # server.routing.continuation continues text exactly (prefill); a call's fragments cannot be continued that way.
     first = pb.ToolCallDelta(index=0, id="call_x", name="get_time", arguments="")
     calling, texting = StreamProgress(chat=True), StreamProgress(chat=True)
     assert calling.observe({"choices": [{"index": 0, "delta": tool_call_delta(first, legacy=False)}]})

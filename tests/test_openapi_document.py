@@ -11,9 +11,9 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from openapi_spec_validator import validate
 
+from server.api.schema import COMPONENTS
 from server.openapi import document
 from server.openapi.reference import CONTENT_SECURITY_POLICY
-from server.schema import COMPONENTS
 from tests.conftest import RunningPlane
 
 METHODS = ("get", "post", "put", "patch", "delete")

@@ -13,7 +13,7 @@ import pytest
 
 from server.config import Config
 from server.errors import ServiceUnavailableError
-from server.overload import LoadShedder
+from server.serving.overload import LoadShedder
 from tests.conftest import ADMIN_KEY, MODEL, Gateway
 
 # /metrics takes the admin key.

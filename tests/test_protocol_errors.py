@@ -1,5 +1,5 @@
-"""Requests aiohttp cannot parse, sent as raw bytes: each is answered in the OpenAI envelope (server/connections.py),
-and the connection is closed after it."""
+"""Requests aiohttp cannot parse, sent as raw bytes: each is answered in the OpenAI envelope
+(server/serving/connections.py), and the connection is closed after it."""
 
 from __future__ import annotations
 

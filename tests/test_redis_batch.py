@@ -16,9 +16,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from server.cache import CachePolicy, Directives
 from server.errors import ServiceUnavailableError
-from server.limits import Estimate, Limits
+from server.policy.cache import CachePolicy, Directives
+from server.policy.limits import Estimate, Limits
 from server.shared.batch import batcher_for
 from server.shared.redis_cache import RedisCache
 from server.shared.redis_limits import Script, SharedLimiter

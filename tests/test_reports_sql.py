@@ -1,4 +1,4 @@
-"""Usage reports aggregate in the database (server.reports) and still say exactly what they said when every row
+"""Usage reports aggregate in the database (server.usage.reports) and still say exactly what they said when every row
 was loaded into Python: counts, sums, unpriced groups, and latency percentiles as `statistics.quantiles`
 computes them. On SQLite and on the local PostgreSQL."""
 
@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from server.reports import earnings_report, usage_report
 from server.storage.db import make_engine, migrate
 from server.storage.models import ApiKey, Node, Org, UsageRecord
+from server.usage.reports import earnings_report, usage_report
 from tests.test_postgres import scratch_database
 
 DAY = datetime(2025, 3, 1, 12, tzinfo=UTC)

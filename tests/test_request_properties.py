@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from server.validation import MAX_JSON_DEPTH
+from server.api.validation import MAX_JSON_DEPTH
 from tests.conftest import ADMIN_KEY, MODEL, Gateway
 
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "server" / "openapi" / "openai-requests.json"

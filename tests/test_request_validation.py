@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
+from server.api.validation import MAX_JSON_DEPTH
 from server.config import Config
-from server.validation import MAX_JSON_DEPTH
 from tests.conftest import ADMIN_KEY, MODEL, Gateway, RunningPlane
 from tests.test_error_shape import assert_envelope
 

@@ -3,7 +3,7 @@
 The primary (`alpha`) cuts its stream after "Hello", " from"; the fallback (`beta`) answers "Hello from beta" in
 whatever way its server treats a continuation request: it ignores a prefill and answers anew (OpenAI's API), it
 continues the prefill (llama.cpp's server), it refuses it with a 400, or it continues only with vLLM's flags. Each
-provider's `continuation` setting says which form the plane uses (server.rescue).
+provider's `continuation` setting says which form the plane uses (server.routing.continuation).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import pytest
 from alembic.command import upgrade as alembic_upgrade
 from sqlalchemy import text
 
-from server.audit import AuditLog
 from server.cli.client import AdminAPIError
 from server.config import Config
-from server.declarative import apply_declared
-from server.rescue import Continuation, ContinuationMismatch
+from server.policy.declarative import apply_declared
+from server.routing.continuation import Continuation, ContinuationMismatch
+from server.storage.audit import AuditLog
 from server.storage.db import make_engine
 from tests.conftest import MODEL, RunningPlane
 from tests.mock_upstream import Fault, MockUpstream

@@ -20,15 +20,15 @@ from openai.types.responses import FunctionToolParam, Response
 from pydantic import BaseModel
 from sqlmodel import Session, col, select
 
-from server.audit import AuditLog
 from server.cli import cli
 from server.cli.client import AdminAPIError
 from server.config import Config
-from server.declarative import apply_declared
 from server.errors import UpstreamProtocolError
+from server.policy.declarative import apply_declared
 from server.responses import answer
 from server.responses.request import to_chat
 from server.responses.stream import Translator, replay
+from server.storage.audit import AuditLog
 from server.storage.models import UsageRecord
 from tests.agent_process import DEMO_MODEL
 from tests.conftest import ADMIN_KEY, MODEL, RunningPlane, eventually

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from server import admin_api
 from server.accounts import http as accounts_http
 from server.accounts.roles import ROLES
+from server.api import admin_api
 from tests.conftest import MODEL, Gateway, RunningPlane
 from tests.hostile_agent import HostileAgent
 from tests.loop_thread import LoopThread

@@ -9,9 +9,9 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from server.failover import FailoverPolicy
-from server.health import Health
-from server.routing import Router, RouteRule, find_rule, parse_targets
+from server.routing.failover import FailoverPolicy
+from server.routing.health import Health
+from server.routing.rules import Router, RouteRule, find_rule, parse_targets
 from server.targets.provider import ProviderTarget, UpstreamPool
 from tests.conftest import MODEL, RunningPlane
 from tests.mock_upstream import MockUpstream

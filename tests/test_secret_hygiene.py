@@ -1,5 +1,5 @@
 """Secrets and internals stay inside: what a malformed request makes the plane log, and what a tenant learns of an
-upstream's failure (server/connections.py, server/errors.py, server/redact.py)."""
+upstream's failure (server/serving/connections.py, server/errors.py, server/redact.py)."""
 
 from __future__ import annotations
 

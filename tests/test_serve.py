@@ -108,7 +108,7 @@ def test_bad_config_file_fails_with_a_message(tmp_path: Path) -> None:
 STARTUP_MODULES = """
 import sys
 from pathlib import Path
-import server.cli, server.serve
+import server.cli, server.serving.serve
 from server.config import Config
 from server.plane import Plane
 plane = Plane(Config.load(overrides={"data_dir": Path(sys.argv[1])}))

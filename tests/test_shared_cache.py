@@ -20,7 +20,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from server.cache import CachePolicy, Directives, entry_size, request_key
+from server.policy.cache import CachePolicy, Directives, entry_size, request_key
 from server.shared.redis_cache import RedisCache
 from tests.conftest import REDIS, Planes, PrivateRedis, RunningPlane, eventually
 from tests.mock_upstream import MockUpstream

@@ -21,7 +21,7 @@ import pytest
 
 from server.config import Config
 from server.errors import RateLimitError
-from server.limits import Estimate, Limits, estimate_tokens
+from server.policy.limits import Estimate, Limits, estimate_tokens
 from server.shared.redis_limits import SharedLimiter
 from tests.conftest import MODEL, REDIS, Planes, PrivateRedis, RunningPlane, eventually, free_port, usage_report
 from tests.mock_upstream import MockUpstream

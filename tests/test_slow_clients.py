@@ -1,5 +1,5 @@
-"""Slow clients and half-sent requests (server/connections.py, server/acceptor.py): read timeouts for the head
-and the body, the keep-alive timeout, and the cap on connections per client address. Short timeouts here;
+"""Slow clients and half-sent requests (server/serving/connections.py, server/serving/acceptor.py): read timeouts for
+the head and the body, the keep-alive timeout, and the cap on connections per client address. Short timeouts here;
 the bounds the tests assert are generous multiples of them."""
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import pytest
 
 from proto.hatchway.node.v1 import node_pb2 as pb
 from server.config import Config
-from server.failover import FailoverPolicy
-from server.pace import Pace
+from server.routing.failover import FailoverPolicy
+from server.routing.pace import Pace
 from tests.conftest import MODEL, RunningPlane
 from tests.hostile_agent import HostileAgent, Session, hello, model
 from tests.loop_thread import LoopThread

@@ -19,7 +19,7 @@ from server.errors import (
     UpstreamRefusedError,
     UpstreamTimeoutError,
 )
-from server.health import is_target_fault
+from server.routing.health import is_target_fault
 from server.targets.http import (
     BodyTooLargeError,
     ConnectError,

@@ -1,4 +1,4 @@
-"""Usage a target reports is a claim: the plane bills it only within bounds it computes itself (server.metering).
+"""Usage a target reports is a claim: the plane bills it only within bounds it computes itself (server.usage.metering).
 
 From outside: a real plane, a lying upstream (tests/mock_upstream.py `forged_usage`) and a lying node
 (tests/hostile_node_usage.py) on loopback sockets; what the client is charged, what the usage table and the
@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from server.metering import CHOICE_SLACK_TOKENS, PROMPT_SLACK_TOKENS
+from server.usage.metering import CHOICE_SLACK_TOKENS, PROMPT_SLACK_TOKENS
 from tests.conftest import ADMIN_KEY, MODEL, Gateway, RunningPlane, usage_report
 from tests.hostile_node_usage import LyingNode
 from tests.mock_upstream import MockUpstream

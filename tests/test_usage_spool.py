@@ -1,4 +1,4 @@
-"""The usage spool (server.spool): a usage row is on disk before its request completes, leaves the disk once it
+"""The usage spool (server.usage.spool): a usage row is on disk before its request completes, leaves the disk once it
 is in the database, and a plane killed with rows on disk has them inserted, once each, at its next start."""
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from sqlalchemy import create_engine, text
 from sqlmodel import Session, col, select
 
 from server.metrics import Metrics
-from server.spool import SEGMENT_SUFFIX, UsageSpool, read_segment
 from server.storage.db import make_engine, migrate
 from server.storage.models import UsageRecord
-from server.usage import UsageWriter
+from server.usage.spool import SEGMENT_SUFFIX, UsageSpool, read_segment
+from server.usage.writer import UsageWriter
 from tests.conftest import MODEL
 from tests.plane_process import PlaneProcess
 from tests.test_postgres import scratch_database

@@ -17,7 +17,7 @@ from sqlmodel import Session, create_engine, select
 from server.metrics import Metrics
 from server.storage.db import make_engine, migrate
 from server.storage.models import UsageRecord, utcnow
-from server.usage import RETRY_DELAY_S, UsageWriter
+from server.usage.writer import RETRY_DELAY_S, UsageWriter
 from tests.conftest import RunningPlane
 
 
@@ -65,7 +65,7 @@ def test_a_row_the_database_refuses_is_dropped_alone_counted_and_logged_once(
     plane: RunningPlane, caplog: pytest.LogCaptureFixture
 ) -> None:
     writer = plane.server.plane.usage
-    # Past the clamp (server.metering), straight onto the writer: 2^64-1 does not fit SQLite's INTEGER.
+    # Past the clamp (server.usage.metering), straight onto the writer: 2^64-1 does not fit SQLite's INTEGER.
     rows = [row(f"good-{i}") for i in range(10)] + [row("bad", completion_tokens=2**64 - 1)]
     rows += [row(f"good-{i}") for i in range(10, 20)]
 
@@ -73,7 +73,7 @@ def test_a_row_the_database_refuses_is_dropped_alone_counted_and_logged_once(
         for each in rows:  # in one go on the plane's loop: one batch
             writer.record(each)
 
-    with caplog.at_level(logging.ERROR, logger="server.usage"):
+    with caplog.at_level(logging.ERROR, logger="server.usage.writer"):
         plane.loop_thread.run(record_all())
         assert stored(plane, 20) == 20
         plane.loop_thread.run(writer.flush())
@@ -81,7 +81,7 @@ def test_a_row_the_database_refuses_is_dropped_alone_counted_and_logged_once(
         ids = set(session.exec(select(UsageRecord.request_id)))
     assert ids == {f"good-{i}" for i in range(20)}
     assert (writer.rows_written, writer.rows_dropped) == (20, 1)
-    lines = [r.getMessage() for r in caplog.records if r.name == "server.usage"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "server.usage.writer"]
     assert len(lines) == 1 and "refused 1 of 21 rows" in lines[0] and "bad" in lines[0] and len(lines[0]) < 600
 
 
@@ -140,12 +140,12 @@ async def test_a_batch_the_database_refuses_twice_is_dropped_counted_and_logged(
     locker.execute("BEGIN IMMEDIATE")
     for i in range(3):
         writer.record(row(f"r-{i}"))
-    with caplog.at_level(logging.ERROR, logger="server.usage"):
+    with caplog.at_level(logging.ERROR, logger="server.usage.writer"):
         await writer.flush()
     locker.rollback()
     locker.close()
     assert (writer.rows_written, writer.rows_dropped, count(database)) == (0, 3, 0)
     assert writer.metrics.registry.get_sample_value("hatchway_usage_rows_dropped_total") == 3
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "server.usage"]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "server.usage.writer"]
     assert "dropped 3 rows" in line and "locked" in line
     writer.engine.dispose()

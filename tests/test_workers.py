@@ -1,4 +1,4 @@
-"""`hatchway serve --workers N`: several plane processes on one port, supervised (server.workers).
+"""`hatchway serve --workers N`: several plane processes on one port, supervised (server.serving.workers).
 
 Real processes on loopback. Which worker answered a request is read from the kernel, not from the plane: the
 process holding the server end of the request's connection (psutil), while the client keeps it open.
@@ -26,7 +26,7 @@ from click.testing import CliRunner, Result
 
 from server.cli import STARTUP_FAILURE, cli
 from server.config import Config, ConfigError
-from server.workers import worker_count
+from server.serving.workers import worker_count
 from tests.conftest import MODEL
 from tests.mock_upstream import MockUpstream
 from tests.plane_process import PlaneProcess

@@ -20,7 +20,7 @@ from server.accounts.principal import Principal, admin_principal
 
 def add_routes(app: web.Application) -> None:
     """Register /auth/* and the accounts' /admin/v1 endpoints (imported here: server.accounts.http needs
-    server.openai_api, which needs this package for the playground's session credential)."""
+    server.api.openai_api, which needs this package for the playground's session credential)."""
     from server.accounts.http import add_routes as register
 
     register(app)

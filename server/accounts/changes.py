@@ -1,20 +1,20 @@
-"""How every admin change is made: in a worker thread, audited with the principal's actor, then made live.
+"""An admin change made by a request: `Changes.apply` (server.policy.changes) with the request principal's actor.
 
-One function for the admin API's handlers (server.admin_api) and the accounts' own (server.accounts.http), so
+One function for the admin API's handlers (server.api.admin_api) and the accounts' own (server.accounts.http), so
 that every change, whoever makes it and through whichever endpoint, lands in the audit log the same way.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
 
 from server.accounts.principal import admin_principal
-from server.middleware import REQUEST_ID
-from server.plane import PLANE
+from server.api.middleware import REQUEST_ID
+from server.api.resources import CHANGES
+from server.policy.changes import Entry
 
 T = TypeVar("T")
 
@@ -28,22 +28,18 @@ async def mutate(
     **kwargs: Any,
 ) -> T:
     """Run an admin change, write its audit entry with the request principal's actor, and rebuild the snapshot,
-    all under the admin lock."""
-    plane = request.app[PLANE]
+    all under the admin lock. `before` reads the object as it was, in the same thread, just before the change."""
     actor = (await admin_principal(request)).actor
 
-    def change() -> T:
+    def change() -> tuple[Any, T]:
         previous = before() if before is not None else None
-        result = fn(*args, **kwargs)
+        return previous, fn(*args, **kwargs)
+
+    def entry(outcome: tuple[Any, T]) -> Entry:
+        previous, result = outcome
         subject = result if isinstance(result, dict) else previous if isinstance(previous, dict) else {}
         target = str(subject.get("id") or subject.get("name") or "")
-        after = None if action.endswith(".remove") else result
-        plane.audit.append(
-            actor=actor, action=action, target=target, before=previous, after=after, request_id=request[REQUEST_ID]
-        )
-        return result
+        return Entry(actor, action, target, previous, None if action.endswith(".remove") else result)
 
-    async with plane.admin_lock:
-        result = await asyncio.to_thread(change)
-        await plane.snapshots.reload()
+    _, result = await request.app[CHANGES].apply(change, entry, request_id=request[REQUEST_ID])
     return result

@@ -42,6 +42,10 @@ from server.accounts.sessions import (
     set_session_cookie,
 )
 from server.accounts.store import INVALID_INVITATION, normalize_email
+from server.api.middleware import REQUEST_ID
+from server.api.openai_api import read_body
+from server.api.resources import CHANGES, CONFIG, ENGINE, SNAPSHOTS
+from server.api.validation import bounded_number
 from server.credentials import generate_key, hash_key
 from server.errors import (
     AuthenticationError,
@@ -49,11 +53,8 @@ from server.errors import (
     PermissionDeniedError,
     UnsupportedMediaTypeError,
 )
-from server.middleware import REQUEST_ID
-from server.openai_api import read_body
-from server.plane import PLANE
+from server.policy.changes import Entry
 from server.storage.models import utcnow
-from server.validation import bounded_number
 
 # The console's page that takes an invitation; the token rides in the fragment, which browsers never send to
 # a server (no access log, no Referer holds it).
@@ -76,7 +77,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
     account of its choosing."""
     if not request.headers.get("Content-Type", "").strip():
         raise UnsupportedMediaTypeError("send the body as 'Content-Type: application/json'")
-    return await read_body(request, request.app[PLANE].config.max_body_bytes)
+    return await read_body(request, request.app[CONFIG].max_body_bytes)
 
 
 def _name(body: dict[str, Any]) -> str:
@@ -126,8 +127,7 @@ async def _granted_org(request: web.Request, principal: Principal, role: str, or
 
 def _org_of(request: web.Request, ref: str) -> str:
     """An org's id from its id or name, as the live snapshot knows it (an unknown one stays as given)."""
-    names = request.app[PLANE].snapshots.current.org_names
-    return ref if ref in names else next((i for i, n in names.items() if n == ref), ref)
+    return request.app[SNAPSHOTS].current.org_id(ref) or ref
 
 
 def _check_reach(principal: Principal, org_id: str | None) -> None:
@@ -206,19 +206,12 @@ async def accept_invitation(request: web.Request) -> web.Response:
     def accept() -> dict[str, Any]:
         return store.accept_invitation(hash_key(token), name, digest)
 
-    # The new account is its own actor: the invitation's creator is in the invitation's audit entry.
-    plane = request.app[PLANE]
-    async with plane.admin_lock:
-        account = await asyncio.to_thread(accept)
-        await asyncio.to_thread(
-            plane.audit.append,
-            actor=account["id"],
-            action="account.create",
-            target=account["id"],
-            before=None,
-            after={**account, "via": "invitation"},
-            request_id=request[REQUEST_ID],
-        )
+    # The new account is its own actor: the invitation's creator is in the invitation's audit entry. Accounts are
+    # not in the snapshot: nothing to reload.
+    def entry(account: dict[str, Any]) -> Entry:
+        return Entry(account["id"], "account.create", account["id"], None, {**account, "via": "invitation"})
+
+    account = await request.app[CHANGES].apply(accept, entry, request_id=request[REQUEST_ID], reload=False)
     return await _signed_in(request, account, status=201)
 
 
@@ -249,7 +242,7 @@ async def change_password(request: web.Request) -> web.Response:
 
 async def me(request: web.Request) -> web.Response:
     principal = await admin_principal(request)
-    org_names = request.app[PLANE].snapshots.current.org_names
+    org_names = request.app[SNAPSHOTS].current.org_names
     doc = principal.me() | {
         "org": org_names.get(principal.org_id) if principal.org_id else None,
         # What the console may offer this principal (server.accounts.roles); the API checks each call anyway.
@@ -427,10 +420,9 @@ async def update_org(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    plane = app[PLANE]
     from server.accounts.store import AccountStore  # here, so that importing the package stays light
 
-    app[ACCOUNTS] = Accounts(AccountStore(plane.engine), plane.config)
+    app[ACCOUNTS] = Accounts(AccountStore(app[ENGINE]), app[CONFIG])
     app.router.add_post("/auth/login", login)
     app.router.add_post("/auth/logout", logout)
     app.router.add_post("/auth/invitations/accept", accept_invitation)

@@ -19,11 +19,11 @@ from server.accounts.roles import ORG_GRANTABLE, OWNER_SCOPED, PLANE_ADMIN, allo
 from server.accounts.sessions import SESSION_COOKIE, check_csrf, csrf_token, session_hash
 from server.accounts.store import AccountStore, Identity
 from server.accounts.throttle import LoginThrottle
-from server.auth import authenticate_admin, bearer_token
+from server.api.resources import SNAPSHOTS
 from server.config import Config
 from server.credentials import hash_key
 from server.errors import AuthenticationError, PermissionDeniedError
-from server.plane import PLANE
+from server.policy.auth import authenticate_admin, bearer_token
 
 # Prefix of scoped admin tokens (server.credentials names the other kinds of secret).
 ADMIN_TOKEN_PREFIX = "hwt_"
@@ -155,7 +155,7 @@ async def admin_principal(request: web.Request) -> Principal:
                 raise AuthenticationError("Incorrect, expired or revoked admin token provided.")
             principal = _from_identity("admin_token", found[0], found[1])
         else:
-            admin_id = authenticate_admin(request.headers, request.app[PLANE].snapshots.current)
+            admin_id = authenticate_admin(request.headers, request.app[SNAPSHOTS].current)
             principal = Principal(kind="admin_key", id=admin_id, role=PLANE_ADMIN, org_id=None)
     request[PRINCIPAL] = principal
     return principal

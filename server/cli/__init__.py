@@ -65,7 +65,7 @@ def serve(
     workers: str | None,
 ) -> None:
     """Run the control plane."""
-    from server.serve import run
+    from server.serving.serve import run
 
     try:
         config = Config.load(

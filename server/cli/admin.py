@@ -12,12 +12,12 @@ from typing import Any
 
 import click
 
-from server.cache import CACHE_MODES
 from server.cli.client import AdminAPIError, AdminClient
-from server.failover import FailoverPolicy
-from server.reports import EARNINGS_GROUPS, GROUPS
-from server.rescue import PROVIDER_CONTINUATIONS
-from server.routing import STRATEGIES
+from server.policy.cache import CACHE_MODES
+from server.routing.continuation import PROVIDER_CONTINUATIONS
+from server.routing.failover import FailoverPolicy
+from server.routing.rules import STRATEGIES
+from server.usage.reports import EARNINGS_GROUPS, GROUPS
 
 
 class Context:

@@ -21,7 +21,7 @@ from server.config import Config
 from server.credentials import ENROLLMENT_TOKEN_PREFIX, generate_key, hash_key
 from server.errors import ConflictError
 from server.plane import Plane
-from server.serve import Server
+from server.serving.serve import Server
 from server.storage.models import utcnow
 
 DEMO_ORG = "demo"

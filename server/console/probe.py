@@ -17,9 +17,9 @@ import orjson
 from aiohttp import web
 
 from server.accounts import admin_principal
+from server.api.middleware import REQUEST_ID
+from server.api.resources import SNAPSHOTS, STORE
 from server.errors import NotFoundError, UpstreamError, UpstreamStatusError
-from server.middleware import REQUEST_ID
-from server.plane import PLANE
 from server.targets.base import Attempt, Call
 from server.targets.provider import ProviderTarget
 
@@ -27,16 +27,15 @@ PROBE_BODY: dict[str, Any] = {"messages": [{"role": "user", "content": "ping"}],
 
 
 async def test_provider(request: web.Request) -> web.Response:
-    plane = request.app[PLANE]
     principal = await admin_principal(request)
     principal.require("providers.write")  # before any lookup: a role without it learns nothing of providers
     # A name is looked up in the caller's own org unless it names one (provider names are unique per org only).
     ref, org_ref = request.match_info["ref"], request.query.get("org") or principal.org_scope
-    provider = await asyncio.to_thread(plane.store.listed_provider, ref, org_ref)
+    provider = await asyncio.to_thread(request.app[STORE].listed_provider, ref, org_ref)
     if provider is None:
         raise NotFoundError(f"no provider {ref!r}")
     principal.require("providers.write", org_id=provider["org_id"])
-    snapshot = plane.snapshots.current
+    snapshot = request.app[SNAPSHOTS].current
     target = next(
         (
             t

@@ -15,7 +15,7 @@ principal may see: its org, and for a developer only the requests of their own k
 Percentiles come from histograms the database builds (GROUP BY time bucket and latency bin, both CASE
 expressions every dialect runs), so a period of millions of requests costs a few thousand rows. The bins grow by
 BIN_GROWTH, and a percentile is interpolated inside its bin, geometrically: it is within BIN_GROWTH - 1 (12%) of
-the exact value, like Prometheus's histogram_quantile. The CLI's usage report stays exact (server.reports).
+the exact value, like Prometheus's histogram_quantile. The CLI's usage report stays exact (server.usage.reports).
 """
 
 from __future__ import annotations
@@ -33,14 +33,16 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session
 
 from server.accounts import Principal, admin_principal
-from server.cache import CACHE_MODES
+from server.api.resources import CONFIG, ENGINE, METRICS, NODE_PORT, REGISTRY, SNAPSHOTS
 from server.errors import InvalidRequestError, NotFoundError
-from server.failover import FailoverPolicy
-from server.limits import LIMIT_FIELDS
-from server.plane import PLANE, Plane
-from server.reports import group_column
-from server.routing import STRATEGIES
+from server.metrics import Metrics
+from server.nodes.registry import NodeRegistry
+from server.policy.cache import CACHE_MODES
+from server.policy.limits import LIMIT_FIELDS
+from server.routing.failover import FailoverPolicy
+from server.routing.rules import STRATEGIES
 from server.storage.models import ApiKey, UsageRecord
+from server.usage.reports import group_column
 
 # period -> (length, bucket count): about 50 to 60 points per chart.
 PERIODS: dict[str, tuple[timedelta, int]] = {
@@ -61,7 +63,7 @@ _RECORDS: Table = UsageRecord.__table__  # type: ignore[attr-defined]
 _KEYS: Table = ApiKey.__table__  # type: ignore[attr-defined]
 _record, _key = _RECORDS.c, _KEYS.c
 _SERVED = and_(_record.final, _record.status == 200)
-# Billed as server.reports counts it: served, or left by the client after tokens were generated.
+# Billed as server.usage.reports counts it: served, or left by the client after tokens were generated.
 _BILLED = and_(
     _record.final,
     or_(_record.status == 200, and_(_record.status == 499, _record.prompt_tokens + _record.completion_tokens > 0)),
@@ -222,10 +224,10 @@ def usage_stats(engine: Engine, scope: Scope, period: str, by: str, now: datetim
     }
 
 
-def live_figures(plane: Plane, org_id: str | None) -> dict[str, Any]:
+def live_figures(metrics: Metrics, registry: NodeRegistry, org_id: str | None) -> dict[str, Any]:
     """What the plane's counters say now (server.metrics), for the whole plane, and its nodes in scope."""
     served = errors = 0
-    for metric in plane.metrics.requests.collect():
+    for metric in metrics.requests.collect():
         for sample in metric.samples:
             if sample.name.endswith("_total") and sample.labels.get("route", "").startswith("/v1/"):
                 served += int(sample.value)
@@ -233,7 +235,7 @@ def live_figures(plane: Plane, org_id: str | None) -> dict[str, Any]:
                     errors += int(sample.value)
     states: dict[str, int] = defaultdict(int)
     slots_busy = slots_total = 0
-    for session in plane.registry.every_session():
+    for session in registry.every_session():
         if org_id is not None and session.org_id != org_id:
             continue
         states[session.state] += 1
@@ -243,32 +245,30 @@ def live_figures(plane: Plane, org_id: str | None) -> dict[str, Any]:
     live: dict[str, Any] = {"nodes": dict(states), "slots_busy": slots_busy, "slots_total": slots_total}
     if org_id is None:
         # The plane's own counters are the whole plane's traffic: a plane admin's business only.
-        live |= {"in_flight": plane.metrics.in_flight, "api_requests": served, "api_errors": errors}
+        live |= {"in_flight": metrics.in_flight, "api_requests": served, "api_errors": errors}
     return live
 
 
-def _org_id(plane: Plane, principal: Principal, ref: str | None) -> str | None:
+def _org_id(request: web.Request, principal: Principal, ref: str | None) -> str | None:
     """The org the caller asked about (id or name), or its own when it has one."""
-    names = plane.snapshots.current.org_names
     if ref:
-        org_id = ref if ref in names else next((i for i, n in names.items() if n == ref), None)
+        org_id = request.app[SNAPSHOTS].current.org_id(ref)
         if org_id is None:
             raise InvalidRequestError(f"no org {ref!r}", param="org")
         return org_id
     return principal.org_scope
 
 
-def _scope(plane: Plane, principal: Principal, request: web.Request) -> Scope:
-    org_id = _org_id(plane, principal, request.query.get("org"))
+def _scope(principal: Principal, request: web.Request) -> Scope:
+    org_id = _org_id(request, principal, request.query.get("org"))
     principal.require("usage.read", org_id=org_id)
     # A developer's usage is the usage of their own keys (server.accounts.roles).
     return Scope(org_id, principal.owner_scope)
 
 
 async def overview(request: web.Request) -> web.Response:
-    plane = request.app[PLANE]
     principal = await admin_principal(request)
-    scope = _scope(plane, principal, request)
+    scope = _scope(principal, request)
     period = request.query.get("period", "24h")
     if period not in PERIODS:
         raise InvalidRequestError(f"period must be one of {', '.join(PERIODS)}", param="period")
@@ -276,19 +276,18 @@ async def overview(request: web.Request) -> web.Response:
     if by not in GROUPS:
         raise InvalidRequestError(f"by must be one of {', '.join(GROUPS)}", param="by")
     now = datetime.now(UTC)
-    stats = await asyncio.to_thread(usage_stats, plane.engine, scope, period, by, now)
-    stats["live"] = live_figures(plane, scope.org_id)
+    stats = await asyncio.to_thread(usage_stats, request.app[ENGINE], scope, period, by, now)
+    stats["live"] = live_figures(request.app[METRICS], request.app[REGISTRY], scope.org_id)
     return web.json_response(stats)
 
 
 async def info(request: web.Request) -> web.Response:
-    plane = request.app[PLANE]
     await admin_principal(request)
-    config = plane.config
+    config = request.app[CONFIG]
     return web.json_response(
         {
             "object": "console.info",
-            "grpc_port": plane.grpc_port,
+            "grpc_port": request.app[NODE_PORT](),
             "grpc_insecure": config.grpc_insecure,
             # What the forms offer, from the plane's own tables rather than a copy in the page.
             "failover_fields": [
@@ -336,10 +335,9 @@ def find_request(engine: Engine, request_id: str, scope: Scope) -> dict[str, Any
 
 async def request_row(request: web.Request) -> web.Response:
     """A request's usage row; 404 until the batch writer stored it (a fraction of a second), or when out of scope."""
-    plane = request.app[PLANE]
     principal = await admin_principal(request)
-    scope = _scope(plane, principal, request)
-    found = await asyncio.to_thread(find_request, plane.engine, request.match_info["request_id"], scope)
+    scope = _scope(principal, request)
+    found = await asyncio.to_thread(find_request, request.app[ENGINE], request.match_info["request_id"], scope)
     if found is None:
         raise NotFoundError("no stored request with this id (yet)")
     return web.json_response(found)

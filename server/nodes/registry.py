@@ -42,7 +42,7 @@ from server.nodes.bounds import (
     clamp_job_event,
     loggable,
 )
-from server.waiters import Waiters
+from server.routing.waiters import Waiters
 
 log = logging.getLogger(__name__)
 
@@ -425,7 +425,7 @@ class NodeRegistry:
         kind = event.WhichOneof("kind")
         if kind == "tokens":
             job.text_bytes += len(event.tokens.text.encode("utf-8", "surrogatepass"))
-            # A call's name and arguments are generated text too (server.metering counts them delivered).
+            # A call's name and arguments are generated text too (server.usage.metering counts them delivered).
             for call in event.tokens.tool_calls:
                 job.text_bytes += len(call.name.encode("utf-8", "surrogatepass"))
                 job.text_bytes += len(call.arguments.encode("utf-8", "surrogatepass"))

@@ -34,7 +34,7 @@ from server.nodes.bounds import (
     over_rate,
 )
 from server.nodes.registry import NodeRegistry, NodeSession
-from server.snapshot import NodeEntry, Snapshot
+from server.policy.snapshot import NodeEntry, Snapshot
 from server.storage.nodes import EnrollmentRefused, NodeStore
 
 log = logging.getLogger(__name__)

@@ -33,16 +33,16 @@ from server.accounts.passwords import MIN_LENGTH as PASSWORD_MIN
 from server.accounts.principal import ADMIN_TOKEN_PREFIX
 from server.accounts.roles import ROLES
 from server.accounts.sessions import CSRF_HEADER, SESSION_COOKIE
-from server.cache import CACHE_MODES
+from server.api.schema import COMPONENTS, SCHEMA_FILE
+from server.api.validation import MAX_JSON_DEPTH, NAME_MAX_CHARS
 from server.console import stats as console_stats
-from server.failover import FailoverPolicy
-from server.limits import INTEGER_LIMITS, LIMIT_FIELDS
-from server.reports import EARNINGS_GROUPS, GROUPS
-from server.rescue import PROVIDER_CONTINUATIONS
-from server.routing import STRATEGIES
-from server.schema import COMPONENTS, SCHEMA_FILE
+from server.policy.cache import CACHE_MODES
+from server.policy.limits import INTEGER_LIMITS, LIMIT_FIELDS
+from server.routing.continuation import PROVIDER_CONTINUATIONS
+from server.routing.failover import FailoverPolicy
+from server.routing.rules import STRATEGIES
 from server.storage.policy import MAX_LIMIT
-from server.validation import MAX_JSON_DEPTH, NAME_MAX_CHARS
+from server.usage.reports import EARNINGS_GROUPS, GROUPS
 
 Schema = dict[str, Any]
 
@@ -85,7 +85,7 @@ STRINGS: Schema = {"type": "array", "items": STRING}
 ANY_JSON: Schema = {}
 # A price in USD per 1M tokens; null is "unpriced".
 PRICE: Schema = {"type": ["number", "null"], "minimum": 0}
-# What server.validation.check_name accepts, around the whitespace the org handler strips first.
+# What server.api.validation.check_name accepts, around the whitespace the org handler strips first.
 ORG_NAME: Schema = {"type": "string", "pattern": rf"^\s*[A-Za-z0-9._-]{{1,{NAME_MAX_CHARS}}}\s*$"}
 
 
@@ -235,7 +235,7 @@ ROTATED_ADMIN_KEY = obj(
 )
 
 _POLICY_TYPES = {f.name: "integer" if f.type in ("int", int) else "number" for f in fields(FailoverPolicy)}
-# What server.failover.validate_overrides takes: known fields only, each a non-negative number or null.
+# What server.routing.failover.validate_overrides takes: known fields only, each a non-negative number or null.
 POLICY = {
     "type": ["object", "null"],
     "properties": {name: {"type": [kind, "null"], "minimum": 0} for name, kind in _POLICY_TYPES.items()},
@@ -748,7 +748,7 @@ RESPONSE = obj(
 )
 MODEL = obj({"id": STRING, "object": const("model"), "created": INTEGER, "owned_by": STRING})
 
-# What the plane holds a /v1 body to besides OpenAI's schema (server.validation, server.responses.request): it
+# What the plane holds a /v1 body to besides OpenAI's schema (server.api.validation, server.responses.request): it
 # routes on `model`, so that is a non-empty string; `tool_choice` needs `tools`; /v1/responses stores nothing.
 _MODEL_NAMED: Schema = {"required": ["model"], "properties": {"model": NON_EMPTY}}
 _TOOL_CHOICE_NEEDS_TOOLS: Schema = {

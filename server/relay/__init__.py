@@ -1,16 +1,17 @@
 """The relay: from a request the front end admitted to the answer the client gets, and the rows it leaves.
 
-A request's way through the package (server.openai_api calls the `Relay`'s entry points):
+A request's way through the package (server.api.openai_api calls the `Relay`'s entry points):
 
-    Exchange                the request and what became of it, shared by every step (exchange.py)
+    Exchange                the request, and each step's own result on it: what serves it (`Serving`), what
+                            it is billed (`Bill`), what the cache keeps of it (`Capture`) (exchange.py)
     -> complete | stream    a whole answer (whole.py) or an SSE stream (stream.py); a cached answer takes
        | replay             `replay` (replay.py) instead, a refused one `refuse`
     -> attempt              the attempt loop (attempts.py): the plan's targets in rule order, failover after
-                            each failure (server.failover), a late first token hedged (server.hedge); each try
-                            is the caller's `send`: a whole answer, or a stream read up to its first content
+                            each failure (server.routing.failover), a late first token hedged (server.routing.hedge);
+                            each try is the caller's `send`: a whole answer, or a stream read up to its first content
                             token (the pre-commit buffer, where every failure fails over invisibly)
     -> relay                a committed stream's chunks, as they come (stream.py); one that breaks (cut, or a
-                            stall by its own pace, server.pace) is rescued by a fallback that continues the
+                            stall by its own pace, server.routing.pace) is rescued by a fallback that continues the
                             same answer (rescue.py), else ends with an SSE error event and no `[DONE]`
     -> finish               what the request is billed and its usage row (accounting.py), recorded before the
                             answer's end can reach the client; `settle_limits` settles its limits on that bill
@@ -25,18 +26,18 @@ replay.
 
 from __future__ import annotations
 
-from server.health import Health
-from server.hedge import AUTO
 from server.metrics import Metrics
 from server.relay.accounting import Accounting
 from server.relay.attempts import AttemptLoop
-from server.relay.exchange import CLIENT_CLOSED, Exchange
+from server.relay.exchange import CLIENT_CLOSED, Capture, Exchange
 from server.relay.replay import CacheReplay
 from server.relay.stream import Streams
 from server.relay.whole import WholeAnswers
-from server.usage import UsageWriter
+from server.routing.health import Health
+from server.routing.hedge import AUTO
+from server.usage.writer import UsageWriter
 
-__all__ = ["CLIENT_CLOSED", "Exchange", "Relay"]
+__all__ = ["CLIENT_CLOSED", "Capture", "Exchange", "Relay"]
 
 
 class Relay:

@@ -1,10 +1,10 @@
 """What a request is billed and the usage rows it leaves (`Accounting`).
 
-take_usage      a target's usage claim, billed within the plane's bounds (server.metering)
+take_usage      a target's usage claim, billed within the plane's bounds (server.usage.metering)
 finish          the request is over: release the serving target, bill a client that left (by a node's own count
                 when one is coming, in a task owned here, else by the delivered estimate), record the final row
 record          one usage row, for a failed attempt (final=False) or the request (final=True), onto the batch
-                writer's queue (server.usage): no database I/O while serving
+                writer's queue (server.usage.writer): no database I/O while serving
 settle_limits   the request's limits settled on what it was billed, now or once a node's count is in
 """
 
@@ -17,10 +17,14 @@ from typing import Any
 
 import orjson
 
-from server.cache import HIT
 from server.errors import HatchwayError
-from server.limits import estimate_tokens
-from server.metering import (
+from server.metrics import Metrics
+from server.policy.cache import HIT
+from server.policy.limits import estimate_tokens
+from server.relay.exchange import CLIENT_CLOSED, Exchange
+from server.storage.models import utcnow
+from server.targets.base import Attempt, Target
+from server.usage.metering import (
     Delivery,
     Generated,
     Meter,
@@ -29,11 +33,7 @@ from server.metering import (
     completion_allowed,
     delivered_tokens,
 )
-from server.metrics import Metrics
-from server.relay.exchange import CLIENT_CLOSED, Exchange
-from server.storage.models import utcnow
-from server.targets.base import Attempt, Target
-from server.usage import UsageWriter
+from server.usage.writer import UsageWriter
 
 
 class Accounting:
@@ -59,18 +59,19 @@ class Accounting:
         label = attempt.route if attempt is not None and attempt.route else target.id
         request = _metered(exchange, target, attempt)
         prompt, completion, clamped = self.meter.bill(request, delivery or exchange.delivery, usage, label)
-        exchange.prompt_tokens, exchange.completion_tokens = prompt, completion
-        exchange.usage_reported = True
+        bill = exchange.bill
+        bill.prompt_tokens, bill.completion_tokens, bill.reported = prompt, completion, True
         return bounded_usage(usage, prompt, completion) if clamped else None
 
     def _bill_delivered(self, exchange: Exchange) -> None:
         """Bill an answer its client left before any claim came: the prompt as estimated at admission, the
-        delivered text's estimate (server.metering.delivered_tokens); nothing when nothing was delivered."""
-        if exchange.usage_reported or exchange.target is None or not exchange.delivery.bytes:
+        delivered text's estimate (server.usage.metering.delivered_tokens); nothing when nothing was delivered."""
+        serving, bill = exchange.serving, exchange.bill
+        if bill.reported or serving is None or not exchange.delivery.bytes:
             return
-        allowed = completion_allowed(_metered(exchange, exchange.target, exchange.attempt))
-        exchange.prompt_tokens = estimate_tokens(*exchange.metered, 0)[0]
-        exchange.completion_tokens = min(delivered_tokens(exchange.delivery), allowed)
+        allowed = completion_allowed(_metered(exchange, serving.target, serving.attempt))
+        bill.prompt_tokens = estimate_tokens(*exchange.metered, 0)[0]
+        bill.completion_tokens = min(delivered_tokens(exchange.delivery), allowed)
 
     async def _bill_node(
         self, exchange: Exchange, generated: Callable[[], Awaitable[Generated]], code: str | None
@@ -79,19 +80,19 @@ class Accounting:
         stopped, else by the delivered estimate; then record the request."""
         try:
             count = await generated()
-            if count.usage is not None and exchange.target is not None:
+            if count.usage is not None and exchange.serving is not None:
                 sent = exchange.delivery.covering(count.text_bytes)
-                self.take_usage(exchange, exchange.target, exchange.attempt, count.usage, sent)
+                self.take_usage(exchange, exchange.serving.target, exchange.serving.attempt, count.usage, sent)
         finally:
             self._bill_delivered(exchange)
             self._record_final(exchange, code)
 
     def settle_limits(self, exchange: Exchange, settle: Callable[[int, float], None]) -> None:
         """Settle the request's limits on what it was billed: now, or once a node's own count is in."""
-        if exchange.pending is None:
+        if exchange.bill.pending is None:
             settle(*exchange.billed())
         else:
-            exchange.pending.add_done_callback(lambda _: settle(*exchange.billed()))
+            exchange.bill.pending.add_done_callback(lambda _: settle(*exchange.billed()))
 
     async def close(self) -> None:
         """Wait for the bills still waiting on a node's count: each within the registry's cancel timeout, and at
@@ -100,20 +101,21 @@ class Accounting:
             await asyncio.wait(set(self._pending))
 
     def release(self, exchange: Exchange) -> None:
-        if exchange.holding is not None:
-            exchange.holding.in_flight -= 1
-            exchange.holding = None
+        serving = exchange.serving
+        if serving is not None and serving.holding is not None:
+            serving.holding.in_flight -= 1
+            serving.holding = None
 
     def finish(self, exchange: Exchange, status: int, code: str | None = None) -> None:
-        exchange.status = status
+        exchange.bill.status = status
         self.release(exchange)
-        if status == CLIENT_CLOSED and not exchange.usage_reported and exchange.cache != HIT:
+        if status == CLIENT_CLOSED and not exchange.bill.reported and exchange.cache != HIT:
             generated = exchange.attempt.generated if exchange.attempt is not None else None
             if generated is not None:
                 # A node generates on until it sees the cancel, then reports its count: the bill waits for it in a
                 # task the relay owns (the handler is being cancelled, and the client is gone anyway).
                 task = asyncio.get_running_loop().create_task(self._bill_node(exchange, generated, code))
-                exchange.pending = task
+                exchange.bill.pending = task
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
                 return
@@ -129,7 +131,7 @@ class Accounting:
             exchange,
             exchange.target,
             exchange.attempt,
-            status=exchange.status or 0,
+            status=exchange.bill.status or 0,
             code=code,
             final=True,
             began=exchange.started,
@@ -163,8 +165,8 @@ class Accounting:
                 stream=exchange.streaming,
                 status=status,
                 attempts=exchange.attempts,
-                prompt_tokens=exchange.prompt_tokens if served else 0,
-                completion_tokens=exchange.completion_tokens if served else 0,
+                prompt_tokens=exchange.bill.prompt_tokens if served else 0,
+                completion_tokens=exchange.bill.completion_tokens if served else 0,
                 cost_usd=exchange.cost() if served else None,
                 latency_ms=(now - began) * 1000,
                 ttft_ms=(exchange.first_byte_at - exchange.started) * 1000
@@ -182,7 +184,7 @@ class Accounting:
 
 
 def _metered(exchange: Exchange, target: Target, attempt: Attempt | None) -> MeteredRequest:
-    """What bounds the request's usage (server.metering)."""
+    """What bounds the request's usage (server.usage.metering)."""
     if not exchange.body_bytes:
         exchange.body_bytes = len(orjson.dumps(exchange.body))
     context = attempt.context if attempt is not None else None

@@ -1,9 +1,9 @@
 """The attempt loop (`AttemptLoop.attempt`): try a request's targets until one serves.
 
 Walk the plan (the model's targets in rule order, then its fallback models'), skipping targets whose breaker is
-open; after each failure `server.failover.decide` says: retry the same target (after a delay), go to the next
+open; after each failure `server.routing.failover.decide` says: retry the same target (after a delay), go to the next
 target, skip to the fallback model, or stop. A stream whose first content token is late is hedged: the next
-target starts alongside and the first to produce a content token wins (server.hedge); the loser is cancelled and
+target starts alongside and the first to produce a content token wins (server.routing.hedge); the loser is cancelled and
 recorded as a failed attempt, never billed as the answer.
 
 What one try does is the caller's `send` (a whole answer: server.relay.whole; a stream up to its first content
@@ -28,13 +28,13 @@ from server.errors import (
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
-from server.failover import Decision, Move, decide, retry_after_seconds
-from server.health import BreakerState, Health, TargetStats, is_target_fault
-from server.hedge import hedge_delay
 from server.metrics import Metrics
 from server.relay.accounting import Accounting
-from server.relay.exchange import CLIENT_CLOSED, Exchange
-from server.routing import ModelPlan
+from server.relay.exchange import CLIENT_CLOSED, Exchange, Serving
+from server.routing.failover import Decision, Move, decide, retry_after_seconds
+from server.routing.health import BreakerState, Health, TargetStats, is_target_fault
+from server.routing.hedge import hedge_delay
+from server.routing.rules import ModelPlan
 from server.targets.base import Attempt, Target
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class _Try:
     tries: int
     delay_s: float
     began: float = field(default_factory=time.monotonic)
-    # A rival was started because this try's first token was late (server.hedge): it is not hedged twice.
+    # A rival was started because this try's first token was late (server.routing.hedge): it is not hedged twice.
     rivalled: bool = False
 
 
@@ -135,7 +135,7 @@ class AttemptLoop:
         self.health = health
         self.accounting = accounting
         self.max_attempts = max_attempts
-        # How a slow first token is hedged where the route does not say (server.hedge).
+        # How a slow first token is hedged where the route does not say (server.routing.hedge).
         self.hedge = hedge
 
     async def attempt(
@@ -147,7 +147,7 @@ class AttemptLoop:
         plans: list[ModelPlan] | None = None,
     ) -> T:
         """Try the plan's targets until one serves. `last` (a target that just broke the stream) is tried after
-        every other target of every plan. A stream whose first token is late is hedged (server.hedge): the next
+        every other target of every plan. A stream whose first token is late is hedged (server.routing.hedge): the next
         target starts alongside, the first to produce a content token wins and the other is cancelled. `plans`
         narrows the request's plans (a rescue: the targets that may continue a stream)."""
         walk = _Walk(exchange.plans if plans is None else plans, last)
@@ -291,8 +291,7 @@ class AttemptLoop:
         elapsed = time.monotonic() - tried.began
         tried.stats.observe(ttft_s=elapsed) if exchange.streaming else tried.stats.observe(latency_s=elapsed)
         self.accounting.release(exchange)
-        exchange.target, exchange.attempt, exchange.holding = tried.target, tried.attempt, tried.stats
-        exchange.served_model = tried.plan.model
+        exchange.serving = Serving(tried.target, tried.attempt, tried.plan.model, tried.stats)
 
     def _settle(self, exchange: Exchange, walk: _Walk, tried: _Try, failure: UpstreamError) -> None:
         """Account for a failed try and queue what comes next; raises the failure when nothing can do better."""

@@ -1,8 +1,9 @@
-"""One client request on its way through the relay, and what became of it (`Exchange`).
+"""One client request on its way through the relay (`Exchange`), and what each step made of it.
 
-Every step of the relay reads and writes the same exchange: the attempt loop sets what served (`target`,
-`attempt`, `served_model`), the accounting what it is billed (`prompt_tokens`, `completion_tokens`) and its final
-`status`, the stream what the client was sent (`delivery`, `first_byte_at`).
+Each step writes its own result, and only that: the attempt loop what serves the answer (`Serving`), the
+accounting what it is billed and its final status (`Bill`), the stream what the client was sent (`Delivery`,
+`first_byte_at`), and, on a cache miss that will be stored, the relay keeps the whole answer for the cache step
+(`Capture`). The cache's verdict (`cache`) is fixed when the exchange is made.
 """
 
 from __future__ import annotations
@@ -12,16 +13,50 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.cache import BYPASS, HIT, StreamAssembler
-from server.health import TargetStats
-from server.metering import Delivery
+from server.policy.cache import BYPASS, HIT, StreamAssembler
+from server.policy.snapshot import KeyEntry
 from server.responses.dialect import CHAT_ENDPOINT, Record, ResponsesDialect
-from server.routing import ModelPlan
-from server.snapshot import KeyEntry
+from server.routing.health import TargetStats
+from server.routing.rules import ModelPlan
 from server.targets.base import Attempt, Call, Target
+from server.usage.metering import Delivery
 
 # Status recorded for a request whose client went away before the answer was complete (nginx's convention).
 CLIENT_CLOSED = 499
+
+
+@dataclass
+class Serving:
+    """What the attempt loop chose: the target serving the answer, its try, the model it serves (a fallback's when
+    the route moved on), and the target's in-flight count, held until the answer is complete."""
+
+    target: Target
+    attempt: Attempt
+    model: str | None = None
+    holding: TargetStats | None = None
+
+
+@dataclass
+class Bill:
+    """What the request is billed: the serving target's claim, held to the plane's bounds (server.usage.metering),
+    or the delivered estimate when the client left before a claim came; and the final status."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # Whether the serving target's claim arrived.
+    reported: bool = False
+    status: int | None = None
+    # The bill of a request whose client left, while it waits for a node's own count (settle_limits waits too).
+    pending: asyncio.Task[None] | None = None
+
+
+@dataclass
+class Capture:
+    """What a cache miss that will be stored keeps of the answer: a stream's assembler (a Responses stream's
+    record), then the whole answer once it is complete and was not rescued."""
+
+    collect: StreamAssembler | Record | None = None
+    answer: bytes | None = None
 
 
 @dataclass
@@ -37,34 +72,28 @@ class Exchange:
     # The body's size as received (0: not known, measured when a usage claim needs it).
     body_bytes: int = 0
     started: float = field(default_factory=time.monotonic)
+    # What the response cache said (server.policy.cache), and what to keep of the answer to store it on a miss.
+    cache: str = BYPASS
+    capture: Capture | None = None
+    # A /v1/responses request: how each attempt is sent and its answer read (server.responses.dialect).
+    responses: ResponsesDialect | None = None
     attempts: int = 0
     rescues: int = 0
-    target: Target | None = None
-    attempt: Attempt | None = None
-    served_model: str | None = None
-    # The tokens billed: the serving target's claim, held to the plane's bounds (server.metering), or the
-    # delivered estimate when the client left before a claim came.
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    # Whether the serving target's claim arrived.
-    usage_reported: bool = False
-    # The bill of a request whose client left, while it waits for a node's own count (settle_limits waits too).
-    pending: asyncio.Task[None] | None = None
     # The last try of a whole answer to start: what worked on it when the client left (`WholeAnswers.complete`).
     underway: tuple[Target, Attempt] | None = None
+    serving: Serving | None = None
+    bill: Bill = field(default_factory=Bill)
     # What the client was sent of the answer, counted by the plane.
     delivery: Delivery = field(default_factory=Delivery)
     first_byte_at: float | None = None
-    # The serving target's in-flight count, held until the answer is complete.
-    holding: TargetStats | None = None
-    # What the response cache said (server.cache), and the whole answer to store on a miss.
-    cache: str = BYPASS
-    collect: StreamAssembler | Record | None = None
-    # A /v1/responses request: how each attempt is sent and its answer read (server.responses.dialect).
-    responses: ResponsesDialect | None = None
-    answer: bytes | None = None
-    # The final status, once the request is over.
-    status: int | None = None
+
+    @property
+    def target(self) -> Target | None:
+        return self.serving.target if self.serving is not None else None
+
+    @property
+    def attempt(self) -> Attempt | None:
+        return self.serving.attempt if self.serving is not None else None
 
     @property
     def model(self) -> str:
@@ -102,7 +131,9 @@ class Exchange:
     def cost(self) -> float | None:
         if self.cache == HIT:
             return 0.0  # a cached answer is free, not unpriced
-        return self.target.cost(self.prompt_tokens, self.completion_tokens, self.attempt) if self.target else None
+        if self.serving is None:
+            return None
+        return self.serving.target.cost(self.bill.prompt_tokens, self.bill.completion_tokens, self.serving.attempt)
 
     @property
     def charged(self) -> bool:
@@ -110,13 +141,14 @@ class Exchange:
         generated for it. A cached answer is free; a failed one is not billed."""
         if self.cache == HIT:
             return False
-        return self.status == 200 or (self.status == CLIENT_CLOSED and self.prompt_tokens + self.completion_tokens > 0)
+        bill = self.bill
+        return bill.status == 200 or (bill.status == CLIENT_CLOSED and bill.prompt_tokens + bill.completion_tokens > 0)
 
     def billed(self) -> tuple[int, float]:
         """(tokens, USD) this request consumed, to settle its limits: nothing unless it was charged."""
         if not self.charged:
             return 0, 0.0
-        return self.prompt_tokens + self.completion_tokens, self.cost() or 0.0
+        return self.bill.prompt_tokens + self.bill.completion_tokens, self.cost() or 0.0
 
     @property
     def route(self) -> str:
@@ -129,8 +161,9 @@ class Exchange:
         headers = {"x-hatchway-attempts": str(self.attempts), "x-hatchway-cache": self.cache}
         if self.target is not None:
             headers["x-hatchway-route"] = self.route
-        if self.served_model is not None and self.served_model != self.model:
-            headers["x-hatchway-model"] = self.served_model
+        served_model = self.serving.model if self.serving is not None else None
+        if served_model is not None and served_model != self.model:
+            headers["x-hatchway-model"] = served_model
         if self.attempt is not None and self.attempt.key_id:
             headers["x-hatchway-provider-key"] = self.attempt.key_id
         return headers

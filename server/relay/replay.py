@@ -9,7 +9,7 @@ import time
 from aiohttp import web
 
 from server import sse
-from server.cache import replay_chunks
+from server.policy.cache import replay_chunks
 from server.relay.accounting import Accounting
 from server.relay.exchange import CLIENT_CLOSED, Exchange
 from server.relay.stream import sse_response
@@ -17,7 +17,7 @@ from server.relay.whole import answer_headers
 
 
 class CacheReplay:
-    """Serves an answer the response cache (server.cache) holds for the request (`replay`)."""
+    """Serves an answer the response cache (server.policy.cache) holds for the request (`replay`)."""
 
     def __init__(self, accounting: Accounting) -> None:
         self.accounting = accounting

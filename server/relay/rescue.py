@@ -1,7 +1,8 @@
-"""The relay's side of a mid-stream rescue (server.rescue holds the rules): find a target that continues a
+"""The relay's side of a mid-stream rescue (server.routing.continuation holds the rules): find a target that continues a
 committed stream that broke, and trim what it sends to what the client lacks.
 
-rescue                  the attempt loop over the targets that may continue (their declared form, server.rescue),
+rescue                  the attempt loop over the targets that may continue (their declared form,
+                        server.routing.continuation),
                         the target that broke the stream tried last; a prefill a target refuses (400/422) is
                         regenerated instead, and checked to begin with exactly the delivered text
 trim_to_continuation    a rescuing target's chunk, cut to what follows the delivered text
@@ -15,10 +16,10 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from server.errors import UpstreamError, UpstreamStatusError
-from server.failover import is_context_length_error
 from server.relay.attempts import AttemptLoop
 from server.relay.exchange import Exchange
-from server.rescue import Continuation, StreamProgress, choice_text, rescue_request
+from server.routing.continuation import Continuation, StreamProgress, choice_text, rescue_request
+from server.routing.failover import is_context_length_error
 from server.targets.base import Attempt, Call, Target
 
 if TYPE_CHECKING:
@@ -36,8 +37,8 @@ async def rescue(
     *,
     failed: Target,
 ) -> OpenStream:
-    """Find a target that continues the delivered answer, each in its declared form (server.rescue); `open_stream`
-    opens it up to its first content token (`Streams._open`)."""
+    """Find a target that continues the delivered answer, each in its declared form (server.routing.continuation);
+    `open_stream` opens it up to its first content token (`Streams._open`)."""
 
     async def open_rescue(target: Target, attempt: Attempt) -> OpenStream:
         body, continuation = rescue_request(exchange.body, progress, target.continuation)

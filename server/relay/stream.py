@@ -4,7 +4,7 @@ as they come.
 open        (the attempt loop's `send`) open a target's stream and read it up to the batch holding its first
             content token: the pre-commit buffer, where every failure fails over invisibly
 relay       committed: the buffered chunks, then the rest, each batch of events in one write. A silence long for
-            the stream's own pace is a stall (server.pace); a stall or a cut is rescued by a fallback that
+            the stream's own pace is a stall (server.routing.pace); a stall or a cut is rescued by a fallback that
             continues the same answer (server.relay.rescue); when nothing can rescue it, the stream ends with an
             SSE error event and no `[DONE]`, never as a success
 frame       account for each chunk (what the client was sent, the usage claim, the cache's copy) and frame it;
@@ -29,13 +29,13 @@ from aiohttp import web
 from server import sse
 from server.errors import HatchwayError, UpstreamError, UpstreamProtocolError
 from server.metrics import Metrics
-from server.pace import PacedStream
 from server.relay.accounting import Accounting
 from server.relay.attempts import AttemptLoop
 from server.relay.exchange import CLIENT_CLOSED, Exchange
 from server.relay.rescue import rescue, trim_to_continuation
-from server.rescue import Continuation, ContinuationMismatch, StreamProgress, can_rescue, choice_text
 from server.responses.dialect import ResponsesDialect
+from server.routing.continuation import Continuation, ContinuationMismatch, StreamProgress, can_rescue, choice_text
+from server.routing.pace import PacedStream
 from server.targets.base import Attempt, Call, Target, TargetStream
 
 log = logging.getLogger(__name__)
@@ -96,15 +96,16 @@ class Streams:
                     exchange.delivery.rescued_bytes = exchange.delivery.bytes
                     opened = await rescue(self.attempts, self._open, exchange, progress, failed=opened.target)
                     exchange.rescues += 1
-            # The row is recorded (on disk with the usage spool, server.spool) before [DONE] can reach the client: a
-            # plane killed once its client saw the request complete has the row to replay.
+            # The row is recorded (on disk with the usage spool, server.usage.spool) before [DONE] can reach the
+            # client: a plane killed once its client saw the request complete has the row to replay.
             self.accounting.finish(exchange, 200)
             recorded = True
             # The last events, [DONE] and the end of the chunked body leave in one write (a Responses stream has
             # no [DONE]: its closing event ends it).
             await response.write_eof(last + (sse.DONE_FRAME if exchange.responses is None else b""))
-            if exchange.collect is not None and not exchange.rescues:
-                exchange.answer = exchange.collect.body()
+            capture = exchange.capture
+            if capture is not None and capture.collect is not None and not exchange.rescues:
+                capture.answer = capture.collect.body()
         except HatchwayError as exc:
             # Committed already: the only honest thing left is an error event and no [DONE].
             status, code = exc.status, exc.code
@@ -207,7 +208,8 @@ class Streams:
         try:
             if not upstream.done:
                 await self._write(response, frames)
-            # Committed: a silence long for this stream's own pace is a stall (server.pace), rescued as a cut is.
+            # Committed: a silence long for this stream's own pace is a stall (server.routing.pace), rescued as a cut
+            # is.
             async for batch in PacedStream(upstream, opened.target.policy, opened.target.id):
                 for raw in batch:
                     item = self._prepare(exchange, opened, raw)
@@ -250,8 +252,8 @@ class Streams:
                 shown = self.accounting.take_usage(exchange, exchange.target, exchange.attempt, usage)
                 if shown is not None:
                     chunk, payload = {**chunk, "usage": shown}, None
-        if exchange.collect is not None:
-            exchange.collect.observe(chunk)
+        if exchange.capture is not None and exchange.capture.collect is not None:
+            exchange.capture.collect.observe(chunk)
         if "usage" in chunk and chunk.get("choices") == [] and not exchange.wants_usage:
             return None  # the plane asked for usage for itself; the client did not
         if payload is None:

@@ -11,7 +11,7 @@ response's frame (what it echoes of its request), its output items, its status a
     usage                                input_tokens, output_tokens, total_tokens (+ cached and reasoning details)
 
 Usage figures are carried over as the target claimed them, whatever they are: the relay holds the claim to the
-plane's bounds (server.metering) and rewrites what the client sees when it had to clamp it.
+plane's bounds (server.usage.metering) and rewrites what the client sees when it had to clamp it.
 """
 
 from __future__ import annotations

@@ -6,14 +6,15 @@ cache as for chat, with each attempt sent as its target needs and the answer rea
                 its chat completions form (server.responses.request), and its answer is translated back
                 (server.responses.answer, .stream). Failover may go from one kind to the other: each attempt is
                 sent in its own target's form, and the client sees Responses objects either way
-    account     the plane's metering reads chat-shaped parts (server.metering): `answer_view` and `event_view`
+    account     the plane's metering reads chat-shaped parts (server.usage.metering): `answer_view` and `event_view`
                 show a Response and its events that way (text, refusals, reasoning and tool calls delivered, the
                 finish, the usage as prompt/completion tokens); a usage the relay had to clamp is written back
                 into the Response (`with_usage`)
     commit      a stream is committed to the client at its first text, refusal or tool call, or its end, as for chat
     frame       events go out as `event: TYPE` / `data: JSON`, with no `[DONE]` (OpenAI's Responses framing)
     fail        a committed stream that breaks ends with `response.failed`: the response as streamed so far, its
-                error, the next sequence number. Streams are not rescued mid-way (server.rescue continues chat text)
+                error, the next sequence number. Streams are not rescued mid-way (server.routing.continuation continues
+                chat text)
     cache       the whole Response is what is stored: a streamed one is taken from its `response.completed`
                 (or `response.incomplete`) event, and replayed as events (`stream.replay`)
 """
@@ -223,7 +224,7 @@ class ResponsesDialect:
 class Record:
     """What a client was sent of a Responses stream: the response as begun, the items finished, the last
     sequence number, and the closing response (what the cache stores). The same interface as the chat stream's
-    StreamAssembler (server.cache): `observe`, then `body`."""
+    StreamAssembler (server.policy.cache): `observe`, then `body`."""
 
     def __init__(self) -> None:
         self.response: dict[str, Any] | None = None

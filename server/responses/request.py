@@ -1,6 +1,6 @@
 """A /v1/responses request: checked, and turned into the chat completions request that serves it.
 
-    schema      OpenAI's published `CreateResponse` (server.schema)                        else 400 naming the param
+    schema      OpenAI's published `CreateResponse` (server.api.schema)                        else 400 naming the param
     stateless   no previous_response_id, store: true, conversation, background, prompt or item_reference
                 (the plane stores no responses: server.responses)                          else 400 naming the param
     served      what a chat completion can carry: function tools, text/json_object/json_schema formats, input
@@ -37,8 +37,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from server.api.schema import RequestSchema, kind_of
 from server.errors import InvalidRequestError
-from server.schema import RequestSchema, kind_of
 
 _SCHEMA = RequestSchema.load("responses")
 

@@ -1,6 +1,6 @@
 """The response cache shared by every plane through Redis: an answer stored by one plane is a hit on all of them.
 
-The same policy, keys, headers and stream replay as server.cache (which decides what is cached and under which
+The same policy, keys, headers and stream replay as server.policy.cache (which decides what is cached and under which
 key); only where the entries live differs. Each org has its own entries and its own byte budget
 (`cache_max_bytes`, the in-process cache's bound, here per org), so one org's traffic never evicts another's.
 Keys (P is `redis_prefix`; {ORG} is a Redis Cluster hash tag, so one org's keys share a slot):
@@ -8,7 +8,7 @@ Keys (P is `redis_prefix`; {ORG} is a Redis Cluster hash tag, so one org's keys 
     P c:{ORG}:v:DIGEST      string: the answer, expiring with its TTL (PX)
     P c:{ORG}:lru           sorted set: DIGEST by last use (µs, Redis's clock), oldest evicted first
     P c:{ORG}:exp           sorted set: DIGEST by expiry, so the bytes of expired entries are given back
-    P c:{ORG}:sz            hash: DIGEST -> the bytes it counts (server.cache.entry_size)
+    P c:{ORG}:sz            hash: DIGEST -> the bytes it counts (server.policy.cache.entry_size)
     P c:{ORG}:bytes         the org's bytes in use: the sum of sz
     (the four bookkeeping keys expire with the longest-lived entry, so an org that stops caching leaves nothing)
 
@@ -34,8 +34,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from server.cache import BYPASSED, HIT, MISS, CachePolicy, Directives, Lookup, entry_for, entry_size
 from server.errors import ServiceUnavailableError
+from server.policy.cache import BYPASSED, HIT, MISS, CachePolicy, Directives, Lookup, entry_for, entry_size
 from server.shared.redis_limits import RETRY_S, UNREACHABLE, Script
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ return {removed, #members}
 
 
 class RedisCache:
-    """server.cache.AnswerCache with its entries in Redis. Parameters: `redis` (a client whose pool this cache
+    """server.policy.cache.AnswerCache with its entries in Redis. Parameters: `redis` (a client whose pool this cache
     shares and does not close: the limiter's), `prefix` (`redis_prefix`), `max_bytes` (each org's budget; 0
     turns the cache off, as it does the in-process one)."""
 

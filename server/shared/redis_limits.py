@@ -1,6 +1,6 @@
 """Rate limits and quotas shared by every plane through Redis: exact with requests spread over several planes.
 
-The same limits, refusals and x-ratelimit-* headers as server.limits, but the counters live in Redis and each
+The same limits, refusals and x-ratelimit-* headers as server.policy.limits, but the counters live in Redis and each
 decision is one Lua script (server.shared.scripts) run atomically there: admission checks every limit of every
 scope and charges them all, or none, in one round trip (EVALSHA); settlement gives back what was reserved and
 not used in another, sent after the response in a task this limiter owns. The scripts are loaded once at start
@@ -43,7 +43,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.errors import HatchwayError, ServiceUnavailableError
-from server.limits import (
+from server.policy.limits import (
     QUOTAS,
     Admission,
     Bucket,
@@ -104,7 +104,7 @@ class Script:
 
 
 class SharedLimiter(Limiter):
-    """server.limits.Limiter with its counters in Redis. The in-process counters it inherits are the fallback
+    """server.policy.limits.Limiter with its counters in Redis. The in-process counters it inherits are the fallback
     of `redis_failure=open`, and only that."""
 
     def __init__(

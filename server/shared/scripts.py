@@ -122,7 +122,7 @@ for i = 1, n do
     elseif s.tpm and s.tl < want[1] then
       refusal = {i, 'tokens', tostring((want[1] - s.tl) * 60 / s.tpm)}
     else
-      -- In server.limits.QUOTAS order: tokens a day, tokens a month, USD a day, USD a month.
+      -- In server.policy.limits.QUOTAS order: tokens a day, tokens a month, USD a day, USD a month.
       for q = 1, 4 do
         local limit = s.quotas[q]
         if limit then

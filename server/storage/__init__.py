@@ -1,1 +1,1 @@
-"""Persistent state: SQLModel tables, the engine, migrations, and the admin operations over them."""
+"""Persistent state: SQLModel tables, the engine, migrations, the admin operations over them, the audit log."""

@@ -37,7 +37,7 @@ def new_id(prefix: str) -> str:
 class Org(SQLModel, table=True):
     id: str = Field(primary_key=True, default_factory=lambda: new_id("org"))
     name: str = Field(unique=True, index=True)
-    # Response cache policy (server.cache.CACHE_MODES) and how long an answer stays cached.
+    # Response cache policy (server.policy.cache.CACHE_MODES) and how long an answer stays cached.
     cache_mode: str = Field(default="deterministic", sa_column_kwargs=server_default("deterministic"))
     cache_ttl_s: int = Field(default=300, sa_column_kwargs=server_default("300"))
     # Whether its provider accounts may create enrollment tokens themselves (server.accounts.roles).
@@ -84,8 +84,8 @@ class Provider(SQLModel, table=True):
     position: int = Field(default=0, index=True)
     # JSON object of FailoverPolicy overrides (timeouts, retries, breaker); empty uses the plane's defaults.
     policy: str = Field(default="", sa_column_kwargs=server_default(""))
-    # How it continues a broken stream for a rescue (server.rescue): regenerate, prefill, vllm or none. Declared by
-    # the operator: a provider's answers cannot prove it continues a final assistant message.
+    # How it continues a broken stream for a rescue (server.routing.continuation): regenerate, prefill, vllm or none.
+    # Declared by the operator: a provider's answers cannot prove it continues a final assistant message.
     continuation: str = Field(default="regenerate", sa_column_kwargs=server_default("regenerate"))
     # Whether it serves OpenAI's /v1/responses itself: such requests are relayed to it as they are, and
     # translated to chat completions for a provider without it (server.responses). Declared by the operator.
@@ -132,7 +132,8 @@ class RouteRule(SQLModel, table=True):
     targets: str = ""
     # Comma-separated models to fall back to after every target of this one failed.
     fallbacks: str = ""
-    # Hedging of a slow first token (server.hedge): off, auto or seconds; None takes the plane's `hedge` setting.
+    # Hedging of a slow first token (server.routing.hedge): off, auto or seconds; None takes the plane's `hedge`
+    # setting.
     hedge: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
@@ -213,7 +214,7 @@ class Node(SQLModel, table=True):
 
 class AuditEntry(SQLModel, table=True):
     """One admin mutation. Append-only, and chained: `hash` covers this entry and the previous entry's hash,
-    so editing, deleting or reordering a row breaks every hash after it (see server.audit)."""
+    so editing, deleting or reordering a row breaks every hash after it (see server.storage.audit)."""
 
     __tablename__ = "audit_entry"
 
@@ -256,12 +257,12 @@ class UsageRecord(SQLModel, table=True):
     provider_key_id: str | None = None
     # The node that served, for node targets (the target column names the pool).
     node_id: str | None = Field(default=None, index=True)
-    # hit, miss or bypass (server.cache); a hit costs nothing and served no tokens upstream.
+    # hit, miss or bypass (server.policy.cache); a hit costs nothing and served no tokens upstream.
     cache: str = Field(default="bypass", sa_column_kwargs=server_default("bypass"))
     # The price (USD per 1M tokens) the row was billed at: the one in force when it was served.
     price_in: float | None = None
     price_out: float | None = None
-    # The row's own id, made with the row: a row replayed from the usage spool (server.spool) after a crash is
+    # The row's own id, made with the row: a row replayed from the usage spool (server.usage.spool) after a crash is
     # inserted only when no row has it yet. NULL for rows from before the spool (a unique index allows many).
     row_id: str | None = Field(default=None, unique=True, index=True)
 

@@ -13,9 +13,9 @@ from typing import Any
 from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
-from server.cache import CACHE_MODES
 from server.errors import InvalidRequestError, NotFoundError
-from server.limits import INTEGER_LIMITS, LIMIT_FIELDS, key_scope, org_scope
+from server.policy.cache import CACHE_MODES
+from server.policy.limits import INTEGER_LIMITS, LIMIT_FIELDS, key_scope, org_scope
 from server.storage.models import (
     ApiKey,
     LimitPolicy,

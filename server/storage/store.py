@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
+from server.api.validation import check_name
 from server.credentials import (
     ADMIN_KEY_PREFIX,
     API_KEY_PREFIX,
@@ -23,9 +24,9 @@ from server.credentials import (
     hash_key,
 )
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
-from server.hedge import parse_hedge
-from server.rescue import PROVIDER_CONTINUATIONS
-from server.routing import STRATEGIES, parse_targets
+from server.routing.continuation import PROVIDER_CONTINUATIONS
+from server.routing.hedge import parse_hedge
+from server.routing.rules import STRATEGIES, parse_targets
 from server.storage.models import (
     AdminKey,
     ApiKey,
@@ -50,7 +51,6 @@ from server.targets.egress import (
     redact,
     tls_context,
 )
-from server.validation import check_name
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,1 @@
-"""Targets: the things a request can be served by (an upstream provider now, a node pool later)."""
+"""Targets: what a request can be served by: an upstream OpenAI-compatible provider or a pool of nodes."""

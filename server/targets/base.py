@@ -2,7 +2,7 @@
 
 A target answers an OpenAI request body either whole (`complete`) or as a stream of SSE data payloads
 (`stream`). Failures are raised as `server.errors.UpstreamError` subclasses so the attempt loop can decide
-what to do next (`server.failover.decide`); a stream that has started raises the same classes from its
+what to do next (`server.routing.failover.decide`); a stream that has started raises the same classes from its
 iterator.
 """
 
@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from server.failover import FailoverPolicy
-from server.metering import Generated
-from server.rescue import ContinuationForm
+from server.routing.continuation import ContinuationForm
+from server.routing.failover import FailoverPolicy
+from server.usage.metering import Generated
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +68,7 @@ class Target(ABC):
     price_in: float | None
     price_out: float | None
     policy: FailoverPolicy
-    # How the target continues a broken stream for a rescue (server.rescue): declared, never learnt.
+    # How the target continues a broken stream for a rescue (server.routing.continuation): declared, never learnt.
     continuation: ContinuationForm
     # Whether it serves OpenAI's /v1/responses itself (declared for a provider); else the plane translates a
     # /v1/responses request to chat completions for it (server.responses).

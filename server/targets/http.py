@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from server.routing.waiters import Waiters
 from server.targets.egress import (
     Egress,
     EnvironmentProxies,
@@ -43,7 +44,6 @@ from server.targets.egress import (
     choose_proxy,
     open_tunnel,
 )
-from server.waiters import Waiters
 
 
 class HTTPClientError(Exception):

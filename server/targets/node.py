@@ -28,20 +28,20 @@ from server.errors import (
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
-from server.failover import FailoverPolicy
-from server.metering import Generated, choices
 from server.nodes.bounds import MAX_PRICE
 from server.nodes.registry import Job, NodeRegistry, SessionLost
-from server.rescue import ContinuationForm
+from server.routing.continuation import ContinuationForm
+from server.routing.failover import FailoverPolicy
 from server.targets.base import Attempt, Call, Target, TargetStream
 from server.targets.node_logprobs import ChoiceLogprobs, first_offset, requested
+from server.usage.metering import Generated, choices
 
 # The id routing rules use for "the org's nodes" (e.g. `route set m --targets nodes,openai`).
 NODES_TARGET = "nodes"
 
 
 def pool_key(org_id: str, model: str) -> str:
-    """The key of an org's node pool for one model in the plane's health records (server.health)."""
+    """The key of an org's node pool for one model in the plane's health records (server.routing.health)."""
     return f"{NODES_TARGET}/{org_id}/{model}"
 
 
@@ -76,7 +76,8 @@ class NodePoolTarget(Target):
 
     @property
     def tokens_per_s(self) -> float | None:
-        """The speed its nodes measured (server.routing's `fastest` uses it until health has measured the pool)."""
+        """The speed its nodes measured (server.routing.rules's `fastest` uses it until health has measured the
+        pool)."""
         return self.registry.tokens_per_s(self.org_id, self.upstream_model)
 
     async def _dispatch(self, call: Call, attempt: Attempt) -> Job:

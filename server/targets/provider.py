@@ -29,9 +29,9 @@ from server.errors import (
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
-from server.failover import FailoverPolicy
-from server.health import Health
-from server.rescue import DEFAULT_CONTINUATION, ContinuationForm
+from server.routing.continuation import DEFAULT_CONTINUATION, ContinuationForm
+from server.routing.failover import FailoverPolicy
+from server.routing.health import Health
 from server.targets.base import Attempt, Call, Target, TargetStream
 from server.targets.egress import Egress, EnvironmentProxies
 from server.targets.http import (

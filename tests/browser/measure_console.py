@@ -110,7 +110,7 @@ def measure_page_load() -> None:
     from playwright.sync_api import Page, Request, sync_playwright
 
     from server.config import Config
-    from server.serve import Server
+    from server.serving.serve import Server
     from tests.loop_thread import LoopThread
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """route hedge: how a route hedges a slow first token
 
-Each routing rule may say how a stream whose first content token is late is hedged (server.hedge): off, auto or
+Each routing rule may say how a stream whose first content token is late is hedged (server.routing.hedge): off, auto or
 a number of seconds. Existing rules get NULL, which takes the plane's `hedge` setting (auto by default).
 
 Revision ID: 0008

@@ -19,48 +19,59 @@ from proto.hatchway.node.v1 import node_pb2 as pb
 from server.accounts import Principal, admin_principal
 from server.accounts.changes import mutate as _mutate
 from server.accounts.principal import ACCOUNTS
+from server.api.openai_api import read_body
+from server.api.resources import (
+    AUDIT,
+    CACHE,
+    CATALOG,
+    CONFIG,
+    ENGINE,
+    LIMITER,
+    NODE_STORE,
+    NODE_TLS,
+    POLICIES,
+    REGISTRY,
+    SNAPSHOTS,
+    STORE,
+)
+from server.api.validation import bounded_int, bounded_number
 from server.credentials import ENROLLMENT_TOKEN_PREFIX, generate_key
 from server.errors import ConflictError, InvalidRequestError, PermissionDeniedError
-from server.failover import validate_overrides
-from server.limits import LIMIT_FIELDS
-from server.openai_api import read_body
-from server.plane import PLANE, Plane
-from server.reports import earnings_report, usage_report
+from server.nodes.registry import NodeRegistry
+from server.policy.limits import LIMIT_FIELDS
+from server.routing.failover import validate_overrides
 from server.storage.store import parse_models, parse_price
-from server.validation import bounded_int, bounded_number
+from server.usage.reports import earnings_report, usage_report
 
 T = TypeVar("T")
 
 
-async def _allowed(request: web.Request, permission: str) -> tuple[Plane, Principal]:
-    """The plane and the caller, once the caller's role holds `permission` (401 without a credential, 403 else)."""
+async def _allowed(request: web.Request, permission: str) -> Principal:
+    """The caller, once the caller's role holds `permission` (401 without a credential, 403 else)."""
     principal = await admin_principal(request)
     principal.require(permission)
-    return request.app[PLANE], principal
+    return principal
 
 
-def _org_id(plane: Plane, ref: str) -> str | None:
+def _org_id(request: web.Request, ref: str) -> str | None:
     """An org's id from its id or name, as the live snapshot knows it; None for none."""
-    names = plane.snapshots.current.org_names
-    if ref in names:
-        return ref
-    return next((org_id for org_id, name in names.items() if name == ref), None)
+    return request.app[SNAPSHOTS].current.org_id(ref)
 
 
-def _org(plane: Plane, principal: Principal, ref: str | None) -> str | None:
+def _org(request: web.Request, principal: Principal, ref: str | None) -> str | None:
     """The org a call is about. A plane admin's is `ref` as given (None: every org); anyone else's is their own
     org, whether they name it or not, and naming another is refused."""
     scope = principal.org_scope
     if scope is None:
         return ref
-    if ref is not None and ref != scope and _org_id(plane, ref) != scope:
+    if ref is not None and ref != scope and _org_id(request, ref) != scope:
         raise PermissionDeniedError("that belongs to another org", code="forbidden")
     return scope
 
 
-def _named_org(plane: Plane, principal: Principal, ref: str) -> str:
+def _named_org(request: web.Request, principal: Principal, ref: str) -> str:
     """The org a change names (required): as `_org`, never None."""
-    return _org(plane, principal, ref) or ref
+    return _org(request, principal, ref) or ref
 
 
 def _reach(principal: Principal, found: Mapping[str, Any] | None, owner_field: str) -> None:
@@ -75,8 +86,8 @@ def _reach(principal: Principal, found: Mapping[str, Any] | None, owner_field: s
         raise PermissionDeniedError("that is not yours", code="forbidden")
 
 
-async def _body(request: web.Request, plane: Plane) -> dict[str, Any]:
-    return await read_body(request, plane.config.max_body_bytes)
+async def _body(request: web.Request) -> dict[str, Any]:
+    return await read_body(request, request.app[CONFIG].max_body_bytes)
 
 
 async def _read(fn: Callable[..., T], *args: Any) -> T:
@@ -132,30 +143,28 @@ def _datetime(body: dict[str, Any], name: str) -> datetime | None:
 
 
 async def create_org(request: web.Request) -> web.Response:
-    plane, _ = await _allowed(request, "orgs.create")
-    body = await _body(request, plane)
-    org = await _mutate(request, "org.create", plane.store.create_org, _str(body, "name"))
+    await _allowed(request, "orgs.create")
+    body = await _body(request)
+    org = await _mutate(request, "org.create", request.app[STORE].create_org, _str(body, "name"))
     return web.json_response(org, status=201)
 
 
 async def list_orgs(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "orgs.read")
+    principal = await _allowed(request, "orgs.read")
     scope = principal.org_scope
-    return _listing([o for o in await _read(plane.store.list_orgs) if scope in (None, o["id"])])
+    return _listing([o for o in await _read(request.app[STORE].list_orgs) if scope in (None, o["id"])])
 
 
 async def create_key(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "keys.write")
-    body = await _body(request, plane)
-    org = _named_org(plane, principal, _str(body, "org"))
+    principal = await _allowed(request, "keys.write")
+    body = await _body(request)
+    org = _named_org(request, principal, _str(body, "org"))
     # A developer's keys are their own; an admin's belong to the org, or to the account of the org it names.
-    owner = principal.owner_scope or await _key_owner(
-        request, plane, org, _str(body, "owner_account_id", required=False)
-    )
+    owner = principal.owner_scope or await _key_owner(request, org, _str(body, "owner_account_id", required=False))
     key = await _mutate(
         request,
         "key.create",
-        plane.store.create_key,
+        request.app[STORE].create_key,
         org,
         _str(body, "name", required=False),
         _str_list(body, "models"),
@@ -165,50 +174,52 @@ async def create_key(request: web.Request) -> web.Response:
     return web.json_response(key, status=201)
 
 
-async def _key_owner(request: web.Request, plane: Plane, org: str, account_id: str) -> str | None:
+async def _key_owner(request: web.Request, org: str, account_id: str) -> str | None:
     """The account an admin gives a new key to (it shows among that developer's keys); None: the org's."""
     if not account_id:
         return None
     account = await _read(request.app[ACCOUNTS].store.get_account, account_id)
-    if account["org_id"] != _org_id(plane, org):
+    if account["org_id"] != _org_id(request, org):
         raise InvalidRequestError("the key's owner must be an account of the key's org", param="owner_account_id")
     return account_id
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "keys.read")
-    org = _org(plane, principal, request.query.get("org"))
-    return _listing(await _read(plane.store.list_keys, org, principal.owner_scope))
+    principal = await _allowed(request, "keys.read")
+    org = _org(request, principal, request.query.get("org"))
+    return _listing(await _read(request.app[STORE].list_keys, org, principal.owner_scope))
 
 
-def _key(plane: Plane, key_id: str) -> dict[str, Any] | None:
-    return _find(plane.store.list_keys(), id=key_id)
+def _key(request: web.Request, key_id: str) -> dict[str, Any] | None:
+    return _find(request.app[STORE].list_keys(), id=key_id)
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "keys.write")
+    principal = await _allowed(request, "keys.write")
     key_id = request.match_info["id"]
-    _reach(principal, await _read(_key, plane, key_id), "owner_account_id")
-    revoked = await _mutate(request, "key.revoke", plane.store.revoke_key, key_id, before=lambda: _key(plane, key_id))
+    _reach(principal, await _read(_key, request, key_id), "owner_account_id")
+    revoked = await _mutate(
+        request, "key.revoke", request.app[STORE].revoke_key, key_id, before=lambda: _key(request, key_id)
+    )
     return web.json_response(revoked)
 
 
 async def rotate_admin_key(request: web.Request) -> web.Response:
     """Replace the admin key with a new one, shown once in the answer; the key that called is refused from now on."""
-    plane, _ = await _allowed(request, "admin_key.rotate")
-    if plane.config.admin_key:
+    await _allowed(request, "admin_key.rotate")
+    if request.app[CONFIG].admin_key:
         raise ConflictError(
             "this plane's admin key comes from its configuration (HATCHWAY_ADMIN_KEY): set a new value there and "
             "restart the plane; the previous key is refused from then on"
         )
-    rotated = await _mutate(request, "admin_key.rotate", plane.store.rotate_admin_key)
+    rotated = await _mutate(request, "admin_key.rotate", request.app[STORE].rotate_admin_key)
     return web.json_response(rotated, status=201)
 
 
 async def add_provider(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "providers.write")
-    body = await _body(request, plane)
-    org = _named_org(plane, principal, _str(body, "org"))
+    principal = await _allowed(request, "providers.write")
+    body = await _body(request)
+    org = _named_org(request, principal, _str(body, "org"))
     raw_models = body.get("models")
     if not isinstance(raw_models, list):
         raise InvalidRequestError("'models' must be an array", param="models")
@@ -218,7 +229,7 @@ async def add_provider(request: web.Request) -> web.Response:
     provider = await _mutate(
         request,
         "provider.add",
-        plane.store.add_provider,
+        request.app[STORE].add_provider,
         org,
         _str(body, "name"),
         _str(body, "base_url"),
@@ -265,16 +276,16 @@ def _policy(body: dict[str, Any]) -> dict[str, float | int]:
 
 
 async def update_provider(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "providers.write")
-    body = await _body(request, plane)
-    ref, org = request.match_info["ref"], _org(plane, principal, request.query.get("org"))
+    principal = await _allowed(request, "providers.write")
+    body = await _body(request)
+    ref, org = request.match_info["ref"], _org(request, principal, request.query.get("org"))
     provider = await _mutate(
         request,
         "provider.update",
-        plane.store.update_provider,
+        request.app[STORE].update_provider,
         ref,
         org,
-        before=lambda: plane.store.listed_provider(ref, org),
+        before=lambda: request.app[STORE].listed_provider(ref, org),
         policy=_policy(body),
         continuation=_continuation(body),
         egress=_egress(body),
@@ -284,73 +295,73 @@ async def update_provider(request: web.Request) -> web.Response:
 
 
 async def list_providers(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "providers.read")
-    return _listing(await _read(plane.store.list_providers, _org(plane, principal, request.query.get("org"))))
+    principal = await _allowed(request, "providers.read")
+    return _listing(await _read(request.app[STORE].list_providers, _org(request, principal, request.query.get("org"))))
 
 
 async def remove_provider(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "providers.write")
-    ref, org = request.match_info["ref"], _org(plane, principal, request.query.get("org"))
+    principal = await _allowed(request, "providers.write")
+    ref, org = request.match_info["ref"], _org(request, principal, request.query.get("org"))
     removed = await _mutate(
         request,
         "provider.remove",
-        plane.store.remove_provider,
+        request.app[STORE].remove_provider,
         ref,
         org,
-        before=lambda: plane.store.listed_provider(ref, org),
+        before=lambda: request.app[STORE].listed_provider(ref, org),
     )
     return web.json_response(removed)
 
 
 async def set_route(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "routes.write")
-    body = await _body(request, plane)
-    org, model = _named_org(plane, principal, _str(body, "org")), _str(body, "model")
+    principal = await _allowed(request, "routes.write")
+    body = await _body(request)
+    org, model = _named_org(request, principal, _str(body, "org")), _str(body, "model")
     route = await _mutate(
         request,
         "route.set",
-        plane.store.set_route,
+        request.app[STORE].set_route,
         org,
         model,
         _str(body, "strategy", required=False) or "priority",
         _str_list(body, "targets"),
         _str_list(body, "fallbacks"),
         _hedge(body),
-        before=lambda: _find(plane.store.list_routes(org), model=model),
+        before=lambda: _find(request.app[STORE].list_routes(org), model=model),
     )
     return web.json_response(route)
 
 
 async def list_routes(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "routes.read")
-    return _listing(await _read(plane.store.list_routes, _org(plane, principal, request.query.get("org"))))
+    principal = await _allowed(request, "routes.read")
+    return _listing(await _read(request.app[STORE].list_routes, _org(request, principal, request.query.get("org"))))
 
 
 async def remove_route(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "routes.write")
-    org, model = _org(plane, principal, request.query.get("org")), request.query.get("model")
+    principal = await _allowed(request, "routes.write")
+    org, model = _org(request, principal, request.query.get("org")), request.query.get("model")
     if not org or not model:
         raise InvalidRequestError("pass the rule's org and model as query parameters", param="model")
     removed = await _mutate(
         request,
         "route.remove",
-        plane.store.remove_route,
+        request.app[STORE].remove_route,
         org,
         model,
-        before=lambda: _find(plane.store.list_routes(org), model=model),
+        before=lambda: _find(request.app[STORE].list_routes(org), model=model),
     )
     return web.json_response(removed)
 
 
 async def list_models(request: web.Request) -> web.Response:
     """What keys of an org can call, read from the live snapshot, with the targets in routing order."""
-    plane, principal = await _allowed(request, "models.read")
-    catalog = plane.catalog()
+    principal = await _allowed(request, "models.read")
+    catalog = request.app[CATALOG]()
     snapshot = catalog.snapshot
-    org_ref = _org(plane, principal, request.query.get("org"))
+    org_ref = _org(request, principal, request.query.get("org"))
     org_ids = [i for i, name in snapshot.org_names.items() if org_ref in (None, i, name)]
     if org_ref and not org_ids:
-        orgs = await _read(plane.store.list_orgs)
+        orgs = await _read(request.app[STORE].list_orgs)
         raise InvalidRequestError(f"no org {org_ref!r} (known: {', '.join(o['name'] for o in orgs)})", param="org")
     data = [
         {
@@ -374,9 +385,9 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def list_audit(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "audit.read")
+    principal = await _allowed(request, "audit.read")
     since = _datetime(dict(request.query), "since")
-    entries = await _read(plane.audit.list, since)
+    entries = await _read(request.app[AUDIT].list, since)
     scope = principal.org_scope
     if scope is not None:
         actors = await _read(request.app[ACCOUNTS].store.org_actors, scope)
@@ -393,21 +404,21 @@ def _about_org(entry: dict[str, Any], org_id: str, actors: set[str]) -> bool:
 
 
 async def verify_audit(request: web.Request) -> web.Response:
-    plane, _ = await _allowed(request, "audit.read")
-    return web.json_response((await _read(plane.audit.verify)).to_dict())
+    await _allowed(request, "audit.read")
+    return web.json_response((await _read(request.app[AUDIT].verify)).to_dict())
 
 
 async def usage(request: web.Request) -> web.Response:
     """GET /admin/v1/usage?org=&since=ISO&by=model,route (a developer's: of their own keys only)"""
-    plane, principal = await _allowed(request, "usage.read")
+    principal = await _allowed(request, "usage.read")
     by = [g for g in request.query.get("by", "model").split(",") if g]
     since = _datetime(dict(request.query), "since")
-    org = _org(plane, principal, request.query.get("org"))
+    org = _org(request, principal, request.query.get("org"))
     owner = principal.owner_scope
 
     def report() -> list[dict[str, Any]]:
         key_ids = request.app[ACCOUNTS].store.owned_key_ids(owner) if owner is not None else None
-        return usage_report(plane.engine, org_ref=org, since=since, by=by, key_ids=key_ids)
+        return usage_report(request.app[ENGINE], org_ref=org, since=since, by=by, key_ids=key_ids)
 
     return _listing(await _read(report))
 
@@ -422,11 +433,11 @@ NODE_TOKEN_MAX_USES = 1_000_000
 
 
 async def create_node_token(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "node_tokens.create")
-    body = await _body(request, plane)
-    org = _named_org(plane, principal, _str(body, "org"))
+    principal = await _allowed(request, "node_tokens.create")
+    body = await _body(request)
+    org = _named_org(request, principal, _str(body, "org"))
     if principal.owner_scope is not None and not await _read(
-        request.app[ACCOUNTS].store.providers_may_enroll, _org_id(plane, org) or org
+        request.app[ACCOUNTS].store.providers_may_enroll, _org_id(request, org) or org
     ):
         raise PermissionDeniedError(
             "this org does not let providers create enrollment tokens (an org admin can allow it: "
@@ -447,7 +458,7 @@ async def create_node_token(request: web.Request) -> web.Response:
     created = await _mutate(
         request,
         "node_token.create",
-        plane.nodes.create_token,
+        request.app[NODE_STORE].create_token,
         org,
         secret,
         ttl_s=ttl,
@@ -457,7 +468,7 @@ async def create_node_token(request: web.Request) -> web.Response:
         # The nodes enrolled with it are this account's (what a provider sees as their own).
         created_by=principal.owner_scope or principal.account_id,
     )
-    token = join_enrollment_token(secret, plane.tls.fingerprint, planes)
+    token = join_enrollment_token(secret, request.app[NODE_TLS].fingerprint, planes)
     return web.json_response({**created, "token": token}, status=201)
 
 
@@ -473,27 +484,27 @@ def _plane_addresses(body: dict[str, Any]) -> list[str]:
 
 
 async def list_node_tokens(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "node_tokens.read")
-    tokens = await _read(plane.nodes.list_tokens, _org(plane, principal, request.query.get("org")))
+    principal = await _allowed(request, "node_tokens.read")
+    tokens = await _read(request.app[NODE_STORE].list_tokens, _org(request, principal, request.query.get("org")))
     owner = principal.owner_scope
     return _listing([t for t in tokens if owner in (None, t["created_by"])])
 
 
 async def revoke_node_token(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "node_tokens.revoke")
+    principal = await _allowed(request, "node_tokens.revoke")
     token_id = request.match_info["id"]
 
     def before() -> dict[str, Any] | None:
-        return _find(plane.nodes.list_tokens(), id=token_id)
+        return _find(request.app[NODE_STORE].list_tokens(), id=token_id)
 
     _reach(principal, await _read(before), "created_by")
-    revoked = await _mutate(request, "node_token.revoke", plane.nodes.revoke_token, token_id, before=before)
+    revoked = await _mutate(request, "node_token.revoke", request.app[NODE_STORE].revoke_token, token_id, before=before)
     return web.json_response(revoked)
 
 
-def _with_live_state(plane: Plane, node: dict[str, Any]) -> dict[str, Any]:
+def _with_live_state(registry: NodeRegistry, node: dict[str, Any]) -> dict[str, Any]:
     """A node's stored facts plus what its live session says (or offline)."""
-    session = plane.registry.session(node["id"])
+    session = registry.session(node["id"])
     if node["revoked_at"]:
         return {**node, "state": "revoked"}
     if session is None:
@@ -555,34 +566,43 @@ def _gpu_layers(info: pb.ModelInfo | None) -> dict[str, Any]:
 
 
 async def list_nodes(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "nodes.read")
-    nodes = await _read(plane.nodes.list_nodes, _org(plane, principal, request.query.get("org")))
+    principal = await _allowed(request, "nodes.read")
+    nodes = await _read(request.app[NODE_STORE].list_nodes, _org(request, principal, request.query.get("org")))
     owner = principal.owner_scope
-    return _listing([_with_live_state(plane, n) for n in nodes if owner in (None, n["owner_account_id"])])
+    return _listing(
+        [_with_live_state(request.app[REGISTRY], n) for n in nodes if owner in (None, n["owner_account_id"])]
+    )
 
 
-async def _node(request: web.Request, permission: str) -> tuple[Plane, str]:
-    """The plane and the node's ref, once the caller may act on that node with `permission`."""
-    plane, principal = await _allowed(request, permission)
+async def _node(request: web.Request, permission: str) -> str:
+    """The node's ref, once the caller may act on that node with `permission`."""
+    principal = await _allowed(request, permission)
     ref = request.match_info["ref"]
-    _reach(principal, await _read(plane.nodes.get_node, ref), "owner_account_id")
-    return plane, ref
+    _reach(principal, await _read(request.app[NODE_STORE].get_node, ref), "owner_account_id")
+    return ref
 
 
 async def show_node(request: web.Request) -> web.Response:
-    plane, ref = await _node(request, "nodes.read")
-    return web.json_response(_with_live_state(plane, await _read(plane.nodes.get_node, ref)))
+    ref = await _node(request, "nodes.read")
+    return web.json_response(
+        _with_live_state(request.app[REGISTRY], await _read(request.app[NODE_STORE].get_node, ref))
+    )
 
 
 async def _set_drained(request: web.Request, drained: bool) -> web.Response:
     """Persist the flag (it holds across reconnects), then tell the live session."""
-    plane, ref = await _node(request, "nodes.operate")
+    ref = await _node(request, "nodes.operate")
     action = "node.drain" if drained else "node.resume"
     node = await _mutate(
-        request, action, plane.nodes.set_drained, ref, drained, before=lambda: plane.nodes.get_node(ref)
+        request,
+        action,
+        request.app[NODE_STORE].set_drained,
+        ref,
+        drained,
+        before=lambda: request.app[NODE_STORE].get_node(ref),
     )
-    plane.registry.set_drained(node["id"], drained)
-    return web.json_response(_with_live_state(plane, node))
+    request.app[REGISTRY].set_drained(node["id"], drained)
+    return web.json_response(_with_live_state(request.app[REGISTRY], node))
 
 
 async def drain_node(request: web.Request) -> web.Response:
@@ -594,10 +614,16 @@ async def resume_node(request: web.Request) -> web.Response:
 
 
 async def revoke_node(request: web.Request) -> web.Response:
-    plane, ref = await _node(request, "nodes.revoke")
-    node = await _mutate(request, "node.revoke", plane.nodes.revoke, ref, before=lambda: plane.nodes.get_node(ref))
-    plane.registry.disconnect(node["id"])
-    return web.json_response(_with_live_state(plane, node))
+    ref = await _node(request, "nodes.revoke")
+    node = await _mutate(
+        request,
+        "node.revoke",
+        request.app[NODE_STORE].revoke,
+        ref,
+        before=lambda: request.app[NODE_STORE].get_node(ref),
+    )
+    request.app[REGISTRY].disconnect(node["id"])
+    return web.json_response(_with_live_state(request.app[REGISTRY], node))
 
 
 # -- policy: limits, cache, prices -----------------------------------------------------------------------
@@ -611,29 +637,29 @@ def _subject(source: Mapping[str, Any]) -> tuple[str | None, str | None]:
     return org, key
 
 
-async def _with_live_usage(plane: Plane, limits: dict[str, Any]) -> dict[str, Any]:
+async def _with_live_usage(request: web.Request, limits: dict[str, Any]) -> dict[str, Any]:
     """Stored limits plus what the plane's counters (or the shared ones) say right now."""
-    live = plane.snapshots.current.limits.get(limits["scope"])
-    return {**limits, "usage": await plane.limiter.live_usage(limits["scope"], live) if live else {}}
+    live = request.app[SNAPSHOTS].current.limits.get(limits["scope"])
+    return {**limits, "usage": await request.app[LIMITER].live_usage(limits["scope"], live) if live else {}}
 
 
 async def _limit_subject(
     request: web.Request, permission: str, source: Mapping[str, Any]
-) -> tuple[Plane, str | None, str | None]:
+) -> tuple[str | None, str | None]:
     """The org or key a limit is about, once the caller may touch it: a key of their org, or their org."""
-    plane, principal = await _allowed(request, permission)
+    principal = await _allowed(request, permission)
     org, key = _subject(source)
     if key is not None:
-        _reach(principal, await _read(_key, plane, key), "owner_account_id")
+        _reach(principal, await _read(_key, request, key), "owner_account_id")
     else:
-        org = _org(plane, principal, org)
-    return plane, org, key
+        org = _org(request, principal, org)
+    return org, key
 
 
 async def set_limits(request: web.Request) -> web.Response:
-    plane, _ = await _allowed(request, "limits.write")
-    body = await _body(request, plane)
-    _, org, key = await _limit_subject(request, "limits.write", body)
+    await _allowed(request, "limits.write")
+    body = await _body(request)
+    org, key = await _limit_subject(request, "limits.write", body)
     values = {name: body[name] for name in LIMIT_FIELDS if name in body}
     unknown = set(body) - {"org", "key", *LIMIT_FIELDS}
     if unknown:
@@ -641,59 +667,59 @@ async def set_limits(request: web.Request) -> web.Response:
     limits = await _mutate(
         request,
         "limits.set",
-        plane.policies.set_limits,
+        request.app[POLICIES].set_limits,
         org,
         key,
         values,
-        before=lambda: plane.policies.get_limits(org, key),
+        before=lambda: request.app[POLICIES].get_limits(org, key),
     )
-    return web.json_response(await _with_live_usage(plane, limits))
+    return web.json_response(await _with_live_usage(request, limits))
 
 
 async def list_limits(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "limits.read")
+    principal = await _allowed(request, "limits.read")
     if request.query.get("key"):
-        _reach(principal, await _read(_key, plane, request.query["key"]), "owner_account_id")
-        found = await _read(plane.policies.get_limits, None, request.query["key"])
+        _reach(principal, await _read(_key, request, request.query["key"]), "owner_account_id")
+        found = await _read(request.app[POLICIES].get_limits, None, request.query["key"])
         rows = [found] if found else []
     else:
-        rows = await _read(plane.policies.list_limits, _org(plane, principal, request.query.get("org")))
-    return _listing([await _with_live_usage(plane, r) for r in rows])
+        rows = await _read(request.app[POLICIES].list_limits, _org(request, principal, request.query.get("org")))
+    return _listing([await _with_live_usage(request, r) for r in rows])
 
 
 async def remove_limits(request: web.Request) -> web.Response:
-    plane, org, key = await _limit_subject(request, "limits.write", request.query)
+    org, key = await _limit_subject(request, "limits.write", request.query)
     removed = await _mutate(
         request,
         "limits.remove",
-        plane.policies.remove_limits,
+        request.app[POLICIES].remove_limits,
         org,
         key,
-        before=lambda: plane.policies.get_limits(org, key),
+        before=lambda: request.app[POLICIES].get_limits(org, key),
     )
     return web.json_response(removed)
 
 
 async def set_cache_policy(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "cache.write")
-    body = await _body(request, plane)
-    org = _named_org(plane, principal, _str(body, "org"))
+    principal = await _allowed(request, "cache.write")
+    body = await _body(request)
+    org = _named_org(request, principal, _str(body, "org"))
     ttl = body.get("ttl_s")
     policy = await _mutate(
         request,
         "cache.set",
-        plane.policies.set_cache_policy,
+        request.app[POLICIES].set_cache_policy,
         org,
         _str(body, "mode", required=False) or None,
         ttl,
-        before=lambda: plane.policies.list_cache_policies(org)[0],
+        before=lambda: request.app[POLICIES].list_cache_policies(org)[0],
     )
-    return web.json_response((await _with_cache_stats(plane, [policy]))[0])
+    return web.json_response((await _with_cache_stats(request, [policy]))[0])
 
 
-async def _with_cache_stats(plane: Plane, policies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+async def _with_cache_stats(request: web.Request, policies: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each org's policy with the entries and bytes it holds (null when a shared cache cannot say now)."""
-    held = await plane.cache.held(p["org_id"] for p in policies)
+    held = await request.app[CACHE].held(p["org_id"] for p in policies)
     return [{**p, **_figures(held.get(p["org_id"]))} for p in policies]
 
 
@@ -703,33 +729,33 @@ def _figures(held: tuple[int, int] | None) -> dict[str, int | None]:
 
 
 async def list_cache_policies(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "cache.read")
-    rows = await _read(plane.policies.list_cache_policies, _org(plane, principal, request.query.get("org")))
-    return _listing(await _with_cache_stats(plane, rows))
+    principal = await _allowed(request, "cache.read")
+    rows = await _read(request.app[POLICIES].list_cache_policies, _org(request, principal, request.query.get("org")))
+    return _listing(await _with_cache_stats(request, rows))
 
 
 async def clear_cache(request: web.Request) -> web.Response:
     """Drop cached answers: one org's, or all of them. Audited, like every admin change."""
-    plane, principal = await _allowed(request, "cache.write")
-    org_ref = _org(plane, principal, request.query.get("org"))
+    principal = await _allowed(request, "cache.write")
+    org_ref = _org(request, principal, request.query.get("org"))
     org_id = None
     if org_ref:
-        org_id = (await _read(plane.policies.list_cache_policies, org_ref))[0]["org_id"]
+        org_id = (await _read(request.app[POLICIES].list_cache_policies, org_ref))[0]["org_id"]
 
     # On the loop, which is what stores and evicts entries: a worker thread would race it over the dict.
-    cleared = {"object": "cache_clear", "id": org_id or "*", "removed": await plane.cache.remove(org_id)}
+    cleared = {"object": "cache_clear", "id": org_id or "*", "removed": await request.app[CACHE].remove(org_id)}
     return web.json_response(await _mutate(request, "cache.clear", lambda: cleared))
 
 
 async def set_price(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "prices.write")
-    body = await _body(request, plane)
+    principal = await _allowed(request, "prices.write")
+    body = await _body(request)
     price = await _mutate(
         request,
         "price.set",
-        plane.policies.set_price,
+        request.app[POLICIES].set_price,
         _str(body, "provider"),
-        _org(plane, principal, _str(body, "org", required=False) or None),
+        _org(request, principal, _str(body, "org", required=False) or None),
         _str(body, "model"),
         body.get("price_in"),
         body.get("price_out"),
@@ -738,24 +764,24 @@ async def set_price(request: web.Request) -> web.Response:
 
 
 async def list_prices(request: web.Request) -> web.Response:
-    plane, principal = await _allowed(request, "prices.read")
-    org = _org(plane, principal, request.query.get("org"))
-    rows = await _read(plane.policies.price_history, org, request.query.get("provider"))
+    principal = await _allowed(request, "prices.read")
+    org = _org(request, principal, request.query.get("org"))
+    rows = await _read(request.app[POLICIES].price_history, org, request.query.get("provider"))
     return _listing(rows)
 
 
 async def node_earnings(request: web.Request) -> web.Response:
     """GET /admin/v1/earnings?org=&since=ISO&by=node|org (a provider's: of their own nodes only)"""
-    plane, principal = await _allowed(request, "earnings.read")
+    principal = await _allowed(request, "earnings.read")
     since = _datetime(dict(request.query), "since")
     by = request.query.get("by", "node")
-    org = _org(plane, principal, request.query.get("org"))
+    org = _org(request, principal, request.query.get("org"))
     owner = principal.owner_scope
 
     def report() -> list[dict[str, Any]]:
         node_ids = None
         if owner is not None:
-            node_ids = [n["id"] for n in plane.nodes.list_nodes(org) if n["owner_account_id"] == owner]
-        return earnings_report(plane.engine, org_ref=org, since=since, by=by, node_ids=node_ids)
+            node_ids = [n["id"] for n in request.app[NODE_STORE].list_nodes(org) if n["owner_account_id"] == owner]
+        return earnings_report(request.app[ENGINE], org_ref=org, since=since, by=by, node_ids=node_ids)
 
     return _listing(await _read(report))

@@ -15,12 +15,12 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from server.cache import CachePolicy
-from server.failover import FailoverPolicy
-from server.health import Health
-from server.limits import LIMIT_FIELDS, Limits, key_scope, org_scope
-from server.rescue import provider_continuation
-from server.routing import RouteRule, parse_targets
+from server.policy.cache import CachePolicy
+from server.policy.limits import LIMIT_FIELDS, Limits, key_scope, org_scope
+from server.routing.continuation import provider_continuation
+from server.routing.failover import FailoverPolicy
+from server.routing.health import Health
+from server.routing.rules import RouteRule, parse_targets
 from server.storage.models import split_list
 from server.storage.store import SnapshotRows, Store
 from server.targets.base import Target
@@ -72,6 +72,12 @@ class Snapshot:
 
     def cache_policy(self, org_id: str) -> CachePolicy:
         return self.cache_policies.get(org_id) or CachePolicy()
+
+    def org_id(self, ref: str) -> str | None:
+        """An org's id from its id or its name; None when no org is either."""
+        if ref in self.org_names:
+            return ref
+        return next((org_id for org_id, name in self.org_names.items() if name == ref), None)
 
 
 def build_snapshot(

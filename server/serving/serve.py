@@ -1,14 +1,14 @@
 """Running the plane: start, wait for a signal, and shut down in named steps.
 
-Connections are accepted by a thread of their own (server.acceptor), which hands them to aiohttp on the loop,
+Connections are accepted by a thread of their own (server.serving.acceptor), which hands them to aiohttp on the loop,
 or refuses API requests at once while the plane is overloaded, and closes those past the cap per client
-address. Each connection's protocol is server.connections', which bounds how slowly a client may send.
+address. Each connection's protocol is server.serving.connections', which bounds how slowly a client may send.
 
 Shutdown: stop accepting connections, let in-flight requests finish within `shutdown_grace_s`, cancel what
 is left, then flush the usage queue and close storage (the acceptor stops first; aiohttp's runner does the
 next two, the plane's cleanup the last).
 
-With `workers` above 1, `run` hands over to server.workers: a supervisor that does the one-time start-up work
+With `workers` above 1, `run` hands over to server.serving.workers: a supervisor that does the one-time start-up work
 (`prepare`) and runs a `Server` in each of several processes sharing the ports.
 """
 
@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from server.acceptor import Acceptor, listening_socket
-from server.app import create_app
+from server.api.app import create_app
+from server.api.middleware import new_request_id
 from server.config import Config
-from server.connections import ConnectionLimits, Connections, ProtocolErrorLog
-from server.middleware import new_request_id
 from server.plane import Plane
+from server.serving.acceptor import Acceptor, listening_socket
+from server.serving.connections import ConnectionLimits, Connections, ProtocolErrorLog
 
 log = logging.getLogger("hatchway")
 
@@ -187,7 +187,7 @@ def install_uvloop() -> None:
 
 
 def run(config: Config) -> None:
-    from server.workers import supervise, worker_count  # server.workers builds on this module
+    from server.serving.workers import supervise, worker_count  # server.serving.workers builds on this module
 
     workers = worker_count(config)
     if workers > 1:

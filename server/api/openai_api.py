@@ -19,19 +19,10 @@ from typing import Any
 from aiohttp import web
 
 from server.accounts.playground import playground_key
-from server.auth import authenticate, authorize_model
-from server.cache import StreamAssembler, parse_directives
-from server.errors import BodyTooLargeError, HatchwayError, InvalidRequestError, ModelNotFoundError, NotFoundError
-from server.limits import Estimate, estimate_tokens
-from server.middleware import RATE_LIMIT_HEADERS, REQUEST_ID
-from server.plane import PLANE, Plane
-from server.relay import Exchange
-from server.responses.dialect import ResponsesDialect
-from server.responses.request import validate_responses
-from server.routing import ModelPlan
-from server.schema import clip
-from server.snapshot import KeyEntry, Snapshot
-from server.validation import (
+from server.api.middleware import RATE_LIMIT_HEADERS, REQUEST_ID
+from server.api.resources import CACHE, CATALOG, CONFIG, LIMITER, RELAY, ROUTER, SNAPSHOTS
+from server.api.schema import clip
+from server.api.validation import (
     Validator,
     check_content_type,
     parse_body,
@@ -39,8 +30,18 @@ from server.validation import (
     validate_completion,
     validate_embedding,
 )
+from server.config import Config
+from server.errors import BodyTooLargeError, HatchwayError, InvalidRequestError, ModelNotFoundError, NotFoundError
+from server.policy.auth import authenticate, authorize_model
+from server.policy.cache import Lookup, StreamAssembler, parse_directives
+from server.policy.limits import Estimate, estimate_tokens
+from server.policy.snapshot import KeyEntry, Snapshot
+from server.relay import Capture, Exchange
+from server.responses.dialect import ResponsesDialect
+from server.responses.request import validate_responses
+from server.routing.rules import ModelPlan
 
-# Per-request cache control: `bypass`, `no-store`, `ttl=SECONDS` (server.cache.parse_directives).
+# Per-request cache control: `bypass`, `no-store`, `ttl=SECONDS` (server.policy.cache.parse_directives).
 CACHE_HEADER = "X-Hatchway-Cache"
 
 
@@ -76,62 +77,70 @@ async def caller_key(request: web.Request, snapshot: Snapshot) -> KeyEntry:
 
 
 async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
-    plane = request.app[PLANE]
-    catalog = plane.catalog()
+    config, cache, relay = request.app[CONFIG], request.app[CACHE], request.app[RELAY]
+    catalog = request.app[CATALOG]()
     key = await caller_key(request, catalog.snapshot)
     directives = parse_directives(request.headers.get(CACHE_HEADER))
-    body = await read_body(request, plane.config.max_body_bytes)
+    body = await read_body(request, config.max_body_bytes)
     endpoint.validate(body)
     dialect = ResponsesDialect(body) if endpoint.responses else None
     if body.get("stream") and not endpoint.streamable:
         raise InvalidRequestError(f"/v1/{endpoint.path} cannot be streamed", param="stream")
     authorize_model(key, catalog, body["model"])
-    plans = plane.router.plan(
+    plans = request.app[ROUTER].plan(
         catalog.snapshot.rules.get(key.org_id, ()),
         lambda model: catalog.targets_for(key.org_id, model),
         body["model"],
         streaming=bool(body.get("stream")),
     )
+    lookup = await cache.fetch(key.org_id, endpoint.path, body, catalog.snapshot.cache_policy(key.org_id), directives)
     exchange = Exchange(
         request_id=request[REQUEST_ID],
         key=key,
         endpoint=endpoint.path,
         body=body,
         plans=plans,
-        deadline_s=plane.config.request_deadline_s,
+        deadline_s=config.request_deadline_s,
+        cache=lookup.status,
+        capture=_capture(lookup, endpoint, body, dialect),
         responses=dialect,
     )
-    lookup = await plane.cache.fetch(
-        key.org_id, endpoint.path, body, catalog.snapshot.cache_policy(key.org_id), directives
-    )
-    exchange.cache = lookup.status
     # A cached answer costs nothing: it still counts as a request, but reserves no tokens and no spend.
-    cost = Estimate() if lookup.value is not None else estimate(plane, *exchange.metered, plans)
+    cost = Estimate() if lookup.value is not None else estimate(config, *exchange.metered, plans)
     try:
-        admission = await plane.limiter.acquire(catalog.snapshot.limit_scopes(key), cost)
+        admission = await request.app[LIMITER].acquire(catalog.snapshot.limit_scopes(key), cost)
     except HatchwayError as exc:
-        plane.relay.refuse(exchange, exc)
+        relay.refuse(exchange, exc)
         raise
     request[RATE_LIMIT_HEADERS] = admission.headers
     try:
         if lookup.value is not None:
-            return await plane.relay.replay(request, exchange, lookup.value)
-        if lookup.stores and exchange.streaming:
-            exchange.collect = StreamAssembler(chat=exchange.chat) if dialect is None else dialect.record
-        relay = plane.relay.stream(request, exchange) if exchange.streaming else plane.relay.complete(exchange)
-        response = await relay
-        if lookup.stores and lookup.key and exchange.answer is not None:
-            await plane.cache.store(lookup.key, exchange.answer, lookup.ttl_s)
+            return await relay.replay(request, exchange, lookup.value)
+        response = await (relay.stream(request, exchange) if exchange.streaming else relay.complete(exchange))
+        if lookup.key and exchange.capture is not None and exchange.capture.answer is not None:
+            await cache.store(lookup.key, exchange.capture.answer, lookup.ttl_s)
         return response
     finally:
         # A client that left is billed what was generated for it; a node's own count may still be on its way.
-        plane.relay.settle_limits(exchange, admission.settle)
+        relay.settle_limits(exchange, admission.settle)
 
 
-def estimate(plane: Plane, endpoint: str, body: dict[str, Any], plans: list[ModelPlan]) -> Estimate:
+def _capture(
+    lookup: Lookup, endpoint: Endpoint, body: dict[str, Any], dialect: ResponsesDialect | None
+) -> Capture | None:
+    """What the relay keeps of the answer for the cache: nothing unless a miss will be stored; a stream is
+    assembled as it passes (a Responses stream by its dialect's record)."""
+    if not lookup.stores or lookup.value is not None:
+        return None
+    if not body.get("stream"):
+        return Capture()
+    return Capture(StreamAssembler(chat=endpoint is CHAT) if dialect is None else dialect.record)
+
+
+def estimate(config: Config, endpoint: str, body: dict[str, Any], plans: list[ModelPlan]) -> Estimate:
     """What to reserve against token and spend limits: the tokens the request may use, priced at the dearest
     target it may be served by."""
-    prompt, completion = estimate_tokens(endpoint, body, plane.config.completion_estimate_tokens)
+    prompt, completion = estimate_tokens(endpoint, body, config.completion_estimate_tokens)
     # The schema lets `max_tokens` be any integer and leaves its range to the upstream: a negative one must not
     # make a reservation that hands tokens back.
     completion = max(0, completion)
@@ -162,7 +171,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
 async def stored_response(request: web.Request) -> web.StreamResponse:
     """/v1/responses/{id} and what hangs off it (retrieve, delete, cancel, input items): a plane that stores no
     responses has none to give, and says so rather than "unknown route"."""
-    authenticate(request.headers, request.app[PLANE].catalog().snapshot)
+    authenticate(request.headers, request.app[SNAPSHOTS].current)
     raise NotFoundError(
         f"{request.method} {clip(request.path, 100)} is not served: Hatchway serves POST /v1/responses and stores no "
         "responses, so none can be retrieved, cancelled or deleted; send the whole conversation in 'input'"
@@ -174,7 +183,7 @@ def _model_object(model: str, created: int, owner: str) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    catalog = request.app[PLANE].catalog()
+    catalog = request.app[CATALOG]()
     snapshot = catalog.snapshot
     key = await caller_key(request, snapshot)
     owner = snapshot.org_names.get(key.org_id, "hatchway")
@@ -183,7 +192,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
-    catalog = request.app[PLANE].catalog()
+    catalog = request.app[CATALOG]()
     snapshot = catalog.snapshot
     key = await caller_key(request, snapshot)
     model = request.match_info["model"]

@@ -1,9 +1,9 @@
 """What the plane learns about its targets while serving, kept across snapshot rebuilds.
 
 Per target (provider + upstream model): a circuit breaker, EWMAs of latency and time to first token, the recent
-times to first token (their p95 is `--hedge auto`'s delay, server.hedge), and the requests in flight. Per
+times to first token (their p95 is `--hedge auto`'s delay, server.routing.hedge), and the requests in flight. Per
 provider key: a cool-down after a 429 or a 401, so the next request uses another key.
-Nothing here says how a target continues a broken stream: that is declared, never learnt (server.rescue).
+Nothing here says how a target continues a broken stream: that is declared, never learnt (server.routing.continuation).
 """
 
 from __future__ import annotations

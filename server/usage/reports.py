@@ -11,7 +11,8 @@ database and returns only the two rows around each percentile, which are interpo
 `statistics.quantiles(method="inclusive")` does (SQLite has no percentile function; this works on both).
 Tokens, cost and earnings count every billed request: served, or left by its client after tokens were generated.
 Node earnings are the plane's own figures: the cost it recorded for each request a node served, from the
-tokens it billed (held to its bounds, server.metering) at the node's price (held to server.nodes.bounds.MAX_PRICE).
+tokens it billed (held to its bounds, server.usage.metering) at the node's price (held to
+server.nodes.bounds.MAX_PRICE).
 """
 
 from __future__ import annotations

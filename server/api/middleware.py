@@ -1,6 +1,6 @@
 """The outer layer of every request: request id, metrics, and rendering every error as the OpenAI envelope.
 
-It also tells the request's connection (server.connections) when a request begins and ends, which is what
+It also tells the request's connection (server.serving.connections) when a request begins and ends, which is what
 that connection's read timeouts are measured against.
 """
 
@@ -14,12 +14,12 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from server.connections import Connection
 from server.errors import BodyTooLargeError, HatchwayError, InternalError, InvalidRequestError, NotFoundError
 from server.ids import id_sequence
 from server.metrics import Metrics
-from server.overload import LoadShedder
 from server.relay import CLIENT_CLOSED
+from server.serving.connections import Connection
+from server.serving.overload import LoadShedder
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def _from_http_exception(exc: web.HTTPException) -> HatchwayError:
 
 
 def make_middleware(metrics: Metrics, shedder: LoadShedder) -> Middleware:
-    """The one middleware: request id, load shedding of API requests (server.overload), metrics, and the
+    """The one middleware: request id, load shedding of API requests (server.serving.overload), metrics, and the
     envelope for every error. One layer rather than several: each costs a call per request."""
 
     @web.middleware

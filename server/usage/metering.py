@@ -28,7 +28,7 @@ A client that leaves mid-answer is billed what was generated for it (server.rela
 arrived (an upstream's usage chunk, a node's JobEnd, which a node sends when it stops for a cancel), held to the
 bounds above (for a node, to the text it sent, delivered or not: `Generated`); else the delivered estimate,
 `delivered_tokens`: max(content chunks, ceil(delivered UTF-8 bytes / BYTES_PER_TOKEN)), within what the request
-allowed, with the prompt estimated as at admission (server.limits.estimate_tokens). The plane ships no tokenizer
+allowed, with the prompt estimated as at admission (server.policy.limits.estimate_tokens). The plane ships no tokenizer
 for providers' models, so this is an estimate: about 4 bytes a token is what OpenAI's and Llama's BPE vocabularies
 average on English prose (less on code and digits, about the same on CJK text, 3 bytes a character); streams that
 send one token a chunk, as OpenAI's do, are counted exactly by the chunk floor.

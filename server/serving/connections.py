@@ -39,9 +39,9 @@ from aiohttp import http_exceptions, web, web_protocol, web_request, web_server
 from aiohttp.streams import StreamReader
 from prometheus_client import Counter
 
-from server.acceptor import refusal
 from server.errors import HatchwayError, InternalError, InvalidRequestError, RequestTimeoutError
 from server.redact import bounded
+from server.serving.acceptor import refusal
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ An overloaded event loop runs late: a connection it accepts waits a whole loop i
 saturation) before anything can answer it, even a refusal, and a client that opens a connection per request
 (many do) waits that long to learn it should back off. The acceptor is a thread with its own selector. It
 accepts every connection and, while the plane is not overloaded, hands it to the loop at once (aiohttp's
-protocol, exactly as if the loop had accepted it). While the plane is overloaded (server.overload), it peeks at
+protocol, exactly as if the loop had accepted it). While the plane is overloaded (server.serving.overload), it peeks at
 each new connection's request line: an API request (`/v1/...`) gets the 503 envelope with `Retry-After` from
 this thread, without the loop; anything else (health, metrics, admin) goes to the loop as usual.
 
@@ -32,7 +32,7 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from server.errors import HatchwayError
-from server.overload import LoadShedder
+from server.serving.overload import LoadShedder
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,8 @@ _LISTENING, _WAKE, _PEEKING, _CLOSING = "listening", "wake", "peeking", "closing
 
 
 def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """`reuse_port`: share the port with the other workers of this machine (server.workers), the kernel spreading
-    new connections over every listening socket of the port."""
+    """`reuse_port`: share the port with the other workers of this machine (server.serving.workers), the kernel
+    spreading new connections over every listening socket of the port."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
     sock = socket.create_server((host, port), family=family, backlog=BACKLOG, reuse_port=reuse_port)
     sock.setblocking(False)
@@ -56,7 +56,7 @@ def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socke
 
 
 def refusal(error: HatchwayError, request_id: str) -> bytes:
-    """A whole HTTP/1.1 response for `error`, in the envelope `server.middleware.render` gives it."""
+    """A whole HTTP/1.1 response for `error`, in the envelope `server.api.middleware.render` gives it."""
     body = error.body()
     headers = {
         "Content-Type": "application/json",

@@ -1,7 +1,7 @@
 """The usage spool: every usage row on disk before its request completes, until the row is in the database.
 
 A row is appended to the spool (one `write(2)` of one JSON line: bench/spool.py) when it is made, on the request's
-path, before the client can read the request's last byte; the batch writer (server.usage) inserts it later. The
+path, before the client can read the request's last byte; the batch writer (server.usage.writer) inserts it later. The
 kernel keeps what was written whatever becomes of the process, so a plane killed (SIGKILL, OOM) loses no row of a
 request that completed: at the next start, rows still in the spool are inserted before quotas are read from the
 usage table. Against a crash of the machine itself the spool is fsynced in batches (group commit, once per flush

@@ -10,7 +10,7 @@ down to the single rows the database refuses, which are dropped, counted in `hat
 and logged once per batch. When it refuses the batch for its own state (locked, unreachable), the batch is tried
 again once after RETRY_DELAY_S, then dropped and counted.
 
-With a spool (server.spool), `record` also writes the row to disk before it returns, which is before the request's
+With a spool (server.usage.spool), `record` also writes the row to disk before it returns, which is before the request's
 last byte leaves: the writer fsyncs the rows of each flush together before inserting them, and rows the database
 could not take (or the queue had no room for) stay on disk and are inserted at the next start (`replay`), each at
 most once by its `row_id`.
@@ -30,8 +30,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from server.ids import id_sequence
 from server.metrics import Metrics
-from server.spool import UsageSpool
 from server.storage.models import UsageRecord
+from server.usage.spool import UsageSpool
 
 # One usage row: UsageRecord's columns by name (all but the id).
 UsageRow = dict[str, Any]

@@ -85,8 +85,8 @@ class LoadShedder:
         self, loop_wait_s: float = 0.0, connections: Callable[[], int] | None = None
     ) -> ServiceUnavailableError | None:
         """The refusal for a new API request now, or None when the plane can take it. Also read by the acceptor
-        thread (server.acceptor): it only reads numbers the loop writes. `loop_wait_s`: how long the loop took to
-        take the acceptor's last connection, which shows a late loop at once where the watcher's smoothed lag
+        thread (server.serving.acceptor): it only reads numbers the loop writes. `loop_wait_s`: how long the loop took
+        to take the acceptor's last connection, which shows a late loop at once where the watcher's smoothed lag
         shows it only after a few ticks; the same limit applies, and the same floor, reached by the requests
         in flight or by the `connections` the loop holds (counted only when the loop is late)."""
         if self.in_flight >= self.max_in_flight:

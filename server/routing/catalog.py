@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from server.failover import FailoverPolicy
 from server.nodes.registry import NodeRegistry
-from server.snapshot import KeyEntry, Snapshot
+from server.policy.snapshot import KeyEntry, Snapshot
+from server.routing.failover import FailoverPolicy
 from server.targets.base import Target
 from server.targets.node import NodePoolTarget
 

@@ -17,8 +17,8 @@ copy would double the cost of every long answer; those are bounded by `upstream_
 
 from __future__ import annotations
 
-from server.failover import FailoverPolicy
-from server.health import TargetStats
+from server.routing.failover import FailoverPolicy
+from server.routing.health import TargetStats
 
 OFF = "off"
 AUTO = "auto"

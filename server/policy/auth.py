@@ -6,10 +6,10 @@ import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
-from server.catalog import Catalog
 from server.credentials import hash_key
 from server.errors import AuthenticationError, ModelNotFoundError, PermissionDeniedError
-from server.snapshot import KeyEntry, Snapshot
+from server.policy.snapshot import KeyEntry, Snapshot
+from server.routing.catalog import Catalog
 
 _PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
 # How much of a client's model name an error message quotes.

@@ -7,7 +7,7 @@ has been pausing two seconds between sentences has not. So the silence a stream 
 
 where a gap is the time the relay waited for the upstream's next batch (never the time it spent writing to a
 slow client). Before the first content token this does not apply: that wait is the time to first token, bounded
-by the target's `ttft_timeout_s` and by hedging (server.hedge). The numbers are per target (`FailoverPolicy`:
+by the target's `ttft_timeout_s` and by hedging (server.routing.hedge). The numbers are per target (`FailoverPolicy`:
 `stall_floor_s`, `stall_factor`, `stall_ceiling_s`), with the plane's settings as defaults.
 """
 
@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from server.errors import UpstreamTimeoutError
-from server.failover import FailoverPolicy
+from server.routing.failover import FailoverPolicy
 from server.targets.base import TargetStream
 
 

@@ -13,7 +13,7 @@ An org's routing rule for a model (an exact name or a glob, the exact one winnin
     weighted    a weighted random order (weights from `--targets a=3,b=1`, default 1)
 
 and a fallback chain of other models, tried after every target of the first (e.g. a larger-context model), and
-how a slow first token is hedged (`hedge`, server.hedge).
+how a slow first token is hedged (`hedge`, server.routing.hedge).
 Without a rule, targets are tried in the order they were added.
 """
 
@@ -25,7 +25,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from server.health import Health
+from server.routing.health import Health
 from server.targets.base import Target
 
 STRATEGIES = ("priority", "cheapest", "fastest", "least-busy", "weighted")
@@ -42,7 +42,8 @@ class RouteRule:
     targets: tuple[str, ...] = ()
     weights: dict[str, float] = field(default_factory=dict)
     fallbacks: tuple[str, ...] = ()
-    # Hedging of a slow first token (server.hedge): off, auto or seconds; None takes the plane's `hedge` setting.
+    # Hedging of a slow first token (server.routing.hedge): off, auto or seconds; None takes the plane's `hedge`
+    # setting.
     hedge: str | None = None
 
     def matches(self, model: str) -> bool:
@@ -83,7 +84,7 @@ def find_rule(rules: Sequence[RouteRule], model: str) -> RouteRule | None:
 class ModelPlan:
     model: str
     targets: tuple[Target, ...]
-    # The model's rule's hedging (server.hedge); None: the plane's default.
+    # The model's rule's hedging (server.routing.hedge); None: the plane's default.
     hedge: str | None = None
 
 

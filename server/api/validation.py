@@ -2,14 +2,14 @@
 
     content type  application/json (any parameters), or none at all    else 415
     JSON          UTF-8, an object, nested at most MAX_JSON_DEPTH deep   else 400
-    schema        OpenAI's published request schema for the endpoint    else 400 naming the param (server.schema)
+    schema        OpenAI's published request schema for the endpoint    else 400 naming the param (server.api.schema)
     plane rules   only what the plane itself relies on                  else 400 naming the param
 
 A body the schema accepts goes to the upstream as it came: values and cross-field rules the schema does not
 state (a legacy completion with `max_tokens: 0, echo: true`, the prompt-scoring request of evaluation
 harnesses) are the upstream's to judge, and its 4xx reaches the client. The plane's own rules: `model` is a
 non-empty string (it routes on it), `tool_choice` needs `tools`, and embeddings are not streamed (checked
-where streaming is decided, server.openai_api). Every failure is an `InvalidRequestError` naming the parameter.
+where streaming is decided, server.api.openai_api). Every failure is an `InvalidRequestError` naming the parameter.
 
 Also here, for the admin API: names (orgs) and bounded numbers.
 """
@@ -22,8 +22,8 @@ from typing import Any
 
 import orjson
 
+from server.api.schema import RequestSchema, clip, kind_of
 from server.errors import InvalidRequestError, UnsupportedMediaTypeError
-from server.schema import RequestSchema, clip, kind_of
 
 Validator = Callable[[dict[str, Any]], None]
 

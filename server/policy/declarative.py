@@ -11,7 +11,8 @@
     price_in = 0.15                          # USD per 1M tokens, for every model below unless it sets its own
     price_out = 0.60
     models = ["gpt-4o-mini", "fast=gpt-4o-mini", { alias = "big", upstream = "gpt-4o", price_in = 2.5 }]
-    continuation = "regenerate"              # how it rescues a broken stream (server.rescue); left out: unchanged
+    continuation = "regenerate"              # how it rescues a broken stream (server.routing.continuation); left out:
+    unchanged
     responses = true                         # it serves /v1/responses itself (server.responses); left out: unchanged
 
 What the file declares wins at start-up (a provider is replaced in place, keeping its routing order);
@@ -27,9 +28,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from server.audit import AuditLog
 from server.config import ConfigError
 from server.errors import HatchwayError
+from server.storage.audit import AuditLog
 from server.storage.store import Store, parse_models
 
 # The audit log's actor for changes made by the config file rather than by an admin key.
@@ -55,7 +56,7 @@ def apply_declared(store: Store, declared: Mapping[str, Any], origin: Path | Non
     for i, table in enumerate(_tables(declared, "orgs", origin)):
         try:
             ensure_org(_text(table, "name", f"{origin}: orgs[{i}]"))
-        except HatchwayError as exc:  # e.g. a name outside the charset (server.validation.check_name)
+        except HatchwayError as exc:  # e.g. a name outside the charset (server.api.validation.check_name)
             raise ConfigError(f"{origin}: orgs[{i}]: {exc.message}") from exc
     for i, provider in enumerate(_tables(declared, "providers", origin)):
         where = f"{origin}: providers[{i}]"

@@ -6,10 +6,10 @@ becomes a supervisor that serves nothing itself:
 1. It checks the ports as a lone plane does, then holds each with a socket bound with SO_REUSEPORT but not
    listening: a port 0 becomes a concrete port that every worker binds, and the port stays the gateway's while a
    worker restarts. Only listening sockets are given connections, so the placeholder takes no share of them.
-2. It does the one-time start-up work (server.serve.prepare): the data dir, the secret key and the node CA,
+2. It does the one-time start-up work (server.serving.serve.prepare): the data dir, the secret key and the node CA,
    migrations, the admin key (printed once, here) and the declared configuration, so that N workers never race
    to do it.
-3. It starts N workers. Each runs a whole plane (server.serve.Server) whose HTTP and gRPC sockets are bound with
+3. It starts N workers. Each runs a whole plane (server.serving.serve.Server) whose HTTP and gRPC sockets are bound with
    SO_REUSEPORT on the same two ports; the kernel spreads new connections over them by a hash of each
    connection's addresses, and a connection stays with the worker that accepted it. Once every worker is
    serving, the supervisor prints the listening lines (once, for all of them).
@@ -31,7 +31,7 @@ SIGKILL leaves no orphan serving the ports.
 
 What workers share, and how:
 - the ports, above; and the data dir: the secret key and node CA made once, the usage spool with a slot per
-  worker (server.spool: a worker killed leaves its slot to the worker that replaces it, which replays it);
+  worker (server.usage.spool: a worker killed leaves its slot to the worker that replaces it, which replays it);
 - the database: SQLite in WAL mode, one file for every process, or PostgreSQL. PostgreSQL announces each
   configuration change to every worker at once (server.storage.notify); SQLite cannot, so with several workers
   on SQLite each reloads the configuration every second (`config_reload_s` capped at 1): a change made through one
@@ -62,7 +62,7 @@ from typing import Any
 
 from server.config import Config, ConfigError
 from server.plane import Plane
-from server.serve import (
+from server.serving.serve import (
     HANDLED_SIGNALS,
     Server,
     announce_admin_key,
@@ -357,8 +357,8 @@ class WorkerPlane(Plane):
     reuse_port = True
 
     def prepare_storage(self) -> None:
-        """Done once by the supervisor (server.serve.prepare): N workers would race over migrations, the admin key
-        and the declared configuration, and print a generated key N times."""
+        """Done once by the supervisor (server.serving.serve.prepare): N workers would race over migrations, the admin
+        key and the declared configuration, and print a generated key N times."""
 
 
 def run_worker(config: Config, index: int, pipe: Connection) -> None:

@@ -21,7 +21,7 @@ import orjson
 
 from server.errors import InvalidRequestError
 
-SCHEMA_FILE = Path(__file__).with_name("openapi") / "openai-requests.json"
+SCHEMA_FILE = Path(__file__).parents[1] / "openapi" / "openai-requests.json"
 # The request component each endpoint's body must satisfy.
 COMPONENTS = {
     "chat/completions": "CreateChatCompletionRequest",

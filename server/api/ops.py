@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.auth import bearer_token
+from server.api.resources import METRICS, REDIS_PROBE, SNAPSHOTS, STORAGE_PROBE
 from server.config import TOKEN_HASH_PREFIX, Config
 from server.credentials import hash_key
 from server.errors import AuthenticationError, ServiceUnavailableError
-from server.plane import PLANE
+from server.policy.auth import bearer_token
 
 
 @dataclass(frozen=True)
@@ -41,25 +41,24 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    plane = request.app[PLANE]
-    if not plane.snapshots.loaded:
+    snapshots, redis_probe = request.app[SNAPSHOTS], request.app[REDIS_PROBE]
+    if not snapshots.loaded:
         raise ServiceUnavailableError("snapshot not loaded yet")
-    failure = await plane.storage_probe.failure()
+    failure = await request.app[STORAGE_PROBE].failure()
     if failure is not None:
         raise ServiceUnavailableError(f"storage unreachable: {failure}")
     # A plane that lost Redis still answers (limits per redis_failure, cache misses), but not as one gateway.
-    if plane.redis_probe is not None and (failure := await plane.redis_probe.failure()) is not None:
+    if redis_probe is not None and (failure := await redis_probe.failure()) is not None:
         raise ServiceUnavailableError(f"redis unreachable: {failure}")
-    return web.json_response({"status": "ready", "snapshot_version": plane.snapshots.current.version})
+    return web.json_response({"status": "ready", "snapshot_version": snapshots.current.version})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    plane = request.app[PLANE]
     access = request.app[METRICS_ACCESS]
     if not access.public:
         token_hash = hash_key(bearer_token(request.headers))
         is_token = access.token_hash is not None and hmac.compare_digest(token_hash, access.token_hash)
-        if not is_token and token_hash not in plane.snapshots.current.admin_keys:
+        if not is_token and token_hash not in request.app[SNAPSHOTS].current.admin_keys:
             raise AuthenticationError("/metrics takes the admin key or the metrics token.")
-    body = generate_latest(plane.metrics.registry)
+    body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from server import accounts, admin_api, console, openai_api, ops
-from server.middleware import make_middleware, stamp_response
+from server import accounts, console
+from server.api import admin_api, openai_api, ops
+from server.api.middleware import make_middleware, stamp_response
+from server.api.resources import provide
 from server.openapi import reference as openapi_reference
-from server.plane import PLANE, Plane
+from server.plane import Plane
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +69,22 @@ def _routes(app: web.Application) -> None:
     console.add_routes(app)
 
 
-async def _plane_lifetime(app: web.Application) -> AsyncIterator[None]:
-    plane = app[PLANE]
-    await plane.startup()
-    yield
-    log.info("HTTP requests drained; stopping the plane")
-    await plane.cleanup()
-
-
 def create_app(plane: Plane) -> web.Application:
     app = web.Application(
         middlewares=[make_middleware(plane.metrics, plane.shedder)],
         # aiohttp enforces this while reading; the handlers also refuse a too-large Content-Length up front.
         client_max_size=plane.config.max_body_bytes,
     )
-    app[PLANE] = plane
+    provide(app, plane)
     app[ops.METRICS_ACCESS] = ops.MetricsAccess.from_config(plane.config)
-    app.cleanup_ctx.append(_plane_lifetime)
+
+    async def plane_lifetime(app: web.Application) -> AsyncIterator[None]:
+        await plane.startup()
+        yield
+        log.info("HTTP requests drained; stopping the plane")
+        await plane.cleanup()
+
+    app.cleanup_ctx.append(plane_lifetime)
     app.on_response_prepare.append(stamp_response)
     _routes(app)
     return app
