@@ -55,12 +55,12 @@ typecheck: install
 	# The Windows service host is plain ctypes, which mypy checks only when it reads the code as Windows does.
 	$(BIN)/mypy --platform win32 agent/service/
 
-# Regenerate proto/'s Python modules; tests/test_proto.py fails when they drift from the .proto.
+# Regenerate proto/'s Python modules; tests/proto/test_proto.py fails when they drift from the .proto.
 proto: install
 	$(BIN)/python proto/codegen.py
 
 # The one-folder PyInstaller build of hatchway-agent that the installers ship (about 30 s), rebuilt when the
-# agent's code changes. tests/test_agent_binary.py and tests/test_installers.py run this build, not the package.
+# agent's code changes. tests/installers/test_agent_binary.py and tests/installers/test_installers.py run this build, not the package.
 #
 # ACCEL=cuda|metal|vulkan builds the agent for that accelerator instead, into dist/hatchway-agent-$(ACCEL)/ (not
 # part of `make test`): llama-cpp-python compiled with the backend (into a wheelhouse of its own, keyed by the
@@ -104,7 +104,7 @@ endif
 
 agent-binary: $(AGENT_BINARY)
 
-# tests/test_installers.py runs the Linux installer into a throw-away root and checks its unit with systemd-analyze
+# tests/installers/test_installers.py runs the Linux installer into a throw-away root and checks its unit with systemd-analyze
 # (systemd's own tool, from Debian's package when this machine lacks it).
 installer-test-tools:
 	command -v systemd-analyze >/dev/null || (apt-get update && apt-get install -y --no-install-recommends systemd)

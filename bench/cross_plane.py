@@ -53,7 +53,7 @@ from node import Generation, StreamRun, fake_stream, hatchway_generation, stream
 from suite import Suite
 
 sys.path.insert(0, str(REPO_ROOT))
-from tests.test_postgres import scratch_database
+from tests.server.storage.test_postgres import scratch_database
 
 NATS_URL = os.environ.get("HATCHWAY_NATS_URL", "nats://127.0.0.1:4222")
 SECRET_KEY = "hwa-bench-one-secret-for-both-planes"

@@ -4,7 +4,7 @@
 
 The plane runs as `hatchway serve` with its default failover settings (stall floor 5 s, factor 4, ceiling 10 s,
 idle timeout 60 s, TTFT timeout 60 s, hedge auto) in front of two fault-injecting upstreams
-(tests/mock_upstream.py, on this process's loop), `primary` then `backup`, serving the same answer:
+(tests/support/mock_upstream.py, on this process's loop), `primary` then `backup`, serving the same answer:
 
     stall      the primary sends two content chunks and falls silent for 120 s; the backup rescues the answer.
                Figures: time from the request to [DONE], and the longest silence the client saw
@@ -34,7 +34,7 @@ from hatchway import ORG, admin, start_plane, wait_ready
 from suite import Suite
 
 sys.path.insert(0, str(REPO_ROOT))
-from tests.mock_upstream import Fault, MockUpstream
+from tests.support.mock_upstream import Fault, MockUpstream
 
 REPLY = "The quick brown fox jumps over the lazy dog"
 STALL_MODEL, HEDGED_MODEL, UNHEDGED_MODEL = "bench-stall", "bench-hedged", "bench-unhedged"

@@ -59,7 +59,7 @@ from suite import Suite
 from upstream import UPSTREAM_MODEL
 
 sys.path.insert(0, str(REPO_ROOT))
-from tests.test_postgres import scratch_database
+from tests.server.storage.test_postgres import scratch_database
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 SECRET_KEY = "hwa-bench-one-secret-for-every-plane"

@@ -4,7 +4,7 @@
 
 Both scenarios run in one go, with the real agent (`hatchway-agent run --demo`, SmolLM2-135M) and planes as
 `hatchway serve` processes on one fresh PostgreSQL database (this machine's, on its standard port), sharing the
-secret key and the node certificate (tests/gateway_planes.py):
+secret key and the node certificate (tests/support/gateway_planes.py):
 
     failover   two planes; the agent was enrolled with both. Each round SIGKILLs the plane the agent is on and
                times kill -> the first chat completion (max_tokens 1) answered by the node through the other
@@ -34,9 +34,9 @@ from harness import REPO_ROOT, RESULTS_DIR, log, machine_info, percentile, write
 sys.path.insert(0, str(REPO_ROOT))
 from agent.config import AgentConfig
 from agent.connection import HEALTHY_SESSION_S
-from tests.agent_process import DEMO_MODEL, AgentProcess, describe
-from tests.gateway_planes import GatewayPlane, chat, share_node_certificate
-from tests.test_postgres import scratch_database
+from tests.server.storage.test_postgres import scratch_database
+from tests.support.agent_process import DEMO_MODEL, AgentProcess, describe
+from tests.support.gateway_planes import GatewayPlane, chat, share_node_certificate
 
 FULL_ROUNDS, POLL_S, GIVE_UP_S = 10, 0.02, 60.0
 BODY = {"model": DEMO_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}

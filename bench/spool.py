@@ -36,11 +36,11 @@ from server.storage.db import make_engine  # noqa: E402
 from server.storage.models import UsageRecord  # noqa: E402
 from server.usage.spool import UsageSpool  # noqa: E402
 from server.usage.writer import UsageWriter  # noqa: E402
-from tests.plane_process import PlaneProcess  # noqa: E402
-from tests.test_shutdown_accounting import configure  # noqa: E402
-from tests.test_usage_spool import STREAMS, stream_loop  # noqa: E402
-from tests.test_usage_writer import row  # noqa: E402
-from tests.upstream_process import UpstreamProcess  # noqa: E402
+from tests.server.serving.test_shutdown_accounting import configure  # noqa: E402
+from tests.server.usage.test_spool import STREAMS, stream_loop  # noqa: E402
+from tests.server.usage.test_writer import row  # noqa: E402
+from tests.support.plane_process import PlaneProcess  # noqa: E402
+from tests.support.upstream_process import UpstreamProcess  # noqa: E402
 
 MODEL = "gpt-4o-mini"
 ROUNDS = 3

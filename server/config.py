@@ -2,7 +2,7 @@
 
 Each setting is looked up in this order: a CLI flag, the environment (`HATCHWAY_<NAME>`), the `[server]` table
 of the TOML file given with `--config`, then the default below. docs/configuration.md documents every field
-(tests/test_docs_configuration.py keeps the two in step).
+(tests/project/test_docs_configuration.py keeps the two in step).
 """
 
 from __future__ import annotations

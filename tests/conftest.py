@@ -22,9 +22,11 @@ import redis
 from server.cli.client import AdminClient
 from server.config import Config
 from server.serving.serve import Server
-from tests.loop_thread import LoopThread
-from tests.mock_upstream import MockUpstream
+from tests.support.loop_thread import LoopThread
+from tests.support.mock_upstream import MockUpstream
 
+# The checkout the tests run from.
+REPO = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "hwa-test-admin-key"
 MODEL = "gpt-4o-mini"
 # This machine's Redis and CI's, on the standard port; each test keeps to its own key prefix (`prefix`).
@@ -153,7 +155,8 @@ def plane_config(tmp_path: Path) -> Config:
         stream_idle_timeout_s=5,
         max_body_bytes=64 * 1024,
         # The plane shares this process (and its GIL) with the test's own clients: loop lag here says more
-        # about the test than the plane. tests/test_overload.py turns shedding on where it is the subject.
+        # about the test than the plane. tests/server/serving/test_overload.py turns shedding on where it is the
+        # subject.
         overload_lag_ms=0,
     )
 
@@ -228,12 +231,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+def eventually(check: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
+    """Poll `check` until it holds; fail naming `what` after `timeout_s` (generous: only a failure waits it out)."""
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > deadline:
-            raise AssertionError("condition never held")
-        time.sleep(0.05)
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
 
 
 class PrivateRedis:
@@ -321,7 +325,7 @@ class Planes:
 @pytest.fixture
 def planes(loop_thread: LoopThread, plane_config: Config) -> Iterator[Planes]:
     """Planes on one scratch PostgreSQL database with one secret: they serve the same orgs, keys and providers."""
-    from tests.test_postgres import scratch_database  # it imports this module
+    from tests.server.storage.test_postgres import scratch_database  # it imports this module
 
     with scratch_database() as database:
         started = Planes(loop_thread, plane_config.replace(database_url=database, secret_key="shared-test-secret"))

@@ -1,8 +1,8 @@
 """The plane's API as one OpenAPI 3.1 document, served at GET /openapi.json and rendered at GET /api-reference.
 
 What it covers: the admin API (/admin/v1/*, /auth/*), the OpenAI subset the plane serves (/v1/*) and the
-operations endpoints. Every route the app registers is here, and nothing else: tests/test_openapi_document.py
-walks the router both ways, and tests/test_openapi_contract.py runs Schemathesis against a real plane, so a
+operations endpoints. Every route the app registers is here, and nothing else: tests/server/openapi/test_document.py
+walks the router both ways, and tests/server/openapi/test_contract.py runs Schemathesis against a real plane, so a
 request schema says exactly what the handler refuses (a 400 for anything the schema does not allow) and a
 response schema what the handler answers.
 

@@ -6,7 +6,7 @@ only on a start that finds an older schema to upgrade:
 
 - a database already at the newest revision costs one SELECT of `alembic_version`;
 - an empty database gets the models' tables (`create_all`) and is stamped with the newest revision, as alembic's
-  cookbook does; tests/test_storage.py checks that this builds the schema the migrations build;
+  cookbook does; tests/server/storage/test_storage.py checks that this builds the schema the migrations build;
 - anything else (an older revision, tables without a version) goes through `alembic upgrade head`.
 """
 

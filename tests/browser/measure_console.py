@@ -111,7 +111,7 @@ def measure_page_load() -> None:
 
     from server.config import Config
     from server.serving.serve import Server
-    from tests.loop_thread import LoopThread
+    from tests.support.loop_thread import LoopThread
 
     with tempfile.TemporaryDirectory() as tmp:
         loop = LoopThread()

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.agent_process import DEMO_MODEL, AgentProcess, describe
 from tests.browser.conftest import Console
 from tests.conftest import eventually
+from tests.support.agent_process import DEMO_MODEL, AgentProcess, describe
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from playwright.sync_api import expect
 
 from tests.browser.conftest import Console
 from tests.conftest import MODEL, RunningPlane
-from tests.mock_upstream import MockUpstream
+from tests.support.mock_upstream import MockUpstream
 
 
 def two_routes(plane: RunningPlane, make_upstream: Callable[..., MockUpstream]) -> MockUpstream:

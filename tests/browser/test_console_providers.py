@@ -9,7 +9,7 @@ from collections.abc import Callable
 from playwright.sync_api import Page, expect
 
 from tests.browser.conftest import Console
-from tests.mock_upstream import MockUpstream
+from tests.support.mock_upstream import MockUpstream
 
 
 def add_provider(page: Page, name: str, upstream: MockUpstream, models: str) -> None:

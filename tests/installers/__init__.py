@@ -1,0 +1,1 @@
+"""installers/: the PyInstaller build, the installers, the accelerator builds."""

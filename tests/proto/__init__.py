@@ -1,0 +1,1 @@
+"""proto/: the generated modules match the .proto files."""

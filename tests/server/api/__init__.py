@@ -1,0 +1,1 @@
+"""The HTTP front end (server.api): the OpenAI and admin endpoints, errors, headers, validation."""

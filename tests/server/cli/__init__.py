@@ -1,0 +1,1 @@
+"""The `hatchway` CLI (server.cli) against a live plane."""

@@ -1,0 +1,1 @@
+"""Nodes across planes over NATS (server.fleet)."""

@@ -1,0 +1,1 @@
+"""The OpenAPI document (server.openapi) and the plane checked against it."""

@@ -1,0 +1,1 @@
+"""Policy (server.policy): the response cache, rate limits and quotas."""

@@ -1,0 +1,1 @@
+"""/v1/responses (server.responses) on every kind of target."""

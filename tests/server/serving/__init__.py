@@ -1,0 +1,1 @@
+"""Running the plane (server.serving): processes, connections, load shedding, shutdown."""

@@ -1,0 +1,1 @@
+"""State several planes share through Redis (server.shared)."""

@@ -1,0 +1,1 @@
+"""Storage (server.storage): what lands on disk, migrations, PostgreSQL, the audit log."""

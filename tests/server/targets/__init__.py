@@ -1,0 +1,1 @@
+"""Targets (server.targets): the upstream HTTP client, egress, transport errors, node answers."""
