@@ -57,10 +57,13 @@ def test_compare_sends_one_prompt_to_two_routes_side_by_side(
     page = console.sign_in("org_admin")
     console.open(page, "Playground")
     page.get_by_role("button", name="Compare").click()
-    page.get_by_label(MODEL).check()
-    page.get_by_label("gpt-4o", exact=True).check()
-    page.get_by_label("Prompt", exact=True).fill("what does this cost?")
-    page.get_by_role("form", name="Compare").get_by_role("button", name="Compare").click()
+    # Within the compare form: until it replaces the chat form, the chat's model <select> (whose label holds every
+    # model's name) also answers to a model's name.
+    form = page.get_by_role("form", name="Compare")
+    form.get_by_label(MODEL).check()
+    form.get_by_label("gpt-4o", exact=True).check()
+    form.get_by_label("Prompt", exact=True).fill("what does this cost?")
+    form.get_by_role("button", name="Compare").click()
     results = page.get_by_test_id("compare-results")
     cheap, dear = results.locator(f'[data-model="{MODEL}"]'), results.locator('[data-model="gpt-4o"]')
     expect(cheap.get_by_test_id("answer")).to_have_text("cheap answer")
