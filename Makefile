@@ -65,11 +65,17 @@ proto: install
 # ACCEL=cuda|metal|vulkan builds the agent for that accelerator instead, into dist/hatchway-agent-$(ACCEL)/ (not
 # part of `make test`): llama-cpp-python compiled with the backend (into a wheelhouse of its own, keyed by the
 # flags like the CPU one), installed with the agent and PyInstaller into build/agent-venv-$(ACCEL). The CUDA build
-# needs nvcc and cuBLAS (CUDA_HOME, else /usr/local/cuda) and takes a long while; its folder carries the CUDA
-# runtime libraries (installers/pyinstaller/accel_libs.py). On macOS arm64 llama.cpp enables Metal by default,
+# needs nvcc (CUDA_HOME, else /usr/local/cuda) and takes a long while; where that toolkit lacks cuBLAS (one made
+# of NVIDIA's pip wheels), installers/cuda/toolkit.sh makes build/cuda-toolkit, the toolkit plus the nvidia-cublas
+# wheel, and the build uses that. CUDA_ARCHITECTURES is CMake's CMAKE_CUDA_ARCHITECTURES: the GPUs the kernels are
+# compiled for (75 Turing, 80 A100, 86 Ampere RTX, 89 Ada/L4, 90 H100/H200; each one adds build time and size),
+# e.g. `make agent-binary ACCEL=cuda CUDA_ARCHITECTURES=90`. Its folder carries the CUDA runtime libraries
+# (installers/pyinstaller/accel_libs.py). On macOS arm64 llama.cpp enables Metal by default,
 # so the CPU build there already uses the GPU; ACCEL=metal asks for it explicitly and checks it is there.
 ACCEL ?= cpu
-ACCEL_CMAKE_ARGS_cuda := -DGGML_CUDA=on
+CUDA_HOME ?= /usr/local/cuda
+CUDA_ARCHITECTURES ?= 75;80;86;89;90
+ACCEL_CMAKE_ARGS_cuda := -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCHITECTURES)
 ACCEL_CMAKE_ARGS_metal := -DGGML_METAL=on
 ACCEL_CMAKE_ARGS_vulkan := -DGGML_VULKAN=on
 AGENT_SPEC := installers/pyinstaller/hatchway-agent.spec
@@ -87,16 +93,24 @@ AGENT_CMAKE_ARGS := $(strip $(LLAMA_CMAKE_ARGS) $(ACCEL_CMAKE_ARGS_$(ACCEL)))
 AGENT_WHEELHOUSE := $(call wheelhouse,$(AGENT_CMAKE_ARGS))
 AGENT_VENV := build/agent-venv-$(ACCEL)
 
-$(AGENT_BINARY): $(AGENT_SOURCES) pyproject.toml
+# The CUDA toolkit to build with (CUDA_HOME, or build/cuda-toolkit when that lacks cuBLAS), for CMake and for
+# accel_libs.py; empty for the other accelerators.
+ACCEL_TOOLKIT_cuda = $(eval ACCEL_TOOLKIT_cuda := $$(or $$(shell PYTHON=$(PYTHON) installers/cuda/toolkit.sh \
+	build/cuda-toolkit '$(CUDA_HOME)'),$$(error installers/cuda/toolkit.sh failed)))$(ACCEL_TOOLKIT_cuda)
+ACCEL_ENV_cuda = CUDA_HOME='$(ACCEL_TOOLKIT_cuda)'
+ACCEL_BUILD_ARGS_cuda = -DCUDAToolkit_ROOT=$(ACCEL_TOOLKIT_cuda) -DCMAKE_CUDA_COMPILER=$(ACCEL_TOOLKIT_cuda)/bin/nvcc
+
+$(AGENT_BINARY): $(AGENT_SOURCES) pyproject.toml installers/cuda/toolkit.sh
 	test -x $(AGENT_VENV)/bin/python || $(PYTHON) -m venv $(AGENT_VENV)
-	ls $(AGENT_WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS='$(AGENT_CMAKE_ARGS)' \
+	ls $(AGENT_WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+		$(ACCEL_ENV_$(ACCEL)) CMAKE_ARGS='$(AGENT_CMAKE_ARGS) $(ACCEL_BUILD_ARGS_$(ACCEL))' \
 		$(AGENT_VENV)/bin/python -m pip wheel --quiet --disable-pip-version-check --no-deps --no-cache-dir \
 		--wheel-dir $(AGENT_WHEELHOUSE) '$(LLAMA_CPP)'
 	$(AGENT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --force-reinstall \
 		$(AGENT_WHEELHOUSE)/llama_cpp_python-*.whl
 	$(AGENT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check '.[agent]' 'pyinstaller>=6.10'
-	HATCHWAY_ACCEL=$(ACCEL) $(AGENT_VENV)/bin/pyinstaller --noconfirm --clean --log-level WARN --distpath dist \
-		--workpath build/pyinstaller-$(ACCEL) $(AGENT_SPEC)
+	$(ACCEL_ENV_$(ACCEL)) HATCHWAY_ACCEL=$(ACCEL) $(AGENT_VENV)/bin/pyinstaller --noconfirm --clean \
+		--log-level WARN --distpath dist --workpath build/pyinstaller-$(ACCEL) $(AGENT_SPEC)
 	touch $@
 else
 $(error ACCEL=$(ACCEL): one of cpu, cuda, metal, vulkan)

@@ -156,3 +156,22 @@ def accelerator_binaries(
         return []
     dirs = cuda_search_dirs() if search_dirs is None else search_dirs
     return [(str(path), dest) for path in cuda_runtime_libraries(backend, dirs, imports)]
+
+
+def link_top_level_copies(
+    binaries: Sequence[tuple[str, str, str]], accel_binaries: Iterable[tuple[str, str]], platform: str = sys.platform
+) -> list[tuple[str, str, str]]:
+    """PyInstaller's binaries (dest, source, typecode) with each top-level copy of a library that
+    `accelerator_binaries` put in its folder replaced by a link to that one.
+
+    PyInstaller also collects what a collected library links into the top folder, as a link to the copy already
+    collected when it found the same file by the same path, else as a second copy: the CUDA runtime, reached through
+    a linked folder (lib64 -> lib) or another path, would be shipped twice (cuBLASLt alone is ~550 MB). No links on
+    Windows, where the second copy stays."""
+    if platform == "win32":
+        return list(binaries)
+    placed = {Path(source).name: f"{dest}/{Path(source).name}" for source, dest in accel_binaries}
+    return [
+        (dest, placed[dest], "SYMLINK") if typecode == "BINARY" and dest in placed else (dest, source, typecode)
+        for dest, source, typecode in binaries
+    ]

@@ -420,3 +420,22 @@ def test_cuda_build_reads_what_real_libraries_link_to_collect_them(tmp_path: Pat
         (str(toolkit / name), "llama_cpp/lib") for name in ("libcublas.so.13", "libcublasLt.so.13", "libcudart.so.13")
     ]
 
+
+def test_a_cuda_runtime_library_pyinstaller_also_put_at_the_top_is_shipped_once_as_a_link() -> None:
+    placed = [("/wheels/nvidia/cublas/lib/libcublasLt.so.13", "llama_cpp/lib")]
+    binaries = [
+        ("libcublasLt.so.13", "/usr/local/cuda/lib64/libcublasLt.so.13", "BINARY"),  # found by another path
+        ("llama_cpp/lib/libcublasLt.so.13", "/wheels/nvidia/cublas/lib/libcublasLt.so.13", "BINARY"),
+        ("libz.so.1", "/usr/lib/libz.so.1", "BINARY"),
+    ]
+    assert accel_libs.link_top_level_copies(binaries, placed, platform="linux") == [
+        ("libcublasLt.so.13", "llama_cpp/lib/libcublasLt.so.13", "SYMLINK"),
+        binaries[1],
+        binaries[2],
+    ]
+
+
+def test_on_windows_the_top_level_copies_stay_copies() -> None:
+    placed = [("C:/cuda/bin/cublasLt64_13.dll", "llama_cpp/lib")]
+    binaries = [("cublasLt64_13.dll", "C:/cuda/bin/cublasLt64_13.dll", "BINARY")]
+    assert accel_libs.link_top_level_copies(binaries, placed, platform="win32") == binaries

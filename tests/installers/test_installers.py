@@ -346,7 +346,7 @@ def test_macos_installer_refuses_without_root(build: Path) -> None:
 
 def test_installer_shell_scripts_pass_shellcheck() -> None:
     scripts = sorted(INSTALLERS.rglob("*.sh"))
-    assert len(scripts) == 5
+    assert len(scripts) == 6
     result = subprocess.run(
         [str(TOOLS / "shellcheck"), "--shell=sh", *map(str, scripts)], capture_output=True, text=True
     )
