@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
 from llama_cpp import Llama
 
 from tests.agent.conftest import smollm2_path
-from tests.conftest import RunningPlane
 from tests.support.agent_process import DEMO_MODEL
-from tests.support.served_nodes import NO_CACHE, one_node, strict_client
+from tests.support.served_nodes import NO_CACHE
 
 QUESTION = [
     {"role": "system", "content": "Answer the question."},
@@ -40,12 +38,6 @@ def token_id(vocabulary: Llama, text: str) -> int:
     ids = vocabulary.tokenize(text.encode(), add_bos=False, special=False)
     assert len(ids) == 1, f"{text!r} is {len(ids)} tokens"
     return int(ids[0])
-
-
-@pytest.fixture
-def client(plane: RunningPlane, tmp_path: Path) -> Iterator[openai.OpenAI]:
-    with one_node(plane, tmp_path) as nodes, strict_client(nodes) as client:
-        yield client
 
 
 @pytest.fixture

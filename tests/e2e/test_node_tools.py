@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema_rs
 import openai
-import pytest
 from pydantic import BaseModel, Field
 from pydantic_ai import Agent
 from pydantic_ai.models.openai import OpenAIChatModel
@@ -24,10 +21,9 @@ from pydantic_ai.providers.openai import OpenAIProvider
 from proto.hatchway.node.v1 import node_pb2 as pb
 from server.routing.continuation import StreamProgress, can_rescue
 from server.targets.node import tool_call_delta
-from tests.conftest import RunningPlane
 from tests.server.usage.test_bounds import clamped
 from tests.support.agent_process import DEMO_MODEL
-from tests.support.served_nodes import Nodes, one_node, strict_client
+from tests.support.served_nodes import Nodes
 
 PARAMETERS = {
     "type": "object",
@@ -43,19 +39,7 @@ TIME: Any = {"type": "function", "function": {"name": "get_time", "parameters": 
 QUESTION: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture
-def nodes(plane: RunningPlane, tmp_path: Path) -> Iterator[Nodes]:
-    with one_node(plane, tmp_path) as setup:
-        yield setup
-
-
-@pytest.fixture
-def client(nodes: Nodes) -> Iterator[openai.OpenAI]:
-    with strict_client(nodes) as client:
-        yield client
-
-
-def test_required_call_whole_and_streamed_alike_in_openai_shape(nodes: Nodes, client: openai.OpenAI) -> None:
+def test_required_call_whole_and_streamed_alike_in_openai_shape(served: Nodes, client: openai.OpenAI) -> None:
     ask: dict[str, Any] = {
         "model": DEMO_MODEL,
         "messages": QUESTION,
@@ -82,7 +66,7 @@ def test_required_call_whole_and_streamed_alike_in_openai_shape(nodes: Nodes, cl
     assert arguments == call.function.arguments  # temperature 0: the same call, streamed
     assert chunks[0].choices[0].delta.content is None
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    assert clamped(nodes.plane, "node") == 0  # the calls' bytes bound the node's usage claim
+    assert clamped(served.plane, "node") == 0  # the calls' bytes bound the node's usage claim
 
 
 def test_named_choice_calls_that_function(client: openai.OpenAI) -> None:
@@ -154,11 +138,11 @@ class Weather(BaseModel):
     sky: Literal["sunny", "cloudy", "rainy"]
 
 
-def test_pydantic_ai_agent_gets_its_output_through_a_tool_call(nodes: Nodes) -> None:
+def test_pydantic_ai_agent_gets_its_output_through_a_tool_call(served: Nodes) -> None:
 
     async def run() -> object:
         # PydanticAI's default output mode: a `final_result` tool the model must call (tool_choice required).
-        async with openai.AsyncOpenAI(base_url=nodes.plane.v1, api_key=nodes.key, max_retries=0) as client:
+        async with openai.AsyncOpenAI(base_url=served.plane.v1, api_key=served.key, max_retries=0) as client:
             model = OpenAIChatModel(DEMO_MODEL, provider=OpenAIProvider(openai_client=client))
             agent = Agent(model, output_type=Weather, model_settings={"max_tokens": 60, "temperature": 0})
             result = await agent.run("What is the weather in Paris?")
