@@ -1,8 +1,10 @@
 """A job cancelled while its prompt is evaluated stops within a chunk of it, against the real model (SmolLM2).
 
 llama-cpp-python evaluates a whole prompt in one uninterruptible call: a client gone 0.5 s into a ~1,200-token prompt
-left the slot busy for about 6 s on a 2-core machine. The bounds below are far above what is measured (tens of
-milliseconds on a quiet machine) and far below the old figure, so that a loaded CI machine does not fail them.
+left the slot busy for about 6 s on a 2-core machine. The engine evaluates a prompt in chunks and looks at the
+cancel before each. These tests say so without a clock (a loaded machine stretches any time bound): the engine
+stops at its first look after the cancel, and what it evaluated is less than the prompt, as the next request on the
+slot shows by what it finds cached.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 
 from agent.engine import COMPLETIONS, End, Engine, Event, Job
 from agent.models import ModelConfig
+from server.config import Config
 from tests.agent.conftest import SMOLLM2 as MODEL
 from tests.agent.conftest import started
 from tests.agent.test_engine import CancelAfterChecks
@@ -34,8 +36,17 @@ def long_prompt(title: str) -> str:
     return f"{title}\n{LINES}"
 
 
-# Seen on a loaded 2-core machine: single chunks stalled for up to about 1.2 s.
-STOPPED_WITHIN_S = 3.0
+class WatchedCancel(threading.Event):
+    """A job's cancel that counts the engine's looks at it once it is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looks_after_set = 0
+
+    def is_set(self) -> bool:
+        answer = super().is_set()
+        self.looks_after_set += answer
+        return answer
 
 
 @pytest.fixture(scope="module")
@@ -59,33 +70,38 @@ def long_job(title: str) -> Job:
     return Job(COMPLETIONS, body)
 
 
-async def cancel_after(engine: Engine, job: Job, delay_s: float) -> tuple[list[Event], float]:
-    """Run `job`, set its cancel `delay_s` in; its events, and the seconds from the cancel to its end."""
-    events: list[Event] = []
-    cancelled_at: list[float] = []
+async def cancel_after(engine: Engine, job: Job, delay_s: float) -> list[Event]:
+    """Run `job`, set its cancel `delay_s` in; its events."""
 
     async def cancel() -> None:
         await asyncio.sleep(delay_s)
-        cancelled_at.append(time.monotonic())
         job.cancel.set()
 
     canceller = asyncio.create_task(cancel())
-    async for event in engine.generate(job):
-        events.append(event)
-    ended = time.monotonic()
+    events = [event async for event in engine.generate(job)]
     await canceller
-    return events, ended - cancelled_at[0]
+    return events
+
+
+async def stopped_mid_prompt(engine: Engine, title: str) -> bool:
+    """Whether the job before left less than `title`'s whole prompt evaluated in its slot: what the same prompt,
+    sent again, finds cached."""
+    end = (await drain(engine, long_job(title)))[-1]
+    assert isinstance(end, End) and end.finish_reason == "length"
+    return end.cached_tokens < end.prompt_tokens - 1
 
 
 async def test_a_cancel_during_a_long_prompt_stops_within_a_chunk_and_frees_the_slot(engine: Engine) -> None:
-    events, stopped_s = await cancel_after(engine, long_job("Cancelled"), 0.3)
-    print(f"stopped {stopped_s * 1000:.0f} ms after the cancel")
+    job = long_job("Cancelled")
+    job.cancel = cancel = WatchedCancel()
+    events = await cancel_after(engine, job, 0.3)
     assert len(events) == 1
     end = events[0]
     assert isinstance(end, End) and end.finish_reason == "cancelled"
-    assert end.prompt_tokens > 1000 and end.completion_tokens == 0  # stopped before the prompt's end
-    assert stopped_s < STOPPED_WITHIN_S
+    assert end.prompt_tokens > 1000 and end.completion_tokens == 0
+    assert cancel.looks_after_set == 1  # stopped at the first look after the cancel: before the next chunk
     assert busy(engine) == 0
+    assert await stopped_mid_prompt(engine, "Cancelled")
 
 
 async def test_a_consumer_cancelled_during_a_long_prompt_frees_the_slot_at_once(engine: Engine) -> None:
@@ -93,13 +109,11 @@ async def test_a_consumer_cancelled_during_a_long_prompt_frees_the_slot_at_once(
     consumer = asyncio.create_task(anext(engine.generate(long_job("Abandoned"))))
     await asyncio.sleep(0.3)
     assert busy(engine) == 1 and not consumer.done()
-    started = time.monotonic()
     consumer.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await consumer  # the generator waits for its thread to let go of the slot before it gives up
-    print(f"consumer gone {(time.monotonic() - started) * 1000:.0f} ms after its cancel")
-    assert time.monotonic() - started < STOPPED_WITHIN_S
     assert busy(engine) == 0
+    assert await stopped_mid_prompt(engine, "Abandoned")
 
 
 async def test_a_cancelled_prompt_leaves_what_it_evaluated_for_the_next_request(engine: Engine) -> None:
@@ -113,7 +127,13 @@ async def test_a_cancelled_prompt_leaves_what_it_evaluated_for_the_next_request(
     assert 0 < end.cached_tokens < end.prompt_tokens - 1  # the two chunks evaluated before the cancel
 
 
-def test_a_client_gone_during_a_long_prompt_frees_the_node_slot_within_seconds(
+@pytest.fixture
+def plane_config(plane_config: Config) -> Config:
+    # Only the node's confirmation of the cancel can free the plane's slot here, never the timeout.
+    return plane_config.replace(node_cancel_timeout_s=300.0)
+
+
+def test_a_client_gone_during_a_long_prompt_frees_the_slot_once_the_node_confirms_the_cancel(
     plane: RunningPlane, tmp_path: Path
 ) -> None:
     plane.create_org("acme")
@@ -125,15 +145,11 @@ def test_a_client_gone_during_a_long_prompt_frees_the_node_slot_within_seconds(
         url = f"{plane.v1}/completions"
         client = threading.Thread(target=abandon_request, args=(url, body, nodes.key, 1.0))
         client.start()
-        eventually(lambda: nodes.registry.busy_slots() == 1, timeout_s=10, what="the job to start")
+        eventually(lambda: nodes.registry.busy_slots() == 1, what="the job to start")
         client.join(10)
-        gone = time.monotonic()
-        # The plane frees its slot when the node confirms the cancel (or after node_cancel_timeout_s, 10 s): within
-        # seconds, both the plane's count and the node's own report say the slot is free again.
-        eventually(lambda: nodes.registry.busy_slots() == 0, timeout_s=30, what="the plane to release the slot")
-        eventually(lambda: session.status.models[0].slots_busy == 0, timeout_s=30, what="the node to stop")
-        freed_s = time.monotonic() - gone
-        print(f"slot free {freed_s * 1000:.0f} ms after the client left")
-        assert freed_s < 2 * STOPPED_WITHIN_S
+        # The cancel goes to the node, which stops between chunks (the tests above) and says so: both the plane's
+        # count and the node's own report say the slot is free again.
+        eventually(lambda: nodes.registry.busy_slots() == 0, what="the node to confirm the cancel")
+        eventually(lambda: session.status.models[0].slots_busy == 0, what="the node to report its slot free")
     finally:
         nodes.close()
