@@ -12,6 +12,7 @@ llama.cpp was built with the backend at all, so that a build named `-metal` or `
 
 from __future__ import annotations
 
+import filecmp
 import os
 import re
 import sys
@@ -173,5 +174,42 @@ def link_top_level_copies(
     placed = {Path(source).name: f"{dest}/{Path(source).name}" for source, dest in accel_binaries}
     return [
         (dest, placed[dest], "SYMLINK") if typecode == "BINARY" and dest in placed else (dest, source, typecode)
+        for dest, source, typecode in binaries
+    ]
+
+
+# A shared library's names on Linux: the linker's (libllama.so), the SONAME (libllama.so.0), the full version.
+VERSIONED_NAME = re.compile(r"^(?P<stem>.+\.so)(?:\.\d+)+$|^(?P<bare>.+\.so)$")
+
+
+def link_versioned_copies(
+    binaries: Sequence[tuple[str, str, str]],
+    platform: str = sys.platform,
+    same: Callable[[str, str], bool] = lambda a, b: filecmp.cmp(a, b, shallow=False),
+) -> list[tuple[str, str, str]]:
+    """PyInstaller's binaries (dest, source, typecode) with the names of one library that are copies of one file
+    (llama-cpp-python's wheel holds libllama.so, .so.0 and .so.0.5.0 as three files) made links to the longest,
+    beside them.
+
+    ctypes opens the linker's name (libllama.so), the loader the SONAME (libggml.so.0): each must exist, once on
+    disk is enough. A CUDA build's libggml-cuda is 60 MB per GPU architecture, three times over. No links on
+    Windows (a DLL has one name)."""
+    if platform == "win32":
+        return list(binaries)
+    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for dest, source, typecode in binaries:
+        match = VERSIONED_NAME.match(Path(dest).name)
+        if typecode == "BINARY" and match:
+            stem = match["stem"] or match["bare"]
+            groups.setdefault((str(Path(dest).parent), stem), []).append((dest, source))
+    links: dict[str, str] = {}
+    for names in groups.values():
+        kept_dest, kept_source = max(names, key=lambda name: len(name[0]))
+        for dest, source in names:
+            if dest != kept_dest and same(source, kept_source):
+                # PyInstaller writes a SYMLINK's target as given: relative to the link's own folder.
+                links[dest] = os.path.relpath(kept_dest, Path(dest).parent)
+    return [
+        (dest, links[dest], "SYMLINK") if dest in links else (dest, source, typecode)
         for dest, source, typecode in binaries
     ]

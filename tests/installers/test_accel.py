@@ -439,3 +439,23 @@ def test_on_windows_the_top_level_copies_stay_copies() -> None:
     placed = [("C:/cuda/bin/cublasLt64_13.dll", "llama_cpp/lib")]
     binaries = [("cublasLt64_13.dll", "C:/cuda/bin/cublasLt64_13.dll", "BINARY")]
     assert accel_libs.link_top_level_copies(binaries, placed, platform="win32") == binaries
+
+
+def test_the_names_of_one_library_that_are_copies_of_one_file_ship_once(tmp_path: Path) -> None:
+    for name in ("libllama.so", "libllama.so.0", "libllama.so.0.5.0"):
+        (tmp_path / name).write_bytes(b"the same library")
+    (tmp_path / "libggml.so").write_bytes(b"one library")
+    (tmp_path / "libggml.so.0").write_bytes(b"another build of it")
+    binaries = [(f"llama_cpp/lib/{p.name}", str(p), "BINARY") for p in sorted(tmp_path.iterdir())]
+    shipped = {dest: (source, typecode) for dest, source, typecode in accel_libs.link_versioned_copies(binaries)}
+    assert shipped["llama_cpp/lib/libllama.so.0.5.0"] == (str(tmp_path / "libllama.so.0.5.0"), "BINARY")
+    # A link's target is relative to its own folder, as PyInstaller writes it.
+    assert shipped["llama_cpp/lib/libllama.so"] == ("libllama.so.0.5.0", "SYMLINK")
+    assert shipped["llama_cpp/lib/libllama.so.0"] == ("libllama.so.0.5.0", "SYMLINK")
+    # Names whose files differ stay files.
+    assert {shipped[f"llama_cpp/lib/{n}"][1] for n in ("libggml.so", "libggml.so.0")} == {"BINARY"}
+
+
+def test_on_windows_each_library_keeps_its_one_file(tmp_path: Path) -> None:
+    binaries = [("llama_cpp/lib/llama.dll", str(tmp_path / "llama.dll"), "BINARY")]
+    assert accel_libs.link_versioned_copies(binaries, platform="win32") == binaries
