@@ -25,7 +25,7 @@ from tests.agent.conftest import started
 from tests.agent.test_engine import CancelAfterChecks
 from tests.conftest import RunningPlane, abandon_request, eventually
 from tests.support.agent_process import DEMO_MODEL
-from tests.support.served_nodes import Nodes
+from tests.support.served_nodes import enrolling
 
 LINES = " ".join(f"Line {n}: the river flows past the mill and the miller counts his sacks." for n in range(60))
 
@@ -136,9 +136,7 @@ def plane_config(plane_config: Config) -> Config:
 def test_a_client_gone_during_a_long_prompt_frees_the_slot_once_the_node_confirms_the_cancel(
     plane: RunningPlane, tmp_path: Path
 ) -> None:
-    plane.create_org("acme")
-    nodes = Nodes(plane, tmp_path, plane.create_key("acme"))
-    try:
+    with enrolling(plane, tmp_path) as nodes:
         nodes.started("node-a", "--context", "2048")
         session = next(iter(nodes.registry.sessions.values()))
         body = {"model": DEMO_MODEL, "prompt": long_prompt("Gone"), "max_tokens": 4, "temperature": 0}
@@ -151,5 +149,3 @@ def test_a_client_gone_during_a_long_prompt_frees_the_slot_once_the_node_confirm
         # count and the node's own report say the slot is free again.
         eventually(lambda: nodes.registry.busy_slots() == 0, what="the node to confirm the cancel")
         eventually(lambda: session.status.models[0].slots_busy == 0, what="the node to report its slot free")
-    finally:
-        nodes.close()

@@ -18,7 +18,7 @@ from server.config import Config
 from tests.conftest import RunningPlane, abandon_request, eventually
 from tests.support.agent_process import DEMO_MODEL, AgentProcess, describe
 from tests.support.mock_upstream import MockUpstream
-from tests.support.served_nodes import COUNTING, QUESTION, Nodes
+from tests.support.served_nodes import COUNTING, QUESTION, Nodes, enrolling
 
 
 @pytest.fixture
@@ -28,10 +28,8 @@ def plane_config(plane_config: Config) -> Config:
 
 @pytest.fixture
 def nodes(plane: RunningPlane, tmp_path: Path) -> Iterator[Nodes]:
-    plane.create_org("acme")
-    setup = Nodes(plane, tmp_path, plane.create_key("acme"))
-    yield setup
-    setup.close()
+    with enrolling(plane, tmp_path) as nodes:
+        yield nodes
 
 
 def test_agent_answers_through_the_plane_whole_and_streamed(nodes: Nodes) -> None:

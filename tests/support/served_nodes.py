@@ -91,15 +91,22 @@ NO_CACHE = {"X-Hatchway-Cache": "bypass"}
 
 
 @contextlib.contextmanager
+def enrolling(plane: RunningPlane, workdir: Path) -> Iterator[Nodes]:
+    """Org `acme` of `plane` with an API key of its own, ready for agents to enroll; each one stopped at the end."""
+    plane.create_org("acme")
+    nodes = Nodes(plane, workdir, plane.create_key("acme"))
+    try:
+        yield nodes
+    finally:
+        nodes.close()
+
+
+@contextlib.contextmanager
 def one_node(plane: RunningPlane, tmp_path: Path) -> Iterator[Nodes]:
     """One agent serving the demo model for org `acme` of `plane`, with an API key of that org."""
-    plane.create_org("acme")
-    setup = Nodes(plane, tmp_path, plane.create_key("acme"))
-    try:
-        setup.started("node-a")
-        yield setup
-    finally:
-        setup.close()
+    with enrolling(plane, tmp_path) as nodes:
+        nodes.started("node-a")
+        yield nodes
 
 
 def strict_client(nodes: Nodes) -> openai.OpenAI:

@@ -33,7 +33,7 @@ from server.storage.models import UsageRecord
 from tests.conftest import ADMIN_KEY, MODEL, RunningPlane, eventually
 from tests.support.agent_process import DEMO_MODEL
 from tests.support.mock_upstream import Fault, MockUpstream, split_reply
-from tests.support.served_nodes import Nodes
+from tests.support.served_nodes import Nodes, enrolling
 
 REPLY = "Hello from mock"
 WEATHER_TOOL: FunctionToolParam = {
@@ -514,10 +514,8 @@ def plane_config(plane_config: Config) -> Config:
 
 @pytest.fixture
 def nodes(plane: RunningPlane, tmp_path: Path) -> Iterator[Nodes]:
-    plane.create_org("acme")
-    setup = Nodes(plane, tmp_path, plane.create_key("acme"))
-    yield setup
-    setup.close()
+    with enrolling(plane, tmp_path) as nodes:
+        yield nodes
 
 
 @pytest.fixture
