@@ -148,6 +148,7 @@ async function route() {
 
 async function signedOut() {
   state.me = null;
+  routing += 1; // a page still loading for the account that left must not replace the sign-in form
   nav.hidden = true;
   orgPicker.hidden = true;
   logout.hidden = true;
@@ -177,6 +178,7 @@ export async function boot() {
   whoami.textContent = `${me.email || me.name || me.id} · ${me.role.replace('_', ' ')}`;
   logout.hidden = false;
   await loadOrgs();
+  if (state.me !== me) return; // signed out (or booted again) meanwhile
   setPlaygroundOrg(state.me.role === 'plane_admin' ? state.org : null);
   if (window.location.pathname !== '/console/' || ['login', 'accept'].includes(parseHash().name)) {
     window.history.replaceState(null, '', '/console/#/');
