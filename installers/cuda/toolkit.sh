@@ -14,7 +14,9 @@
 # nvcc finds its headers and libraries relative to its own real path (nvcc.profile: TOP = $(_HERE_)/..), so DEST's
 # bin/nvcc is a copy, not a link: then DEST/include and DEST/lib, with cuBLAS in them, are the ones it uses.
 # The wheel is kept in DEST/../cuda-wheels; CUBLAS_WHEEL overrides the requirement (default: the nvidia-cublas
-# release for the toolkit's major version), PYTHON the interpreter whose pip downloads it.
+# release for the toolkit's major version), PYTHON the interpreter whose pip downloads it. CUBLAS_FROM, a folder
+# holding cuBLAS's include/ and lib/ (an installed nvidia-cublas: site-packages/nvidia/cu13), is linked in
+# instead, with nothing downloaded: for a machine that reaches no package index (bench/gpu.py's GPU run).
 set -eu
 
 dest=${1:?usage: toolkit.sh DEST [SRC]}
@@ -31,6 +33,12 @@ major=$("$src/bin/nvcc" --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
 [ -n "$major" ] || { echo "toolkit.sh: cannot read the CUDA version from $src/bin/nvcc --version" >&2; exit 1; }
 if [ "$major" -ge 13 ]; then requirement="nvidia-cublas==$major.*"; else requirement="nvidia-cublas-cu$major"; fi
 requirement=${CUBLAS_WHEEL:-$requirement}
+cublas_from=${CUBLAS_FROM:-}
+if [ -n "$cublas_from" ]; then
+	cublas_from=$(cd "$cublas_from" && pwd -P)
+	[ -f "$cublas_from/include/cublas_v2.h" ] || { echo "toolkit.sh: no include/cublas_v2.h in $cublas_from" >&2; exit 1; }
+	requirement="linked from $cublas_from"
+fi
 
 mkdir -p "$dest"
 dest=$(cd "$dest" && pwd -P)
@@ -44,9 +52,11 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$src $requirement" ] && has_cublas 
 fi
 
 wheels="$(dirname "$dest")/cuda-wheels"
-mkdir -p "$wheels"
-"$python" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-	--dest "$wheels" "$requirement" >&2
+if [ -z "$cublas_from" ]; then
+	mkdir -p "$wheels"
+	"$python" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		--dest "$wheels" "$requirement" >&2
+fi
 
 # The copy: every file a link to SRC's, except nvcc. SRC's own links (lib64 -> lib, targets/*/include ->
 # ../../include) are copied as they are, relative, so that nothing written into DEST lands in SRC.
@@ -66,7 +76,16 @@ for dir in "$dest/include" "$libdir"; do
 	esac
 done
 
-# cuBLAS: the wheel's nvidia/<part>/include and nvidia/<part>/lib (cu13, or cublas for the -cu12 wheels).
+# cuBLAS: CUBLAS_FROM's headers and libraries as links, or the wheel's nvidia/<part>/include and nvidia/<part>/lib
+# (cu13, or cublas for the -cu12 wheels) unpacked.
+if [ -n "$cublas_from" ]; then
+	for file in "$cublas_from"/include/cublas*.h "$cublas_from"/lib/libcublas*.so*; do
+		case "$file" in
+		*/include/*) ln -sf "$file" "$dest/include/" ;;
+		*) ln -sf "$file" "$libdir/" ;;
+		esac
+	done
+else
 "$python" - "$wheels" "$requirement" "$dest/include" "$libdir" <<'PY'
 import re, sys, zipfile
 from pathlib import Path
@@ -92,6 +111,7 @@ with zipfile.ZipFile(found[-1]) as wheel:
                 out.write(chunk)
         target.chmod(0o755 if ".so" in target.name else 0o644)
 PY
+fi
 # The names the linker looks for (the wheels carry only the versioned libcublas.so.N).
 for lib in "$libdir"/libcublas*.so.[0-9]*; do
 	ln -sf "$(basename "$lib")" "${lib%.so.*}.so"

@@ -459,3 +459,83 @@ def test_the_names_of_one_library_that_are_copies_of_one_file_ship_once(tmp_path
 def test_on_windows_each_library_keeps_its_one_file(tmp_path: Path) -> None:
     binaries = [("llama_cpp/lib/llama.dll", str(tmp_path / "llama.dll"), "BINARY")]
     assert accel_libs.link_versioned_copies(binaries, platform="win32") == binaries
+
+
+# -- installers/cuda/toolkit.sh: the CUDA toolkit the CUDA build compiles with --------------------------------------
+
+TOOLKIT = REPO / "installers" / "cuda" / "toolkit.sh"
+
+
+def fake_toolkit(root: Path) -> Path:
+    """A CUDA toolkit without cuBLAS, as NVIDIA's pip wheels make one: nvcc, cuda.h, cudart."""
+    (root / "bin").mkdir(parents=True)
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n")
+    nvcc.chmod(0o755)
+    (root / "include").mkdir()
+    (root / "include" / "cuda.h").write_text("int cuInit(unsigned int flags);\nint cuDeviceGet(int *d, int o);\n")
+    (root / "lib64").mkdir()
+    (root / "lib64" / "libcudart.so.13").write_bytes(b"")
+    return root
+
+
+def installed_cublas(root: Path) -> Path:
+    """An installed nvidia-cublas package's folder: site-packages/nvidia/cu13 with include/ and lib/."""
+    (root / "include").mkdir(parents=True)
+    (root / "include" / "cublas_v2.h").write_text("/* cuBLAS */\n")
+    (root / "include" / "cublasLt.h").write_text("/* cuBLASLt */\n")
+    (root / "lib").mkdir()
+    for name in ("libcublas.so.13", "libcublasLt.so.13"):
+        (root / "lib" / name).write_bytes(b"\x7fELF")
+    return root
+
+
+def test_cuda_toolkit_links_an_installed_cublas_without_downloading_anything(tmp_path: Path) -> None:
+    source = fake_toolkit(tmp_path / "cuda")
+    cublas = installed_cublas(tmp_path / "site-packages" / "nvidia" / "cu13")
+    # A PYTHON that fails proves no pip download was tried: the GPU machine reaches no package index.
+    env = {**os.environ, "CUBLAS_FROM": str(cublas), "PYTHON": "false"}
+    done = subprocess.run(
+        ["sh", str(TOOLKIT), str(tmp_path / "build" / "cuda-toolkit"), str(source)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    toolkit = Path(done.stdout.strip())
+    assert toolkit == (tmp_path / "build" / "cuda-toolkit").resolve()
+    assert (toolkit / "include" / "cublas_v2.h").resolve() == (cublas / "include" / "cublas_v2.h").resolve()
+    assert (toolkit / "lib64" / "libcublas.so").resolve() == (cublas / "lib" / "libcublas.so.13").resolve()
+    assert (toolkit / "lib64" / "libcublasLt.so").resolve() == (cublas / "lib" / "libcublasLt.so.13").resolve()
+    # The rest of the toolkit is the source's, and the driver is a link-time stub.
+    assert (toolkit / "include" / "cuda.h").resolve() == (source / "include" / "cuda.h").resolve()
+    assert (toolkit / "lib64" / "stubs" / "libcuda.so").is_file()
+    assert not (tmp_path / "build" / "cuda-wheels").exists()
+
+
+def test_cuda_toolkit_is_the_source_itself_when_it_has_cublas(tmp_path: Path) -> None:
+    source = fake_toolkit(tmp_path / "cuda")
+    (source / "include" / "cublas_v2.h").write_text("/* cuBLAS */\n")
+    (source / "lib64" / "libcublas.so").write_bytes(b"\x7fELF")
+    done = subprocess.run(
+        ["sh", str(TOOLKIT), str(tmp_path / "dest"), str(source)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": "false"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == source.resolve()
+    assert not (tmp_path / "dest").exists()
+
+
+def test_cuda_toolkit_refuses_a_cublas_folder_without_cublas(tmp_path: Path) -> None:
+    source = fake_toolkit(tmp_path / "cuda")
+    (tmp_path / "empty").mkdir()
+    done = subprocess.run(
+        ["sh", str(TOOLKIT), str(tmp_path / "dest"), str(source)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUBLAS_FROM": str(tmp_path / "empty"), "PYTHON": "false"},
+    )
+    assert done.returncode == 1
+    assert f"no include/cublas_v2.h in {(tmp_path / 'empty').resolve()}" in done.stderr
