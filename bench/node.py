@@ -30,7 +30,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ from harness import (
     stop_process,
     wait_until_quiet,
 )
-from hatchway import Plane, configure, node_token, start_plane, wait_for_model, wait_ready
+from hatchway import Plane, admin, configure, node_token, start_plane, wait_for_model, wait_ready
 from suite import Suite
 
 LLAMA_MODEL = "bench-model"
@@ -67,6 +67,8 @@ LLAMA_REQUEST_TIMEOUT_S = 120.0
 STREAM_READ_TIMEOUT_S = 60.0
 # How long the plane and the agent are watched idle, for the CPU they spend without a request (NodeCost).
 IDLE_SAMPLE_S = 3.0
+# This checkout's agent, run by this interpreter.
+AGENT_MODULE = (sys.executable, "-m", "agent")
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,23 @@ class Settings:
         # threads, single rounds swing by several ms; the median of 5 moved 4-9 ms from run to run.
         # 1,000 messages: under the fake model's context (fake_agent.CONTEXT), which bounds what the plane bills.
         return cls(rounds=15, threads=2, max_tokens=128, messages=1000, stream_rounds=3)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """The model under test and how both sides run it: the demo model on the CPU unless bench/gpu.py says otherwise.
+    `gpu_layers` is the agent's --gpu-layers (a number, or auto); the direct side offloads the same, auto as all
+    (-1), and the report records what the agent's auto chose. `agent`: the agent program (bench/gpu.py also runs
+    the PyInstaller build)."""
+
+    path: Path
+    gpu_layers: str = "0"
+    agent: tuple[str, ...] = AGENT_MODULE
+    label: str = MODEL_FILE
+
+    @property
+    def direct_gpu_layers(self) -> int:
+        return -1 if self.gpu_layers == "auto" else int(self.gpu_layers)
 
 
 @dataclass
@@ -258,8 +277,8 @@ def model_path() -> Path:
     return path
 
 
-async def enroll_agent(plane: Plane, token: str, config: Path) -> None:
-    argv = [sys.executable, "-m", "agent", "enroll", "--plane", plane.grpc_address, "--token", token]
+async def enroll_agent(plane: Plane, token: str, config: Path, program: Sequence[str] = AGENT_MODULE) -> None:
+    argv = [*program, "enroll", "--plane", plane.grpc_address, "--token", token]
     argv += ["--name", "bench-agent", "--config", str(config)]
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -282,9 +301,13 @@ async def enroll_agent(plane: Plane, token: str, config: Path) -> None:
         raise BenchError(f"agent enroll exited with {proc.returncode}:\n{output.decode(errors='replace')}")
 
 
-def start_agent(stack: contextlib.ExitStack, workdir: Path, config: Path, settings: Settings) -> Child:
-    argv = [sys.executable, "-m", "agent", "run", "--model", f"{model_path()}={LLAMA_MODEL}"]
+def start_agent(
+    stack: contextlib.ExitStack, workdir: Path, config: Path, settings: Settings, subject: Subject | None = None
+) -> Child:
+    subject = subject or Subject(model_path())
+    argv = [*subject.agent, "run", "--model", f"{subject.path}={LLAMA_MODEL}"]
     argv += ["--threads", str(settings.threads), "--context", str(CONTEXT), "--slots", "1", "--config", str(config)]
+    argv += ["--gpu-layers", subject.gpu_layers]
     env = child_env(PYTHONUNBUFFERED="1")
     return stack.enter_context(child_process("hatchway agent", argv, workdir / "agent.log", env))
 
@@ -299,12 +322,17 @@ class DirectModel:
     three times as long. `asyncio.to_thread` now and then hands a call to a second pool thread (when the first has
     not yet marked itself idle), which left some rounds' direct side at a third of its speed."""
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, gpu_layers: int = 0) -> None:
         from llama_cpp import Llama  # here, so --skip-llama never loads the shared library
 
         # n_threads_batch as well: the agent sets both, and the prompt is evaluated with the batch threads.
         self.llama = Llama(
-            model_path=str(path), n_ctx=CONTEXT, n_threads=threads, n_threads_batch=threads, verbose=False
+            model_path=str(path),
+            n_ctx=CONTEXT,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_gpu_layers=gpu_layers,
+            verbose=False,
         )
         self._busy = threading.Lock()
         self._stop = threading.Event()
@@ -527,20 +555,25 @@ async def llama_part(
     plane: Plane,
     key: str,
     settings: Settings,
+    subject: Subject | None = None,
 ) -> dict[str, Any]:
+    subject = subject or Subject(model_path())
     config = workdir / "agent.json"
-    await enroll_agent(plane, await node_token(session, plane), config)
-    agent = start_agent(stack, workdir, config, settings)
-    model = await asyncio.to_thread(DirectModel, model_path(), settings.threads)
+    await enroll_agent(plane, await node_token(session, plane), config, subject.agent)
+    agent = start_agent(stack, workdir, config, settings, subject)
+    model = await asyncio.to_thread(DirectModel, subject.path, settings.threads, subject.direct_gpu_layers)
     try:
         await wait_for_model(session, plane, LLAMA_MODEL, agent)
         directs, hatchways = await measure_llama(session, plane, agent, key, model, settings)
     finally:
         model.close()
     agent_memory = {"rss_mib": round(sample_process(agent.pid).rss_bytes / 2**20, 1)}
+    # The node as the plane sees it while connected (`admin nodes show`): its Hello's hardware and GPU, where its
+    # --gpu-layers put the layers and why, and the tokens/s it measured on these jobs.
+    (seen,) = (await admin(session, plane, "GET", "/admin/v1/nodes"))["data"]
     # The stream part must not share the CPU with an idle agent's heartbeats and model either.
     await asyncio.to_thread(stop_process, agent.proc)
-    return {**summarise_llama(directs, hatchways), "agent_memory": agent_memory}
+    return {**summarise_llama(directs, hatchways), "agent_memory": agent_memory, "node": seen}
 
 
 # -- part 2: the fake agent and the job stream -----------------------------------------------------------
@@ -667,9 +700,9 @@ async def stream_part(session: aiohttp.ClientSession, plane: Plane, key: str, se
 # -- reporting -------------------------------------------------------------------------------------------
 
 
-def format_llama(result: dict[str, Any], settings: dict[str, Any]) -> str:
+def format_llama(result: dict[str, Any], settings: dict[str, Any], label: str = MODEL_FILE) -> str:
     title = (
-        f"llama.cpp direct vs through a node ({MODEL_FILE}, {settings['threads']} threads, "
+        f"llama.cpp direct vs through a node ({label}, {settings['threads']} threads, "
         f"{settings['max_tokens']} tokens, {settings['rounds']} rounds)"
     )
     header = f"{'path':9} {'TTFT p50 ms':>11} {'TTFT p90 ms':>11} {'tok/s p50':>9} {'tok/s p90':>9} "
