@@ -129,10 +129,20 @@ def pip_cublas() -> Path | None:
     return None
 
 
+def find_nvcc() -> str | None:
+    """The toolkit's nvcc: in $CUDA_HOME or /usr/local/cuda, else the one on PATH (resolved: a toolkit's bin/ is
+    often linked from /usr/bin), else from NVIDIA's pip wheels (site-packages/nvidia/*/bin). A toolkit is a folder
+    with bin/nvcc and include/."""
+    homes = [Path(home) for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda") if home]
+    on_path = shutil.which("nvcc")
+    homes += [Path(os.path.realpath(on_path)).parent.parent] if on_path else []
+    homes += [bin_dir.parent for entry in sys.path for bin_dir in sorted(Path(entry or ".").glob("nvidia/*/bin"))]
+    found = next((home for home in homes if (home / "bin" / "nvcc").exists() and (home / "include").is_dir()), None)
+    return str(found / "bin" / "nvcc") if found else on_path
+
+
 def probe() -> dict[str, Any]:
-    nvcc = shutil.which("nvcc") or next(
-        (str(p) for p in (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc",) if p.exists()), None
-    )
+    nvcc = find_nvcc()
     toolkit = Path(os.path.realpath(nvcc)).parent.parent if nvcc else None
     query = "name,driver_version,memory.total,memory.used,compute_cap,utilization.gpu"
     return {
@@ -165,7 +175,7 @@ def cuda_toolkit(found: dict[str, Any], work: Path) -> Path:
     """CUDA_HOME for the build: nvcc's toolkit when it has cuBLAS, else installers/cuda/toolkit.sh's copy of it with
     the pip-installed cuBLAS linked in (this machine reaches no index to fetch the wheel from)."""
     if not found["toolkit"]:
-        raise BenchError("no nvcc on PATH, in $CUDA_HOME/bin or /usr/local/cuda/bin")
+        raise BenchError("no nvcc on PATH, in $CUDA_HOME/bin, /usr/local/cuda/bin or NVIDIA's pip wheels")
     if found["toolkit_has_cublas"]:
         return Path(found["toolkit"])
     if not found["pip_cublas"]:
