@@ -241,6 +241,7 @@ class Plane:
         await asyncio.to_thread(self.recover_usage)
         await asyncio.to_thread(self.seed_limits)
         await self.limiter.start()
+        await self.cache.start()
         await self.snapshots.reload()
         self.config_watcher.start()
         self.usage.start()

@@ -151,6 +151,8 @@ class AnswerCache(Protocol):
         """Entries and bytes each org holds (None: unknown right now)."""
         ...
 
+    async def start(self) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -193,6 +195,9 @@ class ResponseCache:
                 figures[0] += 1
                 figures[1] += entry.size
         return {org_id: (entries, size) for org_id, (entries, size) in wanted.items()}
+
+    async def start(self) -> None:
+        pass
 
     async def close(self) -> None:
         pass

@@ -291,6 +291,16 @@ class RedisCache:
             return dict.fromkeys(wanted)
         return {org_id: (int(entries), int(size)) for org_id, (entries, size) in zip(wanted, replies, strict=True)}
 
+    async def start(self) -> None:
+        """Load the scripts, as the limiter does at start: the first lookup is then one round trip, not a miss
+        (NOSCRIPT), a load and the call again. A Redis that does not answer now fails no start: lookups are
+        misses until a ping answers, as after any failure."""
+        try:
+            for script in (self.lookup_script, self.store_script, self.held_script, self.clear_script):
+                await script.load(self.redis)
+        except FAILURES as exc:
+            self._without_redis(exc)
+
     async def close(self) -> None:
         if self._recovery is not None:
             self._recovery.cancel()

@@ -176,6 +176,7 @@ async def test_the_limiter_and_the_cache_share_round_trips(prefix: str) -> None:
     limiter = limiter_on(REDIS, prefix, "closed")
     await limiter.start()
     cache = RedisCache(limiter.redis, prefix=prefix, max_bytes=10_000)
+    await cache.start()  # as the plane does: the scripts loaded, whatever this Redis held before
     batcher = batcher_for(limiter.redis)
     before = batcher.round_trips
     scopes = [("org:o1", Limits(rpm=100))]
@@ -188,5 +189,39 @@ async def test_the_limiter_and_the_cache_share_round_trips(prefix: str) -> None:
     assert lookup.value is None and lookup.key is not None  # a miss, with the key to store under
     assert batcher.round_trips == before + 1
     admission.settle(0, 0.0)
+    await cache.close()
+    await limiter.close()
+
+
+async def test_a_started_cache_looks_up_in_one_round_trip_on_a_redis_that_held_no_script(
+    private_redis: PrivateRedis,
+) -> None:
+    limiter = limiter_on(private_redis.url, "batch:", "closed")
+    await limiter.start()
+    cache = RedisCache(limiter.redis, prefix="batch:", max_bytes=10_000)
+    await cache.start()
+    batcher = batcher_for(limiter.redis)
+    before = batcher.round_trips
+    lookup = await cache.fetch(
+        "o1", "completions", {"model": "m", "prompt": "hi"}, CachePolicy("all", 60), Directives()
+    )
+    assert lookup.value is None and lookup.key is not None
+    # Not a NOSCRIPT miss, a load and the call again: the start loaded the script.
+    assert batcher.round_trips == before + 1
+    await cache.close()
+    await limiter.close()
+
+
+async def test_a_cache_started_without_redis_starts_and_misses(private_redis: PrivateRedis) -> None:
+    limiter = limiter_on(private_redis.url, "batch:", "open")
+    private_redis.stop()
+    await limiter.start()
+    cache = RedisCache(limiter.redis, prefix="batch:", max_bytes=10_000)
+    await cache.start()
+    assert cache.away
+    lookup = await cache.fetch(
+        "o1", "completions", {"model": "m", "prompt": "hi"}, CachePolicy("all", 60), Directives()
+    )
+    assert lookup.value is None and lookup.key is None  # a miss, and nothing will be stored
     await cache.close()
     await limiter.close()
