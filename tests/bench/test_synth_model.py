@@ -5,34 +5,21 @@ plan, computed without writing its several GB."""
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from gguf import GGUFReader, GGUFValueType
 
 from tests.agent.conftest import SMOLLM2
 from tests.conftest import REPO
+from tests.support.scripts import load_script
 
 TEMPLATE_LIMIT_BYTES = 10 * 2**20
 # llama.cpp's llama_token_type: the special tokens (<|endoftext|>, <|im_start|>, <|im_end|>, ...).
 TOKEN_TYPE_CONTROL = 3
 
 
-def _load_synth_model() -> ModuleType:
-    # bench/ modules are scripts run with bench/ on sys.path, not a package: load this one from its file.
-    spec = importlib.util.spec_from_file_location("synth_model", REPO / "bench" / "synth_model.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # Registered before it runs: dataclasses look their module up in sys.modules.
-    sys.modules["synth_model"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-synth = _load_synth_model()
+synth = load_script(REPO / "bench" / "synth_model.py")
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from tests.conftest import REPO
+from tests.support.scripts import load_script
 
 LINUX_INSTALL = REPO / "installers" / "linux" / "install.sh"
 MACOS_INSTALL = REPO / "installers" / "macos" / "install.sh"
@@ -24,17 +24,7 @@ GPU_LINE = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0b1c2d3e-0000-1111-2222-3333
 TOOLS = ("grep", "head", "dirname", "uname")
 
 
-def load_accel_libs() -> ModuleType:
-    """installers/pyinstaller/accel_libs.py, which the spec imports from beside itself (it is no package)."""
-    path = REPO / "installers" / "pyinstaller" / "accel_libs.py"
-    spec = importlib.util.spec_from_file_location("accel_libs", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-accel_libs = load_accel_libs()
+accel_libs = load_script(REPO / "installers" / "pyinstaller" / "accel_libs.py")
 
 
 def fake_path(tmp_path: Path, **scripts: str) -> str:
