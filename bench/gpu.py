@@ -1,12 +1,12 @@
 """The GPU run (issue 19): llama.cpp built with CUDA, the agent against a plane on the same machine, CPU vs GPU.
 
-On a device machine with an NVIDIA GPU, with .gpu/ carried (bench/gpu_carry.py packs it; README there):
+On a device machine with an NVIDIA GPU, with .gpu/ carried (bench/gpu_carry.py packs it; bench/README.md, "The
+GPU run", says how):
 
-    bash bench/gpu.sh --out "$OUT"                     # about 6-8 minutes on 16 cores, most of it the CUDA build
+    bash bench/gpu.sh --out "$OUT"              # estimated 6-8 minutes on 16 cores, the CUDA build the longest step
 
-Here, a dry run of everything but the CUDA build (the CPU build of llama.cpp already installed, no GPU):
-
-    bash bench/gpu.sh --llama installed --quick --out /tmp/gpu-dry
+A dry run of the same steps without a GPU: `--llama build-cpu` (llama.cpp built from the carried sdist without
+CUDA) or `--llama installed` (the llama_cpp on PYTHONPATH), with `--quick` (the demo shape, two short rounds).
 
 Steps, each recorded in OUT/gpu.json as it ends (a later step's failure keeps the earlier figures) and summed up
 in OUT/gpu.md:
