@@ -28,8 +28,10 @@ from importlib import metadata
 from pathlib import Path
 
 from harness import REPO_ROOT, BenchError
+from node import model_path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from synth_model import write_template
 
 DEST = REPO_ROOT / ".gpu"
 LIMIT_BYTES = 64 * 2**20
@@ -162,15 +164,6 @@ def _trimmed(relative: str) -> bool:
     return relative.startswith(backends) and relative[len(backends) :].split("/")[0] in OTHER_BACKENDS
 
 
-def metadata_template(dest: Path) -> None:
-    from node import model_path
-
-    subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("synth_model.py")), "template", str(model_path()), str(dest)],
-        check=True,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dest", type=Path, default=DEST, help=f"where to pack (default {DEST})")
@@ -186,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     distributions = {**tool_distributions(), **runtime_distributions(args.python_version)}
     download_wheels(distributions, dest / "wheels", args.python_version)
     trimmed_sdist(dest / "llama-cpp.tar.xz")
-    metadata_template(dest / "template.gguf")
+    write_template(model_path(), dest / "template.gguf")
     sizes = {path.relative_to(dest): path.stat().st_size for path in sorted(dest.rglob("*")) if path.is_file()}
     total = sum(sizes.values())
     for path, size in sizes.items():

@@ -179,13 +179,7 @@ def _writer(path: Path, metadata: Mapping[str, Value]) -> GGUFWriter:
 
 def write_template(source: Path, out: Path) -> None:
     """`out`: all of `source`'s metadata and no tensors."""
-    writer = _writer(out, read_metadata(source))
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
+    write_f16(out, read_metadata(source), plan=())
 
 
 def model_metadata(template: Mapping[str, Value], shape: Shape) -> dict[str, Value]:

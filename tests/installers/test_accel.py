@@ -480,17 +480,21 @@ def installed_cublas(root: Path) -> Path:
     return root
 
 
+def run_toolkit(dest: Path, source: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """toolkit.sh DEST SOURCE, with a PYTHON that fails: a pip download it tried would fail the run (the GPU machine
+    reaches no package index)."""
+    return subprocess.run(
+        ["sh", str(TOOLKIT), str(dest), str(source)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": "false", **env},
+    )
+
+
 def test_cuda_toolkit_links_an_installed_cublas_without_downloading_anything(tmp_path: Path) -> None:
     source = fake_toolkit(tmp_path / "cuda")
     cublas = installed_cublas(tmp_path / "site-packages" / "nvidia" / "cu13")
-    # A PYTHON that fails proves no pip download was tried: the GPU machine reaches no package index.
-    env = {**os.environ, "CUBLAS_FROM": str(cublas), "PYTHON": "false"}
-    done = subprocess.run(
-        ["sh", str(TOOLKIT), str(tmp_path / "build" / "cuda-toolkit"), str(source)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    done = run_toolkit(tmp_path / "build" / "cuda-toolkit", source, CUBLAS_FROM=str(cublas))
     assert done.returncode == 0, done.stderr
     toolkit = Path(done.stdout.strip())
     assert toolkit == (tmp_path / "build" / "cuda-toolkit").resolve()
@@ -507,12 +511,7 @@ def test_cuda_toolkit_is_the_source_itself_when_it_has_cublas(tmp_path: Path) ->
     source = fake_toolkit(tmp_path / "cuda")
     (source / "include" / "cublas_v2.h").write_text("/* cuBLAS */\n")
     (source / "lib64" / "libcublas.so").write_bytes(b"\x7fELF")
-    done = subprocess.run(
-        ["sh", str(TOOLKIT), str(tmp_path / "dest"), str(source)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHON": "false"},
-    )
+    done = run_toolkit(tmp_path / "dest", source)
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()) == source.resolve()
     assert not (tmp_path / "dest").exists()
@@ -521,11 +520,6 @@ def test_cuda_toolkit_is_the_source_itself_when_it_has_cublas(tmp_path: Path) ->
 def test_cuda_toolkit_refuses_a_cublas_folder_without_cublas(tmp_path: Path) -> None:
     source = fake_toolkit(tmp_path / "cuda")
     (tmp_path / "empty").mkdir()
-    done = subprocess.run(
-        ["sh", str(TOOLKIT), str(tmp_path / "dest"), str(source)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "CUBLAS_FROM": str(tmp_path / "empty"), "PYTHON": "false"},
-    )
+    done = run_toolkit(tmp_path / "dest", source, CUBLAS_FROM=str(tmp_path / "empty"))
     assert done.returncode == 1
     assert f"no include/cublas_v2.h in {(tmp_path / 'empty').resolve()}" in done.stderr
