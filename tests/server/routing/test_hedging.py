@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -144,13 +144,6 @@ def test_an_invalid_hedge_setting_is_refused_at_start() -> None:
 
 
 # -- a node that loses the hedge ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def agent_loop() -> Iterator[LoopThread]:
-    loop = LoopThread(timeout_s=60)
-    yield loop
-    loop.close()
 
 
 def test_a_node_that_loses_the_hedge_has_its_job_cancelled(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -106,13 +106,6 @@ def test_a_pause_is_a_stall_only_when_long_for_the_streams_own_pace() -> None:
 
 
 # -- a node that stops answering mid-job ----------------------------------------------------------------
-
-
-@pytest.fixture
-def agent_loop() -> Iterator[LoopThread]:
-    loop = LoopThread(timeout_s=60)
-    yield loop
-    loop.close()
 
 
 def node_then_cloud(

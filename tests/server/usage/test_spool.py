@@ -10,12 +10,10 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import orjson
-import pytest
 from sqlalchemy import create_engine, text
 from sqlmodel import Session, col, select
 
@@ -33,15 +31,6 @@ from tests.support.upstream_process import UpstreamProcess
 
 # Concurrent streaming clients when the plane is killed (the figure).
 STREAMS = 20
-
-
-@pytest.fixture
-def database(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "usage.db"
-    engine = make_engine(f"sqlite:///{path}")
-    migrate(engine)
-    engine.dispose()
-    yield path
 
 
 def writer(database: Path | str, spool_dir: Path, *, timeout_s: float = 30.0) -> UsageWriter:

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ from sqlalchemy import func
 from sqlmodel import Session, create_engine, select
 
 from server.metrics import Metrics
-from server.storage.db import make_engine, migrate
 from server.storage.models import UsageRecord, utcnow
 from server.usage.writer import RETRY_DELAY_S, UsageWriter
 from tests.conftest import RunningPlane
@@ -95,15 +93,6 @@ def test_flush_returns_once_every_recorded_row_is_in_the_database(plane: Running
 
     plane.loop_thread.run(record_and_flush())
     assert stored(plane, 0) == 250
-
-
-@pytest.fixture
-def database(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "usage.db"
-    engine = make_engine(f"sqlite:///{path}")
-    migrate(engine)
-    engine.dispose()
-    yield path
 
 
 def impatient_writer(path: Path) -> UsageWriter:
