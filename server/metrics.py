@@ -47,6 +47,12 @@ class Metrics:
             ("target", "code"),
             registry=self.registry,
         )
+        self.retry_waits = Counter(
+            "hatchway_retry_wait_seconds",
+            "Seconds requests waited before retrying a target: its Retry-After, or backoff.",
+            ("target",),
+            registry=self.registry,
+        )
         self.malformed_chunks = Counter(
             "hatchway_malformed_chunks",
             "Stream chunks from a target that were not valid JSON.",

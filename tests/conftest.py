@@ -5,6 +5,7 @@ test's own) and `private_redis` (a redis-server of the test's own, to stop and s
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import openai
 import pytest
 import redis
@@ -122,6 +124,14 @@ class RunningPlane:
     def add_provider(self, name: str, upstream: MockUpstream, org: str = "acme", **fields: Any) -> dict[str, Any]:
         body = {"org": org, "name": name, "base_url": upstream.url, "api_keys": [f"sk-{name}"], "models": [MODEL]}
         return self.admin.post("/providers", body | fields)  # type: ignore[no-any-return]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample of /metrics (0 when absent), read as Prometheus scrapes it."""
+        text = httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
+        shown = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        pattern = re.escape(f"{name}{{{shown}}}" if labels else name) + r" (\S+)"
+        found = re.search(f"^{pattern}$", text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
 
     def stop(self) -> None:
         self.loop_thread.run(self.server.shutdown())

@@ -252,6 +252,7 @@ class AttemptLoop:
 
     async def _run_try(self, exchange: Exchange, tried: _Try, send: Callable[[Target, Attempt], Awaitable[T]]) -> T:
         if tried.delay_s:
+            self.metrics.retry_waits.labels(tried.target.id).inc(tried.delay_s)
             await asyncio.sleep(tried.delay_s)
         tried.began = time.monotonic()
         # One timer per attempt: the request's deadline, or a stream's first-token limit if sooner.

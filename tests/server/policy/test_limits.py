@@ -16,6 +16,7 @@ from click.testing import CliRunner, Result
 
 from server.cli import cli
 from server.cli.client import AdminAPIError
+from server.config import Config
 from server.credentials import DISPLAY_PREFIX_LEN
 from server.plane import Plane
 from server.policy.limits import estimate_tokens
@@ -23,6 +24,14 @@ from tests.conftest import ADMIN_KEY, MODEL, Gateway, abandon_request, usage_rep
 
 DAY_S = 86_400.0
 MESSAGES = [{"role": "user", "content": "Say hello"}]
+
+
+@pytest.fixture
+def plane_config(plane_config: Config) -> Config:
+    # Fifty clients share this process's GIL with the plane: on a busy host a delayed answer can take seconds to
+    # come through. Counting slots must not depend on an answer beating the header timeout (a 504 gives its slot
+    # back early and lets one more in).
+    return plane_config.replace(upstream_header_timeout_s=60)
 
 
 class FrozenClock:

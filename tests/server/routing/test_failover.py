@@ -1,12 +1,14 @@
-"""Every way an upstream can fail, as the client sees it: status, body, the bytes of the stream, what was
-recorded, and how long it took (bounded generously: these are not benchmarks)."""
+"""Every way an upstream can fail, as the client sees it: status, body, the bytes of the stream, and what was
+recorded. Waits are read from what the plane counts (the seconds it waited before retries), and no test bounds the
+wall clock from above: a timer is shown to fire by what only it explains (a fault that lasts past the request's
+deadline)."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +16,7 @@ import httpx
 import pytest
 
 from server.config import Config
+from server.routing.failover import FailoverPolicy
 from tests.conftest import ADMIN_KEY, MODEL, RunningPlane, abandon_request, eventually
 from tests.support.mock_upstream import Fault, MockUpstream
 
@@ -58,6 +61,10 @@ class Pair:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream, **fields}
         return self.post(body, timeout=timeout)
 
+    def waited_s(self, target: str) -> float:
+        """Seconds the plane waited before retrying `target` (Retry-After, backoff), from its metrics."""
+        return self.plane.metric("hatchway_retry_wait_seconds_total", target=target)
+
     def usage_rows(self, expected: int) -> list[dict[str, Any]]:
         """The usage rows once `expected` of them were written (the writer flushes every 50 ms here)."""
         path = self.plane.server.config.data_dir / "hatchway.db"
@@ -101,49 +108,50 @@ def read_stream(response: httpx.Response) -> Stream:
     return Stream(text, chunks, done, error)
 
 
-@pytest.fixture
-def clock() -> Iterator[Callable[[], float]]:
-    start = time.monotonic()
-    yield lambda: time.monotonic() - start
+def backoff_ceiling_s(retries: int) -> float:
+    """The most that `retries` backoffs may wait in all, with the default policy (each draws half to all of it)."""
+    policy = FailoverPolicy()
+    return sum(min(policy.backoff_cap_s, policy.backoff_base_s * 2.0**tries) for tries in range(retries))
 
 
 # 1 ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_429_with_retry_after_waits_and_retries_the_same_target(pair: Pair, stream: bool, clock) -> None:
+def test_429_with_retry_after_waits_and_retries_the_same_target(pair: Pair, stream: bool) -> None:
     pair.primary.faults.append(Fault("status", status=429, retry_after="1"))
+    started = time.monotonic()
     response = pair.chat(stream=stream)
     assert response.status_code == 200
     assert response.headers["x-hatchway-route"] == "primary"
     assert response.headers["x-hatchway-attempts"] == "2"
-    assert 1.0 <= clock() < 5
+    assert pair.waited_s("primary") == 1.0 <= time.monotonic() - started
     assert len(pair.backup.requests) == 0
 
 
-def test_429_with_retry_after_beyond_the_cap_fails_over_at_once(pair: Pair, clock) -> None:
+def test_429_with_retry_after_beyond_the_cap_fails_over_at_once(pair: Pair) -> None:
     pair.primary.faults.append(Fault("status", status=429, retry_after="30"))
     response = pair.chat()
     assert response.headers["x-hatchway-route"] == "backup"
-    assert clock() < 2
+    assert len(pair.primary.requests) == 1 and pair.waited_s("primary") == 0
 
 
 # 2 ------------------------------------------------------------------------------------------------
 
 
 def test_persistent_429_without_retry_after_backs_off_a_bounded_number_of_times_then_fails_over(
-    pair: Pair, clock
+    pair: Pair,
 ) -> None:
     pair.primary.always = Fault("status", status=429)
     response = pair.chat()
     assert response.status_code == 200
     assert response.headers["x-hatchway-route"] == "backup"
     assert len(pair.primary.requests) == 3  # the first try and max_rate_limit_retries (2)
-    assert clock() < 5
+    assert backoff_ceiling_s(2) / 2 <= pair.waited_s("primary") <= backoff_ceiling_s(2)
 
 
 def test_429_on_one_provider_key_retries_at_once_with_the_next_key(
-    plane: RunningPlane, make_upstream: Callable[..., MockUpstream], clock
+    plane: RunningPlane, make_upstream: Callable[..., MockUpstream]
 ) -> None:
     plane.create_org()
     upstream = make_upstream("keys")
@@ -155,7 +163,8 @@ def test_429_on_one_provider_key_retries_at_once_with_the_next_key(
         json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
         headers={"Authorization": f"Bearer {key}"},
     )
-    assert response.status_code == 200 and clock() < 1
+    assert response.status_code == 200
+    assert plane.metric("hatchway_retry_wait_seconds_total", target="keys") == 0
     assert [r.headers["Authorization"] for r in upstream.requests] == ["Bearer sk-one", "Bearer sk-two"]
     assert response.headers["x-hatchway-provider-key"] == provider["api_keys"][1]["id"]
     # The rate-limited key rests: the next request goes straight to the other one.
@@ -180,13 +189,13 @@ def test_one_500_then_healthy_is_retried_on_the_same_target(pair: Pair, stream: 
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_persistent_503_fails_over_within_the_retry_budget(pair: Pair, stream: bool, clock) -> None:
+def test_persistent_503_fails_over_within_the_retry_budget(pair: Pair, stream: bool) -> None:
     pair.primary.always = Fault("status", status=503)
     response = pair.chat(stream=stream)
     assert response.status_code == 200
     assert response.headers["x-hatchway-route"] == "backup"
-    assert len(pair.primary.requests) == 2
-    assert clock() < 3
+    assert len(pair.primary.requests) == 2  # the first try and max_retries (1)
+    assert backoff_ceiling_s(1) / 2 <= pair.waited_s("primary") <= backoff_ceiling_s(1)
 
 
 # 5 ------------------------------------------------------------------------------------------------
@@ -201,37 +210,39 @@ def test_reset_connection_is_retried(pair: Pair, stream: bool) -> None:
     assert response.headers["x-hatchway-attempts"] == "2"
 
 
-def test_refused_connection_fails_over_at_once(pair: Pair, loop_thread, clock) -> None:
+def test_refused_connection_fails_over_at_once(pair: Pair, loop_thread) -> None:
     loop_thread.run(pair.primary.stop())
     response = pair.chat()
     assert response.status_code == 200
     assert response.headers["x-hatchway-route"] == "backup"
     assert response.headers["x-hatchway-attempts"] == "2"
-    assert clock() < 2
+    assert pair.waited_s("primary") == 0
 
 
 # 6 ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_silent_target_times_out_and_is_not_retried(pair: Pair, stream: bool, clock) -> None:
-    pair.primary.always = Fault("silent", delay_s=10)
+def test_silent_target_times_out_and_is_not_retried(pair: Pair, stream: bool) -> None:
+    # Silent past the request's deadline (20 s): only the header timeout (1 s) leaves time for the backup.
+    pair.primary.always = Fault("silent", delay_s=60)
     response = pair.chat(stream=stream)
     assert response.status_code == 200
     assert response.headers["x-hatchway-route"] == "backup"
     assert len(pair.primary.requests) == 1
-    assert clock() < 4  # header timeout 1 s, far within any client's own timeout
+    assert pair.usage_rows(2)[0]["error_code"] == "upstream_timeout"
 
 
 # 7 ------------------------------------------------------------------------------------------------
 
 
-def test_slow_first_token_fails_over_before_anything_reaches_the_client(pair: Pair, clock) -> None:
+def test_slow_first_token_fails_over_before_anything_reaches_the_client(pair: Pair) -> None:
     pair.primary.reply = "PRIMARY SHOULD NEVER BE SEEN"
-    pair.primary.always = Fault("slow_first_token", delay_s=10)
+    # No first token before the request's deadline (20 s): only the plane's own timers (a hedge, the first-token
+    # limit) let the backup serve.
+    pair.primary.always = Fault("slow_first_token", delay_s=60)
     stream = read_stream(pair.chat(stream=True))
     assert stream.text == REPLY and stream.done
-    assert clock() < 4
     assert all(c["id"].startswith("chatcmpl-mock") for c in stream.chunks)
     assert len(pair.backup.requests) == 1
 
@@ -250,11 +261,12 @@ def test_stream_cut_mid_way_is_rescued_by_regeneration_past_the_delivered_text(p
     assert len({c["id"] for c in stream.chunks}) == 1, "the client sees one completion id throughout"
 
 
-def test_stream_stall_mid_way_is_detected_and_rescued(pair: Pair, clock) -> None:
-    pair.primary.faults.append(Fault("stall", after_chunks=4, delay_s=10))
+def test_stream_stall_mid_way_is_detected_and_rescued(pair: Pair) -> None:
+    # Quiet past the request's deadline (20 s): only the plane's own timers (the stream's pace, the idle limit)
+    # leave time for a rescue.
+    pair.primary.faults.append(Fault("stall", after_chunks=4, delay_s=60))
     stream = read_stream(pair.chat(stream=True))
     assert stream.text == REPLY and stream.done
-    assert clock() < 5  # idle timeout 1 s
 
 
 def test_regeneration_that_differs_ends_in_an_error_event_not_altered_text(pair: Pair) -> None:
@@ -322,12 +334,12 @@ def test_a_whole_answer_past_the_body_cap_fails_over(pair: Pair) -> None:
 # 11 -----------------------------------------------------------------------------------------------
 
 
-def test_stream_ending_after_its_finish_but_without_done_is_finalised_with_its_usage(pair: Pair, clock) -> None:
+def test_stream_ending_after_its_finish_but_without_done_is_finalised_with_its_usage(pair: Pair) -> None:
     pair.primary.faults.append(Fault("no_done"))
     stream = read_stream(pair.chat(stream=True, stream_options={"include_usage": True}))
     assert stream.text == REPLY and stream.done
     assert stream.chunks[-1]["choices"] == [] and stream.chunks[-1]["usage"]["completion_tokens"] == 9
-    assert clock() < 2
+    assert not pair.backup.requests, "a finished answer is not rescued"
 
 
 def test_stream_ending_without_finish_or_done_is_treated_as_cut(pair: Pair) -> None:
@@ -391,7 +403,7 @@ def test_flapping_primary_opens_its_breaker_and_a_probe_brings_it_back(pair: Pai
     assert pair.chat().headers["x-hatchway-route"] == "primary"
 
 
-def test_every_breaker_open_gets_a_fast_503_with_retry_after(pair: Pair, clock) -> None:
+def test_every_breaker_open_gets_a_fast_503_with_retry_after(pair: Pair) -> None:
     for name in ("primary", "backup"):
         pair.plane.admin.patch(f"/providers/{name}", {"policy": {"breaker_failures": 1, "max_retries": 0}})
     pair.primary.always = pair.backup.always = Fault("status", status=503)
@@ -399,6 +411,7 @@ def test_every_breaker_open_gets_a_fast_503_with_retry_after(pair: Pair, clock) 
     response = pair.chat()
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
+    assert len(pair.primary.requests) == len(pair.backup.requests) == 1, "no open target was tried again"
 
 
 # 16 -----------------------------------------------------------------------------------------------

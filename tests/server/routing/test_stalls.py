@@ -1,11 +1,11 @@
 """Stalls are judged by the stream's own pace, and the target that broke a stream is tried last: seen from
 outside, through a real plane, real sockets and the fault-injecting upstream (or a node over the real gRPC link).
-The idle limit is 60 s here, as by default: every rescue below comes long before it."""
+The idle limit is 60 s here, as by default, and the request's deadline 30 s: a rescue can only come from the
+stream's pace, since one at the idle limit would find the deadline passed and end in an error."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,8 +22,6 @@ from tests.support.hostile_agent import HostileAgent, Session, hello, model
 from tests.support.loop_thread import LoopThread
 from tests.support.mock_upstream import Fault, MockUpstream
 
-# Generous: the stall limit is 1-3 s here, the idle limit 60 s. A rescue after the idle limit would take > 60 s.
-RESCUED_WITHIN_S = 15.0
 FALLBACK_MODEL = "large-model"
 
 
@@ -32,6 +30,7 @@ def plane_config(plane_config: Config) -> Config:
     return plane_config.replace(
         stream_idle_timeout_s=60.0,
         ttft_timeout_s=60.0,
+        request_deadline_s=30.0,
         stream_stall_floor_s=1.0,
         stream_stall_factor=4.0,
         stream_stall_ceiling_s=3.0,
@@ -69,10 +68,8 @@ def chain(plane: RunningPlane, make_upstream: Callable[..., MockUpstream]) -> Ch
 
 def test_a_stream_that_falls_silent_is_rescued_at_its_own_pace_not_at_the_idle_limit(chain: Chain) -> None:
     chain.primary.faults.append(Fault("stall", after_chunks=2, delay_s=120))
-    started = time.monotonic()
     stream = read_stream(chain.stream())
     assert stream.text == REPLY and stream.done and stream.error is None
-    assert time.monotonic() - started < RESCUED_WITHIN_S
 
 
 @pytest.mark.parametrize("fault", ["stall", "cut"])
@@ -137,18 +134,15 @@ def test_a_node_that_stops_answering_mid_job_is_left_after_the_stall_limit(
         return str(job.job_id)
 
     mute = asyncio.run_coroutine_threadsafe(answer_then_fall_silent(), agent_loop.loop)
-    started = time.monotonic()
     response = httpx.post(
         f"{plane.v1}/chat/completions",
         json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True},
         headers={"Authorization": f"Bearer {key}"},
         timeout=120,
     )
-    elapsed = time.monotonic() - started
     mute.result(30)
     stream = read_stream(response)
     assert stream.text == REPLY and stream.done and stream.error is None
-    assert elapsed < RESCUED_WITHIN_S
     assert len(cloud.requests) == 1
     assert session.jobs.empty(), "the node that went silent was not asked again"
     agent_loop.run(session.close())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,7 +18,7 @@ import openai
 import pytest
 
 from server.usage.metering import CHOICE_SLACK_TOKENS, PROMPT_SLACK_TOKENS
-from tests.conftest import ADMIN_KEY, MODEL, Gateway, RunningPlane, usage_report
+from tests.conftest import MODEL, Gateway, RunningPlane, usage_report
 from tests.support.hostile_node_usage import LyingNode
 from tests.support.mock_upstream import MockUpstream
 
@@ -29,17 +28,8 @@ REPLY = "Hello from mock"
 REPLY_BOUND = len(REPLY.encode()) + CHOICE_SLACK_TOKENS
 
 
-def metric(plane: RunningPlane, name: str, **labels: str) -> float:
-    """A sample of /metrics (0 when absent), read as Prometheus scrapes it."""
-    text = httpx.get(f"{plane.url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
-    shown = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = re.escape(f"{name}{{{shown}}}" if labels else name) + r" (\S+)"
-    found = re.search(f"^{pattern}$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
-
-
 def clamped(plane: RunningPlane, kind: str) -> float:
-    return metric(plane, "hatchway_usage_claims_clamped_total", target_kind=kind)
+    return plane.metric("hatchway_usage_claims_clamped_total", target_kind=kind)
 
 
 def post(gateway: Gateway, body: dict[str, Any] | None = None) -> httpx.Response:
@@ -120,7 +110,7 @@ async def test_a_claim_of_2_to_the_64_is_clamped_and_costs_no_other_request_its_
     assert rows["mock-a"]["requests"] == 20 and rows["liar"]["requests"] == 1
     assert rows["liar"]["completion_tokens"] <= REPLY_BOUND
     assert rows["liar"]["prompt_tokens"] <= 1024 + PROMPT_SLACK_TOKENS
-    assert metric(gateway.plane, "hatchway_usage_rows_dropped_total") == 0
+    assert gateway.plane.metric("hatchway_usage_rows_dropped_total") == 0
 
 
 def test_hidden_reasoning_tokens_are_billed_within_what_the_request_allowed(gateway: Gateway) -> None:
