@@ -141,12 +141,20 @@ def test_new_connections_of_an_overloaded_plane_are_refused_by_the_acceptor_with
     server = gateway.plane.server
     assert server.acceptor is not None
     server.plane.shedder.max_in_flight = 0  # overloaded until restored, whatever the loop is doing
-    # The loop is stalled for the whole refusal: only the acceptor thread can answer it.
-    gateway.plane.loop_thread.loop.call_soon_threadsafe(time.sleep, 1.0)
-    started = time.monotonic()
-    with pytest.raises(openai.APIStatusError) as refused:
-        gateway.client(max_retries=0).chat.completions.create(**BODY)
-    assert time.monotonic() - started < 1.0
+    # The loop is stalled until the refusal has come: only the acceptor thread can have answered it.
+    stalled, released = threading.Event(), threading.Event()
+
+    def stall() -> None:
+        stalled.set()
+        released.wait(60)
+
+    gateway.plane.loop_thread.loop.call_soon_threadsafe(stall)
+    assert stalled.wait(10)
+    try:
+        with pytest.raises(openai.APIStatusError) as refused:
+            gateway.client(max_retries=0, timeout=30).chat.completions.create(**BODY)
+    finally:
+        released.set()
     assert refused.value.status_code == 503
     assert refused.value.response.headers["Retry-After"] == "1"
     assert refused.value.response.headers["X-Request-Id"]
