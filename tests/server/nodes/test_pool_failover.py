@@ -2,14 +2,13 @@
 pool fails over at once, and a busy pool waits for a slot (briefly) only when nothing after it can serve.
 
 The node is an agent speaking the real gRPC protocol (tests/support/hostile_agent.py, behaving), the fallback a mock
-provider; the plane's queue timeout is long here (30 s, the old default), so a test that waited on the pool
-could not pass within its generous bound.
+provider; the plane's queue timeout is long here (30 s, the old default) and the request's deadline shorter
+(20 s): a request that waited on the pool would run out of time before anything else could serve it.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,13 +26,11 @@ from tests.support.mock_upstream import Fault, MockUpstream
 
 FAKE = "fake"
 BODY = {"model": FAKE, "messages": [{"role": "user", "content": "hi"}]}
-# "At once": far below the pool's 30 s queue timeout, generous for a loaded machine.
-AT_ONCE_S = 10.0
 
 
 @pytest.fixture
 def plane_config(plane_config: Config) -> Config:
-    return plane_config.replace(node_queue_timeout_s=30.0, upstream_header_timeout_s=30.0)
+    return plane_config.replace(node_queue_timeout_s=30.0, upstream_header_timeout_s=30.0, request_deadline_s=20.0)
 
 
 @dataclass
@@ -50,12 +47,10 @@ class Pool:
     def route(self, *targets: str) -> None:
         self.gateway.plane.admin.put("/routes", {"org": "acme", "model": FAKE, "targets": list(targets)})
 
-    def ask(self) -> tuple[httpx.Response, float]:
-        started = time.monotonic()
-        response = httpx.post(
+    def ask(self) -> httpx.Response:
+        return httpx.post(
             f"{self.gateway.plane.v1}/chat/completions", json=BODY, headers=self.gateway.auth(), timeout=60
         )
-        return response, time.monotonic() - started
 
     def say(self, message: pb.AgentMessage) -> None:
         self.loop.run(self.session.send(message))
@@ -97,32 +92,29 @@ def test_a_drained_pool_fails_over_at_once(pool: Pool) -> None:
     pool.route("nodes", "cloud")
     (node_id,) = pool.registry.sessions
     pool.gateway.plane.admin.post(f"/nodes/{node_id}/drain", {})
-    response, took = pool.ask()
-    assert served_by(response) == "from the cloud" and took < AT_ONCE_S
+    assert served_by(pool.ask()) == "from the cloud"
 
 
 def test_a_pool_paused_by_its_owner_fails_over_at_once(pool: Pool) -> None:
     pool.route("nodes", "cloud")
     pool.say(pb.AgentMessage(status=pb.Status(version=1, idle_paused=True)))
     eventually(lambda: all(s.state == "idle-paused" for s in pool.registry.sessions.values()))
-    response, took = pool.ask()
-    assert served_by(response) == "from the cloud" and took < AT_ONCE_S
+    assert served_by(pool.ask()) == "from the cloud"
 
 
 def test_a_drained_pool_that_is_the_last_target_is_a_503_at_once(pool: Pool) -> None:
     pool.gateway.plane.admin.delete("/providers/cloud")
     (node_id,) = pool.registry.sessions
     pool.gateway.plane.admin.post(f"/nodes/{node_id}/drain", {})
-    response, took = pool.ask()
-    assert response.status_code == 503 and took < AT_ONCE_S
+    response = pool.ask()
+    assert response.status_code == 503
     assert response.json()["error"]["code"] == "nodes_unavailable"
 
 
 def test_a_full_pool_is_not_waited_on_while_another_target_can_serve(pool: Pool) -> None:
     pool.route("nodes", "cloud")
     holder = pool.hold_the_only_slot()
-    response, took = pool.ask()
-    assert served_by(response) == "from the cloud" and took < AT_ONCE_S
+    assert served_by(pool.ask()) == "from the cloud"
     pool.serve()
     holder.join(10)
 
@@ -138,6 +130,6 @@ def test_a_full_pool_is_waited_on_when_no_other_target_can_serve(pool: Pool) -> 
     pool.serve(jobs=2)  # the held job ends, which frees the slot for the waiting request, then that one
     holder.join(10)
     waiting.join(10)
-    response, _ = result["answer"]
+    response = result["answer"]
     assert served_by(response) == "from the node"
     assert response.headers["x-hatchway-route"] in pool.registry.sessions

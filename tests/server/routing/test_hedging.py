@@ -1,11 +1,11 @@
 """A slow first token is hedged: the next target starts alongside, the first content token wins, the other is
 cancelled and recorded as a failed attempt. Seen from outside: a real plane, real sockets, the fault-injecting
-upstream, a node over the real gRPC link. Without hedging every stream below would wait 20 s for its primary."""
+upstream, a node over the real gRPC link. Without hedging every stream below would wait 20 s for its primary, past
+the request's deadline (15 s here): one answered by another target was hedged before it."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,14 +23,17 @@ from tests.support.loop_thread import LoopThread
 from tests.support.mock_upstream import Fault, MockUpstream
 
 SLOW_S = 20.0
-# Generous: hedged, these streams are answered in about a second; unhedged, in SLOW_S.
-HEDGED_WITHIN_S = 10.0
 
 
 @pytest.fixture
 def plane_config(plane_config: Config) -> Config:
     return plane_config.replace(
-        ttft_timeout_s=60.0, stream_idle_timeout_s=60.0, hedge="auto", hedge_floor_s=0.2, hedge_unmeasured_s=0.5
+        ttft_timeout_s=60.0,
+        stream_idle_timeout_s=60.0,
+        request_deadline_s=15.0,
+        hedge="auto",
+        hedge_floor_s=0.2,
+        hedge_unmeasured_s=0.5,
     )
 
 
@@ -56,10 +59,8 @@ def pair(plane: RunningPlane, make_upstream: Callable[..., MockUpstream]) -> Pai
 
 def test_a_slow_first_token_is_answered_by_the_next_target_started_alongside(pair: Pair) -> None:
     pair.primary.always = Fault("slow_first_token", delay_s=SLOW_S)
-    started = time.monotonic()
     response = pair.ask()
     stream = read_stream(response)
-    assert time.monotonic() - started < HEDGED_WITHIN_S
     assert stream.text == REPLY and stream.done
     assert response.headers["x-hatchway-route"] == "backup"
     eventually(lambda: pair.primary.disconnects == 1, what="the losing request to be closed upstream")
@@ -99,9 +100,7 @@ def test_a_route_hedges_after_the_seconds_it_names(plane_config: Config, pair: P
     pair.plane.restart(plane_config.replace(hedge="off"))
     pair.route(hedge="0.5")
     pair.primary.always = Fault("slow_first_token", delay_s=SLOW_S)
-    started = time.monotonic()
     assert read_stream(pair.ask()).text == REPLY
-    assert time.monotonic() - started < HEDGED_WITHIN_S
 
 
 def test_auto_hedging_waits_for_the_targets_own_ttft_p95(plane_config: Config, pair: Pair) -> None:
@@ -110,9 +109,7 @@ def test_auto_hedging_waits_for_the_targets_own_ttft_p95(plane_config: Config, p
     for _ in range(5):
         assert read_stream(pair.ask()).text == "PRIMARY " + REPLY  # fast: its p95 is a few milliseconds
     pair.primary.always = Fault("slow_first_token", delay_s=SLOW_S)
-    started = time.monotonic()
     assert read_stream(pair.ask()).text == REPLY
-    assert time.monotonic() - started < HEDGED_WITHIN_S
 
 
 def test_whole_answers_are_not_hedged(pair: Pair) -> None:
@@ -151,14 +148,12 @@ def test_a_node_that_loses_the_hedge_has_its_job_cancelled(
 ) -> None:
     session, _, key = node_then_cloud(plane, make_upstream, agent_loop)  # the node never answers
 
-    started = time.monotonic()
     response = httpx.post(
         f"{plane.v1}/chat/completions",
         json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True},
         headers={"Authorization": f"Bearer {key}"},
         timeout=120,
     )
-    assert time.monotonic() - started < HEDGED_WITHIN_S
     assert read_stream(response).text == REPLY
     assert response.headers["x-hatchway-route"] == "cloud"
 
