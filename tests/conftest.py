@@ -4,9 +4,11 @@ test's own) and `private_redis` (a redis-server of the test's own, to stop and s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -124,6 +126,12 @@ class RunningPlane:
     def add_provider(self, name: str, upstream: MockUpstream, org: str = "acme", **fields: Any) -> dict[str, Any]:
         body = {"org": org, "name": name, "base_url": upstream.url, "api_keys": [f"sk-{name}"], "models": [MODEL]}
         return self.admin.post("/providers", body | fields)  # type: ignore[no-any-return]
+
+    def sql(self, statement: str) -> list[dict[str, Any]]:
+        """`statement` run on the plane's SQLite database from outside, as any client may, and committed; its rows."""
+        with contextlib.closing(sqlite3.connect(self.server.config.data_dir / "hatchway.db")) as db, db:
+            db.row_factory = sqlite3.Row
+            return [dict(row) for row in db.execute(statement)]
 
     def metric(self, name: str, **labels: str) -> float:
         """A sample of /metrics (0 when absent), read as Prometheus scrapes it."""

@@ -18,12 +18,12 @@ from server.config import Config
 from tests.conftest import RunningPlane, abandon_request, eventually
 from tests.support.agent_process import DEMO_MODEL, AgentProcess, describe
 from tests.support.mock_upstream import MockUpstream
-from tests.support.served_nodes import COUNTING, QUESTION, Nodes, enrolling
+from tests.support.served_nodes import COUNTING, QUESTION, Nodes, enrolling, for_agents
 
 
 @pytest.fixture
 def plane_config(plane_config: Config) -> Config:
-    return plane_config.replace(node_heartbeat_s=0.5, node_queue_timeout_s=2.0, ttft_timeout_s=20.0)
+    return for_agents(plane_config)
 
 
 @pytest.fixture

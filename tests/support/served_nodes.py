@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import openai
 
+from server.config import Config
 from server.nodes.registry import NodeRegistry
 from tests.conftest import RunningPlane, eventually
 from tests.support.agent_process import AgentProcess, describe
@@ -22,6 +23,12 @@ QUESTION = [
     {"role": "user", "content": "What is the capital of France?"},
 ]
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
+
+
+def for_agents(config: Config) -> Config:
+    """`config` for a plane that real agents serve: a heartbeat every half second (a node that left is seen at once),
+    a short wait for a busy node's slot, and a first-token limit that llama.cpp meets on a loaded CPU."""
+    return config.replace(node_heartbeat_s=0.5, node_queue_timeout_s=2.0, ttft_timeout_s=20.0)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from server.storage.models import UsageRecord
 from tests.conftest import ADMIN_KEY, MODEL, RunningPlane, eventually
 from tests.support.agent_process import DEMO_MODEL
 from tests.support.mock_upstream import Fault, MockUpstream, split_reply
-from tests.support.served_nodes import Nodes, enrolling
+from tests.support.served_nodes import Nodes, enrolling, for_agents
 
 REPLY = "Hello from mock"
 WEATHER_TOOL: FunctionToolParam = {
@@ -509,7 +509,7 @@ def test_an_agent_with_one_function_tool_runs_to_completion(served: Served, stre
 
 @pytest.fixture
 def plane_config(plane_config: Config) -> Config:
-    return plane_config.replace(node_heartbeat_s=0.5, node_queue_timeout_s=2.0, ttft_timeout_s=20.0)
+    return for_agents(plane_config)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ deadline)."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,12 +66,9 @@ class Pair:
 
     def usage_rows(self, expected: int) -> list[dict[str, Any]]:
         """The usage rows once `expected` of them were written (the writer flushes every 50 ms here)."""
-        path = self.plane.server.config.data_dir / "hatchway.db"
         deadline = time.monotonic() + 5
         while True:
-            with sqlite3.connect(path) as db:
-                db.row_factory = sqlite3.Row
-                rows = [dict(r) for r in db.execute("SELECT * FROM usage_record ORDER BY id")]
+            rows = self.plane.sql("SELECT * FROM usage_record ORDER BY id")
             if len(rows) >= expected or time.monotonic() > deadline:
                 return rows
             time.sleep(0.05)

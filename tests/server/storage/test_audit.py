@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 import pytest
@@ -60,8 +59,7 @@ def test_verify_passes_on_an_untouched_log(changed: RunningPlane) -> None:
 
 
 def test_verify_names_the_first_edited_entry(changed: RunningPlane) -> None:
-    with sqlite3.connect(changed.server.config.data_dir / "hatchway.db") as db:
-        db.execute("UPDATE audit_entry SET target = 'someone-else' WHERE id = 3")
+    changed.sql("UPDATE audit_entry SET target = 'someone-else' WHERE id = 3")
     verdict = changed.admin.get("/audit/verify")
     assert verdict["ok"] is False and verdict["first_broken"] == 3
     result = run(changed, "audit", "verify")
@@ -69,8 +67,7 @@ def test_verify_names_the_first_edited_entry(changed: RunningPlane) -> None:
 
 
 def test_verify_notices_a_deleted_entry(changed: RunningPlane) -> None:
-    with sqlite3.connect(changed.server.config.data_dir / "hatchway.db") as db:
-        db.execute("DELETE FROM audit_entry WHERE id = 2")
+    changed.sql("DELETE FROM audit_entry WHERE id = 2")
     assert changed.admin.get("/audit/verify")["first_broken"] == 3
 
 

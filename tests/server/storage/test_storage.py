@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -29,9 +28,7 @@ def database_bytes(gateway: Gateway) -> bytes:
 def test_provider_keys_are_encrypted_at_rest(gateway: Gateway) -> None:
     gateway.plane.add_provider("secretive", gateway.upstream, api_keys=["sk-very-secret-provider-key"], models=["m"])
     assert b"sk-very-secret-provider-key" not in database_bytes(gateway)
-    path = gateway.plane.server.config.data_dir / "hatchway.db"
-    with sqlite3.connect(path) as db:
-        ciphertexts = [row[0] for row in db.execute("SELECT ciphertext FROM provider_key")]
+    ciphertexts = [row["ciphertext"] for row in gateway.plane.sql("SELECT ciphertext FROM provider_key")]
     vault = Vault.from_settings("", gateway.plane.server.config.data_dir)
     assert "sk-very-secret-provider-key" in {vault.decrypt(c) for c in ciphertexts}
 
@@ -48,10 +45,8 @@ def test_provider_keys_are_never_returned_by_the_api(gateway: Gateway) -> None:
 
 
 def test_api_keys_are_stored_only_as_hashes(gateway: Gateway) -> None:
-    path = gateway.plane.server.config.data_dir / "hatchway.db"
     assert gateway.api_key.encode() not in database_bytes(gateway)
-    with sqlite3.connect(path) as db:
-        hashes = {row[0] for row in db.execute("SELECT key_hash FROM api_key")}
+    hashes = {row["key_hash"] for row in gateway.plane.sql("SELECT key_hash FROM api_key")}
     assert hash_key(gateway.api_key) in hashes
 
 

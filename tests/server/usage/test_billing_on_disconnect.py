@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,23 +27,19 @@ from tests.conftest import MODEL, Gateway, RunningPlane, abandon_request, usage_
 from tests.support.agent_process import DEMO_MODEL, AgentProcess, describe
 from tests.support.hostile_node_usage import LyingNode
 from tests.support.mock_upstream import split_reply
+from tests.support.served_nodes import COUNTING, for_agents
 
 REPLY = " ".join(f"word{i}" for i in range(40))
 MESSAGES = [{"role": "user", "content": "Count for me"}]
-COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 
 
 @pytest.fixture
 def plane_config(plane_config: Config) -> Config:
-    return plane_config.replace(
-        node_heartbeat_s=0.5, node_queue_timeout_s=2.0, ttft_timeout_s=20.0, node_cancel_timeout_s=1.0
-    )
+    return for_agents(plane_config).replace(node_cancel_timeout_s=1.0)
 
 
 def rows(plane: RunningPlane) -> list[dict[str, Any]]:
-    with sqlite3.connect(plane.server.config.data_dir / "hatchway.db") as db:
-        db.row_factory = sqlite3.Row
-        return [dict(r) for r in db.execute("SELECT * FROM usage_record WHERE final ORDER BY id")]
+    return plane.sql("SELECT * FROM usage_record WHERE final ORDER BY id")
 
 
 def final_rows(plane: RunningPlane, count: int, timeout_s: float = 15) -> list[dict[str, Any]]:
