@@ -29,6 +29,7 @@ from server.storage.models import (
 from server.storage.store import find_org, org_dict
 
 # Enough to catch a typo or a name where an address belongs; whether mail arrives is not the plane's concern.
+# Any script may be in it (an internationalised address is one); no control character may.
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,190}$")
 # The console key's name in listings: it is the account's, made on first use of the playground.
 CONSOLE_KEY_NAME = "console playground"
@@ -38,7 +39,7 @@ INVALID_INVITATION = "this invitation is invalid, used or expired"
 
 def normalize_email(value: object) -> str:
     email = value.strip().lower() if isinstance(value, str) else ""
-    if not _EMAIL.match(email):
+    if not _EMAIL.match(email) or not email.isprintable():
         raise InvalidRequestError("'email' must be an email address", param="email")
     return email
 

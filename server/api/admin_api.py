@@ -34,7 +34,7 @@ from server.api.resources import (
     SNAPSHOTS,
     STORE,
 )
-from server.api.validation import bounded_int, bounded_number
+from server.api.validation import bounded_int, bounded_number, only_fields
 from server.credentials import ENROLLMENT_TOKEN_PREFIX, generate_key
 from server.errors import ConflictError, InvalidRequestError, PermissionDeniedError
 from server.nodes.registry import NodeRegistry
@@ -86,8 +86,9 @@ def _reach(principal: Principal, found: Mapping[str, Any] | None, owner_field: s
         raise PermissionDeniedError("that is not yours", code="forbidden")
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    return await read_body(request, request.app[CONFIG].max_body_bytes)
+async def _body(request: web.Request, *fields: str) -> dict[str, Any]:
+    """The JSON body, holding no field but `fields`."""
+    return only_fields(await read_body(request, request.app[CONFIG].max_body_bytes), fields)
 
 
 async def _read(fn: Callable[..., T], *args: Any) -> T:
@@ -144,7 +145,7 @@ def _datetime(body: dict[str, Any], name: str) -> datetime | None:
 
 async def create_org(request: web.Request) -> web.Response:
     await _allowed(request, "orgs.create")
-    body = await _body(request)
+    body = await _body(request, "name")
     org = await _mutate(request, "org.create", request.app[STORE].create_org, _str(body, "name"))
     return web.json_response(org, status=201)
 
@@ -157,7 +158,7 @@ async def list_orgs(request: web.Request) -> web.Response:
 
 async def create_key(request: web.Request) -> web.Response:
     principal = await _allowed(request, "keys.write")
-    body = await _body(request)
+    body = await _body(request, "org", "name", "models", "expires_at", "owner_account_id")
     org = _named_org(request, principal, _str(body, "org"))
     # A developer's keys are their own; an admin's belong to the org, or to the account of the org it names.
     owner = principal.owner_scope or await _key_owner(request, org, _str(body, "owner_account_id", required=False))
@@ -218,7 +219,9 @@ async def rotate_admin_key(request: web.Request) -> web.Response:
 
 async def add_provider(request: web.Request) -> web.Response:
     principal = await _allowed(request, "providers.write")
-    body = await _body(request)
+    body = await _body(
+        request, "org", "name", "base_url", "api_keys", "models", "price_in", "price_out", *PROVIDER_SETTINGS
+    )
     org = _named_org(request, principal, _str(body, "org"))
     raw_models = body.get("models")
     if not isinstance(raw_models, list):
@@ -244,11 +247,6 @@ async def add_provider(request: web.Request) -> web.Response:
 
 
 def _continuation(body: dict[str, Any]) -> str | None:
-    if "prefill" in body:
-        # An older client's setting, whose "auto" learnt from answers that prove nothing: say what replaced it.
-        raise InvalidRequestError(
-            "'prefill' was replaced by 'continuation' (regenerate, prefill, vllm or none)", param="prefill"
-        )
     return _str(body, "continuation", required=False) or None
 
 
@@ -262,6 +260,8 @@ def _responses(body: dict[str, Any]) -> bool | None:
 
 # A provider's egress settings (server.targets.egress), each a string: given ones change, "" removes one.
 EGRESS_FIELDS = ("proxy", "ca_file", "client_cert", "client_key")
+# What adding a provider and changing one both take.
+PROVIDER_SETTINGS = ("policy", "continuation", "responses", *EGRESS_FIELDS)
 
 
 def _egress(body: dict[str, Any]) -> dict[str, str]:
@@ -277,7 +277,7 @@ def _policy(body: dict[str, Any]) -> dict[str, float | int]:
 
 async def update_provider(request: web.Request) -> web.Response:
     principal = await _allowed(request, "providers.write")
-    body = await _body(request)
+    body = await _body(request, *PROVIDER_SETTINGS)
     ref, org = request.match_info["ref"], _org(request, principal, request.query.get("org"))
     provider = await _mutate(
         request,
@@ -315,7 +315,7 @@ async def remove_provider(request: web.Request) -> web.Response:
 
 async def set_route(request: web.Request) -> web.Response:
     principal = await _allowed(request, "routes.write")
-    body = await _body(request)
+    body = await _body(request, "org", "model", "strategy", "targets", "fallbacks", "hedge")
     org, model = _named_org(request, principal, _str(body, "org")), _str(body, "model")
     route = await _mutate(
         request,
@@ -434,7 +434,7 @@ NODE_TOKEN_MAX_USES = 1_000_000
 
 async def create_node_token(request: web.Request) -> web.Response:
     principal = await _allowed(request, "node_tokens.create")
-    body = await _body(request)
+    body = await _body(request, "org", "ttl_s", "uses", "labels", "replace", "planes")
     org = _named_org(request, principal, _str(body, "org"))
     if principal.owner_scope is not None and not await _read(
         request.app[ACCOUNTS].store.providers_may_enroll, _org_id(request, org) or org
@@ -658,12 +658,9 @@ async def _limit_subject(
 
 async def set_limits(request: web.Request) -> web.Response:
     await _allowed(request, "limits.write")
-    body = await _body(request)
+    body = await _body(request, "org", "key", *LIMIT_FIELDS)
     org, key = await _limit_subject(request, "limits.write", body)
     values = {name: body[name] for name in LIMIT_FIELDS if name in body}
-    unknown = set(body) - {"org", "key", *LIMIT_FIELDS}
-    if unknown:
-        raise InvalidRequestError(f"unknown fields: {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
     limits = await _mutate(
         request,
         "limits.set",
@@ -702,7 +699,7 @@ async def remove_limits(request: web.Request) -> web.Response:
 
 async def set_cache_policy(request: web.Request) -> web.Response:
     principal = await _allowed(request, "cache.write")
-    body = await _body(request)
+    body = await _body(request, "org", "mode", "ttl_s")
     org = _named_org(request, principal, _str(body, "org"))
     ttl = body.get("ttl_s")
     policy = await _mutate(
@@ -749,7 +746,7 @@ async def clear_cache(request: web.Request) -> web.Response:
 
 async def set_price(request: web.Request) -> web.Response:
     principal = await _allowed(request, "prices.write")
-    body = await _body(request)
+    body = await _body(request, "provider", "org", "model", "price_in", "price_out")
     price = await _mutate(
         request,
         "price.set",

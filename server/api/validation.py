@@ -11,7 +11,7 @@ harnesses) are the upstream's to judge, and its 4xx reaches the client. The plan
 non-empty string (it routes on it), `tool_choice` needs `tools`, and embeddings are not streamed (checked
 where streaming is decided, server.api.openai_api). Every failure is an `InvalidRequestError` naming the parameter.
 
-Also here, for the admin API: names (orgs) and bounded numbers.
+Also here, for the admin API: the fields a body may hold, names (orgs) and bounded numbers.
 """
 
 from __future__ import annotations
@@ -186,6 +186,17 @@ def bounded_int(body: dict[str, Any], param: str, low: int, high: int, default: 
     if not low <= value <= high:
         raise InvalidRequestError(f"'{param}' must be between {low} and {high}", param=param)
     return value
+
+
+def only_fields(body: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    """`body`, once it holds nothing but `fields`: a misspelt setting (`ttl` for `ttl_s`) is refused, never
+    answered with a 200 that left the setting as it was."""
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown fields: {', '.join(unknown)} (this request takes {', '.join(fields)})", param=unknown[0]
+        )
+    return body
 
 
 def bounded_number(body: dict[str, Any], param: str, low: float, high: float) -> float | None:

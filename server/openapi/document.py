@@ -63,12 +63,18 @@ def nullable(schema: Schema) -> Schema:
 
 def obj(required: dict[str, Any] | None = None, optional: dict[str, Any] | None = None, **extra: Any) -> Schema:
     """An object with these required and optional properties. Open (other properties allowed) unless `extra`
-    says `additionalProperties=False`: the handlers ignore fields they do not read, and answers may grow."""
+    says otherwise: answers may grow. Request bodies are `request_body`."""
     properties = {**(required or {}), **(optional or {})}
     schema: Schema = {"type": "object", "properties": properties}
     if required:
         schema["required"] = list(required)
     return {**schema, **extra}
+
+
+def request_body(required: dict[str, Any] | None = None, optional: dict[str, Any] | None = None) -> Schema:
+    """A body of the admin or sign-in API: these properties and no other, as its handler takes it (a field it does
+    not take is refused, server.api.validation.only_fields)."""
+    return obj(required, optional, additionalProperties=False)
 
 
 STRING: Schema = {"type": "string"}
@@ -280,10 +286,8 @@ _PROVIDER_SETTINGS: dict[str, Any] = {
     "continuation": {"type": ["string", "null"], "enum": [*PROVIDER_CONTINUATIONS, "", None]},
     **EGRESS_FIELDS,
     "responses": {**nullable(BOOLEAN), "description": "Whether the provider serves /v1/responses itself."},
-    # An older client's field: refused with a message naming what replaced it.
-    "prefill": False,
 }
-ADD_PROVIDER = obj(
+ADD_PROVIDER = request_body(
     {
         "org": NON_EMPTY,
         "name": NON_EMPTY,
@@ -301,7 +305,7 @@ ADD_PROVIDER = obj(
         **_PROVIDER_SETTINGS,
     },
 )
-UPDATE_PROVIDER = obj(optional=_PROVIDER_SETTINGS)
+UPDATE_PROVIDER = request_body(optional=_PROVIDER_SETTINGS)
 
 ROUTE = obj(
     {
@@ -317,7 +321,7 @@ ROUTE = obj(
         "created_at": TIMESTAMP,
     }
 )
-SET_ROUTE = obj(
+SET_ROUTE = request_body(
     {"org": NON_EMPTY, "model": {**NON_EMPTY, "description": "A model name or a glob."}},
     {
         "strategy": {"type": ["string", "null"], "enum": [*STRATEGIES, "", None]},
@@ -407,10 +411,9 @@ LIMITS = obj(
 )
 # Exactly one of org or key, at least one limit (null lifts it), nothing else.
 SET_LIMITS = {
-    **obj(
+    **request_body(
         optional={"org": {"type": "string", "minLength": 1}, "key": {"type": "string", "minLength": 1}, **_LIMIT_VALUES}
     ),
-    "additionalProperties": False,
     "oneOf": [{"required": ["org"], "not": {"required": ["key"]}}, {"required": ["key"], "not": {"required": ["org"]}}],
     "anyOf": [{"required": [name]} for name in LIMIT_FIELDS],
 }
@@ -425,7 +428,7 @@ CACHE_POLICY = obj(
         "bytes": nullable(_COUNT),
     }
 )
-SET_CACHE = obj(
+SET_CACHE = request_body(
     {"org": NON_EMPTY},
     {
         "mode": {"type": ["string", "null"], "enum": [*CACHE_MODES, "", None]},
@@ -445,7 +448,7 @@ PRICE_CHANGE = obj(
         "effective_from": TIMESTAMP,
     }
 )
-SET_PRICE = obj(
+SET_PRICE = request_body(
     {"provider": NON_EMPTY, "model": NON_EMPTY},
     {
         "org": {**OPTIONAL_STRING, "description": "Needed when the provider's name is used in several orgs."},
@@ -475,7 +478,7 @@ NEW_NODE_TOKEN = {
         obj({"token": {**STRING, "description": "The enrollment token to give the agent, shown only here."}}),
     ]
 }
-CREATE_NODE_TOKEN = obj(
+CREATE_NODE_TOKEN = request_body(
     {"org": NON_EMPTY},
     {
         "ttl_s": {"type": ["number", "null"], "minimum": 0.1, "maximum": 10 * 365 * 86400},
@@ -590,7 +593,9 @@ ORG_SETTINGS = obj(
     {"id": ID, "object": const("org"), "name": STRING, "providers_may_enroll": BOOLEAN, "created_at": TIMESTAMP}
 )
 # What server.accounts.store.normalize_email accepts, around the whitespace it strips.
-_EMAIL: Schema = {"type": "string", "format": "email", "pattern": r"^\s*[^@\s]{1,64}@[^@\s]{1,190}\s*$"}
+# What server.accounts.store.normalize_email takes (it also refuses control characters, which JSON Schema's
+# patterns cannot name portably): not the `email` format, which refuses an internationalised address.
+_EMAIL: Schema = {"type": "string", "pattern": r"^\s*[^@\s]{1,64}@[^@\s]{1,190}\s*$"}
 _PASSWORD: Schema = {"type": "string", "minLength": PASSWORD_MIN, "maxLength": PASSWORD_MAX}
 _ACCOUNT_NAME: Schema = {"type": "string", "maxLength": accounts_http.NAME_MAX_CHARS}
 # An account's, invitation's or token's org: `org_id` (an id or a name; `org` is taken too); none for a plane admin.
@@ -598,12 +603,14 @@ _ORG_OF_ROLE: dict[str, Schema] = {
     "org_id": {**OPTIONAL_STRING, "description": "The org (id or name); left out for a plane admin."},
     "org": OPTIONAL_STRING,
 }
-LOGIN = obj({"email": STRING, "password": STRING})
-ACCEPT_INVITATION = obj({"token": {"type": "string", "minLength": 1}, "password": _PASSWORD}, {"name": _ACCOUNT_NAME})
-CREATE_ACCOUNT = obj(
+LOGIN = request_body({"email": STRING, "password": STRING})
+ACCEPT_INVITATION = request_body(
+    {"token": {"type": "string", "minLength": 1}, "password": _PASSWORD}, {"name": _ACCOUNT_NAME}
+)
+CREATE_ACCOUNT = request_body(
     {"email": _EMAIL, "role": enum(ROLES), "password": _PASSWORD}, {"name": _ACCOUNT_NAME, **_ORG_OF_ROLE}
 )
-UPDATE_ACCOUNT = obj(
+UPDATE_ACCOUNT = request_body(
     optional={
         "name": _ACCOUNT_NAME,
         "role": enum(ROLES),
@@ -611,16 +618,15 @@ UPDATE_ACCOUNT = obj(
         "disabled": BOOLEAN,
         "password": _PASSWORD,
     },
-    additionalProperties=False,
 )
-CREATE_INVITATION = obj(
+CREATE_INVITATION = request_body(
     {"email": _EMAIL, "role": enum(ROLES)},
     {
         **_ORG_OF_ROLE,
         "ttl_s": {"type": ["number", "null"], "minimum": 60, "maximum": accounts_http.INVITATION_MAX_TTL_S},
     },
 )
-CREATE_ADMIN_TOKEN = obj(
+CREATE_ADMIN_TOKEN = request_body(
     {"role": enum(ROLES)},
     {
         **_ORG_OF_ROLE,
@@ -930,7 +936,7 @@ OPERATIONS: tuple[Operation, ...] = (
         _AUTH,
         ADMIN,
         {200: ref("SignedIn")},
-        body=obj({"current_password": STRING, "new_password": _PASSWORD}),
+        body=request_body({"current_password": STRING, "new_password": _PASSWORD}),
         errors=(429,),
         description="403 when the current password is not right, or the caller is no account (an admin key).",
     ),
@@ -1044,7 +1050,7 @@ OPERATIONS: tuple[Operation, ...] = (
         _ORGS,
         ADMIN,
         {201: ref("Org")},
-        body=obj({"name": ORG_NAME}),
+        body=request_body({"name": ORG_NAME}),
         errors=(409,),
     ),
     Operation(
@@ -1054,7 +1060,7 @@ OPERATIONS: tuple[Operation, ...] = (
         _ORGS,
         ADMIN,
         {200: ORG_SETTINGS},
-        body=obj({"providers_may_enroll": BOOLEAN}, additionalProperties=False),
+        body=request_body({"providers_may_enroll": BOOLEAN}),
         errors=(404,),
     ),
     Operation(
@@ -1074,7 +1080,7 @@ OPERATIONS: tuple[Operation, ...] = (
         _KEYS,
         ADMIN,
         {201: NEW_API_KEY},
-        body=obj(
+        body=request_body(
             {"org": NON_EMPTY},
             {
                 "name": OPTIONAL_STRING,

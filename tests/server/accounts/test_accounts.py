@@ -108,11 +108,13 @@ def test_passwords_are_stored_only_as_argon2id_hashes_and_never_returned(gateway
     ("body", "param"),
     [
         ({"email": "not-an-email", "role": "developer", "org_id": "acme"}, "email"),
+        ({"email": "a\x87b@example.com", "role": "developer", "org_id": "acme"}, "email"),  # a control character
         ({"email": "a@example.com", "role": "owner", "org_id": "acme"}, "role"),
         ({"email": "a@example.com", "role": "developer"}, "org_id"),
         ({"email": "a@example.com", "role": "plane_admin", "org_id": "acme"}, "org_id"),
         ({"email": "a@example.com", "role": "developer", "org_id": "acme", "password": "short"}, "password"),
     ],
+    ids=["not-an-email", "control-character", "unknown-role", "no-org", "plane-admin-in-an-org", "short-password"],
 )
 def test_an_invalid_account_is_refused_with_the_field_named(gateway: Gateway, body: dict[str, Any], param: str) -> None:
     response = admin_call(gateway.plane, "POST", "/accounts", ADMIN_KEY, {"password": PASSWORD} | body)
