@@ -77,7 +77,9 @@ async def _body(request: web.Request, *fields: str) -> dict[str, Any]:
     sign a browser in to an account of its choosing."""
     if not request.headers.get("Content-Type", "").strip():
         raise UnsupportedMediaTypeError("send the body as 'Content-Type: application/json'")
-    return only_fields(await read_body(request, request.app[CONFIG].max_body_bytes), fields)
+    body = await read_body(request, request.app[CONFIG].max_body_bytes)
+    only_fields(body, fields)
+    return body
 
 
 def _name(body: dict[str, Any]) -> str:

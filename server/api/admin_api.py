@@ -88,7 +88,9 @@ def _reach(principal: Principal, found: Mapping[str, Any] | None, owner_field: s
 
 async def _body(request: web.Request, *fields: str) -> dict[str, Any]:
     """The JSON body, holding no field but `fields`."""
-    return only_fields(await read_body(request, request.app[CONFIG].max_body_bytes), fields)
+    body = await read_body(request, request.app[CONFIG].max_body_bytes)
+    only_fields(body, fields)
+    return body
 
 
 async def _read(fn: Callable[..., T], *args: Any) -> T:

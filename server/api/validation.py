@@ -17,7 +17,7 @@ Also here, for the admin API: the fields a body may hold, names (orgs) and bound
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -188,15 +188,14 @@ def bounded_int(body: dict[str, Any], param: str, low: int, high: int, default: 
     return value
 
 
-def only_fields(body: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
-    """`body`, once it holds nothing but `fields`: a misspelt setting (`ttl` for `ttl_s`) is refused, never
-    answered with a 200 that left the setting as it was."""
+def only_fields(body: Mapping[str, Any], fields: tuple[str, ...]) -> None:
+    """Refuses `body` unless it holds nothing but `fields`: a misspelt setting (`ttl` for `ttl_s`) is an error,
+    never taken as if the setting had been left out."""
     unknown = sorted(set(body) - set(fields))
     if unknown:
         raise InvalidRequestError(
-            f"unknown fields: {', '.join(unknown)} (this request takes {', '.join(fields)})", param=unknown[0]
+            f"unknown fields: {', '.join(unknown)} (known: {', '.join(fields)})", param=unknown[0]
         )
-    return body
 
 
 def bounded_number(body: dict[str, Any], param: str, low: float, high: float) -> float | None:

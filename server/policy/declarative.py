@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from server.api.validation import only_fields
 from server.config import ConfigError
 from server.errors import HatchwayError
 from server.storage.audit import AuditLog
@@ -35,6 +36,20 @@ from server.storage.store import Store, parse_models
 
 # The audit log's actor for changes made by the config file rather than by an admin key.
 CONFIG_ACTOR = "config-file"
+# What each table takes: a misspelt key stops the start rather than being left out unnoticed.
+ORG_KEYS = ("name",)
+PROVIDER_KEYS = (
+    "org",
+    "name",
+    "base_url",
+    "api_keys",
+    "api_key_env",
+    "models",
+    "price_in",
+    "price_out",
+    "continuation",
+    "responses",
+)
 
 
 def apply_declared(store: Store, declared: Mapping[str, Any], origin: Path | None, audit: AuditLog) -> None:
@@ -55,12 +70,14 @@ def apply_declared(store: Store, declared: Mapping[str, Any], origin: Path | Non
 
     for i, table in enumerate(_tables(declared, "orgs", origin)):
         try:
+            only_fields(table, ORG_KEYS)
             ensure_org(_text(table, "name", f"{origin}: orgs[{i}]"))
         except HatchwayError as exc:  # e.g. a name outside the charset (server.api.validation.check_name)
             raise ConfigError(f"{origin}: orgs[{i}]: {exc.message}") from exc
     for i, provider in enumerate(_tables(declared, "providers", origin)):
         where = f"{origin}: providers[{i}]"
         try:
+            only_fields(provider, PROVIDER_KEYS)
             models = parse_models(_list(provider, "models", where), provider.get("price_in"), provider.get("price_out"))
             org, name = _text(provider, "org", where), _text(provider, "name", where)
             ensure_org(org)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import httpx
 import pytest
 
 from server.config import Config, ConfigError
+from server.serving.serve import prepare
 from tests.conftest import ADMIN_KEY, MODEL, RunningPlane
 from tests.support.mock_upstream import MockUpstream
 
@@ -41,6 +43,28 @@ def test_an_unknown_server_setting_is_refused(tmp_path: Path) -> None:
     file.write_text("[server]\nprot = 1\n")
     with pytest.raises(ConfigError, match="unknown \\[server\\] settings: prot"):
         Config.load(config_file=file, environ={})
+
+
+@pytest.mark.parametrize(
+    ("declared", "where"),
+    [
+        ('[[orgs]]\nname = "acme"\nlabel = "Acme"\n', "orgs[0]: unknown fields: label"),
+        (
+            '[[providers]]\norg = "acme"\nname = "p"\nbase_url = "http://127.0.0.1:9/v1"\nmodels = ["m"]\n'
+            'continuaton = "prefill"\n',
+            "providers[0]: unknown fields: continuaton",
+        ),
+    ],
+    ids=["org", "provider"],
+)
+def test_a_misspelt_key_in_a_declared_table_stops_the_start(tmp_path: Path, declared: str, where: str) -> None:
+    file = tmp_path / "h.toml"
+    file.write_text(declared)
+    config = Config.load(
+        config_file=file, environ={}, overrides={"data_dir": tmp_path / "data", "admin_key": ADMIN_KEY}
+    )
+    with pytest.raises(ConfigError, match=re.escape(where)):
+        prepare(config)
 
 
 @pytest.fixture
