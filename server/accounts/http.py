@@ -409,7 +409,7 @@ async def update_org(request: web.Request) -> web.Response:
     principal.require("orgs.settings")
     body = await _body(request, "providers_may_enroll")
     allowed = body.get("providers_may_enroll")
-    if not isinstance(allowed, bool) or set(body) != {"providers_may_enroll"}:
+    if not isinstance(allowed, bool):
         raise InvalidRequestError("send {'providers_may_enroll': true|false}", param="providers_may_enroll")
     org_id = _org_of(request, request.match_info["ref"])
     principal.require("orgs.settings", org_id)

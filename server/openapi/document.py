@@ -592,9 +592,9 @@ INVITATION = obj(
 ORG_SETTINGS = obj(
     {"id": ID, "object": const("org"), "name": STRING, "providers_may_enroll": BOOLEAN, "created_at": TIMESTAMP}
 )
-# What server.accounts.store.normalize_email accepts, around the whitespace it strips.
-# What server.accounts.store.normalize_email takes (it also refuses control characters, which JSON Schema's
-# patterns cannot name portably): not the `email` format, which refuses an internationalised address.
+# What server.accounts.store.normalize_email takes, around the whitespace it strips (it also refuses control
+# characters, which JSON Schema's patterns cannot name portably). Not the `email` format: that refuses an
+# internationalised address, which the plane takes.
 _EMAIL: Schema = {"type": "string", "pattern": r"^\s*[^@\s]{1,64}@[^@\s]{1,190}\s*$"}
 _PASSWORD: Schema = {"type": "string", "minLength": PASSWORD_MIN, "maxLength": PASSWORD_MAX}
 _ACCOUNT_NAME: Schema = {"type": "string", "maxLength": accounts_http.NAME_MAX_CHARS}
