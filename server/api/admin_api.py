@@ -736,6 +736,9 @@ async def list_cache_policies(request: web.Request) -> web.Response:
 async def clear_cache(request: web.Request) -> web.Response:
     """Drop cached answers: one org's, or all of them. Audited, like every admin change."""
     principal = await _allowed(request, "cache.write")
+    if request.body_exists:
+        # The org is a query parameter: a body naming one would be left unread, and every org's answers cleared.
+        raise InvalidRequestError("this request takes no body: name the org as ?org=ORG (none: every org)", param="org")
     org_ref = _org(request, principal, request.query.get("org"))
     org_id = None
     if org_ref:

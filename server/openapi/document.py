@@ -1286,6 +1286,7 @@ OPERATIONS: tuple[Operation, ...] = (
         {200: CACHE_CLEAR},
         query=(ORG_QUERY,),
         errors=(404,),
+        description="Without `org`, every org's. A body is refused (400): an org named there would clear them all.",
     ),
     Operation(
         "get",

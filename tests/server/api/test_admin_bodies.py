@@ -118,6 +118,15 @@ def test_the_api_document_names_exactly_the_fields_each_write_takes(gateway: Gat
     assert len(checked) == len(WRITES) + 4  # and PATCH /accounts/{id}, the three of /auth
 
 
+def test_clearing_the_cache_with_a_body_is_refused_rather_than_clearing_every_org(gateway: Gateway) -> None:
+    before = audit_entries(gateway)
+    response = call(gateway, "DELETE", "/admin/v1/cache", {"org": "acme"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "org"
+    assert "?org=" in response.json()["error"]["message"]
+    assert audit_entries(gateway) == before
+    assert gateway.plane.admin.delete("/cache", org="acme")["id"] != "*"
+
+
 def test_sign_in_takes_only_an_email_and_a_password(gateway: Gateway) -> None:
     response = httpx.post(
         f"{gateway.plane.url}/auth/login", json={"email": "a@example.com", "password": PASSWORD, "remember": True}
