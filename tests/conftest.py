@@ -4,11 +4,9 @@ test's own) and `private_redis` (a redis-server of the test's own, to stop and s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import socket
-import sqlite3
 import subprocess
 import time
 import uuid
@@ -22,6 +20,7 @@ import httpx
 import openai
 import pytest
 import redis
+from sqlalchemy import text
 
 from server.cli.client import AdminClient
 from server.config import Config
@@ -127,11 +126,12 @@ class RunningPlane:
         body = {"org": org, "name": name, "base_url": upstream.url, "api_keys": [f"sk-{name}"], "models": [MODEL]}
         return self.admin.post("/providers", body | fields)  # type: ignore[no-any-return]
 
-    def sql(self, statement: str) -> list[dict[str, Any]]:
-        """`statement` run on the plane's SQLite database from outside, as any client may, and committed; its rows."""
-        with contextlib.closing(sqlite3.connect(self.server.config.data_dir / "hatchway.db")) as db, db:
-            db.row_factory = sqlite3.Row
-            return [dict(row) for row in db.execute(statement)]
+    def sql(self, statement: str, **params: Any) -> list[dict[str, Any]]:
+        """`statement` run on the plane's database beside the plane (its engine, none of its code), and committed;
+        its rows."""
+        with self.server.plane.engine.begin() as connection:
+            result = connection.execute(text(statement), params)
+            return [dict(row._mapping) for row in result] if result.returns_rows else []
 
     def metric(self, name: str, **labels: str) -> float:
         """A sample of /metrics (0 when absent), read as Prometheus scrapes it."""

@@ -67,11 +67,6 @@ def admin_call(plane: RunningPlane, method: str, path: str, token: str, body: An
     return httpx.request(method, f"{plane.url}/admin/v1{path}", json=body, headers={"Authorization": f"Bearer {token}"})
 
 
-def stored(plane: RunningPlane, sql: str, **params: Any) -> list[Any]:
-    with plane.server.plane.engine.connect() as conn:
-        return list(conn.execute(text(sql), params))
-
-
 # -- accounts ------------------------------------------------------------------------------------------
 
 
@@ -100,7 +95,8 @@ def test_an_email_has_one_account_however_it_is_typed(gateway: Gateway) -> None:
 def test_passwords_are_stored_only_as_argon2id_hashes_and_never_returned(gateway: Gateway) -> None:
     made = make_account(gateway.plane, "dev@example.com", "developer")
     assert "password" not in json.dumps(made) and PASSWORD not in json.dumps(gateway.plane.admin.get("/accounts"))
-    [(digest,)] = stored(gateway.plane, "SELECT password_hash FROM account WHERE id = :id", id=made["id"])
+    [row] = gateway.plane.sql("SELECT password_hash FROM account WHERE id = :id", id=made["id"])
+    digest = row["password_hash"]
     assert digest.startswith("$argon2id$") and PASSWORD not in digest
 
 
@@ -173,8 +169,8 @@ def test_an_invitation_link_creates_the_account_and_signs_it_in(gateway: Gateway
     assert accepted.json()["account"]["email"] == "new@example.com" and accepted.json()["account"]["role"] == "provider"
     console = Console(gateway.plane, accepted.cookies[SESSION_COOKIE], accepted.json()["csrf_token"])
     assert console.get("/admin/v1/me").json()["role"] == "provider"
-    [(digest,)] = stored(gateway.plane, "SELECT token_hash FROM invitation WHERE id = :id", id=invited["id"])
-    assert invited["token"] not in digest
+    [row] = gateway.plane.sql("SELECT token_hash FROM invitation WHERE id = :id", id=invited["id"])
+    assert invited["token"] not in row["token_hash"]
 
 
 def test_an_invitation_works_once(gateway: Gateway) -> None:
@@ -224,8 +220,8 @@ def test_a_scoped_admin_token_acts_with_its_role_and_org_and_is_stored_hashed(ga
     assert [o["name"] for o in admin_call(gateway.plane, "GET", "/orgs", token).json()["data"]] == ["acme"]
     assert admin_call(gateway.plane, "GET", "/keys", token, None).status_code == 200
     assert admin_call(gateway.plane, "POST", "/keys", token, {"org": "other"}).status_code == 403
-    [(digest,)] = stored(gateway.plane, "SELECT token_hash FROM admin_token WHERE id = :id", id=created["id"])
-    assert token not in digest
+    [row] = gateway.plane.sql("SELECT token_hash FROM admin_token WHERE id = :id", id=created["id"])
+    assert token not in row["token_hash"]
 
 
 def test_a_revoked_or_expired_admin_token_is_refused_at_once(gateway: Gateway) -> None:

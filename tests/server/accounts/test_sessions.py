@@ -9,7 +9,6 @@ from http.cookies import SimpleCookie
 
 import httpx
 import pytest
-from sqlalchemy import text
 
 from server.accounts.sessions import SESSION_COOKIE
 from server.config import Config
@@ -46,8 +45,7 @@ def test_the_session_cookie_is_secure_behind_a_tls_proxy(gateway: Gateway) -> No
 def test_only_a_hash_of_the_session_id_is_stored(gateway: Gateway) -> None:
     make_account(gateway.plane, "dev@example.com", "developer")
     console = sign_in(gateway.plane, "dev@example.com")
-    with gateway.plane.server.plane.engine.connect() as conn:
-        stored = [row[0] for row in conn.execute(text("SELECT id_hash FROM account_session"))]
+    stored = [row["id_hash"] for row in gateway.plane.sql("SELECT id_hash FROM account_session")]
     assert len(stored) == 1 and console.session not in stored[0]
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sqlite3
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -341,9 +340,8 @@ def test_a_proxy_password_is_stored_encrypted_and_shown_nowhere(
     plane.add_provider("private", upstream, proxy=plane_proxy.url, **tls_settings(ca))
     plane.admin.patch("/providers/private", {"proxy": "none"})
     shown = json.dumps([plane.admin.get("/providers"), plane.admin.get("/audit")])
+    stored = json.dumps(plane.sql("SELECT * FROM provider"))
     data_dir = plane.server.config.data_dir
-    with sqlite3.connect(data_dir / "hatchway.db") as db:
-        stored = json.dumps(db.execute("SELECT * FROM provider").fetchall())
     for secret in (PASSWORD, "p%40ss"):
         assert secret not in shown and secret not in stored
     assert b"p@ss:w/rd" not in b"".join(p.read_bytes() for p in data_dir.iterdir() if p.is_file())
