@@ -92,10 +92,14 @@ class Decision:
     delay_s: float = 0.0
 
 
+def backoff_ceiling_s(policy: FailoverPolicy, tries: int) -> float:
+    """The longest backoff after `tries` earlier retries: the base doubled per retry, up to the cap."""
+    return min(policy.backoff_cap_s, policy.backoff_base_s * 2.0**tries)
+
+
 def backoff(policy: FailoverPolicy, tries: int) -> float:
     """Exponential backoff with jitter: a crowd of clients retrying together does not stay together."""
-    ceiling = min(policy.backoff_cap_s, policy.backoff_base_s * 2.0**tries)
-    return ceiling * random.uniform(0.5, 1.0)
+    return backoff_ceiling_s(policy, tries) * random.uniform(0.5, 1.0)
 
 
 def retry_after_seconds(value: str | None) -> float | None:

@@ -12,9 +12,8 @@ import pytest
 
 from server.openapi.document import OPERATIONS
 from tests.conftest import ADMIN_KEY, MODEL, Gateway
-from tests.server.accounts.test_accounts import make_account, sign_in
+from tests.server.accounts.test_accounts import PASSWORD, make_account, sign_in
 
-PASSWORD = "a long enough password"
 # (method, path, a body the endpoint accepts but for its last field, which it does not take)
 WRITES = [
     ("POST", "/admin/v1/orgs", {"name": "beta", "title": "Beta"}),

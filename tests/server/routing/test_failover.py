@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from server.config import Config
-from server.routing.failover import FailoverPolicy
+from server.routing.failover import FailoverPolicy, backoff_ceiling_s
 from tests.conftest import ADMIN_KEY, MODEL, RunningPlane, abandon_request, eventually
 from tests.support.mock_upstream import Fault, MockUpstream
 
@@ -104,10 +104,9 @@ def read_stream(response: httpx.Response) -> Stream:
     return Stream(text, chunks, done, error)
 
 
-def backoff_ceiling_s(retries: int) -> float:
+def backoffs_ceiling_s(retries: int) -> float:
     """The most that `retries` backoffs may wait in all, with the default policy (each draws half to all of it)."""
-    policy = FailoverPolicy()
-    return sum(min(policy.backoff_cap_s, policy.backoff_base_s * 2.0**tries) for tries in range(retries))
+    return sum(backoff_ceiling_s(FailoverPolicy(), tries) for tries in range(retries))
 
 
 # 1 ------------------------------------------------------------------------------------------------
@@ -143,7 +142,7 @@ def test_persistent_429_without_retry_after_backs_off_a_bounded_number_of_times_
     assert response.status_code == 200
     assert response.headers["x-hatchway-route"] == "backup"
     assert len(pair.primary.requests) == 3  # the first try and max_rate_limit_retries (2)
-    assert backoff_ceiling_s(2) / 2 <= pair.waited_s("primary") <= backoff_ceiling_s(2)
+    assert backoffs_ceiling_s(2) / 2 <= pair.waited_s("primary") <= backoffs_ceiling_s(2)
 
 
 def test_429_on_one_provider_key_retries_at_once_with_the_next_key(
@@ -191,7 +190,7 @@ def test_persistent_503_fails_over_within_the_retry_budget(pair: Pair, stream: b
     assert response.status_code == 200
     assert response.headers["x-hatchway-route"] == "backup"
     assert len(pair.primary.requests) == 2  # the first try and max_retries (1)
-    assert backoff_ceiling_s(1) / 2 <= pair.waited_s("primary") <= backoff_ceiling_s(1)
+    assert backoffs_ceiling_s(1) / 2 <= pair.waited_s("primary") <= backoffs_ceiling_s(1)
 
 
 # 5 ------------------------------------------------------------------------------------------------
